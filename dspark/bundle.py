@@ -1,0 +1,105 @@
+"""The bundle: a folder of ONNX graphs, tokenizer files and ``manifest.json`` that every runtime reads.
+
+The manifest is the contract with other runtimes (a C++ host reads nothing else): graph I/O with dtypes and
+named dynamic dimensions and their ranges, TensorRT profile shapes per phase, the KV layout the runtime owns,
+the draft method and its settings, stop tokens, and the sha256 of every file. Opening a bundle checks that
+the files on disk are the ones the manifest names. This module needs neither torch nor onnx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dspark.errors import DsparkError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict]:
+    """sha256 and size of every file under ``folder`` except the manifest, keyed by relative path."""
+    records = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        records[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return records
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        path = Path(path)
+        if not path.is_dir():
+            raise DsparkError(f"bundle folder not found: {path} (create one with 'dspark export')")
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise DsparkError(f"{path} has no {MANIFEST}; it is not a dspark bundle (create one with 'dspark export')")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DsparkError(f"{manifest_path} is not valid JSON: {e}") from None
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DsparkError(
+                f"{path}: manifest schema version {version} is not the {SCHEMA_VERSION} this dspark reads; re-export it"
+            )
+        bundle = cls(path, manifest)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        """Refuse the bundle when a file the manifest names is missing, resized or changed."""
+        problems = []
+        for rel, record in self.manifest["files"].items():
+            file = self.path / rel
+            if not file.is_file():
+                problems.append(f"{rel} is missing")
+            elif file.stat().st_size != record["bytes"]:
+                problems.append(f"{rel} has {file.stat().st_size} bytes, the manifest says {record['bytes']}")
+            elif sha256_file(file) != record["sha256"]:
+                problems.append(f"{rel} has changed (sha256 differs from the manifest)")
+        if problems:
+            raise DsparkError(f"bundle {self.path} does not match its manifest: " + "; ".join(problems) + "; re-export it")
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+    def graph(self, name: str) -> dict:
+        return self.manifest["graphs"][name]
+
+    @property
+    def limits(self) -> dict:
+        return self.manifest["limits"]
+
+    @property
+    def target(self) -> dict:
+        return self.manifest["models"]["target"]
+
+    @property
+    def draft(self) -> dict | None:
+        return self.manifest["models"].get("draft")
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.manifest["tokenizer"]
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    manifest = dict(manifest, schema_version=SCHEMA_VERSION, files=file_records(folder))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

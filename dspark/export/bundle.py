@@ -1,0 +1,257 @@
+"""``dspark export``: Hugging Face checkpoint folders -> a bundle (ONNX graphs + tokenizer + manifest).
+
+Everything is written into a temporary folder beside the output and moved into place only when complete,
+so an interrupted export never leaves a half-written bundle under the requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dspark import __version__
+from dspark.bundle import write_manifest
+from dspark.errors import DsparkError
+from dspark.export.onnx import export_graph
+from dspark.graphs.checkpoint import read_config
+from dspark.graphs.decoder import DecoderConfig, DecoderLM
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+KV_AXES = ["layer", "batch", "kv_head", "position", "head_dim"]
+
+
+@dataclass
+class ExportOptions:
+    max_batch: int = 8
+    max_context: int = 2048
+    prefill_chunk: int = 256
+    dtype: str = "fp32"
+    num_draft_tokens: int = 4
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise DsparkError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        for name in ("max_batch", "max_context", "prefill_chunk", "num_draft_tokens"):
+            if getattr(self, name) < 1:
+                raise DsparkError(f"{name.replace('_', '-')} must be at least 1")
+        self.prefill_chunk = min(self.prefill_chunk, self.max_context)
+
+
+class DecoderStep(torch.nn.Module):
+    """The exported signature of ``DecoderLM.step`` (features output only when the model taps layers)."""
+
+    def __init__(self, model: DecoderLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, cache_lens, past_k, past_v):
+        logits, new_k, new_v, hidden = self.model.step(input_ids, position_ids, cache_lens, past_k, past_v)
+        return (logits, new_k, new_v) if hidden is None else (logits, new_k, new_v, hidden)
+
+
+def export_decoder(model: DecoderLM, path: Path):
+    """Export a decoder step graph with dynamic batch, new-token and cache-window dimensions."""
+    past_k, past_v = model.empty_cache(batch=2, length=5)
+    example = {
+        "input_ids": torch.zeros(2, 3, dtype=torch.int64),
+        "position_ids": torch.tensor([[5, 6, 7], [2, 3, 4]]),
+        "cache_lens": torch.tensor([5, 2]),
+        "past_k": past_k,
+        "past_v": past_v,
+    }
+    dynamic = {
+        "input_ids": {0: "batch", 1: "new_tokens"},
+        "position_ids": {0: "batch", 1: "new_tokens"},
+        "cache_lens": {0: "batch"},
+        "past_k": {1: "batch", 3: "cache"},
+        "past_v": {1: "batch", 3: "cache"},
+    }
+    outputs = ["logits", "new_k", "new_v"] + (["hidden"] if model.tap_layers else [])
+    return export_graph(DecoderStep(model), example, dynamic, outputs, path)
+
+
+def decoder_dims(options: ExportOptions, verify_tokens: int) -> tuple[dict, dict]:
+    """Dimension ranges and TensorRT profiles (min, opt, max) for a decoder step graph."""
+    new_max = max(options.prefill_chunk, verify_tokens)
+    ranges = {"batch": [1, options.max_batch], "new_tokens": [1, new_max], "cache": [0, options.max_context]}
+    batch = [1, 1, options.max_batch]
+    cache = [0, min(512, options.max_context), options.max_context]
+    profiles = {
+        "prefill": {"batch": batch, "new_tokens": [1, options.prefill_chunk, new_max], "cache": cache},
+        "decode": {"batch": batch, "new_tokens": [1, verify_tokens, verify_tokens], "cache": cache},
+    }
+    return ranges, profiles
+
+
+def graph_entry(file: str, inputs, outputs, ranges: dict, profiles: dict) -> dict:
+    return {
+        "file": file,
+        "data": file + ".data",
+        "inputs": [s.to_dict() for s in inputs],
+        "outputs": [s.to_dict() for s in outputs],
+        "dims": ranges,
+        "profiles": profiles,
+    }
+
+
+def copy_tokenizer(target_dir: Path, out: Path, target_cfg: dict) -> dict:
+    files = [name for name in TOKENIZER_FILES if (target_dir / name).is_file()]
+    if "tokenizer.json" not in files:
+        raise DsparkError(f"{target_dir} has no tokenizer.json; dspark needs the fast-tokenizer file beside the weights")
+    for name in files:
+        shutil.copy2(target_dir / name, out / name)
+    generation = json.loads((target_dir / "generation_config.json").read_text()) if "generation_config.json" in files else {}
+    tok_cfg = json.loads((target_dir / "tokenizer_config.json").read_text()) if "tokenizer_config.json" in files else {}
+    eos = generation.get("eos_token_id", target_cfg.get("eos_token_id"))
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return {
+        "files": files,
+        "eos_token_ids": eos_ids,
+        "bos_token_id": generation.get("bos_token_id", target_cfg.get("bos_token_id")),
+        "pad_token_id": generation.get("pad_token_id", target_cfg.get("pad_token_id")),
+        "has_chat_template": bool(tok_cfg.get("chat_template")) or "chat_template.jinja" in files,
+    }
+
+
+def check_same_tokenizer(target_dir: Path, draft_dir: Path) -> None:
+    """A draft LM must share the target's tokenizer: the same id must mean the same text on both sides."""
+    from tokenizers import Tokenizer
+
+    if not (draft_dir / "tokenizer.json").is_file():
+        return
+    target_vocab = Tokenizer.from_file(str(target_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    draft_vocab = Tokenizer.from_file(str(draft_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    if target_vocab != draft_vocab:
+        differing = len(set(target_vocab.items()) ^ set(draft_vocab.items()))
+        raise DsparkError(
+            f"draft and target tokenizers differ ({len(draft_vocab)} vs {len(target_vocab)} tokens, {differing} "
+            "entries differ); speculative decoding needs a draft trained with the target's tokenizer"
+        )
+
+
+def draft_method(draft_cfg: dict) -> str:
+    arch = (draft_cfg.get("architectures") or [None])[0]
+    if arch == "Qwen3DSparkModel":
+        return "dspark" if draft_cfg.get("markov_rank", 0) > 0 or draft_cfg.get("enable_confidence_head") else "dflash"
+    return "draft-lm"
+
+
+def export_bundle(
+    target_dir: str | Path,
+    output: str | Path,
+    draft_dir: str | Path | None = None,
+    options: ExportOptions | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Export the target (and optional draft) into a bundle at ``output``; returns the manifest."""
+    options = options or ExportOptions()
+    options.check()
+    target_dir, output = Path(target_dir), Path(output)
+    if output.exists() and not force:
+        raise DsparkError(f"output folder {output} exists; pass --force to replace it")
+    target_cfg = read_config(target_dir)
+    target_config = DecoderConfig.from_hf(target_cfg, where=f"{target_dir}/config.json")
+    draft = None
+    if draft_dir is not None:
+        draft_dir = Path(draft_dir)
+        draft_cfg = read_config(draft_dir)
+        method = draft_method(draft_cfg)
+        if method != "draft-lm":
+            raise DsparkError(f"{draft_dir}: {method} drafters are not exported by this version yet")
+        draft_config = DecoderConfig.from_hf(draft_cfg, where=f"{draft_dir}/config.json")
+        if draft_config.vocab_size != target_config.vocab_size:
+            raise DsparkError(
+                f"draft vocab_size {draft_config.vocab_size} differs from the target's {target_config.vocab_size}; "
+                "the draft must share the target's tokenizer and vocabulary"
+            )
+        check_same_tokenizer(target_dir, draft_dir)
+        draft = (method, draft_dir, draft_config)
+
+    dtype = DTYPES[options.dtype]
+    verify_tokens = options.num_draft_tokens + 1 if draft else 1
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    started = time.perf_counter()
+    steps = ["target graph"] + (["draft graph"] if draft else []) + ["tokenizer and manifest"]
+    bar = tqdm(steps, desc="export", disable=not progress, unit="step")
+    try:
+        bar.set_postfix_str("target graph")
+        model = DecoderLM.from_pretrained(target_dir, dtype=dtype)
+        inputs, outputs = export_decoder(model, tmp / "target.onnx")
+        ranges, profiles = decoder_dims(options, verify_tokens)
+        graphs = {"target": graph_entry("target.onnx", inputs, outputs, ranges, profiles)}
+        models = {"target": {"source": str(target_dir), "config": target_config.to_dict(), "graphs": ["target"]}}
+        del model
+        bar.update()
+        if draft:
+            method, draft_dir, draft_config = draft
+            bar.set_postfix_str("draft graph")
+            model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
+            inputs, outputs = export_decoder(model, tmp / "draft.onnx")
+            # the draft feeds up to two pending tokens per round, then one per drafted token
+            ranges, profiles = decoder_dims(options, 2)
+            graphs["draft"] = graph_entry("draft.onnx", inputs, outputs, ranges, profiles)
+            models["draft"] = {
+                "method": method,
+                "source": str(draft_dir),
+                "config": draft_config.to_dict(),
+                "graphs": ["draft"],
+                "num_draft_tokens": options.num_draft_tokens,
+            }
+            del model
+            bar.update()
+        bar.set_postfix_str("tokenizer and manifest")
+        manifest = {
+            "dspark_version": __version__,
+            "created_unix": int(time.time()),
+            "dtype": options.dtype,
+            "limits": {
+                "max_batch": options.max_batch,
+                "max_context": options.max_context,
+                "prefill_chunk": options.prefill_chunk,
+                "max_verify_tokens": verify_tokens,
+            },
+            "export_options": asdict(options),
+            "kv_layout": {
+                "axes": KV_AXES,
+                "dtype": options.dtype,
+                "owner": "runtime",
+                "note": "graphs read past_k/past_v windows and return new_k/new_v for the new tokens only; the "
+                "runtime writes accepted rows at cache_lens[b] and advances it",
+            },
+            "models": models,
+            "graphs": graphs,
+            "tokenizer": copy_tokenizer(target_dir, tmp, target_cfg),
+        }
+        manifest = write_manifest(tmp, manifest)
+        bar.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+    return manifest

@@ -1,0 +1,84 @@
+"""Graph runners: one small interface over ONNX Runtime (and, later, TensorRT and torch).
+
+A runner takes numpy feeds by input name and returns numpy outputs by name. The ONNX Runtime runner binds
+inputs zero-copy and writes outputs into buffers it allocates once and grows on demand; returned arrays are
+views of those buffers and stay valid until the runner's next call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dspark.bundle import Bundle
+from dspark.errors import DsparkError
+
+
+class GraphRunner:
+    """What the speculative loop needs from a graph backend."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def resolve_shape(spec_shape: list, symbols: dict[str, int]) -> tuple[int, ...]:
+    return tuple(symbols[d] if isinstance(d, str) else d for d in spec_shape)
+
+
+class OrtRunner(GraphRunner):
+    def __init__(self, bundle: Bundle, graph: str, threads: int = 0, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.spec = bundle.graph(graph)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        path = str(bundle.file(self.spec["file"]))
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for unreadable graphs
+            raise DsparkError(f"ONNX Runtime cannot load {path}: {e}") from None
+        self.input_names = [i["name"] for i in self.spec["inputs"]]
+        self.output_names = [o["name"] for o in self.spec["outputs"]]
+        self.binding = self.session.io_binding()
+        self.arenas: dict[str, np.ndarray] = {}
+
+    def _symbols(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        symbols = {}
+        for spec in self.spec["inputs"]:
+            for dim, size in zip(spec["shape"], feeds[spec["name"]].shape):
+                if isinstance(dim, str):
+                    if symbols.setdefault(dim, size) != size:
+                        raise ValueError(f"dimension {dim} is {symbols[dim]} in one input and {size} in {spec['name']}")
+        return symbols
+
+    def _output_buffer(self, spec: dict, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        arena = self.arenas.get(spec["name"])
+        if arena is None or arena.size < size:
+            arena = np.empty(max(size, 2 * (arena.size if arena is not None else 0)), dtype=spec["dtype"])
+            self.arenas[spec["name"]] = arena
+        return arena[:size].reshape(shape)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        symbols = self._symbols(feeds)
+        binding = self.binding
+        for name in self.input_names:
+            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+        outputs = {}
+        for spec in self.spec["outputs"]:
+            out = self._output_buffer(spec, resolve_shape(spec["shape"], symbols))
+            binding.bind_output(spec["name"], "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+            outputs[spec["name"]] = out
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0) -> GraphRunner:
+    if backend == "ort":
+        return OrtRunner(bundle, graph, threads=threads)
+    raise DsparkError(f"backend {backend!r} is not available; choose: ort")

@@ -1,0 +1,101 @@
+"""Tiny random checkpoints built offline with transformers, and bundles exported from them once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from dspark.export.bundle import ExportOptions, export_bundle  # noqa: E402
+
+
+def word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over 'w0 .. wN' (id 0 is the end-of-text token): real files, exact round trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(["<eos>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0}))
+
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+
+def hf_model(family: str, vocab_size: int, seed: int, **overrides):
+    torch.manual_seed(seed)
+    common = dict(SIZES, vocab_size=vocab_size, max_position_embeddings=512, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    common.update(overrides)
+    if family == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
+    elif family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif family == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=rope, **common))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # random norms and biases, so a norm or bias mix-up shows in the logits
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            # sharper logits than the 0.02 init: greedy margins well above fp32 round-off
+            if "lm_head" in name or "embed" in name:
+                p.mul_(20)
+    return model.eval()
+
+
+def save_hf(model, folder: Path, vocab_size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    word_tokenizer(folder, vocab_size)
+    return folder
+
+
+def noisy_copy(model, scale: float, seed: int):
+    """A draft that agrees with the target often but not always."""
+    import copy
+
+    torch.manual_seed(seed)
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(scale * p.std() * torch.randn_like(p))
+    return draft
+
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def qwen3_pair(models_dir):
+    """(target model, target dir, draft dir): a Qwen3 target and a noisy copy as its draft LM."""
+    target = hf_model("qwen3", VOCAB, seed=1)
+    draft = noisy_copy(target, 0.3, seed=2)
+    return target, save_hf(target, models_dir / "qwen3-target", VOCAB), save_hf(draft, models_dir / "qwen3-draft", VOCAB)
+
+
+@pytest.fixture(scope="session")
+def qwen3_bundle(qwen3_pair, tmp_path_factory) -> Path:
+    _, target_dir, draft_dir = qwen3_pair
+    out = tmp_path_factory.mktemp("bundles") / "qwen3"
+    export_bundle(target_dir, out, draft_dir, ExportOptions(max_batch=8, max_context=256, prefill_chunk=32,
+                                                          num_draft_tokens=6), progress=False)
+    return out
