@@ -1,0 +1,112 @@
+"""Sampled speculative decoding follows the target's (warped) distribution: a chi-square test with known power.
+
+On a 4-token vocabulary the exact joint law of the first four generated tokens is enumerated from the target
+with transformers. Speculative samples (K=2, a disagreeing draft: the first token comes from prefill, the
+next three from one round of draft, verify, accept and bonus) are compared with it; the same counts are
+also compared with a law that moves 1% of probability between two cells, and that comparison must fail, which
+shows the sample is large enough to catch a 1% bias.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_model, noisy_copy, save_hf
+from dspark.export.bundle import ExportOptions, export_bundle
+from dspark.runtime.generate import Generator, Request
+from dspark.runtime.sampling import SamplingParams, accept, probabilities
+
+V = 4
+PROMPT = [1, 3, 2, 1]
+SAMPLES = 24000
+
+
+def chi2_threshold(df: int, z: float = 3.29) -> float:
+    """Upper quantile of chi-square(df) by Wilson-Hilferty; z=3.29 is p = 5e-4."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2(counts: np.ndarray, expected_p: np.ndarray) -> float:
+    expected = expected_p * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v4")
+    target = hf_model("qwen3", V, seed=11)
+    with torch.no_grad():  # a flatter law than the greedy tests use, so every cell is populated
+        target.lm_head.weight.mul_(0.1)
+    draft = noisy_copy(target, 1.0, seed=12)
+    save_hf(target, root / "t", V)
+    save_hf(draft, root / "d", V)
+    export_bundle(root / "t", root / "b", root / "d", ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
+                                                                  num_draft_tokens=2), progress=False)
+    return target, root / "b"
+
+
+def exact_law(target, params: SamplingParams) -> np.ndarray:
+    law = np.zeros((V, V, V, V))
+    with torch.no_grad():
+        for x1, x2, x3 in itertools.product(range(V), repeat=3):
+            logits = target(torch.tensor([PROMPT + [x1, x2, x3]])).logits[0, -4:].numpy()
+            p = probabilities(logits, params)
+            law[x1, x2, x3] = p[0, x1] * p[1, x2] * p[2, x3] * p[3]
+    return law.reshape(-1)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8, top_k=4)], ids=["T1", "warped"])
+def test_speculative_samples_follow_target_law(small_vocab, params):
+    target, bundle = small_vocab
+    generator = Generator(bundle)
+    requests = [Request(PROMPT, max_new_tokens=4, sampling=params, seed=s, ignore_eos=True) for s in range(SAMPLES)]
+    seqs = generator.generate(requests)
+    counts = np.zeros(V**4)
+    for seq in seqs:
+        counts[np.ravel_multi_index(seq.generated, (V,) * 4)] += 1
+    assert all(s.proposed[0] == 2 for s in seqs)
+    # the draft disagrees with the target: rejections and residual draws really happen
+    assert 0.2 < sum(sum(s.accepted) for s in seqs) / sum(sum(s.proposed) for s in seqs) < 0.9
+    law = exact_law(target, params)
+    support = law > 0
+    assert counts[~support].sum() == 0, "tokens outside the warped support were emitted"
+    df = int(support.sum()) - 1
+    statistic = chi2(counts[support], law[support])
+    assert statistic < chi2_threshold(df), f"chi2={statistic:.1f} df={df}"
+    # power: a law with 1% of mass moved between the two likeliest cells is rejected by the same counts
+    biased = law.copy()
+    top = np.argsort(-law)[:2]
+    biased[top[0]] -= 0.01
+    biased[top[1]] += 0.01
+    assert chi2(counts[support], biased[support]) > chi2_threshold(df)
+
+
+def test_rejection_rule_reproduces_target_exactly():
+    """Enumerate the acceptance rule itself: P(output) summed over draft draws equals p, for any q."""
+    rng = np.random.default_rng(0)
+    p_rows = rng.dirichlet(np.ones(5), size=2)
+    q = rng.dirichlet(np.ones(5))
+
+    class Uniform:  # feeds accept() the uniforms of a grid, to integrate over them
+        def __init__(self, values):
+            self.values = list(values)
+
+        def random(self):
+            return self.values.pop(0)
+
+    grid = (np.arange(400) + 0.5) / 400
+    out = np.zeros(5)
+    params = SamplingParams(1.0)
+    logits = np.log(p_rows)
+    for d in range(5):
+        for u in grid:  # acceptance uniform
+            for w in (np.arange(40) + 0.5) / 40:  # residual / bonus uniform
+                n, token = accept(logits, [d], q[None], params, Uniform([u, w]))
+                first = d if n == 1 else token
+                out[first] += q[d] / (len(grid) * 40)
+    np.testing.assert_allclose(out, p_rows[0], atol=0.03)

@@ -1,0 +1,120 @@
+"""Greedy speculative decoding is token-identical to plain greedy decoding and to transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.runtime.generate import Generator, Request
+from dspark.runtime.sampling import SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, [11, 12], list(range(1, 70))]
+
+
+@pytest.fixture(scope="module")
+def spec(qwen3_bundle):
+    return Generator(qwen3_bundle)
+
+
+@pytest.fixture(scope="module")
+def plain(qwen3_bundle):
+    return Generator(qwen3_bundle, use_draft=False)
+
+
+def hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        # eos_token_id=None: no early stop and no EOS suppression, like ignore_eos
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k):
+    target = qwen3_pair[0]
+    spec = Generator(spec.bundle, num_draft_tokens=k)
+    accepted = proposed = 0
+    for prompt in PROMPTS:
+        req = Request(prompt, max_new_tokens=40, ignore_eos=True)
+        got = spec.generate([req])[0]
+        want = plain.generate([req])[0].generated
+        assert got.generated == want, f"K={k} prompt={prompt[:5]}"
+        assert want == hf_greedy(target, prompt, 40)
+        assert len(got.generated) == 40
+        accepted, proposed = accepted + sum(got.accepted), proposed + sum(got.proposed)
+    # the pair is a real test of rollback: drafts are accepted and rejected
+    assert 0 < accepted < proposed
+
+
+def test_full_acceptance_rounds_happen(spec):
+    seq = spec.generate([Request(PROMPTS[0], max_new_tokens=60, ignore_eos=True)], trace=True)[0]
+    assert any(r["accepted"] == r["verify_length"] for r in seq.trace)
+    assert any(r["accepted"] < r["verify_length"] for r in seq.trace)
+
+
+def test_ragged_batch_equals_each_alone(spec):
+    requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (7, 30, 19, 25))]
+    together = spec.generate(requests)
+    for req, seq in zip(requests, together):
+        assert seq.generated == spec.generate([req])[0].generated
+        assert len(seq.generated) == req.max_new_tokens
+
+
+def test_trace_is_exact_and_deterministic(spec):
+    req = Request(PROMPTS[1], max_new_tokens=33, ignore_eos=True)
+    first = spec.generate([req], trace=True)[0]
+    second = spec.generate([req], trace=True)[0]
+    assert first.trace == second.trace
+    position = len(req.prompt_ids)
+    emitted = [first.generated[0]]  # the first token comes from prefill, before any round
+    for n, row in enumerate(first.trace, start=1):
+        assert row["round"] == n
+        assert row["position"] == position
+        assert row["confidence"] is None
+        assert len(row["draft_tokens"]) == row["verify_length"]
+        accepted = row["draft_tokens"][: row["accepted"]]
+        assert row["emitted"][: len(accepted)] == accepted
+        emitted += row["emitted"]
+        position += len(row["emitted"])
+    assert emitted == first.generated
+
+
+def test_stops_on_eos_inside_accepted_drafts(spec, plain):
+    free = plain.generate([Request(PROMPTS[0], max_new_tokens=40, ignore_eos=True)])[0].generated
+    stop_token = free[17]
+    for gen in (spec, plain):
+        gen.eos_ids = {stop_token}
+    try:
+        got = spec.generate([Request(PROMPTS[0], max_new_tokens=40)])[0]
+        want = plain.generate([Request(PROMPTS[0], max_new_tokens=40)])[0]
+    finally:
+        spec.eos_ids = plain.eos_ids = set(spec.bundle.tokenizer["eos_token_ids"])
+    cut = free.index(stop_token) + 1
+    assert got.generated == want.generated == free[:cut]
+    assert got.finish_reason == "stop"
+
+
+def test_stop_string_cuts_text(spec):
+    free = spec.generate([Request(PROMPTS[2], max_new_tokens=30, ignore_eos=True)])[0]
+    words = free.text.split()
+    stop = " ".join(words[10:12])
+    seq = spec.generate([Request(PROMPTS[2], max_new_tokens=30, ignore_eos=True, stop=(stop,))])[0]
+    assert seq.finish_reason == "stop"
+    assert seq.text == free.text[: free.text.index(stop)]
+
+
+def test_sampling_is_reproducible_from_seed(spec):
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20)
+    a = spec.generate([Request(PROMPTS[0], 30, params, seed=5, ignore_eos=True)])[0].generated
+    b = spec.generate([Request(PROMPTS[0], 30, params, seed=5, ignore_eos=True)])[0].generated
+    c = spec.generate([Request(PROMPTS[0], 30, params, seed=6, ignore_eos=True)])[0].generated
+    assert a == b and a != c
+
+
+def test_stats_fields(spec):
+    seq = spec.generate([Request(PROMPTS[0], max_new_tokens=25, ignore_eos=True)])[0]
+    stats = seq.stats()
+    assert stats["generated_tokens"] == 25
+    assert stats["rounds"] == len(seq.accepted)
+    assert stats["mean_accepted_length"] == pytest.approx((sum(seq.accepted) + len(seq.accepted)) / len(seq.accepted))
+    assert len(stats["acceptance_by_position"]) == 6
+    assert stats["tokens_per_second"] > 0 and stats["time_to_first_token_ms"] > 0
