@@ -21,7 +21,9 @@ from dspark.bundle import write_manifest
 from dspark.errors import DsparkError
 from dspark.export.onnx import export_graph
 from dspark.graphs.checkpoint import read_config
+from dspark.export.share import share_identical_tensors
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
+from dspark.graphs.drafter import ARCHITECTURE, CONTEXT_GRAPH, PROPOSE_GRAPH, Drafter, DrafterConfig, export_drafter
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -148,9 +150,47 @@ def check_same_tokenizer(target_dir: Path, draft_dir: Path) -> None:
 
 def draft_method(draft_cfg: dict) -> str:
     arch = (draft_cfg.get("architectures") or [None])[0]
-    if arch == "Qwen3DSparkModel":
+    if arch == ARCHITECTURE:
         return "dspark" if draft_cfg.get("markov_rank", 0) > 0 or draft_cfg.get("enable_confidence_head") else "dflash"
     return "draft-lm"
+
+
+def load_draft(draft_dir: Path, target_dir: Path, target_config: DecoderConfig):
+    """Recognise and validate a draft folder before any export work: (method, config) or a DsparkError."""
+    draft_cfg = read_config(draft_dir)
+    method = draft_method(draft_cfg)
+    where = f"{draft_dir}/config.json"
+    if method != "draft-lm":
+        return method, DrafterConfig.from_hf(draft_cfg, target_config, where=where)
+    config = DecoderConfig.from_hf(draft_cfg, where=where)
+    if config.vocab_size != target_config.vocab_size:
+        raise DsparkError(
+            f"draft vocab_size {config.vocab_size} differs from the target's {target_config.vocab_size}; "
+            "the draft must share the target's tokenizer and vocabulary"
+        )
+    check_same_tokenizer(target_dir, draft_dir)
+    return method, config
+
+
+def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_config: DecoderConfig, out: Path,
+                          options: ExportOptions, dtype) -> dict:
+    """draft_context and draft_propose graph entries for a DSpark/DFlash drafter."""
+    drafter = Drafter.from_pretrained(draft_dir, target_config, dtype=dtype)
+    specs = export_drafter(drafter, out)
+    batch = [1, 1, options.max_batch]
+    context_max = max(options.prefill_chunk, config.block_size + 1)
+    cache = [0, min(512, options.max_context), options.max_context]
+    context_ranges = {"batch": batch[::2], "context": [1, context_max]}
+    context_profiles = {
+        "prefill": {"batch": batch, "context": [1, options.prefill_chunk, context_max]},
+        "decode": {"batch": batch, "context": [1, config.block_size + 1, context_max]},
+    }
+    propose_ranges = {"batch": batch[::2], "cache": cache[::2]}
+    propose_profiles = {"decode": {"batch": batch, "cache": cache}}
+    return {
+        "draft_context": graph_entry(CONTEXT_GRAPH, *specs[CONTEXT_GRAPH], context_ranges, context_profiles),
+        "draft_propose": graph_entry(PROPOSE_GRAPH, *specs[PROPOSE_GRAPH], propose_ranges, propose_profiles),
+    }
 
 
 def export_bundle(
@@ -169,56 +209,52 @@ def export_bundle(
         raise DsparkError(f"output folder {output} exists; pass --force to replace it")
     target_cfg = read_config(target_dir)
     target_config = DecoderConfig.from_hf(target_cfg, where=f"{target_dir}/config.json")
-    draft = None
-    if draft_dir is not None:
-        draft_dir = Path(draft_dir)
-        draft_cfg = read_config(draft_dir)
-        method = draft_method(draft_cfg)
-        if method != "draft-lm":
-            raise DsparkError(f"{draft_dir}: {method} drafters are not exported by this version yet")
-        draft_config = DecoderConfig.from_hf(draft_cfg, where=f"{draft_dir}/config.json")
-        if draft_config.vocab_size != target_config.vocab_size:
-            raise DsparkError(
-                f"draft vocab_size {draft_config.vocab_size} differs from the target's {target_config.vocab_size}; "
-                "the draft must share the target's tokenizer and vocabulary"
-            )
-        check_same_tokenizer(target_dir, draft_dir)
-        draft = (method, draft_dir, draft_config)
+    method, draft_config = load_draft(Path(draft_dir), target_dir, target_config) if draft_dir else (None, None)
+    block = method in ("dspark", "dflash")
+    num_draft = draft_config.block_size if block else options.num_draft_tokens
+    verify_tokens = num_draft + 1 if method else 1
+    taps = draft_config.target_layer_ids if block else ()
 
     dtype = DTYPES[options.dtype]
-    verify_tokens = options.num_draft_tokens + 1 if draft else 1
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     started = time.perf_counter()
-    steps = ["target graph"] + (["draft graph"] if draft else []) + ["tokenizer and manifest"]
+    steps = ["target graph"] + (["draft graphs"] if method else []) + ["tokenizer and manifest"]
     bar = tqdm(steps, desc="export", disable=not progress, unit="step")
     try:
         bar.set_postfix_str("target graph")
-        model = DecoderLM.from_pretrained(target_dir, dtype=dtype)
+        model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)
         inputs, outputs = export_decoder(model, tmp / "target.onnx")
         ranges, profiles = decoder_dims(options, verify_tokens)
         graphs = {"target": graph_entry("target.onnx", inputs, outputs, ranges, profiles)}
-        models = {"target": {"source": str(target_dir), "config": target_config.to_dict(), "graphs": ["target"]}}
+        models = {"target": {"source": str(target_dir), "config": asdict(target_config), "graphs": ["target"],
+                             "tap_layers": list(taps)}}
         del model
         bar.update()
-        if draft:
-            method, draft_dir, draft_config = draft
-            bar.set_postfix_str("draft graph")
-            model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
-            inputs, outputs = export_decoder(model, tmp / "draft.onnx")
-            # the draft feeds up to two pending tokens per round, then one per drafted token
-            ranges, profiles = decoder_dims(options, 2)
-            graphs["draft"] = graph_entry("draft.onnx", inputs, outputs, ranges, profiles)
+        if method:
+            bar.set_postfix_str("draft graphs")
+            if block:
+                draft_graphs = export_drafter_graphs(Path(draft_dir), draft_config, target_config, tmp, options, dtype)
+                shared = share_identical_tensors(tmp, "target.onnx", [g["file"] for g in draft_graphs.values()])
+            else:
+                model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
+                inputs, outputs = export_decoder(model, tmp / "draft.onnx")
+                # the draft feeds up to two pending tokens per round, then one per drafted token
+                ranges, profiles = decoder_dims(options, 2)
+                draft_graphs = {"draft": graph_entry("draft.onnx", inputs, outputs, ranges, profiles)}
+                shared = {}
+                del model
+            graphs.update(draft_graphs)
             models["draft"] = {
                 "method": method,
                 "source": str(draft_dir),
-                "config": draft_config.to_dict(),
-                "graphs": ["draft"],
-                "num_draft_tokens": options.num_draft_tokens,
+                "config": asdict(draft_config),
+                "graphs": list(draft_graphs),
+                "num_draft_tokens": num_draft,
+                "shared_tensors": shared,
             }
-            del model
             bar.update()
         bar.set_postfix_str("tokenizer and manifest")
         manifest = {

@@ -83,9 +83,6 @@ class DecoderConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         )
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def rope_parameters(cfg: dict, where: str) -> dict:
     """RoPE settings from transformers 5 ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling``."""

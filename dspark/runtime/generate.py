@@ -75,10 +75,11 @@ class Sequence:
         }
 
 
-def feed(runner: GraphRunner, cache: KVCache, pieces: list[list[int]], chunk: int) -> list[np.ndarray | None]:
+def feed(runner: GraphRunner, cache: KVCache, pieces: list[list[int]], chunk: int, features=None) -> list:
     """Run ``pieces[r]`` through a decoder graph in chunks, committing all of it; return each row's last logits.
 
     Rows with nothing to feed ride along on one dummy token that is never committed (their result is None).
+    With a ``features`` list, each row's tapped target features are appended to ``features[r]``.
     """
     rows = len(pieces)
     last = [None] * rows
@@ -90,6 +91,8 @@ def feed(runner: GraphRunner, cache: KVCache, pieces: list[list[int]], chunk: in
         for r, part in enumerate(parts):
             if part:
                 last[r] = out["logits"][r, len(part) - 1].copy()
+                if features is not None:
+                    features[r].append(out["hidden"][r, : len(part)].copy())
         offset += chunk
     return last
 
@@ -165,11 +168,88 @@ class DraftLMProposer:
         proposal.tokens.append(sample(q, seq.rng.random()))
         proposal.probs.append(q)
 
-    def commit(self, seqs: list[Sequence], anchors: list[int], lengths: list[int], accepted: list[int], _out) -> None:
+    def commit(self, active: list[bool], anchors: list[int], lengths: list[int], accepted: list[int], _out) -> None:
         """Keep the draft's cache rows that hold committed tokens: the anchor and accepted drafts it has read."""
         for r, length in enumerate(lengths):
             if length:
                 self.cache.lens[r] = anchors[r] + 1 + min(accepted[r], length - 1)
+
+
+class BlockProposer:
+    """A DSpark or DFlash drafter: one call drafts a whole block from the target's tapped features.
+
+    The drafter's only state is a cache of context K/V, one entry per committed position, fed exactly once
+    from the target features of the anchor and accepted drafts (spec §4.4), so it never rolls back.
+    """
+
+    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int):
+        self.bundle = bundle
+        self.context = make_runner(bundle, "draft_context", backend, threads)
+        self.drafter = make_runner(bundle, "draft_propose", backend, threads)
+        self.config = bundle.draft["config"]
+        self.k = num_draft_tokens
+        self.cache: KVCache | None = None
+        self.pending: list[list[np.ndarray]] = []
+
+    def start(self, rows: int) -> None:
+        c = self.config
+        dtype = np.float16 if self.bundle.manifest["dtype"] == "fp16" else np.float32
+        self.cache = KVCache(c["num_layers"], rows, c["num_kv_heads"], c["head_dim"], dtype, self.bundle.limits["max_context"])
+        self.pending = [[] for _ in range(rows)]
+
+    def _flush_context(self) -> None:
+        """Turn pending feature rows into context K/V at each row's next positions."""
+        rows = [np.concatenate(p) if p else None for p in self.pending]
+        chunk = self.bundle.graph("draft_context")["dims"]["context"][1]
+        offset = 0
+        while any(r is not None and len(r) > offset for r in rows):
+            parts = [r[offset : offset + chunk] if r is not None else None for r in rows]
+            counts = [len(p) if p is not None else 0 for p in parts]
+            feats = np.zeros((len(rows), max(1, max(counts)), next(p.shape[1] for p in parts if p is not None)), np.float32)
+            for i, part in enumerate(parts):
+                if counts[i]:
+                    feats[i, : counts[i]] = part
+            positions = self.cache.lens[:, None] + np.arange(feats.shape[1], dtype=np.int64)[None, :]
+            out = self.context.run({"features": feats.astype(self.cache.k.dtype), "positions": positions})
+            self.cache.append(out["ctx_k"], out["ctx_v"], counts)
+            offset += chunk
+        self.pending = [[] for _ in rows]
+
+    def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[Proposal]:
+        if not any(lengths):
+            return [Proposal([], None) for _ in seqs]
+        self._flush_context()
+        block = self.config["block_size"]
+        noise = np.zeros((len(seqs), block), dtype=np.float32)
+        for r, s in enumerate(seqs):
+            if lengths[r] and not s.request.sampling.greedy:
+                noise[r] = s.rng.random(block)
+        out = self.drafter.run(
+            {
+                "anchor": np.array([s.tokens[-1] for s in seqs], dtype=np.int64),
+                "start": np.array([len(s.tokens) - 1 for s in seqs], dtype=np.int64),
+                "cache_lens": self.cache.lens.copy(),
+                "past_k": self.cache.k,
+                "past_v": self.cache.v,
+                "temperature": np.array([s.request.sampling.temperature for s in seqs], dtype=np.float32),
+                "noise": noise,
+            }
+        )
+        confidence = 1 / (1 + np.exp(-out["confidence_logits"].astype(np.float64)))
+        has_head = self.config["enable_confidence_head"]
+        proposals = []
+        for r, s in enumerate(seqs):
+            n = lengths[r]
+            probs = None if s.request.sampling.greedy or not n else out["draft_probs"][r, :n].astype(np.float64)
+            conf = [float(c) for c in confidence[r, :n]] if has_head and n else None
+            proposals.append(Proposal([int(t) for t in out["draft_tokens"][r, :n]], probs, conf))
+        return proposals
+
+    def commit(self, active: list[bool], anchors: list[int], lengths: list[int], accepted: list[int], out) -> None:
+        """Features of the anchor and accepted drafts become the next round's context."""
+        for r, is_active in enumerate(active):
+            if is_active:
+                self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
 
 
 class Generator:
@@ -196,7 +276,10 @@ class Generator:
                     f"--num-draft-tokens {k} needs {k + 1}-token verify calls; this bundle was exported for at most "
                     f"{self.bundle.limits['max_verify_tokens'] - 1} (re-export with --num-draft-tokens {k})"
                 )
-            self.proposer = DraftLMProposer(self.bundle, make_runner(self.bundle, "draft", backend, threads), k)
+            if draft["method"] == "draft-lm":
+                self.proposer = DraftLMProposer(self.bundle, make_runner(self.bundle, "draft", backend, threads), k)
+            else:
+                self.proposer = BlockProposer(self.bundle, backend, threads, k)
 
     @property
     def num_draft_tokens(self) -> int:
@@ -234,7 +317,9 @@ class Generator:
         if self.proposer:
             self.proposer.start(rows)
         # prefill: the whole prompt enters the target cache; its last logits give the first token
-        logits = feed(self.target, cache, [s.tokens for s in seqs], self.bundle.limits["prefill_chunk"])
+        # (a block drafter takes the prompt's target features as its first context)
+        features = self.proposer.pending if isinstance(self.proposer, BlockProposer) else None
+        logits = feed(self.target, cache, [s.tokens for s in seqs], self.bundle.limits["prefill_chunk"], features)
         for r, s in enumerate(seqs):
             params = s.request.sampling
             token = int(logits[r].argmax()) if params.greedy else sample(probabilities(logits[r], params), s.rng.random())
@@ -264,7 +349,7 @@ class Generator:
             emitted_by_row[r] = p.tokens[:n] + [token]
         cache.append(out["new_k"], out["new_v"], counts)
         if self.proposer:
-            self.proposer.commit(seqs, anchors, lengths, accepted, out)
+            self.proposer.commit([bool(p) for p in parts], anchors, lengths, accepted, out)
         for r, s in enumerate(seqs):
             if not parts[r]:
                 continue

@@ -1,0 +1,1 @@
+"""Training of the shipped demo model family: corpus and tokenizer, target LM."""

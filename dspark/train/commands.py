@@ -1,0 +1,94 @@
+"""Command-line entry points for building the demo corpus/tokenizer and training the demo target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dspark.train.corpus import HELD_OUT_FRACTION
+
+
+@click.command("train-tokenizer")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for the corpus text, train.npy/heldout.npy token arrays and the tokenizer files.")
+@click.option("--stdlib", "root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Source folder to collect .py files from (default: this Python's standard library).")
+@click.option("--vocab-size", default=8192, show_default=True, help="BPE vocabulary size, special tokens included.")
+@click.option("--held-out-fraction", default=HELD_OUT_FRACTION, show_default=True,
+              help="Fraction of files (chosen by a hash of their path) kept out of training.")
+@click.option("--max-files", type=int, default=None, help="Use at most this many files (quick tests).")
+def train_tokenizer_command(output, root, vocab_size, held_out_fraction, max_files):
+    """Collect the Python standard-library corpus, train a byte-level BPE tokenizer and tokenize the corpus."""
+    from dspark.train.corpus import build
+
+    stats = build(output, root=root, vocab_size=vocab_size, fraction=held_out_fraction, limit=max_files,
+                  log=click.echo)
+    click.echo(json.dumps(stats))
+
+
+@click.command("train-target")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder written by train-tokenizer (train.npy, heldout.npy, tokenizer files).")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder: HF layout plus train_state.pt and training_log.jsonl; resumed if present.")
+@click.option("--minutes", type=float, default=None, help="Stop (and save) after this much wall time in this call.")
+@click.option("--steps", type=int, default=None,
+              help="Stop (and save) at this total optimizer step count. Without --steps and --minutes: "
+                   "train to --schedule-steps.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--seed", default=0, show_default=True, help="Seed for initialisation, batches and held-out windows.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per optimizer step.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per training sequence.")
+@click.option("--lr", default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--min-lr-ratio", default=0.1, show_default=True, help="Final learning rate as a fraction of --lr.")
+@click.option("--warmup-steps", default=200, show_default=True, help="Linear warmup steps.")
+@click.option("--schedule-steps", default=4000, show_default=True,
+              help="Step at which the cosine decay reaches its floor (the LR stays there afterwards).")
+@click.option("--weight-decay", default=0.1, show_default=True, help="AdamW weight decay (matrices only).")
+@click.option("--grad-clip", default=1.0, show_default=True, help="Gradient norm clip.")
+@click.option("--eval-every", default=100, show_default=True, help="Held-out evaluation interval in steps.")
+@click.option("--eval-windows", default=32, show_default=True, help="Number of fixed held-out windows evaluated.")
+@click.option("--save-minutes", default=5.0, show_default=True,
+              help="Checkpoint and HF export interval in minutes (also saved at the end and on SIGTERM/SIGINT).")
+@click.option("--vocab-size", type=int, default=None, help="Model vocabulary (default: the tokenizer's size).")
+@click.option("--hidden-size", default=512, show_default=True, help="Model width.")
+@click.option("--layers", default=8, show_default=True, help="Decoder layers.")
+@click.option("--heads", default=8, show_default=True, help="Attention heads.")
+@click.option("--kv-heads", default=4, show_default=True, help="Key/value heads (grouped-query attention).")
+@click.option("--head-dim", default=64, show_default=True, help="Dimension per attention head.")
+@click.option("--intermediate-size", default=1536, show_default=True, help="MLP inner width.")
+@click.option("--max-position-embeddings", default=2048, show_default=True, help="Context length in config.json.")
+@click.option("--rope-theta", default=10000.0, show_default=True, help="RoPE base.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_target_command(data, output, minutes, steps, threads, seed, batch_size, seq_len, lr, min_lr_ratio,
+                         warmup_steps, schedule_steps, weight_decay, grad_clip, eval_every, eval_windows,
+                         save_minutes, vocab_size, hidden_size, layers, heads, kv_heads, head_dim,
+                         intermediate_size, max_position_embeddings, rope_theta, no_progress):
+    """Train the demo Qwen3 target from scratch (resuming from OUTPUT/train_state.pt when present)."""
+    from dspark.train.corpus import load_tokenizer
+    from dspark.train.target import TrainArgs, qwen3_config, train
+
+    if vocab_size is None:
+        vocab_size = load_tokenizer(data).get_vocab_size()
+    config = qwen3_config(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=layers, num_heads=heads,
+                          num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate_size,
+                          max_position_embeddings=max_position_embeddings, rope_theta=rope_theta)
+    args = TrainArgs(seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr, min_lr_ratio=min_lr_ratio,
+                     warmup_steps=warmup_steps, schedule_steps=schedule_steps, weight_decay=weight_decay,
+                     grad_clip=grad_clip, eval_windows=eval_windows)
+    record = train(data, output, config, args, minutes=minutes, steps=steps, threads=threads,
+                   save_minutes=save_minutes, eval_every=eval_every, progress=not no_progress)
+    click.echo(json.dumps(record))
+    click.echo(f"saved {Path(output)}")
+
+
+if __name__ == "__main__":
+    @click.group()
+    def main():
+        """dspark demo-model training."""
+
+    main.add_command(train_tokenizer_command)
+    main.add_command(train_target_command)
+    main()
