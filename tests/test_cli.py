@@ -1,0 +1,134 @@
+"""The CLI end to end: export and generate, and one clear line with a non-zero exit for each bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import VOCAB, hf_model, save_hf
+from dspark.cli import main
+from dspark.runtime.generate import Generator, Request
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_generate_json_matches_library(qwen3_bundle):
+    code, out = run("generate", qwen3_bundle, "--prompt", "w5 w6 w7", "--max-new-tokens", 12, "--ignore-eos", "--json")
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result) == {"text", "token_ids", "finish_reason", "stats"}
+    gen = Generator(qwen3_bundle, use_draft=False)
+    plain = gen.generate([Request([5, 6, 7], max_new_tokens=12, ignore_eos=True)])[0]
+    assert result["token_ids"] == plain.generated
+    assert result["text"] == plain.text
+    stats = result["stats"]
+    for key in ("rounds", "mean_accepted_length", "acceptance_by_position", "tokens_per_second", "time_to_first_token_ms"):
+        assert key in stats
+
+
+def test_generate_streams_text_and_writes_trace(qwen3_bundle, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    code, out = run("generate", qwen3_bundle, "--prompt", "w9 w10", "--max-new-tokens", 20, "--ignore-eos",
+                    "--trace", trace)
+    assert code == 0, out
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert rows and set(rows[0]) == {"round", "position", "draft_tokens", "confidence", "verify_length", "accepted", "emitted"}
+    assert sum(len(r["emitted"]) for r in rows) == 19  # the first token comes from prefill
+    assert "mean accepted length" in out
+
+
+def test_no_draft_and_sampling_options(qwen3_bundle):
+    code, out = run("generate", qwen3_bundle, "--prompt", "w1", "--max-new-tokens", 5, "--no-draft", "--temperature", 0.7,
+                    "--top-p", 0.9, "--top-k", 10, "--seed", 3, "--json")
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["stats"]["rounds"] == 4
+
+
+def test_missing_folders(tmp_path, qwen3_bundle):
+    code, out = run("export", tmp_path / "nope", "--output", tmp_path / "b")
+    assert code == 2 and "checkpoint folder not found" in out
+    code, out = run("generate", tmp_path / "nope", "--prompt", "w1")
+    assert code == 2 and "bundle folder not found" in out
+
+
+def test_unsupported_architecture_is_named(qwen3_pair, tmp_path):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(qwen3_pair[1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out = run("export", folder, "--output", tmp_path / "b")
+    assert code == 2
+    assert "GPT2LMHeadModel" in out and "Qwen3ForCausalLM" in out and "LlamaForCausalLM" in out
+    assert "Traceback" not in out
+
+
+def test_mismatched_vocabularies_and_tokenizers(qwen3_pair, tmp_path):
+    _, target_dir, draft_dir = qwen3_pair
+    other = save_hf(hf_model("qwen3", VOCAB + 8, seed=3), tmp_path / "bigger", VOCAB + 8)
+    code, out = run("export", target_dir, "--draft", other, "--output", tmp_path / "b1")
+    assert code == 2 and "vocab_size" in out
+    renamed = tmp_path / "renamed"
+    shutil.copytree(draft_dir, renamed)
+    tok = json.loads((renamed / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = {("x" + k if k.startswith("w1") else k): v for k, v in tok["model"]["vocab"].items()}
+    (renamed / "tokenizer.json").write_text(json.dumps(tok))
+    code, out = run("export", target_dir, "--draft", renamed, "--output", tmp_path / "b2")
+    assert code == 2 and "tokenizers differ" in out
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
+def test_prompt_longer_than_context(qwen3_bundle):
+    code, out = run("generate", qwen3_bundle, "--prompt", " ".join(["w3"] * 300))
+    assert code == 2 and "300 tokens" in out and "max context is 256" in out
+
+
+def test_corrupted_bundle_is_refused(qwen3_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(qwen3_bundle, copy)
+    data = copy / "target.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    code, out = run("generate", copy, "--prompt", "w1")
+    assert code == 2 and "target.onnx.data has changed" in out
+    (copy / "tokenizer.json").unlink()
+    code, out = run("generate", copy, "--prompt", "w1")
+    assert code == 2 and "tokenizer.json is missing" in out
+
+
+def test_existing_output_needs_force(qwen3_pair, tmp_path):
+    _, target_dir, _ = qwen3_pair
+    out_dir = tmp_path / "exists"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("x")
+    code, out = run("export", target_dir, "--output", out_dir)
+    assert code == 2 and "--force" in out
+    assert (out_dir / "keep.txt").exists()
+    code, out = run("export", target_dir, "--output", out_dir, "--force", "--max-context", 64)
+    assert code == 0, out
+    assert (out_dir / "manifest.json").exists() and not (out_dir / "keep.txt").exists()
+    assert not list(tmp_path.glob(".exists.partial-*"))
+
+
+def test_failed_export_leaves_nothing(qwen3_pair, tmp_path):
+    _, target_dir, _ = qwen3_pair
+    broken = tmp_path / "broken"
+    shutil.copytree(target_dir, broken)
+    (broken / "tokenizer.json").unlink()
+    code, out = run("export", broken, "--output", tmp_path / "b")
+    assert code == 2 and "tokenizer.json" in out
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial-*"))
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_help_explains_every_option(command):
+    code, out = run(command, "--help")
+    assert code == 0
+    assert out.count("--") >= 6
