@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hf_model, noisy_copy, save_hf
+from conftest import deepspec_drafter, hf_model, noisy_copy, save_hf
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams, accept, probabilities
@@ -37,17 +37,26 @@ def chi2(counts: np.ndarray, expected_p: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory):
+def small_target(tmp_path_factory):
     root = tmp_path_factory.mktemp("v4")
     target = hf_model("qwen3", V, seed=11)
     with torch.no_grad():  # a flatter law than the greedy tests use, so every cell is populated
         target.lm_head.weight.mul_(0.1)
-    draft = noisy_copy(target, 1.0, seed=12)
-    save_hf(target, root / "t", V)
-    save_hf(draft, root / "d", V)
-    export_bundle(root / "t", root / "b", root / "d", ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
-                                                                  num_draft_tokens=2), progress=False)
-    return target, root / "b"
+    return target, save_hf(target, root / "t", V), root
+
+
+@pytest.fixture(scope="module", params=["draft-lm", "dspark"])
+def small_vocab(request, small_target):
+    """A bundle whose draft disagrees with the target often: a noisy draft LM or a random DSpark drafter."""
+    target, target_dir, root = small_target
+    if request.param == "draft-lm":
+        draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", V)
+    else:
+        draft_dir = deepspec_drafter(target, target_dir, root / "dspark", "vanilla", block_size=2)
+    bundle = root / f"b-{request.param}"
+    export_bundle(target_dir, bundle, draft_dir, ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
+                                                              num_draft_tokens=2), progress=False)
+    return target, bundle
 
 
 def exact_law(target, params: SamplingParams) -> np.ndarray:

@@ -217,7 +217,7 @@ class BlockProposer:
 
     def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[Proposal]:
         if not any(lengths):
-            return [Proposal([], None) for _ in seqs]
+            return [Proposal([], None, [] if self.config["enable_confidence_head"] else None) for _ in seqs]
         self._flush_context()
         block = self.config["block_size"]
         noise = np.zeros((len(seqs), block), dtype=np.float32)
@@ -241,7 +241,7 @@ class BlockProposer:
         for r, s in enumerate(seqs):
             n = lengths[r]
             probs = None if s.request.sampling.greedy or not n else out["draft_probs"][r, :n].astype(np.float64)
-            conf = [float(c) for c in confidence[r, :n]] if has_head and n else None
+            conf = [float(c) for c in confidence[r, :n]] if has_head else None
             proposals.append(Proposal([int(t) for t in out["draft_tokens"][r, :n]], probs, conf))
         return proposals
 

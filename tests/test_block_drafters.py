@@ -1,0 +1,113 @@
+"""DSpark (vanilla, gated, rnn Markov heads) and DFlash drafters exported into bundles and run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import VARIANTS, VOCAB, deepspec_drafter
+from dspark.bundle import Bundle
+from dspark.errors import DsparkError
+from dspark.export.bundle import ExportOptions, export_bundle
+from dspark.runtime.generate import Generator, Request
+
+BLOCK = 5
+PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, list(range(1, 70))]
+
+
+def make_drafter(target, target_dir, folder, variant):
+    return deepspec_drafter(target, target_dir, folder, variant, block_size=BLOCK)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def block_bundle(request, qwen3_pair, tmp_path_factory):
+    target, target_dir, _ = qwen3_pair
+    root = tmp_path_factory.mktemp(request.param)
+    draft_dir = make_drafter(target, target_dir, root / "draft", request.param)
+    export_bundle(target_dir, root / "bundle", draft_dir, ExportOptions(max_context=256, prefill_chunk=32), progress=False)
+    return request.param, root / "bundle"
+
+
+def test_manifest_records_the_drafter(block_bundle):
+    variant, path = block_bundle
+    bundle = Bundle.open(path)
+    draft = bundle.draft
+    rank, kind, confidence = VARIANTS[variant]
+    assert draft["method"] == ("dflash" if variant == "dflash" else "dspark")
+    assert draft["config"]["block_size"] == BLOCK and draft["num_draft_tokens"] == BLOCK
+    assert draft["config"]["target_layer_ids"] == [0, 1] and draft["config"]["mask_token_id"] == VOCAB - 1
+    assert draft["config"]["markov_rank"] == rank and draft["config"]["markov_head_type"] == kind
+    assert draft["config"]["enable_confidence_head"] == confidence
+    assert bundle.target["tap_layers"] == [0, 1]
+    assert bundle.limits["max_verify_tokens"] == BLOCK + 1
+    hidden = next(o for o in bundle.graph("target")["outputs"] if o["name"] == "hidden")
+    assert hidden["shape"] == ["batch", "new_tokens", 2 * 64]
+    # the drafter's embedding and LM head are the target's: stored once, in the target's data file
+    assert draft["shared_tensors"]["draft_propose.onnx"] == 2 * VOCAB * 64 * 4
+    graph = bundle.file("draft_propose.onnx").read_bytes()
+    assert b"target.onnx.data" in graph
+
+
+def test_greedy_equals_plain(block_bundle):
+    _, path = block_bundle
+    spec, plain = Generator(path), Generator(path, use_draft=False)
+    for prompt in PROMPTS:
+        req = Request(prompt, max_new_tokens=40, ignore_eos=True)
+        assert spec.generate([req])[0].generated == plain.generate([req])[0].generated
+    # a verify prefix shorter than the block (the drafter still drafts its full block)
+    short = Generator(path, num_draft_tokens=2)
+    req = Request(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
+    assert short.generate([req])[0].generated == plain.generate([req])[0].generated
+
+
+def test_ragged_batch_equals_each_alone(block_bundle):
+    _, path = block_bundle
+    spec = Generator(path)
+    requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (9, 31, 22))]
+    together = spec.generate(requests)
+    for req, seq in zip(requests, together):
+        assert seq.generated == spec.generate([req])[0].generated
+
+
+def test_trace_records_block_and_confidence(block_bundle):
+    variant, path = block_bundle
+    spec = Generator(path)
+    req = Request(PROMPTS[1], max_new_tokens=30, ignore_eos=True)
+    first, second = (spec.generate([req], trace=True)[0] for _ in range(2))
+    assert first.trace == second.trace
+    for row in first.trace:
+        assert len(row["draft_tokens"]) == row["verify_length"]
+        if variant == "dflash":
+            assert row["confidence"] is None
+        else:
+            assert len(row["confidence"]) == row["verify_length"]
+            assert all(0 < c < 1 for c in row["confidence"])
+    assert first.trace[0]["verify_length"] == BLOCK
+
+
+def test_sampled_run_is_reproducible(block_bundle):
+    from dspark.runtime.sampling import SamplingParams
+
+    _, path = block_bundle
+    spec = Generator(path)
+    req = Request(PROMPTS[0], max_new_tokens=25, sampling=SamplingParams(1.0), seed=4, ignore_eos=True)
+    a, b = spec.generate([req])[0], spec.generate([req])[0]
+    assert a.generated == b.generated
+    assert np.isfinite(a.stats()["mean_accepted_length"])
+
+
+def test_drafter_for_another_target_is_refused(qwen3_pair, tmp_path):
+    target, target_dir, _ = qwen3_pair
+    draft_dir = make_drafter(target, target_dir, tmp_path / "draft", "vanilla")
+    cfg = json.loads((draft_dir / "config.json").read_text())
+    cfg["mask_token_id"] = VOCAB + 5
+    (draft_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DsparkError, match="mask_token_id"):
+        export_bundle(target_dir, tmp_path / "b", draft_dir, progress=False)
+    cfg["mask_token_id"], cfg["target_layer_ids"] = VOCAB - 1, [0, 2]
+    (draft_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DsparkError, match="target_layer_ids"):
+        export_bundle(target_dir, tmp_path / "b", draft_dir, progress=False)
+    assert not (tmp_path / "b").exists()
