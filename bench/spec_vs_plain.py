@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from dspark.runtime.generate import Generator, Request, decoder_cache, run_decoder
+from dspark.runtime.decoder import decoder_cache, run_decoder
+from dspark.runtime.generate import Generator, Request
 
 
 def machine() -> dict:
@@ -49,17 +50,20 @@ def call_costs(spec: Generator, context: int) -> dict:
         "target_1_token_ms": median_ms(lambda: run_decoder(spec.target, cache, [[1]])),
         f"target_{k + 1}_tokens_ms": median_ms(lambda: run_decoder(spec.target, cache, [[1] * (k + 1)])),
     }
-    proposer = spec.proposer
-    seq = spec.generate([Request([1] * context, max_new_tokens=2, ignore_eos=True)])[0]
-    proposer.start(1)
-    if hasattr(proposer, "pending"):
-        costs["draft_round_ms"] = median_ms(lambda: proposer.propose([seq], [k]))
-    else:
-        def draft_round():
-            proposer.cache.lens[:] = len(seq.tokens) - 1
-            proposer.propose([seq], [k])
-        proposer.propose([seq], [k])  # fills the draft cache once
-        costs["draft_round_ms"] = median_ms(draft_round)
+    # one draft round for a row whose anchor is at ``context``: rewind the draft to re-read the anchor each time
+    gen = Generator(bundle, use_draft=True, num_draft_tokens=k)
+    seq = gen.submit(Request([1] * context, max_new_tokens=2, ignore_eos=True))
+    gen._admit()
+    proposer = gen.proposer
+    proposer.propose([seq], [k])
+    anchor = len(seq.tokens) - 1
+
+    def draft_round():
+        if not hasattr(proposer, "pending"):
+            proposer.cache.lens[:] = anchor
+        proposer.propose([seq], [k])
+
+    costs["draft_round_ms"] = median_ms(draft_round)
     return costs
 
 

@@ -76,6 +76,19 @@ class Bundle:
         if problems:
             raise DsparkError(f"bundle {self.path} does not match its manifest: " + "; ".join(problems) + "; re-export it")
 
+    def add_file(self, rel: str, text: str) -> Path:
+        """Write a file derived on this machine (a profile, a calibration) and record it in the manifest."""
+        path = self.path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, text)
+        self.manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        _atomic_write(self.path / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+        return path
+
+    def read_json(self, rel: str) -> dict | None:
+        """A JSON file the manifest lists (verified on open), or None when the bundle has none."""
+        return json.loads((self.path / rel).read_text()) if rel in self.manifest["files"] else None
+
     def file(self, rel: str) -> Path:
         return self.path / rel
 
@@ -97,6 +110,12 @@ class Bundle:
     @property
     def tokenizer(self) -> dict:
         return self.manifest["tokenizer"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_manifest(folder: Path, manifest: dict) -> dict:

@@ -102,5 +102,32 @@ def generate(bundle_dir, prompt, max_new_tokens, temperature, top_p, top_k, seed
         )
 
 
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Engine precision (default: the bundle's dtype; others need TensorRT 10).")
+@click.option("--workspace", default=8.0, show_default=True, help="Builder workspace memory limit in GB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Tactic timing cache file to read (if present) and update.")
+def build(bundle_dir, precision, workspace, timing_cache):
+    """Build a TensorRT engine per graph of BUNDLE_DIR, one optimization profile per manifest phase."""
+    from dspark.export.tensorrt import build_engines
+
+    out = build_engines(bundle_dir, precision, workspace, timing_cache, log=lambda m: click.echo(m, err=True))
+    click.echo(f"engines: {out}")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--max-new-tokens", default=24, show_default=True, help="Tokens per prompt in the greedy equivalence run.")
+@click.option("--no-engines", is_flag=True, help="Skip TensorRT even where engines for this machine exist.")
+def check(bundle_dir, max_new_tokens, no_engines):
+    """Check BUNDLE_DIR: graph accuracy (PyTorch vs ONNX Runtime vs TensorRT), greedy equivalence, TensorRT lint."""
+    from dspark.check import check_bundle
+
+    report = check_bundle(bundle_dir, engines=not no_engines, max_new_tokens=max_new_tokens)
+    click.echo(report.table())
+    if not report.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -115,3 +115,14 @@ def qwen3_bundle(qwen3_pair, tmp_path_factory) -> Path:
     export_bundle(target_dir, out, draft_dir, ExportOptions(max_batch=8, max_context=256, prefill_chunk=32,
                                                           num_draft_tokens=6), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def dspark_bundle(qwen3_pair, tmp_path_factory) -> Path:
+    """A DSpark (vanilla Markov head, confidence head, block 5) bundle over the qwen3 target."""
+    target, target_dir, _ = qwen3_pair
+    root = tmp_path_factory.mktemp("dspark")
+    draft_dir = deepspec_drafter(target, target_dir, root / "draft", "vanilla", block_size=5)
+    export_bundle(target_dir, root / "bundle", draft_dir, ExportOptions(max_batch=8, max_context=256, prefill_chunk=32),
+                  progress=False)
+    return root / "bundle"

@@ -9,7 +9,7 @@ import torch
 from conftest import VOCAB, hf_model, save_hf
 from dspark.bundle import Bundle
 from dspark.export.bundle import ExportOptions, export_bundle
-from dspark.runtime.generate import decoder_cache, run_decoder
+from dspark.runtime.decoder import decoder_cache, run_decoder
 from dspark.runtime.runners import OrtRunner
 
 TOL = 1e-4

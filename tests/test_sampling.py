@@ -78,9 +78,9 @@ def test_speculative_samples_follow_target_law(small_vocab, params):
     counts = np.zeros(V**4)
     for seq in seqs:
         counts[np.ravel_multi_index(seq.generated, (V,) * 4)] += 1
-    assert all(s.proposed[0] == 2 for s in seqs)
+    assert all(s.verified[0] == 2 for s in seqs)
     # the draft disagrees with the target: rejections and residual draws really happen
-    assert 0.2 < sum(sum(s.accepted) for s in seqs) / sum(sum(s.proposed) for s in seqs) < 0.9
+    assert 0.2 < sum(sum(s.accepted) for s in seqs) / sum(sum(s.verified) for s in seqs) < 0.9
     law = exact_law(target, params)
     support = law > 0
     assert counts[~support].sum() == 0, "tokens outside the warped support were emitted"

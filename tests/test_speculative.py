@@ -40,7 +40,7 @@ def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k):
         assert got.generated == want, f"K={k} prompt={prompt[:5]}"
         assert want == hf_greedy(target, prompt, 40)
         assert len(got.generated) == 40
-        accepted, proposed = accepted + sum(got.accepted), proposed + sum(got.proposed)
+        accepted, proposed = accepted + sum(got.accepted), proposed + sum(got.verified)
     # the pair is a real test of rollback: drafts are accepted and rejected
     assert 0 < accepted < proposed
 

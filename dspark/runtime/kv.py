@@ -38,6 +38,27 @@ class KVCache:
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not listed (finished sequences); one copy of the remaining rows."""
+        if rows == list(range(len(self.lens))):
+            return
+        self.k, self.v, self.lens = self.k[:, rows].copy(), self.v[:, rows].copy(), self.lens[rows].copy()
+
+    def add_rows(self, other: "KVCache") -> None:
+        """Append ``other``'s rows (freshly prefilled sequences) after this cache's rows."""
+        capacity = max(self.capacity, other.capacity)
+        parts_k, parts_v = [], []
+        for cache in (self, other):
+            pad = [(0, 0)] * 3 + [(0, capacity - cache.capacity), (0, 0)]
+            parts_k.append(np.pad(cache.k, pad))
+            parts_v.append(np.pad(cache.v, pad))
+        self.k, self.v = np.concatenate(parts_k, axis=1), np.concatenate(parts_v, axis=1)
+        self.lens = np.concatenate([self.lens, other.lens])
+
+    def empty_like(self, rows: int) -> "KVCache":
+        layers, _, heads, _, dim = self.k.shape
+        return KVCache(layers, rows, heads, dim, self.k.dtype, self.max_len)
+
     def append(self, new_k: np.ndarray, new_v: np.ndarray, counts) -> None:
         """Write the first ``counts[r]`` new positions of each row at that row's length and advance it."""
         self.reserve(int(max(self.lens + np.asarray(counts))))

@@ -1,4 +1,4 @@
-"""Command-line entry points for building the demo corpus/tokenizer and training the demo target."""
+"""Command-line entry points for building the demo corpus/tokenizer, training the demo target and its drafters."""
 
 from __future__ import annotations
 
@@ -84,6 +84,84 @@ def train_target_command(data, output, minutes, steps, threads, seed, batch_size
     click.echo(f"saved {Path(output)}")
 
 
+def _layer_list(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+@click.command("train-draft")
+@click.argument("target_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--method", required=True, type=click.Choice(["draft-lm", "dspark", "dflash"]),
+              help="draft-lm: a small Qwen3 LM distilled by KL; dspark: block drafter with Markov and confidence "
+                   "heads (CE + TV + confidence loss); dflash: block drafter, CE only.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder with train.npy and heldout.npy token arrays (written by train-tokenizer).")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Drafter checkpoint folder (loadable by 'dspark export TARGET --draft OUTPUT') plus "
+                   "train_state.pt and training_log.jsonl; resumed if present.")
+@click.option("--minutes", type=float, default=None, help="Stop (and save) after this much wall time in this call.")
+@click.option("--steps", type=int, default=None,
+              help="Stop (and save) at this total step count. Without --steps and --minutes: train to "
+                   "--schedule-steps.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--seed", default=0, show_default=True, help="Seed for initialisation, batches, anchors, held-out windows.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per optimizer step.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per training sequence (target context).")
+@click.option("--lr", default=6e-4, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--warmup-steps", default=50, show_default=True, help="Linear warmup steps.")
+@click.option("--schedule-steps", default=2000, show_default=True,
+              help="Step at which the cosine decay reaches its floor (0.1 x --lr).")
+@click.option("--block-size", default=7, show_default=True, help="dspark/dflash: block size B (draft tokens per round).")
+@click.option("--num-layers", type=int, default=None,
+              help="Draft layers (default: 2 for dspark/dflash, 4 for draft-lm).")
+@click.option("--markov-rank", default=256, show_default=True, help="dspark: rank r of the Markov head.")
+@click.option("--markov-head", default="vanilla", show_default=True, type=click.Choice(["vanilla", "gated", "rnn"]),
+              help="dspark: Markov head type.")
+@click.option("--target-layers", callback=_layer_list, default=None,
+              help="dspark/dflash: comma-separated target layers whose raw outputs are the drafter's context "
+                   "features (default: DeepSpec's spread, e.g. 1,3,5 for an 8-layer target).")
+@click.option("--mask-token-id", type=int, default=None,
+              help="dspark/dflash: mask token id (default: <|mask|> from the target's tokenizer.json).")
+@click.option("--anchors-per-seq", default=32, show_default=True,
+              help="dspark/dflash: anchor blocks sampled per training sequence.")
+@click.option("--hidden-size", type=int, default=None, help="draft-lm: model width (default 256).")
+@click.option("--heads", type=int, default=None, help="draft-lm: attention heads (default 4).")
+@click.option("--kv-heads", type=int, default=None, help="draft-lm: key/value heads (default 2).")
+@click.option("--head-dim", type=int, default=None, help="draft-lm: dimension per head (default 64).")
+@click.option("--intermediate-size", type=int, default=None, help="draft-lm: MLP inner width (default 768).")
+@click.option("--eval-every", default=100, show_default=True,
+              help="Held-out evaluation interval in steps (loss and the acceptance estimate tau).")
+@click.option("--eval-windows", default=16, show_default=True, help="Number of fixed held-out windows evaluated.")
+@click.option("--save-minutes", default=5.0, show_default=True,
+              help="Checkpoint interval in minutes (also saved at the end and on SIGTERM/SIGINT).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
+                        warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
+                        target_layers, mask_token_id, anchors_per_seq, hidden_size, heads, kv_heads, head_dim,
+                        intermediate_size, eval_every, eval_windows, save_minutes, no_progress):
+    """Train a drafter for the frozen target in TARGET_DIR (resuming from OUTPUT/train_state.pt when present)."""
+    from dspark.train.draft import DraftArgs, method_config, train_draft
+
+    if num_layers is None:
+        num_layers = 4 if method == "draft-lm" else 2
+    config = method_config(target_dir, method, block_size=block_size, num_layers=num_layers,
+                           target_layers=target_layers, mask_token_id=mask_token_id, markov_rank=markov_rank,
+                           markov_head=markov_head, num_anchors=anchors_per_seq, hidden_size=hidden_size,
+                           num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                           intermediate_size=intermediate_size)
+    args = DraftArgs(seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+                     schedule_steps=schedule_steps, eval_windows=eval_windows, anchors_per_seq=anchors_per_seq)
+    record = train_draft(target_dir, data, output, method, config, args, minutes=minutes, steps=steps,
+                         threads=threads, save_minutes=save_minutes, eval_every=eval_every,
+                         progress=not no_progress)
+    click.echo(json.dumps(record))
+    click.echo(f"saved {Path(output)}")
+
+
 if __name__ == "__main__":
     @click.group()
     def main():
@@ -91,4 +169,5 @@ if __name__ == "__main__":
 
     main.add_command(train_tokenizer_command)
     main.add_command(train_target_command)
+    main.add_command(train_draft_command)
     main()

@@ -135,9 +135,27 @@ def eval_windows(tokens: np.ndarray, a: TrainArgs) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s:s + a.seq_len + 1] for s in starts]).astype(np.int64))
 
 
+def train_forward(model: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """The same function as ``model(input_ids)`` (logits [B, n, V]) on the same parameters, computed the fast
+    way for training: fused causal attention (``scaled_dot_product_attention``) instead of the cache-aware
+    split attention of the step graph. About 1.6x faster on CPU; the tests check it against ``model``."""
+    b, n = input_ids.shape
+    body = model.model
+    h = body.embed_tokens(input_ids)
+    cos, sin = body.rotary_emb(torch.arange(n, device=input_ids.device)[None], h.dtype)
+    for layer in body.layers:
+        att = layer.self_attn
+        q, k, v = att.project(layer.input_layernorm(h), cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=att.c.num_kv_heads != att.c.num_heads)
+        h = h + att.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(body.norm(h))
+
+
 def loss_of(model: DecoderLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(x)
+        logits = train_forward(model, x)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
@@ -247,7 +265,7 @@ def train(data: str | Path, output: str | Path, config: dict, args: TrainArgs, *
     window_loss, window_steps, window_t, window_tokens = 0.0, 0, time.monotonic(), 0
     record = {}
 
-    def checkpoint(held: float | None = None):
+    def checkpoint():
         nonlocal last_save
         elapsed = elapsed_before + time.monotonic() - t_start
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -328,16 +346,26 @@ def _tokenizer(tokenizer):
 
 
 @torch.no_grad()
-def sample(model: DecoderLM, tokenizer, prompt: str, n: int = 64, stop_at_eos: bool = True) -> str:
+def sample(model: DecoderLM, tokenizer, prompt: str, n: int = 64, stop_at_eos: bool = True, heal: bool = True) -> str:
     """Greedy continuation of ``prompt`` by up to ``n`` tokens (prompt included in the returned text).
 
     ``tokenizer`` is a ``tokenizers.Tokenizer`` or a folder holding ``tokenizer.json``. The prompt is preceded
-    by ``<|endoftext|>``, as every training document is.
+    by ``<|endoftext|>``, as every training document is. With ``heal`` the prompt's last token is taken back and
+    the first generated token is constrained to start with its text, so a prompt such as ``"def "`` (whose
+    trailing space would otherwise be a lone token the model rarely saw) continues as ``"def foo"`` would.
     """
     tok = _tokenizer(tokenizer)
     was_training = model.training
     model.eval()
     ids = [EOS_ID] + tok.encode(prompt, add_special_tokens=False).ids
+    allowed = None
+    if heal and len(ids) > 1:
+        tail = tok.decode([ids[-1]], skip_special_tokens=False)
+        vocab = model.config.vocab_size
+        pieces = [tok.decode([i], skip_special_tokens=False) for i in range(min(vocab, tok.get_vocab_size()))]
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        allowed[[i for i, p in enumerate(pieces) if p.startswith(tail) and i > 1]] = True
+        ids = ids[:-1]
     past_k, past_v = model.empty_cache(1)
     x = torch.tensor([ids])
     pos = torch.arange(len(ids))[None]
@@ -345,7 +373,11 @@ def sample(model: DecoderLM, tokenizer, prompt: str, n: int = 64, stop_at_eos: b
     for _ in range(n):
         logits, new_k, new_v, _ = model.step(x, pos, torch.tensor([past_k.shape[3]]), past_k, past_v)
         past_k, past_v = torch.cat([past_k, new_k], dim=3), torch.cat([past_v, new_v], dim=3)
-        nxt = int(logits[0, -1].argmax())
+        last = logits[0, -1]
+        if allowed is not None:
+            last = last.masked_fill(~allowed, float("-inf"))
+            allowed = None
+        nxt = int(last.argmax())
         if nxt == EOS_ID and stop_at_eos:
             break
         out.append(nxt)

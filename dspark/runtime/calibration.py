@@ -1,0 +1,114 @@
+"""``dspark calibrate``: Sequential Temperature Scaling of the confidence head (paper §3.2.1, spec §6.3).
+
+The head predicts c_k, the chance that draft k survives given drafts 1..k-1 did; what a scheduler uses is the
+prefix survival prod_{i<=k} c_i. STS fits one temperature t_k per position, left to right: with t_1..t_{k-1}
+fixed, t_k minimises the expected calibration error (20 equal-width bins) of prod_{i<=k} sigmoid(z_i / t_i)
+against the observed survival 1[accepted >= k], over rounds that verified position k. Scaling a logit keeps
+its order, so the ranking (AUC) of each position is unchanged. Labels come from the full-block loop at the
+deployment temperature, so calibrate per sampling temperature.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dspark.bundle import Bundle
+from dspark.errors import DsparkError
+
+CALIBRATION_FILE = "calibration.json"
+GRID = np.exp(np.linspace(np.log(0.25), np.log(8.0), 97))
+BINS = 20
+
+
+def ece(pred: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
+    if len(pred) == 0:
+        return float("nan")
+    which = np.minimum((pred * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.sum() * abs(pred[mask].mean() - labels[mask].mean())
+    return total / len(pred)
+
+
+def fit_sts(logits: np.ndarray, accepted: np.ndarray) -> dict:
+    """logits [rounds, B] raw confidence logits of full-block rounds; accepted [rounds] drafts accepted."""
+    rounds, block = logits.shape
+    temps = np.ones(block)
+    before, after = [], []
+    survival_raw = np.ones(rounds)
+    survival_fit = np.ones(rounds)
+    for k in range(block):
+        labels = (accepted >= k + 1).astype(np.float64)
+        raw = survival_raw * sigmoid(logits[:, k])
+        before.append(ece(raw, labels))
+        scores = [ece(survival_fit * sigmoid(logits[:, k] / t), labels) for t in GRID]
+        temps[k] = GRID[int(np.argmin(scores))]
+        survival_raw = raw
+        survival_fit = survival_fit * sigmoid(logits[:, k] / temps[k])
+        after.append(ece(survival_fit, labels))
+    return {"sts_temperatures": temps.tolist(), "ece_before": before, "ece_after": after, "ece_bins": BINS,
+            "rounds": int(rounds)}
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def load_temperatures(bundle: Bundle) -> np.ndarray | None:
+    data = bundle.read_json(CALIBRATION_FILE)
+    return None if data is None else np.asarray(data["sts_temperatures"], dtype=np.float64)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line, or JSON lines with a ``prompt`` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DsparkError(f"prompts file not found: {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DsparkError(f"{path}:{n}: a JSON line needs a string 'prompt' field") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise DsparkError(f"{path} has no prompts")
+    return prompts
+
+
+def calibrate_bundle(bundle_dir, prompts: list[str], temperature: float = 0.0, max_new_tokens: int = 64,
+                     threads: int = 0, seed: int = 0, progress: bool = True) -> dict:
+    from dspark.runtime.generate import Generator, Request
+    from dspark.runtime.sampling import SamplingParams
+
+    generator = Generator(bundle_dir, threads=threads)
+    draft = generator.bundle.draft
+    if not draft or not draft["config"].get("enable_confidence_head"):
+        raise DsparkError("this bundle's drafter has no confidence head; calibration needs a DSpark drafter")
+    block = generator.num_draft_tokens
+    logits, accepted = [], []
+    requests = [Request(generator.tokenizer.encode(p), max_new_tokens, SamplingParams(temperature), seed=seed + i,
+                        ignore_eos=True) for i, p in enumerate(prompts)]
+    for req in tqdm(requests, desc="calibrate", disable=not progress, unit="prompt"):
+        seq = generator.generate([req], trace=True)[0]
+        for row in seq.trace:
+            if row["verify_length"] == block:
+                c = np.clip(np.asarray(row["confidence"], dtype=np.float64), 1e-12, 1 - 1e-12)
+                logits.append(np.log(c / (1 - c)))
+                accepted.append(row["accepted"])
+    if not logits:
+        raise DsparkError("no full-block rounds were observed; give more prompts or a larger --max-new-tokens")
+    report = fit_sts(np.stack(logits), np.asarray(accepted))
+    report.update(temperature_T=temperature, prompts=len(prompts), block_size=block)
+    generator.bundle.add_file(CALIBRATION_FILE, json.dumps(report, indent=2) + "\n")
+    return report

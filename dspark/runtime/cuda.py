@@ -1,0 +1,329 @@
+"""The PyTorch CUDA backend: the ``dspark/graphs`` modules run directly on the GPU, with the speculative step
+(draft context, propose, verify, accept, KV commit) captured as one CUDA graph per bucket.
+
+Everything between two iterations stays on the device: acceptance runs as torch ops (``accept_on_device``,
+the same rule as ``dspark.runtime.sampling.accept`` given the same uniforms), and K/V are committed by
+writing the whole verify block at each row's length and advancing the length by the accepted count: entries
+past a row's length are masked by the graphs, so rejected K/V need no rollback and no host decision. The host
+reads one small tensor per iteration (accepted counts and emitted tokens) and writes the next round's row
+settings and uniforms. Rows are padded to the batch bucket and the cache window to its bucket, so each
+captured graph sees fixed shapes and fixed addresses (views of caches allocated once at the largest bucket).
+
+This backend drafts with DSpark/DFlash block drafters (or none: plain decoding); draft-LM bundles run on ONNX
+Runtime. Sampled runs draw their uniforms in a different order from the CPU loop, so they follow the same
+distribution but are not token-identical to it; greedy runs are.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from dspark.bundle import Bundle
+from dspark.errors import DsparkError
+from dspark.runtime.buckets import Buckets
+from dspark.runtime.generate import Generator, Request, Sequence
+from dspark.runtime.sampling import probabilities, sample
+from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
+
+
+# ------------------------------------------------------------------------------------------------ acceptance
+def warp(logits: torch.Tensor, temperature, top_p, top_k) -> torch.Tensor:
+    """``sampling.probabilities`` per row in float64: logits [B, ..., V]; temperature, top_p, top_k [B]."""
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).double().reshape(shape)
+    x = logits.double() / t
+    vocab = x.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab)).reshape(shape)
+    ordered = torch.sort(x, dim=-1, descending=True).values
+    kth = ordered.gather(-1, (k - 1).expand(*x.shape[:-1], 1))
+    x = torch.where(x >= kth, x, torch.full_like(x, -torch.inf))
+    p = torch.softmax(x, dim=-1)
+    sorted_p, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    keep_sorted = (torch.cumsum(sorted_p, -1) - sorted_p) < top_p.double().reshape(shape)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    keep |= (top_p >= 1).reshape(shape)
+    p = torch.where(keep, p, torch.zeros_like(p))
+    return p / p.sum(-1, keepdim=True)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``sampling.sample`` for rows of probs [..., V] with uniforms u [...]."""
+    cdf = torch.cumsum(probs, dim=-1)
+    drawn = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+    return drawn.clamp(max=probs.shape[-1] - 1)
+
+
+def accept_on_device(logits, drafts, q, lengths, temperature, top_p, top_k, uniforms):
+    """``sampling.accept`` for a batch without leaving the device.
+
+    logits [B, K+1, V]; drafts [B, K]; q [B, K, V] (the draft distributions, or None for an all-greedy batch);
+    lengths [B] drafts to judge per row; uniforms [B, K+2], consumed in ``accept``'s order (one per judged draft,
+    then one for the correction or bonus draw). Returns (accepted [B], next token [B]).
+    """
+    b, width = drafts.shape
+    position = torch.arange(width, device=drafts.device)[None, :]
+    judged = position < lengths[:, None]
+    choices = logits.argmax(-1)
+    greedy_n = torch.cumprod((drafts == choices[:, :width]) & judged, dim=1).sum(1)
+    greedy_next = choices.gather(1, greedy_n[:, None]).squeeze(1)
+    if q is None:
+        return greedy_n, greedy_next
+    p = warp(logits, temperature, top_p, top_k)
+    hot = temperature > 0
+    if width == 0:  # plain decoding: sample the next token from the first row
+        return greedy_n, torch.where(hot, inverse_cdf(p[:, 0], uniforms[:, 0]), greedy_next)
+    p_tok = p[:, :width].gather(-1, drafts[..., None]).squeeze(-1)
+    q_tok = q.double().gather(-1, drafts[..., None]).squeeze(-1)
+    passed = uniforms[:, :width].double() < torch.clamp(p_tok / q_tok.clamp(min=1e-30), max=1.0)
+    n = torch.cumprod(passed & judged, dim=1).sum(1)
+    rejected = n < lengths
+    row = p.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)
+    q_row = q.double().gather(1, n.clamp(max=width - 1)[:, None, None].expand(-1, 1, q.shape[-1])).squeeze(1)
+    residual = torch.clamp(row - q_row, min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) <= 1e-12, row, residual)
+    dist = torch.where(rejected[:, None], residual, row)
+    u = uniforms.double().gather(1, (n + rejected.long())[:, None]).squeeze(1)
+    sampled = inverse_cdf(dist, u)
+    return torch.where(hot, n, greedy_n), torch.where(hot, sampled, greedy_next)
+
+
+def write_block(cache: torch.Tensor, block: torch.Tensor, lens: torch.Tensor) -> None:
+    """Write block [L, B, H, n, D] into cache [L, B, H, S, D] at positions lens[b] .. lens[b] + n - 1 (in place)."""
+    n = block.shape[3]
+    index = (lens[:, None] + torch.arange(n, device=lens.device)[None, :])[None, :, None, :, None]
+    cache.scatter_(3, index.expand_as(block), block)
+
+
+# ------------------------------------------------------------------------------------------------ generator
+class CudaGenerator(Generator):
+    """``Generator`` over the torch modules on a CUDA device, with CUDA graphs per (batch, verify, cache) bucket.
+
+    Shares ``Generator._emit`` (stop conditions, streaming) and the ``Request``/``Sequence`` types.
+    """
+
+    def __init__(self, bundle: Bundle | str, use_draft: bool = True, cuda_graphs: bool = True, device: str = "cuda",
+                 memory_fraction: float = 0.9):
+        from dspark.check import reference_modules
+
+        if not torch.cuda.is_available():
+            raise DsparkError("the CUDA backend needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is False)")
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.tokenizer = Tokenizer(self.bundle)
+        self.eos_ids = set(self.bundle.tokenizer["eos_token_ids"])
+        self.proposer = None
+        draft = self.bundle.draft if use_draft else None
+        if draft is not None and draft["method"] not in ("dspark", "dflash"):
+            raise DsparkError(f"the CUDA backend drafts with DSpark/DFlash block drafters; this bundle's draft is "
+                              f"{draft['method']} (run it on ONNX Runtime, or pass use_draft=False)")
+        modules, missing = reference_modules(self.bundle)
+        for role in ["target"] + (["draft"] if draft else []):
+            if role not in modules:
+                raise DsparkError(f"the CUDA backend runs the PyTorch modules, but the {role}'s {missing[role]}")
+        self.device = torch.device(device)
+        self.step_fn = modules["target"].to(self.device)
+        self.drafter = modules["draft"].to(self.device) if draft else None
+        self.k = draft["num_draft_tokens"] if draft else 0
+        self.cuda_graphs = cuda_graphs
+        self.buckets = Buckets.from_bundle(self.bundle)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}
+        self.pool = None
+        self._allocate(memory_fraction)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self.k
+
+    # -------------------------------------------------------------------------------------- buffers
+    def _allocate(self, memory_fraction: float) -> None:
+        """Caches and step buffers at the largest bucket, once; refuse up front when they cannot fit."""
+        cfg, limits = self.bundle.target["config"], self.bundle.limits
+        dtype = self.step_fn.lm_head.weight.dtype
+        rows, window, width = self.buckets.batch.sizes[-1], self.buckets.cache.sizes[-1], self.k + 1
+        shapes = [(cfg["num_layers"], rows, cfg["num_kv_heads"], window, cfg["head_dim"])] * 2
+        if self.drafter is not None:
+            c = self.drafter.config
+            shapes += [(c.num_layers, rows, c.num_kv_heads, window, c.head_dim)] * 2
+        element = torch.tensor([], dtype=dtype).element_size()
+        cache_bytes = sum(int(np.prod(s)) for s in shapes) * element
+        # activations of one step at the largest bucket, float64 acceptance included, with 2x headroom for graphs
+        vocab = cfg["vocab_size"]
+        step_bytes = 2 * rows * width * (vocab * (4 + 8 * 3) + limits["max_context"] * cfg["num_heads"] * 4)
+        free, total = torch.cuda.mem_get_info(self.device)
+        need = cache_bytes + step_bytes
+        if need > memory_fraction * free:
+            raise DsparkError(
+                f"the CUDA backend needs about {need / 2**30:.2f} GiB (KV caches {cache_bytes / 2**30:.2f} GiB for "
+                f"{rows} rows x {window} positions, CUDA-graph/step memory {step_bytes / 2**30:.2f} GiB) but only "
+                f"{free / 2**30:.2f} of {total / 2**30:.2f} GiB are free; re-export with a smaller --max-batch or --max-context"
+            )
+        self.budget = {"cache_bytes": cache_bytes, "step_bytes_estimate": step_bytes, "free_bytes": free}
+        zeros = lambda shape, dt=dtype: torch.zeros(shape, dtype=dt, device=self.device)  # noqa: E731
+        self.tk, self.tv = zeros(shapes[0]), zeros(shapes[1])
+        self.dk, self.dv = (zeros(shapes[2]), zeros(shapes[3])) if self.drafter is not None else (None, None)
+        long = lambda *shape: torch.zeros(shape, dtype=torch.long, device=self.device)  # noqa: E731
+        self.lens, self.dlens, self.anchor, self.lengths, self.active = (long(rows) for _ in range(5))
+        self.pending = long(rows)
+        feature = self.drafter.config.feature_size if self.drafter is not None else 1
+        self.features = zeros((rows, width, feature))
+        self.temperature = zeros(rows, torch.float32)
+        self.top_p = torch.ones(rows, dtype=torch.float64, device=self.device)
+        self.top_k = long(rows)
+        self.noise = zeros((rows, max(self.k, 1)), torch.float32)
+        self.uniforms = zeros((rows, width + 1), torch.float64)  # the rng's doubles, unrounded
+        self.out = long(rows, width + 1)
+
+    # -------------------------------------------------------------------------------------- the step
+    def _step(self, rows: int, window: int, sampling: bool) -> None:
+        """One speculative iteration on the first ``rows`` rows and ``window`` cache positions; device only."""
+        k, width = self.k, self.k + 1
+        sl = slice(0, rows)
+        tk, tv = self.tk[:, sl, :, :window], self.tv[:, sl, :, :window]
+        lens, anchor, active = self.lens[sl], self.anchor[sl], self.active[sl]
+        steps = torch.arange(width, device=self.device)[None, :]
+        if self.drafter is not None:
+            dk, dv, dlens = self.dk[:, sl, :, :window], self.dv[:, sl, :, :window], self.dlens[sl]
+            ck, cv = self.drafter.context_kv(self.features[sl], dlens[:, None] + steps)
+            write_block(dk, ck, dlens)
+            dlens += self.pending[sl]
+            drafts, q, _ = self.drafter.propose(anchor, lens, dlens, dk, dv, self.temperature[sl], self.noise[sl])
+            drafts, q = drafts[:, :k], q[:, :k]
+        else:
+            drafts = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
+            q = torch.zeros((rows, 0, 1), device=self.device)
+        ids = torch.cat([anchor[:, None], drafts], 1)
+        logits, new_k, new_v, hidden = self.step_fn.step(ids, lens[:, None] + steps, lens, tk, tv)
+        n, token = accept_on_device(logits, drafts, q if sampling else None, self.lengths[sl], self.temperature[sl],
+                                    self.top_p[sl], self.top_k[sl], self.uniforms[sl])
+        write_block(tk, new_k, lens)
+        write_block(tv, new_v, lens)
+        count = (n + 1) * active
+        lens += count
+        if self.drafter is not None:
+            self.features[sl].copy_(hidden.to(self.features.dtype))
+            self.pending[sl].copy_(count)
+        anchor.copy_(torch.where(active > 0, token, anchor))
+        emitted = torch.where(steps[:, :k] < n[:, None], drafts, torch.zeros_like(drafts))
+        emitted = torch.cat([emitted, torch.zeros_like(n)[:, None]], 1).scatter(1, n[:, None], token[:, None])
+        self.out[sl].copy_(torch.cat([n[:, None], emitted], 1))
+
+    def _run_step(self, rows: int, window: int, sampling: bool) -> None:
+        key = (rows, window, sampling)
+        if not self.cuda_graphs:
+            return self._step(*key)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+        graph = self.graphs[key]
+        if graph is None:
+            self._step(*key)
+        else:
+            graph.replay()
+
+    def _capture(self, key) -> torch.cuda.CUDAGraph | None:
+        """Warm up (kernels and allocator initialise outside capture), then capture; None falls back to eager."""
+        state = [self.lens, self.dlens, self.anchor, self.pending, self.features]
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                self._step(*key)  # writes past each row's length only: harmless garbage
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                self._step(*key)
+        except RuntimeError as e:
+            warnings.warn(f"CUDA-graph capture failed for bucket {key} ({e}); running that bucket eagerly", stacklevel=2)
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            return None
+        return graph
+
+    # -------------------------------------------------------------------------------------- prefill and loop
+    def _prefill(self, seqs: list[Sequence]) -> list[np.ndarray]:
+        """Feed prompts in chunks (eager): target cache, drafter context; returns each row's last logits."""
+        chunk = self.bundle.limits["prefill_chunk"]
+        rows = len(seqs)
+        last = [None] * rows
+        longest = max(len(s.tokens) for s in seqs)
+        for offset in range(0, longest, chunk):
+            parts = [s.tokens[offset: offset + chunk] for s in seqs]
+            width = max(len(p) for p in parts)
+            ids = torch.zeros((rows, width), dtype=torch.long)
+            for r, p in enumerate(parts):
+                ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+            counts = torch.tensor([len(p) for p in parts], device=self.device)
+            window = self.buckets.cache.select(int(self.lens[:rows].max()) + width)
+            lens = self.lens[:rows]
+            positions = lens[:, None] + torch.arange(width, device=self.device)[None, :]
+            tk, tv = self.tk[:, :rows, :, :window], self.tv[:, :rows, :, :window]
+            logits, new_k, new_v, hidden = self.step_fn.step(ids.to(self.device), positions, lens, tk, tv)
+            write_block(tk, new_k, lens)
+            write_block(tv, new_v, lens)
+            if self.drafter is not None:
+                dk, dv, dlens = self.dk[:, :rows, :, :window], self.dv[:, :rows, :, :window], self.dlens[:rows]
+                ck, cv = self.drafter.context_kv(hidden, dlens[:, None] + torch.arange(width, device=self.device)[None, :])
+                write_block(dk, ck, dlens)
+                write_block(dv, cv, dlens)
+                dlens += counts
+            lens += counts
+            host = logits.float().cpu().numpy()
+            for r, p in enumerate(parts):
+                if p:
+                    last[r] = host[r, len(p) - 1]
+        return last
+
+    def _run_batch(self, requests: list[Request], trace: bool, on_text) -> list[Sequence]:
+        max_context = self.bundle.limits["max_context"]
+        for req in requests:
+            check_prompt(req.prompt_ids, max_context)
+        started = time.perf_counter()
+        seqs = [Sequence(req, np.random.default_rng(req.seed), list(req.prompt_ids), TextStream(self.tokenizer, req.stop),
+                         started=started) for req in requests]
+        for t in (self.lens, self.dlens, self.pending, self.active, self.lengths):
+            t.zero_()
+        logits = self._prefill(seqs)
+        for r, s in enumerate(seqs):
+            params = s.request.sampling
+            token = int(logits[r].argmax()) if params.greedy else sample(probabilities(logits[r], params), s.rng.random())
+            self._emit(r, s, [token], on_text)
+        rows = self.buckets.batch.select(len(seqs))
+        sampling = any(not s.request.sampling.greedy for s in seqs)
+        width = self.k + 1
+        while not all(s.done for s in seqs):
+            host = np.zeros((4, rows), dtype=np.int64)  # anchor, active, verify lengths, top_k
+            temps, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float64)
+            noise = np.zeros((rows, max(self.k, 1)), np.float32)
+            uniforms = np.zeros((rows, width + 1), np.float64)
+            for r, s in enumerate(seqs):
+                if s.done:
+                    continue
+                room = min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens)) - 1
+                host[:, r] = (s.tokens[-1], 1, max(0, min(self.k, room)), s.request.sampling.top_k)
+                temps[r], top_p[r] = s.request.sampling.temperature, s.request.sampling.top_p
+                if not s.request.sampling.greedy:
+                    noise[r, : self.k] = s.rng.random(self.k)
+                    uniforms[r] = s.rng.random(width + 1)
+            for name, value in (("anchor", host[0]), ("active", host[1]), ("lengths", host[2]), ("top_k", host[3]),
+                                ("temperature", temps), ("top_p", top_p), ("noise", noise), ("uniforms", uniforms)):
+                getattr(self, name)[:rows].copy_(torch.from_numpy(value), non_blocking=False)
+            window = self.buckets.cache.select(max(len(s.tokens) for s in seqs) + width)
+            self._run_step(rows, window, sampling)
+            out = self.out[:rows].cpu().numpy()  # the one device-to-host read per iteration
+            for r, s in enumerate(seqs):
+                if not host[1, r]:
+                    continue
+                n = int(out[r, 0])
+                s.proposed.append(int(host[2, r]))
+                s.accepted.append(n)
+                emitted = self._emit(r, s, [int(t) for t in out[r, 1: n + 2]], on_text)
+                if trace:
+                    s.trace.append({"round": len(s.accepted), "verify_length": int(host[2, r]), "accepted": n, "emitted": emitted})
+        return seqs

@@ -1,0 +1,176 @@
+"""Drafts: what proposes tokens for the target to verify.
+
+Two proposers share one interface (``keep``/``add`` rows as sequences leave and join, ``propose`` up to a cap
+per row, ``commit`` what the target accepted):
+
+- ``DraftLMProposer``: a small LM with the target's tokenizer, K sequential single-token steps. Its cache may
+  lag the committed tokens; each round it first catches up on what it has not read (the anchor, and the last
+  draft when every draft was accepted) and rolls back rows it drafted that the target rejected.
+- ``BlockProposer``: a DSpark or DFlash drafter. One call drafts the whole block from the target's tapped
+  features. Its only state is a cache of context K/V, one entry per committed position, fed exactly once from
+  the features of the anchor and accepted drafts (spec §4.4), so it never rolls back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dspark.bundle import Bundle
+from dspark.errors import DsparkError
+from dspark.runtime.decoder import decoder_cache, feed, run_decoder
+from dspark.runtime.kv import KVCache
+from dspark.runtime.runners import make_runner
+from dspark.runtime.sampling import probabilities, sample
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    probs: np.ndarray | None = None  # [len(tokens), V]: the law each token was drawn from (None when greedy)
+    confidence_logits: np.ndarray | None = None  # [len(tokens)] raw confidence-head logits (None: no head)
+
+    def truncated(self, n: int) -> "Proposal":
+        cut = lambda x: None if x is None else x[:n]  # noqa: E731
+        return Proposal(self.tokens[:n], cut(self.probs), cut(self.confidence_logits))
+
+
+class DraftLMProposer:
+    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int):
+        self.bundle = bundle
+        self.runner = make_runner(bundle, "draft", backend, threads)
+        self.k = num_draft_tokens
+        self.cache = decoder_cache(bundle.draft["config"], 0, bundle)
+
+    def keep(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+
+    def add(self, count: int, features=None) -> None:
+        self.cache.add_rows(self.cache.empty_like(count))
+
+    def propose(self, seqs, caps: list[int]) -> list[Proposal]:
+        cache, chunk = self.cache, self.bundle.limits["prefill_chunk"]
+        proposals = [Proposal([], None if s.request.sampling.greedy else []) for s in seqs]
+        if not any(caps):
+            return [Proposal([]) for _ in seqs]
+        # first step: catch up on every committed token this draft has not read
+        pending = [s.tokens[cache.lens[r] :] if caps[r] else [] for r, s in enumerate(seqs)]
+        logits = feed(self.runner, cache, pending, chunk)
+        longest = max(caps)
+        for step in range(longest):
+            for r, s in enumerate(seqs):
+                if step < caps[r]:
+                    self._draw(s, proposals[r], logits[r])
+            if step + 1 == longest:
+                break
+            parts = [[proposals[r].tokens[-1]] if step + 1 < caps[r] else [] for r in range(len(seqs))]
+            out = run_decoder(self.runner, cache, parts)
+            cache.append(out["new_k"], out["new_v"], [len(p) for p in parts])
+            logits = list(out["logits"][:, 0])
+        for p in proposals:
+            p.probs = np.stack(p.probs) if p.probs else None
+        return proposals
+
+    @staticmethod
+    def _draw(seq, proposal: Proposal, logits: np.ndarray) -> None:
+        params = seq.request.sampling
+        if params.greedy:
+            proposal.tokens.append(int(logits.argmax()))
+            return
+        q = probabilities(logits, params)
+        proposal.tokens.append(sample(q, seq.rng.random()))
+        proposal.probs.append(q)
+
+    def commit(self, anchors: list[int], drafted: list[int], accepted: list[int], _out) -> None:
+        """Keep the cache rows that hold committed tokens: the anchor and the accepted drafts it has read."""
+        for r, n in enumerate(drafted):
+            if n:
+                self.cache.lens[r] = anchors[r] + 1 + min(accepted[r], n - 1)
+
+
+class BlockProposer:
+    wants_features = True
+
+    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int):
+        self.bundle = bundle
+        self.context = make_runner(bundle, "draft_context", backend, threads)
+        self.drafter = make_runner(bundle, "draft_propose", backend, threads)
+        self.config = c = bundle.draft["config"]
+        self.k = num_draft_tokens
+        dtype = np.float16 if bundle.manifest["dtype"] == "fp16" else np.float32
+        self.cache = KVCache(c["num_layers"], 0, c["num_kv_heads"], c["head_dim"], dtype, bundle.limits["max_context"])
+        self.pending: list[list[np.ndarray]] = []  # per row: target feature rows not yet in the context cache
+
+    def keep(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        self.pending = [self.pending[r] for r in rows]
+
+    def add(self, count: int, features: list[list[np.ndarray]]) -> None:
+        self.cache.add_rows(self.cache.empty_like(count))
+        self.pending += features
+
+    def _flush_context(self) -> None:
+        """Turn pending feature rows into context K/V at each row's next positions."""
+        rows = [np.concatenate(p) if p else None for p in self.pending]
+        chunk = self.bundle.graph("draft_context")["dims"]["context"][1]
+        width = self.config["hidden_size"] * len(self.config["target_layer_ids"])
+        offset = 0
+        while any(r is not None and len(r) > offset for r in rows):
+            parts = [r[offset : offset + chunk] if r is not None else r for r in rows]
+            counts = [0 if p is None else len(p) for p in parts]
+            feats = np.zeros((len(rows), max(counts), width), dtype=self.cache.k.dtype)
+            for i, part in enumerate(parts):
+                if counts[i]:
+                    feats[i, : counts[i]] = part
+            positions = self.cache.lens[:, None] + np.arange(feats.shape[1], dtype=np.int64)[None, :]
+            out = self.context.run({"features": feats, "positions": positions})
+            self.cache.append(out["ctx_k"], out["ctx_v"], counts)
+            offset += chunk
+        self.pending = [[] for _ in rows]
+
+    def propose(self, seqs, caps: list[int]) -> list[Proposal]:
+        has_head = self.config["enable_confidence_head"]
+        if not any(caps):
+            return [Proposal([], None, np.zeros(0) if has_head else None) for _ in seqs]
+        self._flush_context()
+        block = self.config["block_size"]
+        noise = np.zeros((len(seqs), block), dtype=np.float32)
+        for r, s in enumerate(seqs):
+            if caps[r] and not s.request.sampling.greedy:
+                noise[r] = s.rng.random(block)
+        out = self.drafter.run(
+            {
+                "anchor": np.array([s.tokens[-1] for s in seqs], dtype=np.int64),
+                "start": np.array([len(s.tokens) - 1 for s in seqs], dtype=np.int64),
+                "cache_lens": self.cache.lens.copy(),
+                "past_k": self.cache.k,
+                "past_v": self.cache.v,
+                "temperature": np.array([s.request.sampling.temperature for s in seqs], dtype=np.float32),
+                "noise": noise,
+            }
+        )
+        proposals = []
+        for r, s in enumerate(seqs):
+            n = caps[r]
+            probs = None if s.request.sampling.greedy or not n else out["draft_probs"][r, :n].astype(np.float64)
+            conf = out["confidence_logits"][r, :n].astype(np.float64) if has_head else None
+            proposals.append(Proposal([int(t) for t in out["draft_tokens"][r, :n]], probs, conf))
+        return proposals
+
+    def commit(self, anchors: list[int], drafted: list[int], accepted: list[int], out) -> None:
+        """Features of the anchor and the accepted drafts become the next round's context."""
+        for r in range(len(anchors)):
+            self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
+
+
+def make_proposer(bundle: Bundle, backend: str, threads: int, num_draft_tokens: int | None):
+    draft = bundle.draft
+    k = num_draft_tokens or draft["num_draft_tokens"]
+    if k + 1 > bundle.limits["max_verify_tokens"]:
+        raise DsparkError(
+            f"--num-draft-tokens {k} needs {k + 1}-token verify calls; this bundle was exported for at most "
+            f"{bundle.limits['max_verify_tokens'] - 1} (re-export with --num-draft-tokens {k})"
+        )
+    kind = DraftLMProposer if draft["method"] == "draft-lm" else BlockProposer
+    return kind(bundle, backend, threads, k)

@@ -1,0 +1,192 @@
+"""Verify-length schedulers: how many of each row's draft tokens the target checks this round.
+
+Schedulers only choose lengths; acceptance never changes. Every rule here is non-anticipating: whether draft
+position k of a row is verified depends on that row's confidences c_1..c_k, and c_k depends on draft tokens
+before k only (spec §6.2), never on the token at k itself, so the output law stays the target's.
+
+- ``fixed``: verify everything proposed.
+- ``threshold``: stop at the first position whose calibrated per-step confidence is below a value.
+- ``sps``: paper Algorithm 1 over the whole batch. Prefix survival a_{r,j} = prod_{i<=j} c_{r,i}; candidates
+  are admitted in descending a, each time re-evaluating expected throughput tau * SPS(cost), and the search
+  stops at the first admission that does not improve it (the early stop is what keeps it lossless; Appendix A).
+  Our verify call pads ragged rows to the longest one, so its cost is looked up by (rows, 1 + longest length),
+  not by the sum of lengths the paper's packed batches use.
+
+A batch-size -> block-length schedule caps the proposal length by the number of active rows (0 = plain
+decoding). Without confidences (no confidence head) or, for ``sps``, without a profiled table, a scheduler
+falls back to ``fixed``: it says so once in the log and counts it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dspark.errors import DsparkError
+
+log = logging.getLogger("dspark")
+
+
+@dataclass
+class StepsPerSecond:
+    """Profiled verify throughput: steps/s of one target call with ``rows`` rows of ``width`` new tokens."""
+
+    rows: list[int]
+    widths: list[int]
+    steps_per_second: list[list[float]]  # [len(rows)][len(widths)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepsPerSecond":
+        return cls(d["rows"], d["widths"], d["steps_per_second"])
+
+    def __call__(self, rows: int, width: int) -> float:
+        r = self._interp_index(self.rows, rows)
+        w = self._interp_index(self.widths, width)
+        table = np.asarray(self.steps_per_second, dtype=np.float64)
+        value = self._bilinear(table, r, w)
+        # beyond the profiled range a call is assumed throughput-bound: cost grows with tokens
+        scale = max(1.0, rows / self.rows[-1]) * max(1.0, width / self.widths[-1])
+        return value / scale
+
+    @staticmethod
+    def _interp_index(axis: list[int], x: float) -> float:
+        x = min(max(x, axis[0]), axis[-1])
+        i = min(bisect.bisect_right(axis, x) - 1, len(axis) - 2) if len(axis) > 1 else 0
+        if len(axis) == 1:
+            return 0.0
+        return i + (x - axis[i]) / (axis[i + 1] - axis[i])
+
+    @staticmethod
+    def _bilinear(table: np.ndarray, r: float, w: float) -> float:
+        r0, w0 = int(math.floor(r)), int(math.floor(w))
+        r1, w1 = min(r0 + 1, table.shape[0] - 1), min(w0 + 1, table.shape[1] - 1)
+        fr, fw = r - r0, w - w0
+        top = table[r0, w0] * (1 - fw) + table[r0, w1] * fw
+        bottom = table[r1, w0] * (1 - fw) + table[r1, w1] * fw
+        return float(top * (1 - fr) + bottom * fr)
+
+
+@dataclass
+class SchedulerStats:
+    rounds: int = 0
+    proposed: int = 0
+    scheduled: int = 0
+    fallbacks: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"rounds": self.rounds, "proposed_tokens": self.proposed, "scheduled_tokens": self.scheduled,
+                "fallbacks": dict(self.fallbacks)}
+
+
+class Scheduler:
+    name = "fixed"
+
+    def __init__(self):
+        self.stats = SchedulerStats()
+
+    def choose(self, confidences: list[np.ndarray | None], proposed: list[int]) -> list[int]:
+        """Verify lengths (each <= proposed[r]) for rows whose per-position confidences are given."""
+        lengths = self._choose(confidences, proposed)
+        self.stats.rounds += 1
+        self.stats.proposed += sum(proposed)
+        self.stats.scheduled += sum(lengths)
+        return lengths
+
+    def _choose(self, confidences, proposed):
+        return list(proposed)
+
+    def _fallback(self, reason: str) -> None:
+        if reason not in self.stats.fallbacks:
+            log.warning("scheduler %s falls back to fixed: %s", self.name, reason)
+        self.stats.fallbacks[reason] = self.stats.fallbacks.get(reason, 0) + 1
+
+    def _needs_confidence(self, confidences, proposed) -> bool:
+        missing = any(c is None for c, n in zip(confidences, proposed) if n)
+        if missing:
+            self._fallback("the drafter has no confidence head")
+        return not missing
+
+
+class ThresholdScheduler(Scheduler):
+    name = "threshold"
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        if not 0 <= threshold <= 1:
+            raise DsparkError(f"threshold must be in [0, 1], got {threshold}")
+        self.threshold = threshold
+
+    def _choose(self, confidences, proposed):
+        if not self._needs_confidence(confidences, proposed):
+            return list(proposed)
+        lengths = []
+        for conf, n in zip(confidences, proposed):
+            below = np.nonzero(np.asarray(conf[:n]) < self.threshold)[0] if n else []
+            lengths.append(int(below[0]) if len(below) else n)
+        return lengths
+
+
+class SpsScheduler(Scheduler):
+    name = "sps"
+
+    def __init__(self, table: StepsPerSecond | None, early_stop: bool = True):
+        super().__init__()
+        self.table = table
+        # early_stop=False is the retrospective global search of Appendix A; it exists to test that it is biased
+        self.early_stop = early_stop
+
+    def _choose(self, confidences, proposed):
+        if self.table is None:
+            self._fallback("no steps-per-second table for this device and backend (run 'dspark profile')")
+            return list(proposed)
+        if not self._needs_confidence(confidences, proposed):
+            return list(proposed)
+        return sps_lengths(confidences, proposed, self.table, self.early_stop)
+
+
+def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = True) -> list[int]:
+    """Algorithm 1: greedy admission by prefix survival, stopping at the first non-improvement."""
+    rows = sum(1 for _ in proposed)
+    candidates = []
+    for r, (conf, n) in enumerate(zip(confidences, proposed)):
+        if not n:
+            continue
+        survival = np.cumprod(np.asarray(conf[:n], dtype=np.float64))
+        candidates += [(-a, r, j) for j, a in enumerate(survival, start=1) if a > 0]
+    candidates.sort()  # descending survival; within a row positions stay in order (a is non-increasing)
+    lengths = [0] * rows
+    tau = float(rows)
+    best = tau * sps(rows, 1)
+    chosen = list(lengths)
+    for neg_a, r, j in candidates:
+        lengths[r] = j
+        tau -= neg_a
+        throughput = tau * sps(rows, 1 + max(lengths))
+        if throughput > best:
+            best, chosen = throughput, list(lengths)
+        elif early_stop:
+            break
+    return chosen
+
+
+def block_cap(schedule: dict[int, int] | None, active_rows: int, default: int) -> int:
+    """Draft length for a batch of ``active_rows`` from a {batch size: block length} schedule (0 = plain)."""
+    if not schedule:
+        return default
+    sizes = sorted(schedule)
+    i = bisect.bisect_right(sizes, active_rows) - 1
+    return min(default, schedule[sizes[max(i, 0)]])
+
+
+def make_scheduler(name: str, threshold: float = 0.5, table: dict | None = None) -> Scheduler:
+    if name == "fixed":
+        return Scheduler()
+    if name == "threshold":
+        return ThresholdScheduler(threshold)
+    if name == "sps":
+        return SpsScheduler(StepsPerSecond.from_dict(table) if table else None)
+    raise DsparkError(f"scheduler {name!r} is unknown; choose fixed, threshold or sps")

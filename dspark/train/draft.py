@@ -1,0 +1,602 @@
+"""Training drafters against a frozen target: DSpark and DFlash block drafters, and a small draft LM.
+
+``dspark`` / ``dflash`` train the DeepSpec-layout ``Drafter`` (spec §2-§6, paper §3.3). Every step draws
+sequences from ``train.npy`` (``target.batch_at``: a pure function of (seed, step)), runs the frozen target once to
+get the tapped layer outputs (the context features) and its logits, and samples anchor positions per sequence.
+The block of anchor s is [x_s, mask x (B-1)] at positions s..s+B-1 and predicts x_{s+1..s+B}; all the blocks of
+a sequence are trained in one forward with the training attention mask of spec §4.3: a block query sees the
+context keys of positions < s (the features of those positions, projected by ``fc`` -> ``hidden_norm``, through
+each layer's k/v projections, exactly as ``Drafter.context_kv`` does at inference) and the keys of its own block,
+nothing else. The Markov bias is teacher-forced (previous token = anchor, then the ground truth). Loss, each term a
+mean over block slots weighted by w_k = exp(-k/4) (0-based k), as DeepSpec's ``loss.py`` normalises it:
+
+    dspark: 0.1 * CE(L_k, x_{s+k}) + 0.9 * ||softmax(L_k) - softmax(T_k)||_1 + 1.0 * BCE(z_k, c*_k)
+    dflash: CE only (no Markov, no confidence head)
+
+with T_k the target's logits at the same position and c*_k = 1 - 1/2 ||softmax(L_k) - softmax(T_k)||_1 (no grad).
+``block_logits`` is the same loop as ``Drafter.propose``; the tests check the training forward against
+``context_kv`` + ``propose`` for single anchors, so training and inference cannot drift apart.
+
+``draft-lm`` distils a small Qwen3 ``DecoderLM`` (same vocabulary) with KL(target || draft) on train windows and
+saves it in HF layout with the target's tokenizer and generation config.
+
+Held-out acceptance: the mean accepted length tau under greedy verification, estimated teacher-forced on fixed
+held-out windows: tau = 1 + sum_k prod_{i<=k} [draft_i == target argmax_i], where the target argmax is taken on the
+data prefix and the draft tokens are the drafter's own greedy chain (its Markov head fed its own previous argmax,
+as at inference). For block drafters also ``tau_t1``, DeepSpec's probabilistic estimate at T=1:
+1 + sum_k prod_{i<=k} c*_i. For the draft LM, K = 4 draft tokens from every position.
+
+Resumable from ``OUTPUT/train_state.pt`` (saved atomically every ``save_minutes``, on SIGTERM/SIGINT and at the
+end, together with the inference checkpoint), and ``training_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dspark.errors import DsparkError
+from dspark.graphs.checkpoint import WeightReader, read_config
+from dspark.graphs.decoder import DecoderConfig, DecoderLM
+from dspark.graphs.drafter import MARKOV_HEAD_TYPES, Drafter, DrafterConfig, deepspec_config, save_deepspec
+from dspark.train.target import (
+    LOG_FILE,
+    STATE_FILE,
+    TrainArgs,
+    _atomic_save,
+    _read_log,
+    batch_at,
+    eval_windows,
+    export_hf,
+    init_model,
+    lr_at,
+    make_optimizer,
+    qwen3_config,
+    train_forward,
+)
+
+METHODS = ("draft-lm", "dspark", "dflash")
+FROZEN = ("embed_tokens.weight", "lm_head.weight")  # the target's copies inside a block drafter
+MASK_TOKEN = "<|mask|>"
+DRAFT_LM_TOKENS = 4  # K for the draft-LM acceptance estimate
+
+
+@dataclass
+class DraftArgs(TrainArgs):
+    """Everything that decides the trajectory (stored in train_state.pt; a resume keeps the stored values)."""
+
+    lr: float = 6e-4
+    warmup_steps: int = 50
+    schedule_steps: int = 2000
+    eval_windows: int = 16
+    anchors_per_seq: int = 32
+    ce_weight: float = 0.1
+    tv_weight: float = 0.9
+    confidence_weight: float = 1.0
+    loss_decay: float = 4.0
+
+
+# -------------------------------------------------------------------------------------------------- setup
+def read_mask_token_id(target_dir: str | Path) -> int | None:
+    """The id of ``<|mask|>`` among tokenizer.json's added tokens, or None."""
+    path = Path(target_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    for tok in json.loads(path.read_text()).get("added_tokens", []):
+        if tok.get("content") == MASK_TOKEN:
+            return int(tok["id"])
+    return None
+
+
+def default_target_layers(num_layers: int) -> list[int]:
+    """DeepSpec's spread (1, 9, .., 33 of 36 layers): m layers from 1 to L-3; the last layer is never a feature."""
+    if num_layers < 5:
+        return list(range(max(num_layers - 1, 0))) or [-1]
+    m = 5 if num_layers >= 16 else 3
+    return sorted({1 + round(i * (num_layers - 4) / (m - 1)) for i in range(m)})
+
+
+def load_target(target_dir: str | Path) -> DecoderLM:
+    target = DecoderLM.from_pretrained(target_dir, dtype=torch.float32)
+    target.requires_grad_(False)
+    return target.eval()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def stored_dtype(target_dir: Path) -> torch.dtype:
+    """The dtype the target checkpoint stores its embedding in (fp16 for the demo target)."""
+    reader = WeightReader(target_dir)
+    return reader.get("model.embed_tokens.weight").dtype
+
+
+def target_digest(target_dir: Path) -> str:
+    return "+".join(file_digest(p) for p in sorted(target_dir.glob("*.safetensors")))
+
+
+def target_pass(target: DecoderLM, ids: torch.Tensor, taps: tuple[int, ...] = ()):
+    """Post-norm hidden states [b, n, d] and the raw outputs of layers ``taps`` concatenated [b, n, m*d] (None
+    without taps) for a full causal forward: ``target.train_forward`` with taps (fused causal attention), the
+    same function as ``DecoderLM.step`` with ``tap_layers`` (tested). Logits are ``target.lm_head(hidden)``."""
+    b, n = ids.shape
+    body = target.model
+    h = body.embed_tokens(ids)
+    cos, sin = body.rotary_emb(torch.arange(n, device=ids.device)[None], h.dtype)
+    feats = {-1: h} if -1 in taps else {}
+    for i, layer in enumerate(body.layers):
+        att = layer.self_attn
+        q, k, v = att.project(layer.input_layernorm(h), cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=att.c.num_kv_heads != att.c.num_heads)
+        h = h + att.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if i in taps:
+            feats[i] = h
+    features = torch.cat([feats[i] for i in taps], dim=-1) if taps else None
+    return body.norm(h), features
+
+
+def sample_anchors(seed: int, step: int, batch: int, seq_len: int, block: int, count: int) -> torch.Tensor:
+    """Sorted distinct anchor positions [batch, count] in 1..seq_len-block, a pure function of (seed, step).
+
+    Every anchor has a non-empty context (positions < s) and a full block of targets inside the window."""
+    hi = seq_len - block
+    if hi < 1:
+        raise DsparkError(f"--seq-len {seq_len} is too short for block size {block}")
+    count = min(count, hi)
+    rng = np.random.default_rng([seed, step, 1])
+    rows = [np.sort(rng.choice(hi, size=count, replace=False)) + 1 for _ in range(batch)]
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+# -------------------------------------------------------------------------------------------------- block drafters
+def drafter_forward(drafter: Drafter, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor):
+    """Block hidden states h [b, A, B, d] for every anchor at once.
+
+    features [b, n, m*d]: target features of positions 0..n-1; tokens [b, >n]: the window; anchors [b, A]. The
+    block of anchor s sits at positions s..s+B-1; its queries see context positions < s and their own block."""
+    c = drafter.config
+    b, n, _ = features.shape
+    a, blk = anchors.shape[1], c.block_size
+    dev = features.device
+    ctx = drafter.hidden_norm(drafter.fc(features))
+    ctx_cos, ctx_sin = drafter.rotary_emb(torch.arange(n, device=dev)[None], ctx.dtype)
+    ids = torch.full((b, a, blk), c.mask_token_id, dtype=torch.long, device=dev)
+    ids[:, :, 0] = tokens.gather(1, anchors)
+    positions = (anchors[:, :, None] + torch.arange(blk, device=dev)).reshape(b, a * blk)
+    h = drafter.embed_tokens(ids.reshape(b, a * blk))
+    cos, sin = drafter.rotary_emb(positions, h.dtype)
+    # the training mask (spec §4.3): context key t visible to block j iff t < s_j; block keys only within a block
+    q_anchor = anchors.repeat_interleave(blk, dim=1)  # [b, A*B]
+    ctx_visible = torch.arange(n, device=dev)[None, None, :] < q_anchor[:, :, None]
+    block_id = torch.arange(a * blk, device=dev) // blk
+    own_block = (block_id[:, None] == block_id[None, :]).expand(b, -1, -1)
+    mask = torch.cat([ctx_visible, own_block], dim=-1)[:, None]  # [b, 1, A*B, n + A*B]
+    for layer in drafter.layers:
+        att = layer.self_attn
+        k_ctx, v_ctx = layer.context_kv(ctx, ctx_cos, ctx_sin)
+        q, k, v = att.project(layer.input_layernorm(h), cos, sin)
+        dt = v.dtype
+        keys = torch.cat([k_ctx.to(dt), k.to(dt)], dim=2)
+        values = torch.cat([v_ctx.to(dt), v], dim=2)
+        o = F.scaled_dot_product_attention(q.to(dt), keys, values, attn_mask=mask,
+                                           enable_gqa=att.c.num_kv_heads != att.c.num_heads)
+        h = h + att.o_proj(o.transpose(1, 2).reshape(b, a * blk, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return drafter.norm(h).reshape(b, a, blk, -1)
+
+
+def block_logits(drafter: Drafter, h: torch.Tensor, anchor_tokens: torch.Tensor, teacher: torch.Tensor | None = None):
+    """Markov-corrected logits L [..., B, V] fp32 and confidence logits [..., B] fp32 (None without a head).
+
+    h [..., B, d]; anchor_tokens [...]. The previous token of slot k is the anchor for k = 0, then ``teacher``
+    [..., B-1] (teacher forcing, training) or the argmax of L_{k-1} (greedy drafting). Same loop as
+    ``Drafter.propose``."""
+    c = drafter.config
+    base = drafter.lm_head(h).float()
+    if c.markov_rank == 0:
+        conf = drafter.confidence_head.proj(h).squeeze(-1).float() if c.enable_confidence_head else None
+        return base, conf
+    head = drafter.markov_head
+    prev = anchor_tokens
+    state = h.new_zeros(*h.shape[:-2], c.markov_rank) if head.kind == "rnn" else None
+    logits, confs = [], []
+    for k in range(c.block_size):
+        e = head.markov_w1(prev).to(h.dtype)
+        hk = h[..., k, :]
+        bias, state = head.step(e, hk, state)
+        lk = base[..., k, :] + bias.float()
+        logits.append(lk)
+        if c.enable_confidence_head:
+            feats = torch.cat([hk, e], dim=-1) if c.confidence_uses_markov else hk
+            confs.append(drafter.confidence_head.proj(feats).squeeze(-1).float())
+        if k + 1 < c.block_size:
+            prev = teacher[..., k] if teacher is not None else lk.argmax(-1)
+    return torch.stack(logits, -2), (torch.stack(confs, -1) if confs else None)
+
+
+def block_targets(tokens: torch.Tensor, anchors: torch.Tensor, block: int):
+    """Ground-truth tokens x_{s+1..s+B} [b, A, B] and the positions s..s+B-1 whose target logits match them."""
+    positions = anchors[:, :, None] + torch.arange(block, device=anchors.device)
+    b = tokens.shape[0]
+    truth = tokens.gather(1, (positions + 1).reshape(b, -1)).reshape(positions.shape)
+    return truth, positions
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [b, n, d] at positions [b, A, B] -> [b, A, B, d]."""
+    b, a, blk = positions.shape
+    idx = positions.reshape(b, -1, 1).expand(-1, -1, x.shape[-1])
+    return x.gather(1, idx).reshape(b, a, blk, -1)
+
+
+def block_loss(logits, conf, truth, target_logits, args: DraftArgs, method: str):
+    """(loss, parts): weighted means over slots, w_k = exp(-k / loss_decay), DeepSpec's normalisation."""
+    blk = logits.shape[-2]
+    w = torch.exp(-torch.arange(blk, dtype=torch.float32, device=logits.device) / args.loss_decay)
+    w = w.expand(truth.shape)
+    wsum = w.sum()
+    ce = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), truth.reshape(-1), reduction="none")
+          .reshape(truth.shape) * w).sum() / wsum
+    parts = {"ce": ce.item()}
+    if method == "dflash":
+        return ce, parts
+    l1 = (torch.softmax(logits, -1) - torch.softmax(target_logits.float(), -1)).abs().sum(-1)
+    tv = (l1 * w).sum() / wsum
+    loss = args.ce_weight * ce + args.tv_weight * tv
+    parts["tv"] = tv.item()
+    if conf is not None:
+        accept = (1 - 0.5 * l1.detach()).clamp(0, 1)
+        bce = (F.binary_cross_entropy_with_logits(conf, accept, reduction="none") * w).sum() / wsum
+        loss = loss + args.confidence_weight * bce
+        parts["conf"] = bce.item()
+    return loss, parts
+
+
+class BlockTask:
+    """A DSpark or DFlash drafter trained on the frozen target's features."""
+
+    def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs):
+        self.method, self.config, self.target, self.args = method, config, target, args
+        self.dconfig = DrafterConfig.from_hf(config, target.config)
+        self.taps = self.dconfig.target_layer_ids
+        self.model = self._init(args.seed)
+
+    def _init(self, seed: int) -> Drafter:
+        model = Drafter.random(self.dconfig, self.target.model.embed_tokens.weight, self.target.lm_head.weight,
+                               seed=seed, norm_noise=0.0)
+        if self.dconfig.markov_rank > 0:
+            with torch.no_grad():  # start with no Markov bias (L = U); W1 gets gradients once W2 moves
+                model.markov_head.markov_w2.weight.zero_()
+        return model.train()
+
+    def trainable_state(self) -> dict:
+        return {k: v for k, v in self.model.state_dict().items() if k not in FROZEN}
+
+    def load_trainable_state(self, state: dict) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != set(FROZEN):
+            raise DsparkError(f"train_state.pt does not match the drafter (missing {missing}, unexpected {unexpected})")
+
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * self.args.seq_len
+
+    def _forward(self, window: torch.Tensor, anchors: torch.Tensor):
+        n = window.shape[1] - 1
+        blk = self.dconfig.block_size
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                hidden, features = target_pass(self.target, window[:, :n], self.taps)
+                truth, positions = block_targets(window, anchors, blk)
+                target_logits = self.target.lm_head(gather_positions(hidden, positions)).float()
+            h = drafter_forward(self.model, features, window, anchors)
+        return h, truth, target_logits
+
+    def loss(self, step: int, train_tokens: np.ndarray):
+        a = self.args
+        x, y = batch_at(train_tokens, step, a)
+        window = torch.cat([x, y[:, -1:]], dim=1)
+        anchors = sample_anchors(a.seed, step, a.batch_size, a.seq_len, self.dconfig.block_size, a.anchors_per_seq)
+        h, truth, target_logits = self._forward(window, anchors)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, conf = block_logits(self.model, h, window.gather(1, anchors), truth[..., :-1])
+        return block_loss(logits, conf, truth, target_logits, a, self.method)
+
+    @torch.no_grad()
+    def evaluate(self, windows: torch.Tensor) -> dict:
+        a, blk = self.args, self.dconfig.block_size
+        was = self.model.training
+        self.model.eval()
+        n = windows.shape[1] - 1
+        anchors_all = sample_anchors(a.seed, 2**31, len(windows), n, blk, a.anchors_per_seq)
+        losses, taus, taus_t1, accept_k = [], [], [], []
+        for i in range(0, len(windows), a.batch_size):
+            window, anchors = windows[i:i + a.batch_size], anchors_all[i:i + a.batch_size]
+            h, truth, target_logits = self._forward(window, anchors)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                anchor_tokens = window.gather(1, anchors)
+                logits, conf = block_logits(self.model, h, anchor_tokens, truth[..., :-1])
+                greedy, _ = block_logits(self.model, h, anchor_tokens)
+            losses.append(block_loss(logits, conf, truth, target_logits, a, self.method)[0].item() * len(window))
+            hit = (greedy.argmax(-1) == target_logits.argmax(-1)).float().cumprod(-1)
+            taus.append((1 + hit.sum(-1)).reshape(-1))
+            accept_k.append(hit.reshape(-1, blk))
+            c = 1 - 0.5 * (torch.softmax(greedy, -1) - torch.softmax(target_logits, -1)).abs().sum(-1)
+            taus_t1.append((1 + c.clamp(0, 1).cumprod(-1).sum(-1)).reshape(-1))
+        self.model.train(was)
+        return {"heldout_loss": round(sum(losses) / len(windows), 4),
+                "tau": round(torch.cat(taus).mean().item(), 4),
+                "tau_t1": round(torch.cat(taus_t1).mean().item(), 4),
+                "accept_at_k": [round(v, 3) for v in torch.cat(accept_k).mean(0).tolist()]}
+
+    def save(self, output: Path, target_dir: Path) -> None:
+        # in the target's storage dtype, so the frozen embedding / LM head stay bit-identical to the target's
+        save_deepspec(output, self.config, copy.deepcopy(self.model).to(stored_dtype(target_dir)))
+
+
+# -------------------------------------------------------------------------------------------------- draft LM
+def kl_loss(target: DecoderLM, draft: DecoderLM, x: torch.Tensor) -> torch.Tensor:
+    """KL(target || draft) per token (mean over positions), fp32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            t_logits = train_forward(target, x)
+        d_logits = train_forward(draft, x)
+    t = F.log_softmax(t_logits.float(), -1)
+    d = F.log_softmax(d_logits.float(), -1)
+    return F.kl_div(d.reshape(-1, d.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True, reduction="batchmean")
+
+
+class DraftLMTask:
+    """A small Qwen3 DecoderLM distilled from the target."""
+
+    def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs):
+        self.method, self.config, self.target, self.args = method, config, target, args
+        self.model = init_model(config, args.seed).train()
+
+    def trainable_state(self) -> dict:
+        return self.model.state_dict()
+
+    def load_trainable_state(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * self.args.seq_len
+
+    def loss(self, step: int, train_tokens: np.ndarray):
+        x, _ = batch_at(train_tokens, step, self.args)
+        loss = kl_loss(self.target, self.model, x)
+        return loss, {"kl": loss.item()}
+
+    @torch.no_grad()
+    def evaluate(self, windows: torch.Tensor) -> dict:
+        a = self.args
+        was = self.model.training
+        self.model.eval()
+        losses, taus = [], []
+        for i in range(0, len(windows), a.batch_size):
+            x = windows[i:i + a.batch_size, :-1]
+            losses.append(kl_loss(self.target, self.model, x).item() * len(x))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hit = (train_forward(self.model, x).argmax(-1) == train_forward(self.target, x).argmax(-1)).float()
+            runs = hit.unfold(1, DRAFT_LM_TOKENS, 1).cumprod(-1).sum(-1)
+            taus.append((1 + runs).reshape(-1))
+        self.model.train(was)
+        return {"heldout_loss": round(sum(losses) / len(windows), 4), "tau": round(torch.cat(taus).mean().item(), 4)}
+
+    def save(self, output: Path, target_dir: Path) -> None:
+        export_hf(self.model, self.config, output, target_dir)  # also copies the target's tokenizer files
+        if (target_dir / "generation_config.json").is_file():
+            shutil.copyfile(target_dir / "generation_config.json", output / "generation_config.json")
+
+
+# -------------------------------------------------------------------------------------------------- configs
+def block_config(target_cfg: dict, method: str, block_size: int = 7, num_layers: int = 2,
+                 target_layers: list[int] | None = None, mask_token_id: int | None = None, markov_rank: int = 256,
+                 markov_head: str = "vanilla", num_anchors: int = 32) -> dict:
+    """The drafter's config.json (DeepSpec layout) for ``dspark`` (Markov head + confidence) or ``dflash``."""
+    if mask_token_id is None:
+        raise DsparkError("the target's tokenizer.json has no <|mask|> token; pass --mask-token-id")
+    if markov_head not in MARKOV_HEAD_TYPES:
+        raise DsparkError(f"--markov-head {markov_head!r}: choose one of {', '.join(MARKOV_HEAD_TYPES)}")
+    layers = target_layers or default_target_layers(target_cfg["num_hidden_layers"])
+    dspark = method == "dspark"
+    return deepspec_config(target_cfg, block_size, num_layers, layers, mask_token_id,
+                           markov_rank if dspark else 0, markov_head if dspark else None, confidence=dspark,
+                           num_anchors=num_anchors)
+
+
+def draft_lm_config(target_cfg: dict, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
+                    num_kv_heads: int = 2, head_dim: int = 64, intermediate_size: int = 768) -> dict:
+    """A Qwen3 config.json for a draft LM sharing the target's vocabulary, RoPE base and special ids."""
+    target = DecoderConfig.from_hf(target_cfg)
+    cfg = qwen3_config(vocab_size=target.vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                       num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       intermediate_size=intermediate_size,
+                       max_position_embeddings=target.max_position_embeddings,
+                       rope_theta=float(target.rope.get("rope_theta", 10000.0)))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in target_cfg:
+            cfg[key] = target_cfg[key]
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------------- loop
+def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, method: str, config: dict,
+                args: DraftArgs, *, minutes: float | None = None, steps: int | None = None,
+                threads: int | None = None, save_minutes: float = 5.0, eval_every: int = 100,
+                progress: bool = True, log=None) -> dict:
+    """Train (or resume) a drafter until ``steps`` total steps or ``minutes`` of wall time in this call.
+
+    ``config`` is the drafter's config.json (``block_config`` or ``draft_lm_config``). Without ``steps`` and
+    ``minutes``, trains to ``args.schedule_steps``. Writes the inference checkpoint into ``output`` at every save.
+    Returns the last log record."""
+    from tqdm import tqdm
+
+    if method not in METHODS:
+        raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    if threads:
+        torch.set_num_threads(threads)
+    target_dir, data, output = Path(target_dir), Path(data), Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    train_tokens = np.load(data / "train.npy", mmap_mode="r")
+    held_tokens = np.load(data / "heldout.npy", mmap_mode="r")
+    state_path, log_path = output / STATE_FILE, output / LOG_FILE
+    digest = target_digest(target_dir)
+
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
+    if state is not None:
+        if state["method"] != method or state["config"] != config:
+            raise DsparkError(f"{state_path} was trained with a different method or drafter config; use a new --output")
+        stored = DraftArgs(**state["args"])
+        if stored != args:
+            changed = {k: (v, getattr(args, k)) for k, v in dataclasses.asdict(stored).items() if getattr(args, k) != v}
+            log(f"resuming with the stored training settings; ignoring changed options {changed}")
+        args = stored
+        if state["target_digest"] != digest:
+            log(f"warning: the target weights in {target_dir} changed since this drafter started; "
+                "continuing against the current target")
+    target = load_target(target_dir)
+    vocab = target.config.vocab_size
+    if int(train_tokens.max()) >= vocab:
+        raise DsparkError(f"token ids in {data}/train.npy reach {int(train_tokens.max())}, beyond vocab_size {vocab}")
+    task = (DraftLMTask if method == "draft-lm" else BlockTask)(method, config, target, args)
+    model = task.model
+    optimizer = make_optimizer(model, args)
+    if state is not None:
+        task.load_trainable_state(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        records = [r for r in _read_log(log_path) if r["step"] <= step]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        log(f"resumed from {state_path} at step {step}")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
+        f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); threads {torch.get_num_threads()}; "
+        f"batch {args.batch_size}x{args.seq_len}"
+        + (f", {args.anchors_per_seq} anchors/seq x block {task.dconfig.block_size}" if method != "draft-lm" else ""))
+    windows = eval_windows(held_tokens, args)
+    target_steps = steps if steps is not None else (None if minutes is not None else args.schedule_steps)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    t_start = time.monotonic()
+    last_save = t_start
+    window_loss, window_steps, window_t, window_tokens = 0.0, 0, time.monotonic(), 0
+    window_parts: dict[str, float] = {}
+    record: dict = {}
+
+    def checkpoint():
+        nonlocal last_save
+        elapsed = elapsed_before + time.monotonic() - t_start
+        _atomic_save({"model": task.trainable_state(), "optimizer": optimizer.state_dict(), "step": step,
+                      "tokens": tokens_seen, "elapsed": elapsed, "method": method, "config": config,
+                      "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
+                      "target_digest": digest, "target_dir": str(target_dir)}, state_path)
+        task.save(output, target_dir)
+        last_save = time.monotonic()
+
+    def evaluate():
+        nonlocal window_loss, window_steps, window_t, window_tokens, window_parts, record
+        now = time.monotonic()
+        speed = round(window_tokens / max(now - window_t, 1e-9), 1)
+        metrics = task.evaluate(windows)
+        record = {"step": step, "tokens": tokens_seen,
+                  "train_loss": round(window_loss / window_steps, 4) if window_steps else None,
+                  **{f"train_{k}": round(v / window_steps, 4) for k, v in window_parts.items()},
+                  **metrics, "lr": lr_at(max(step - 1, 0), args), "tokens_per_s": speed,
+                  "elapsed": round(elapsed_before + time.monotonic() - t_start, 1)}
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(f"step {step}: train {record['train_loss']} held-out {record['heldout_loss']:.4f} "
+            f"tau {record['tau']:.3f} ({speed} tok/s)")
+        window_loss, window_steps, window_t, window_tokens, window_parts = 0.0, 0, time.monotonic(), 0, {}
+
+    model.train()
+    bar = tqdm(total=target_steps, initial=step, disable=not progress, dynamic_ncols=True, file=sys.stderr,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    try:
+        if step == 0:
+            evaluate()
+        while True:
+            if target_steps is not None and step >= target_steps:
+                break
+            if minutes is not None and time.monotonic() - t_start >= minutes * 60:
+                break
+            if stop["signal"] is not None:
+                log(f"signal {stop['signal']}: saving and stopping")
+                break
+            t0 = time.monotonic()
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, parts = task.loss(step, train_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+            optimizer.step()
+            step += 1
+            n_tokens = task.tokens_per_step()
+            tokens_seen += n_tokens
+            window_loss += loss.item()
+            window_steps += 1
+            window_tokens += n_tokens
+            for k, v in parts.items():
+                window_parts[k] = window_parts.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tau=record.get("tau"),
+                            tok_s=f"{n_tokens / (time.monotonic() - t0):.0f}", lr=f"{lr:.2e}", refresh=False)
+            if step % eval_every == 0:
+                evaluate()
+            if time.monotonic() - last_save >= save_minutes * 60:
+                if record.get("step") != step:
+                    evaluate()
+                checkpoint()
+        if record.get("step") != step:
+            evaluate()
+        checkpoint()
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return record
+
+
+def method_config(target_dir: str | Path, method: str, **options) -> dict:
+    """The drafter config.json for ``method`` from command-line style options (None = default)."""
+    target_cfg = read_config(target_dir)
+    given = {k: v for k, v in options.items() if v is not None}
+    if method == "draft-lm":
+        keys = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+        return draft_lm_config(target_cfg, **{k: given[k] for k in keys if k in given})
+    if method not in METHODS:
+        raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if "mask_token_id" not in given:
+        given["mask_token_id"] = read_mask_token_id(target_dir)
+    keys = ("block_size", "num_layers", "target_layers", "mask_token_id", "markov_rank", "markov_head", "num_anchors")
+    return block_config(target_cfg, method, **{k: given[k] for k in keys if k in given})

@@ -1,0 +1,160 @@
+"""Verify-length schedulers, calibration and continuous batching: lengths change, outputs never do."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from dspark.bundle import Bundle
+from dspark.runtime.calibration import ece, fit_sts
+from dspark.runtime.generate import Generator, Request
+from dspark.runtime.profile import profile_bundle, profile_key
+from dspark.runtime.sampling import SamplingParams, accept
+from dspark.runtime.schedulers import StepsPerSecond, block_cap, sps_lengths
+
+PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, [11, 12], list(range(1, 60)), [7, 7, 2], [9] * 13, [4, 8, 15, 16, 23, 42], [1]]
+
+
+def appendix_a_first_token(early_stop: bool, trials: int, seed: int = 0) -> float:
+    """Paper Appendix A: P(first output token = A) under the sps scheduler with or without the early stop."""
+    rng = np.random.default_rng(seed)
+    table = StepsPerSecond(rows=[1], widths=[1, 2, 3], steps_per_second=[[1.0, 0.5, 0.45]])
+    p_target = np.log(np.array([[0.7, 0.3], [0.5, 0.5], [0.5, 0.5]]))
+    q = np.array([0.5, 0.5])
+    params = SamplingParams(temperature=1.0)
+    hits = 0
+    for _ in range(trials):
+        drafts = [int(rng.random() < 0.5), int(rng.random() < 0.5)]  # token 0 is A
+        c2 = 0.9 if drafts[0] == 0 else 0.0  # the Markov confidence of position 2 reads the sampled x1
+        length = sps_lengths([np.array([0.8, c2])], [2], table, early_stop)[0]
+        n, token = accept(p_target, drafts[:length], np.stack([q, q])[:length], params, rng)
+        first = drafts[0] if n >= 1 else token
+        hits += first == 0
+    return hits / trials
+
+
+def test_appendix_a_early_stop_is_lossless_and_global_search_is_not():
+    trials = 20000
+    sigma = (0.7 * 0.3 / trials) ** 0.5
+    with_stop = appendix_a_first_token(True, trials)
+    without = appendix_a_first_token(False, trials)
+    assert abs(with_stop - 0.7) < 4 * sigma, with_stop
+    assert abs(without - 0.85) < 4 * (0.85 * 0.15 / trials) ** 0.5, without
+    assert without - 0.7 > 20 * sigma
+
+
+def test_sps_admits_by_survival_and_stops_at_first_drop():
+    flat = StepsPerSecond(rows=[1, 2], widths=[1, 8], steps_per_second=[[10.0, 10.0], [10.0, 10.0]])
+    # free verification: everything with positive survival is admitted
+    assert sps_lengths([np.array([0.9, 0.8, 0.5]), np.array([0.3, 0.9])], [3, 2], flat) == [3, 2]
+    steep = StepsPerSecond(rows=[1, 2], widths=[1, 2, 3], steps_per_second=[[10, 5, 3], [10, 5, 3]])
+    # any extra width halves throughput: nothing pays
+    assert sps_lengths([np.array([0.9, 0.9]), np.array([0.9])], [2, 1], steep) == [0, 0]
+
+
+def test_block_schedule():
+    schedule = {1: 5, 4: 2, 8: 0}
+    assert [block_cap(schedule, n, 5) for n in (1, 3, 4, 7, 8, 16)] == [5, 5, 2, 2, 0, 0]
+    assert block_cap(None, 9, 4) == 4
+
+
+def test_sts_recovers_known_miscalibration():
+    rng = np.random.default_rng(0)
+    rounds, block = 6000, 4
+    true = rng.uniform(0.05, 0.95, (rounds, block))
+    logits = 3.0 * np.log(true / (1 - true))  # over-confident by a temperature of 3 at every position
+    survive = (rng.random((rounds, block)) < true).cumprod(axis=1)
+    accepted = survive.sum(axis=1)
+    fit = fit_sts(logits[: rounds // 2], accepted[: rounds // 2])
+    temps = np.asarray(fit["sts_temperatures"])
+    # position 1 is identified exactly; later ones only through the product's ECE, so only their direction is
+    assert abs(temps[0] - 3.0) < 0.3 and np.all(temps > 1.5), temps
+    held_logits, held_acc = logits[rounds // 2 :], accepted[rounds // 2 :]
+    for k in range(block):
+        labels = (held_acc >= k + 1).astype(float)
+        raw = np.prod(1 / (1 + np.exp(-held_logits[:, : k + 1])), axis=1)
+        fitted = np.prod(1 / (1 + np.exp(-held_logits[:, : k + 1] / temps[: k + 1])), axis=1)
+        assert ece(fitted, labels) < 0.5 * ece(raw, labels)
+        assert fit["ece_after"][k] < fit["ece_before"][k]
+
+
+@pytest.fixture(scope="module")
+def profiled(dspark_bundle, tmp_path_factory):
+    copy = tmp_path_factory.mktemp("profiled") / "bundle"
+    shutil.copytree(dspark_bundle, copy)
+    table = profile_bundle(copy, repeats=3, warmup=1, context=32, progress=False)
+    assert table["rows"] == [1, 2, 4, 8] and table["widths"] == [1, 2, 3, 4, 5, 6]
+    assert Bundle.open(copy).read_json(profile_key("ort")) == table  # recorded in the manifest, hash verified
+    return copy
+
+
+@pytest.mark.parametrize("scheduler", ["fixed", "threshold", "sps"])
+def test_greedy_output_is_unchanged_by_scheduler(profiled, scheduler):
+    plain = Generator(profiled, use_draft=False)
+    requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (20, 33, 7, 25, 18, 30, 12, 9))]
+    want = [s.generated for s in plain.generate(requests)]
+    gen = Generator(profiled, scheduler=scheduler, threshold=0.6)
+    got = gen.generate(requests, trace=True)
+    assert [s.generated for s in got] == want
+    assert gen.scheduler.stats.fallbacks == {}
+    verified = [r["verify_length"] for s in got for r in s.trace]
+    drafted = [len(r["draft_tokens"]) for s in got for r in s.trace]
+    if scheduler == "fixed":
+        assert verified == drafted
+    else:  # confidence-driven schedulers verify less than the block on this random drafter
+        assert sum(verified) < sum(drafted)
+
+
+def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle):
+    req = Request(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
+    gen = Generator(dspark_bundle, scheduler="sps")  # this bundle has no profile
+    assert gen.generate([req])[0].generated == Generator(dspark_bundle, use_draft=False).generate([req])[0].generated
+    assert sum(gen.scheduler.stats.fallbacks.values()) > 0
+    lm = Generator(qwen3_bundle, scheduler="threshold")  # a draft LM has no confidence head
+    lm.generate([req])
+    assert "the drafter has no confidence head" in lm.scheduler.stats.fallbacks
+
+
+def test_zero_block_length_means_plain_decoding(dspark_bundle):
+    gen = Generator(dspark_bundle, block_schedule={1: 5, 2: 0})
+    requests = [Request(p, max_new_tokens=15, ignore_eos=True) for p in PROMPTS[:3]]
+    got = gen.generate(requests)
+    plain = Generator(dspark_bundle, use_draft=False).generate(requests)
+    assert [s.generated for s in got] == [s.generated for s in plain]
+    assert all(v == 0 for s in got for v in s.verified[:5])  # three rows at once: the schedule turns drafting off
+
+
+def test_continuous_batching_equals_each_request_alone(dspark_bundle):
+    alone = Generator(dspark_bundle)
+    params = [SamplingParams(), SamplingParams(0.8, top_p=0.9)]
+    requests = [Request(p, max_new_tokens=10 + 3 * i, sampling=params[i % 2], seed=i, ignore_eos=True)
+                for i, p in enumerate(PROMPTS)]
+    want = [alone.generate([r])[0].generated for r in requests]
+    gen = Generator(dspark_bundle, max_batch=3)
+    seqs = [gen.submit(r) for r in requests[:2]]
+    gen.step()
+    gen.step()
+    seqs += [gen.submit(r) for r in requests[2:5]]
+    gen.step()
+    seqs += [gen.submit(r) for r in requests[5:]]
+    peak = 0
+    while gen.has_work():
+        gen.step()
+        peak = max(peak, len(gen.running))
+    assert peak == 3
+    assert [s.generated for s in seqs] == want
+
+
+def test_cancel_frees_the_row(dspark_bundle):
+    gen = Generator(dspark_bundle, max_batch=1)
+    first = gen.submit(Request(PROMPTS[1], max_new_tokens=200, ignore_eos=True))
+    second = gen.submit(Request(PROMPTS[0], max_new_tokens=5, ignore_eos=True))
+    gen.step()
+    assert gen.running == [first]
+    gen.cancel(first)
+    while gen.has_work():
+        gen.step()
+    assert first.finish_reason == "cancelled" and first.done_event.is_set()
+    assert second.finish_reason == "length" and len(second.generated) == 5

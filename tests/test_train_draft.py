@@ -1,0 +1,198 @@
+"""Drafter training (train-draft): the training forward equals the inference graphs, each kind trains, exports,
+runs losslessly and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, hf_model, save_hf
+from dspark.bundle import Bundle
+from dspark.export.bundle import ExportOptions, export_bundle, load_draft
+from dspark.graphs.decoder import DecoderLM
+from dspark.graphs.drafter import Drafter
+from dspark.runtime.generate import Generator, Request
+from dspark.train.draft import (
+    BlockTask,
+    DraftArgs,
+    block_logits,
+    default_target_layers,
+    drafter_forward,
+    method_config,
+    read_mask_token_id,
+    target_pass,
+    train_draft,
+)
+
+torch.set_num_threads(1)
+BLOCK = 4
+TAPS = [0, 1]
+ARGS = DraftArgs(seed=3, batch_size=4, seq_len=48, lr=3e-3, warmup_steps=3, schedule_steps=40, eval_windows=4,
+                 anchors_per_seq=8)
+QUIET = dict(progress=False, log=lambda _: None, eval_every=10)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Qwen3 target (sharp logits) and token arrays sampled from it, so there is something to learn."""
+    root = tmp_path_factory.mktemp("draft")
+    model = hf_model("qwen3", VOCAB, seed=1)
+    target_dir = save_hf(model, root / "target", VOCAB)
+    target = DecoderLM.from_pretrained(target_dir)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(2, VOCAB, (24, 4), generator=gen)]
+    with torch.no_grad():
+        for _ in range(60):  # sampled continuations at T=1
+            logits = target(torch.cat(rows, 1))[:, -1]
+            rows.append(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+    seqs = torch.cat(rows, 1).numpy().astype(np.uint16)
+    data = root / "data"
+    data.mkdir()
+    np.save(data / "train.npy", seqs[:20].reshape(-1))
+    np.save(data / "heldout.npy", seqs[20:].reshape(-1))
+    return target_dir, data, target
+
+
+def config_for(target_dir, method, **kw):
+    opts = dict(block_size=BLOCK, num_layers=2, target_layers=TAPS, mask_token_id=VOCAB - 1, markov_rank=8)
+    opts.update(kw)
+    return method_config(target_dir, method, **opts)
+
+
+def test_mask_token_and_default_layers(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        {"id": 0, "content": "<|endoftext|>"}, {"id": 1, "content": "<|mask|>"}]}))
+    assert read_mask_token_id(tmp_path) == 1
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 0, "content": "<eos>"}]}))
+    assert read_mask_token_id(tmp_path) is None
+    assert default_target_layers(36) == [1, 9, 17, 25, 33]
+    assert default_target_layers(8) == [1, 3, 5]
+    assert default_target_layers(3) == [0, 1]
+
+
+def test_mask_token_required(setup):
+    target_dir, _, _ = setup
+    with pytest.raises(Exception, match="mask-token-id"):
+        method_config(target_dir, "dspark", block_size=BLOCK)  # the word tokenizer has no <|mask|>
+
+
+def test_target_pass_matches_step(setup):
+    target_dir, _, _ = setup
+    tapped = DecoderLM.from_pretrained(target_dir, tap_layers=TAPS)
+    x = torch.randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        hidden, feats = target_pass(tapped, x, tuple(TAPS))
+        pk, pv = tapped.empty_cache(2)
+        logits, _, _, ref = tapped.step(x, torch.arange(19).expand(2, 19), torch.zeros(2, dtype=torch.long), pk, pv)
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tapped.lm_head(hidden), logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,head", [("dspark", "vanilla"), ("dspark", "gated"), ("dspark", "rnn"),
+                                         ("dflash", "vanilla")])
+def test_training_forward_equals_inference(setup, method, head):
+    """All anchors of a sequence in one masked forward == context_kv + propose for each anchor alone."""
+    target_dir, _, target = setup
+    task = BlockTask(method, config_for(target_dir, method, markov_head=head), target, ARGS)
+    drafter = task.model.eval()
+    with torch.no_grad():
+        if method == "dspark":  # a non-zero Markov bias, so teacher forcing is exercised
+            drafter.markov_head.markov_w2.weight.normal_()
+        x = torch.randint(0, VOCAB, (2, 30))
+        _, feats = target_pass(target, x, tuple(TAPS))
+        anchors = torch.tensor([[1, 6, 20], [3, 4, 25]])  # overlapping blocks too
+        h = drafter_forward(drafter, feats, x, anchors)
+        for b in range(2):
+            for j in range(3):
+                s = int(anchors[b, j])
+                k, v = drafter.context_kv(feats[b:b + 1, :s], torch.arange(s)[None])
+                anchor, at = x[b:b + 1, s], torch.tensor([s])
+                torch.testing.assert_close(h[b:b + 1, j], drafter.block_hidden(anchor, at, at, k, v), atol=1e-5, rtol=1e-5)
+                tokens, q, conf = drafter.propose(anchor, at, at, k, v, torch.zeros(1), torch.zeros(1, BLOCK))
+                # teacher-forced with the drafted tokens: the training logits are the inference logits
+                logits, z = block_logits(drafter, h[b:b + 1, j], anchor, tokens[:, :-1])
+                torch.testing.assert_close(torch.softmax(logits, -1), q, atol=1e-5, rtol=1e-5)
+                if z is not None:
+                    torch.testing.assert_close(z, conf, atol=1e-5, rtol=1e-5)
+                greedy, _ = block_logits(drafter, h[b:b + 1, j], anchor)
+                assert torch.equal(greedy.argmax(-1), tokens)
+
+
+@pytest.mark.parametrize("method", ["dspark", "dflash", "draft-lm"])
+def test_train_and_checkpoint(setup, tmp_path, method):
+    """Each kind trains (held-out loss falls) and its checkpoint loads the way export loads it, holding the
+    trained weights."""
+    target_dir, data, target = setup
+    out = train_kind(setup, tmp_path, method)
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 10, 20, 30]
+    assert log[-1]["heldout_loss"] < 0.8 * log[0]["heldout_loss"], log
+    assert log[-1]["tau"] >= 1.0
+    found, config = load_draft(out, target_dir, target.config)
+    assert found == method
+    state = torch.load(out / "train_state.pt", weights_only=False)["model"]
+    if method == "draft-lm":
+        loaded = DecoderLM.from_pretrained(out)
+        for name in ("tokenizer.json", "generation_config.json"):
+            assert (out / name).read_bytes() == (target_dir / name).read_bytes()
+    else:
+        loaded = Drafter.from_pretrained(out, target.config)
+        assert config.block_size == BLOCK and config.target_layer_ids == tuple(TAPS)
+        assert config.markov_rank == (8 if method == "dspark" else 0)
+        assert config.enable_confidence_head == (method == "dspark")
+        assert torch.equal(loaded.lm_head.weight, target.lm_head.weight)  # the frozen copies
+    dtype = torch.float16 if method == "draft-lm" else torch.float32  # block drafters: the target's dtype
+    for name, tensor in state.items():
+        assert torch.equal(loaded.state_dict()[name], tensor.to(dtype).float()), name
+
+
+@pytest.mark.parametrize("method", ["dspark"])  # ~30 s per export; dflash/draft-lm export: test_block_drafters, test_speculative
+def test_trained_drafter_exports_and_is_lossless(setup, tmp_path, method):
+    target_dir, _, _ = setup
+    out = train_kind(setup, tmp_path, method)
+    bundle = tmp_path / "bundle"
+    export_bundle(target_dir, bundle, out, ExportOptions(max_batch=2, max_context=128, prefill_chunk=32,
+                                                         num_draft_tokens=3), progress=False)
+    assert Bundle.open(bundle).draft["method"] == method
+    spec, plain = Generator(bundle), Generator(bundle, use_draft=False)
+    for prompt in ([5, 6, 7, 8, 9], list(range(2, 40))):
+        req = Request(prompt, max_new_tokens=8, ignore_eos=True)
+        drafted = spec.generate([req])[0]
+        assert drafted.generated == plain.generate([req])[0].generated
+        assert drafted.accepted  # speculative rounds ran
+
+
+def train_kind(setup, tmp_path, method):
+    target_dir, data, _ = setup
+    if method == "draft-lm":
+        config = method_config(target_dir, method, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                               head_dim=8, intermediate_size=64)
+    else:
+        config = config_for(target_dir, method)
+    out = tmp_path / "draft"
+    rec = train_draft(target_dir, data, out, method, config, ARGS, steps=30, threads=1, **QUIET)
+    assert rec["step"] == 30
+    return out
+
+
+def test_resume_continues(setup, tmp_path):
+    target_dir, data, _ = setup
+    config = config_for(target_dir, "dspark")
+    out = tmp_path / "resumed"
+    train_draft(target_dir, data, out, "dspark", config, ARGS, steps=6, **QUIET)
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 6
+    rec = train_draft(target_dir, data, out, "dspark", config, ARGS, steps=10, **QUIET)
+    assert rec["step"] == 10
+    resumed = torch.load(out / "train_state.pt", weights_only=False)
+    assert resumed["step"] == 10 and resumed["tokens"] == 10 * ARGS.batch_size * ARGS.seq_len
+    assert "embed_tokens.weight" not in resumed["model"]  # frozen target copies are not in the state
+    straight = tmp_path / "straight"
+    train_draft(target_dir, data, straight, "dspark", config, ARGS, steps=10, **QUIET)
+    ref = torch.load(straight / "train_state.pt", weights_only=False)
+    for name, tensor in ref["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, atol=1e-6, rtol=1e-5)
+    with pytest.raises(Exception, match="different method or drafter config"):
+        train_draft(target_dir, data, out, "dflash", config_for(target_dir, "dflash"), ARGS, steps=12, **QUIET)
