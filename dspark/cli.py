@@ -29,6 +29,16 @@ def main():
     """Export target and draft models to ONNX bundles and run lossless speculative decoding over them."""
 
 
+def _register_training_commands() -> None:
+    from dspark.train.commands import train_draft_command, train_target_command, train_tokenizer_command
+
+    for command in (train_tokenizer_command, train_target_command, train_draft_command):
+        main.add_command(command)
+
+
+_register_training_commands()
+
+
 @main.command()
 @click.argument("target_dir", type=click.Path(path_type=Path))
 @click.option("--draft", "draft_dir", type=click.Path(path_type=Path), help="Draft checkpoint folder: a small LM with the target's tokenizer.")
@@ -55,51 +65,108 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
                f"{manifest['export_seconds']} s")
 
 
+def parse_block_schedule(_ctx, _param, value):
+    """'1:7,4:4,16:0' -> {1: 7, 4: 4, 16: 0}."""
+    if not value:
+        return None
+    try:
+        return {int(k): int(v) for k, v in (item.split(":") for item in value.split(","))}
+    except ValueError:
+        raise click.BadParameter("use BATCH:LENGTH pairs separated by commas, for example 1:7,4:4,16:0") from None
+
+
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--max-new-tokens", default=128, show_default=True, help="Most tokens to generate.")
+@click.option("--prompt", help="Prompt text.")
+@click.option("--prompts-file", type=click.Path(path_type=Path),
+              help="Many prompts, run together with continuous batching: one per line, or JSON lines with a 'prompt' field.")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Most tokens to generate per prompt.")
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 disables it).")
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0 disables it).")
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling; the same seed gives the same output.")
-@click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's).")
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
+@click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's; at most the block for DSpark).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
+@click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
+              help="How many draft tokens to verify: all, up to the first confidence below --threshold, or paper Algorithm 1 over the profiled table.")
+@click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
+@click.option("--block-schedule", callback=parse_block_schedule,
+              help="Draft length by number of running requests, e.g. 1:7,4:4,16:0 (0 turns speculation off).")
+@click.option("--max-batch", type=int, help="Most requests running at once (default and ceiling: the bundle's).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not included in the output.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, stats) instead of streaming text.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt (text, token_ids, finish_reason, stats), in input order.")
 @click.option("--trace", type=click.Path(path_type=Path), help="Write one JSON line per speculative round to this file.")
-def generate(bundle_dir, prompt, max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, no_draft, ignore_eos,
-             stop, threads, as_json, trace):
-    """Generate a completion of --prompt with the bundle in BUNDLE_DIR."""
+def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, no_draft,
+             scheduler, threshold, block_schedule, max_batch, ignore_eos, stop, threads, as_json, trace):
+    """Generate completions of --prompt (streamed) or of every prompt in --prompts-file with BUNDLE_DIR."""
+    from dspark.runtime.calibration import read_prompts
     from dspark.runtime.generate import Generator, Request
     from dspark.runtime.sampling import SamplingParams
 
-    generator = Generator(bundle_dir, threads=threads, use_draft=not no_draft, num_draft_tokens=num_draft_tokens)
-    request = Request(
-        prompt_ids=generator.tokenizer.encode(prompt),
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(temperature, top_p, top_k),
-        seed=seed,
-        stop=tuple(stop),
-        ignore_eos=ignore_eos,
-    )
-    stream = None if as_json else (lambda _i, delta: click.echo(delta, nl=False))
-    seq = generator.generate([request], trace=trace is not None, on_text=stream)[0]
-    stats = seq.stats()
+    if (prompt is None) == (prompts_file is None):
+        raise DsparkError("give exactly one of --prompt and --prompts-file")
+    texts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    generator = Generator(bundle_dir, threads=threads, use_draft=not no_draft, num_draft_tokens=num_draft_tokens,
+                          scheduler=scheduler, threshold=threshold, block_schedule=block_schedule, max_batch=max_batch)
+    sampling = SamplingParams(temperature, top_p, top_k)
+    requests = [Request(generator.tokenizer.encode(t), max_new_tokens, sampling, seed + i, tuple(stop), ignore_eos)
+                for i, t in enumerate(texts)]
+    stream = None if as_json or len(texts) > 1 else (lambda _i, delta: click.echo(delta, nl=False))
+    seqs = generator.generate(requests, trace=trace is not None, on_text=stream)
     if trace is not None:
-        trace.write_text("".join(json.dumps(r) + "\n" for r in seq.trace))
-    if as_json:
-        click.echo(json.dumps({"text": seq.text, "token_ids": seq.generated, "finish_reason": seq.finish_reason, "stats": stats}))
-    else:
+        rows = [dict(r, prompt=i) if len(seqs) > 1 else r for i, s in enumerate(seqs) for r in s.trace]
+        trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seq in seqs:
+        stats = seq.stats()
+        if as_json:
+            click.echo(json.dumps({"text": seq.text, "token_ids": seq.generated, "finish_reason": seq.finish_reason,
+                                   "stats": stats}))
+            continue
+        if len(seqs) > 1:
+            click.echo(seq.text, nl=False)
         click.echo()
         tau = stats["mean_accepted_length"]
-        click.echo(
-            f"[{stats['generated_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s, "
-            f"{stats['rounds']} rounds, mean accepted length {tau:.2f}, {seq.finish_reason}]",
-            err=True,
-        )
+        click.echo(f"[{stats['generated_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s, {stats['rounds']} rounds, "
+                   f"mean accepted length {tau:.2f}, {seq.finish_reason}]", err=True)
+    if len(seqs) > 1 and not as_json:
+        click.echo(f"[scheduler: {json.dumps(generator.metrics())}]", err=True)
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--context", default=256, show_default=True, help="Cache entries per row while timing (a typical context length).")
+@click.option("--repeats", default=20, show_default=True, help="Timed calls per (rows, width) pair; the median is kept.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed calls per pair first.")
+def profile(bundle_dir, threads, context, repeats, warmup):
+    """Measure target verify steps/s by rows and new tokens on this machine; store the table in BUNDLE_DIR."""
+    from dspark.runtime.profile import profile_bundle
+
+    table = profile_bundle(bundle_dir, threads=threads, context=context, repeats=repeats, warmup=warmup)
+    click.echo(f"steps/s on {table['device']} (rows x new tokens, context {table['context']}):")
+    click.echo("rows " + "".join(f"{w:>9d}" for w in table["widths"]))
+    for r, row in zip(table["rows"], table["steps_per_second"]):
+        click.echo(f"{r:4d} " + "".join(f"{v:9.1f}" for v in row))
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Held-out prompts: one per line or JSON lines with 'prompt'.")
+@click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature the calibration is for (labels depend on it).")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed+i).")
+def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
+    """Fit Sequential Temperature Scaling of the confidence head on --data; store it in BUNDLE_DIR."""
+    from dspark.runtime.calibration import calibrate_bundle, read_prompts
+
+    report = calibrate_bundle(bundle_dir, read_prompts(data), temperature, max_new_tokens, threads, seed)
+    click.echo(f"{report['rounds']} full-block rounds from {report['prompts']} prompts at T={temperature}")
+    click.echo("position  temperature  ECE before  ECE after")
+    for k, (t, b, a) in enumerate(zip(report["sts_temperatures"], report["ece_before"], report["ece_after"]), start=1):
+        click.echo(f"{k:8d}  {t:11.3f}  {b:10.4f}  {a:9.4f}")
 
 
 @main.command()

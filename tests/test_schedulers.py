@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -158,3 +159,37 @@ def test_cancel_frees_the_row(dspark_bundle):
         gen.step()
     assert first.finish_reason == "cancelled" and first.done_event.is_set()
     assert second.finish_reason == "length" and len(second.generated) == 5
+
+
+def test_cli_prompts_file_profile_and_calibrate(dspark_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(dspark_bundle, bundle)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('w5 w6 w7\n{"prompt": "w3 w3 w3 w3"}\n\nw11 w12\n')
+    runner = CliRunner()
+    result = runner.invoke(main, ["generate", str(bundle), "--prompts-file", str(prompts), "--max-new-tokens", "9",
+                                  "--ignore-eos", "--json", "--scheduler", "threshold", "--max-batch", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    for line, text in zip(lines, ["w5 w6 w7", "w3 w3 w3 w3", "w11 w12"]):
+        single = runner.invoke(main, ["generate", str(bundle), "--prompt", text, "--max-new-tokens", "9", "--ignore-eos",
+                                      "--json", "--no-draft"])
+        assert json.loads(single.output.strip().splitlines()[-1])["token_ids"] == line["token_ids"]
+        assert set(line) == {"text", "token_ids", "finish_reason", "stats"}
+    assert len(lines) == 3
+
+    result = runner.invoke(main, ["profile", str(bundle), "--repeats", "2", "--warmup", "1", "--context", "16"])
+    assert result.exit_code == 0, result.output
+    assert "steps/s" in result.output
+    result = runner.invoke(main, ["calibrate", str(bundle), "--data", str(prompts), "--max-new-tokens", "40"])
+    assert result.exit_code == 0, result.output
+    data = Bundle.open(bundle).read_json("calibration.json")
+    assert len(data["sts_temperatures"]) == 5 and data["rounds"] > 0
+    # the calibrated, profiled bundle still decodes losslessly under sps
+    result = runner.invoke(main, ["generate", str(bundle), "--prompt", "w5 w6 w7", "--max-new-tokens", "9",
+                                  "--ignore-eos", "--json", "--scheduler", "sps"])
+    assert json.loads(result.output.strip().splitlines()[-1])["token_ids"] == lines[0]["token_ids"]
