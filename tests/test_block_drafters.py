@@ -111,3 +111,23 @@ def test_drafter_for_another_target_is_refused(qwen3_pair, tmp_path):
     with pytest.raises(DsparkError, match="target_layer_ids"):
         export_bundle(target_dir, tmp_path / "b", draft_dir, progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_drafter_without_frozen_copies_loads_beside_its_target(qwen3_pair, tmp_path):
+    import torch
+
+    from dspark.graphs.decoder import DecoderConfig
+    from dspark.graphs.drafter import Drafter, save_deepspec
+
+    target, target_dir, _ = qwen3_pair
+    full_dir = make_drafter(target, target_dir, tmp_path / "full", "gated")
+    target_config = DecoderConfig.from_hf(json.loads((target_dir / "config.json").read_text()))
+    full = Drafter.from_pretrained(full_dir, target_config)
+    slim_dir = save_deepspec(tmp_path / "slim", json.loads((full_dir / "config.json").read_text()), full,
+                             frozen_copies=False)
+    assert (slim_dir / "model.safetensors").stat().st_size < (full_dir / "model.safetensors").stat().st_size
+    with pytest.raises(DsparkError, match="embed_tokens.weight"):
+        Drafter.from_pretrained(slim_dir, target_config)
+    slim = Drafter.from_pretrained(slim_dir, target_config, target_dir=target_dir)
+    for (name, a), (_, b) in zip(full.state_dict().items(), slim.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -172,10 +172,10 @@ def load_draft(draft_dir: Path, target_dir: Path, target_config: DecoderConfig):
     return method, config
 
 
-def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_config: DecoderConfig, out: Path,
-                          options: ExportOptions, dtype) -> dict:
+def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Path, target_config: DecoderConfig,
+                          out: Path, options: ExportOptions, dtype) -> dict:
     """draft_context and draft_propose graph entries for a DSpark/DFlash drafter."""
-    drafter = Drafter.from_pretrained(draft_dir, target_config, dtype=dtype)
+    drafter = Drafter.from_pretrained(draft_dir, target_config, dtype=dtype, target_dir=target_dir)
     specs = export_drafter(drafter, out)
     batch = [1, 1, options.max_batch]
     context_max = max(options.prefill_chunk, config.block_size + 1)
@@ -236,7 +236,8 @@ def export_bundle(
         if method:
             bar.set_postfix_str("draft graphs")
             if block:
-                draft_graphs = export_drafter_graphs(Path(draft_dir), draft_config, target_config, tmp, options, dtype)
+                draft_graphs = export_drafter_graphs(Path(draft_dir), draft_config, target_dir, target_config, tmp, options,
+                                                     dtype)
                 shared = share_identical_tensors(tmp, "target.onnx", [g["file"] for g in draft_graphs.values()])
             else:
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)

@@ -34,6 +34,7 @@ from dspark.graphs.decoder import (
 )
 
 ARCHITECTURE = "Qwen3DSparkModel"
+FROZEN = ("embed_tokens.weight", "lm_head.weight")  # frozen copies of the target's tensors
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
@@ -290,7 +291,10 @@ class Drafter(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, folder: str | Path, target: DecoderConfig, dtype: torch.dtype = torch.float32) -> "Drafter":
+    def from_pretrained(cls, folder: str | Path, target: DecoderConfig, dtype: torch.dtype = torch.float32,
+                        target_dir: str | Path | None = None) -> "Drafter":
+        """Load by tensor name. A checkpoint saved without the frozen embedding / LM head copies takes them from
+        the target checkpoint in ``target_dir`` (they are the target's tensors by construction, spec §2.4)."""
         folder = Path(folder)
         config = DrafterConfig.from_hf(read_config(folder), target, where=f"{folder}/config.json")
         with torch.device("meta"):
@@ -298,7 +302,16 @@ class Drafter(nn.Module):
         model = model.to_empty(device="cpu").to(dtype)
         model.rotary_emb.inv_freq = inverse_frequencies(config.rope, config.head_dim)
         reader = WeightReader(folder)
-        load_module_weights(model, reader)
+        aliased = tuple(name for name in FROZEN if name not in reader)
+        if aliased:
+            if target_dir is None:
+                raise DsparkError(f"{folder}: tensor '{aliased[0]}' is missing from the checkpoint")
+            target_reader = WeightReader(target_dir)
+            with torch.no_grad():
+                model.embed_tokens.weight.copy_(target_reader.get("model.embed_tokens.weight"))
+                head = "lm_head.weight" if "lm_head.weight" in target_reader else "model.embed_tokens.weight"
+                model.lm_head.weight.copy_(target_reader.get(head))
+        load_module_weights(model, reader, skip=aliased)
         extra = [n for n in reader.unused() if not n.endswith("rotary_emb.inv_freq")]
         if extra:
             raise DsparkError(
@@ -400,9 +413,14 @@ class Drafter(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------- files
-def save_deepspec(folder: str | Path, config: dict, drafter: Drafter) -> Path:
-    """Write a DeepSpec-layout checkpoint (config.json + model.safetensors, DeepSpec tensor names)."""
-    save_checkpoint(folder, config, dict(drafter.state_dict()))
+def save_deepspec(folder: str | Path, config: dict, drafter: Drafter, frozen_copies: bool = True) -> Path:
+    """Write a DeepSpec-layout checkpoint (config.json + model.safetensors, DeepSpec tensor names).
+
+    Without ``frozen_copies`` the target's embedding and LM head are left out (DeepSpec writes copies); such a
+    checkpoint loads only beside its target, which supplies them.
+    """
+    tensors = {k: v for k, v in drafter.state_dict().items() if frozen_copies or k not in FROZEN}
+    save_checkpoint(folder, config, tensors)
     return Path(folder)
 
 

@@ -138,11 +138,14 @@ def _layer_list(_ctx, _param, value):
 @click.option("--eval-windows", default=16, show_default=True, help="Number of fixed held-out windows evaluated.")
 @click.option("--save-minutes", default=5.0, show_default=True,
               help="Checkpoint interval in minutes (also saved at the end and on SIGTERM/SIGINT).")
+@click.option("--frozen-copies/--no-frozen-copies", default=True, show_default=True,
+              help="dspark/dflash: store copies of the target's embedding and LM head in the checkpoint, as DeepSpec "
+                   "does; without them the drafter loads only beside its target (smaller files).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
                         warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
                         target_layers, mask_token_id, anchors_per_seq, hidden_size, heads, kv_heads, head_dim,
-                        intermediate_size, eval_every, eval_windows, save_minutes, no_progress):
+                        intermediate_size, eval_every, eval_windows, save_minutes, frozen_copies, no_progress):
     """Train a drafter for the frozen target in TARGET_DIR (resuming from OUTPUT/train_state.pt when present)."""
     from dspark.train.draft import DraftArgs, method_config, train_draft
 
@@ -154,7 +157,8 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
                            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                            intermediate_size=intermediate_size)
     args = DraftArgs(seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
-                     schedule_steps=schedule_steps, eval_windows=eval_windows, anchors_per_seq=anchors_per_seq)
+                     schedule_steps=schedule_steps, eval_windows=eval_windows, anchors_per_seq=anchors_per_seq,
+                     frozen_copies=frozen_copies)
     record = train_draft(target_dir, data, output, method, config, args, minutes=minutes, steps=steps,
                          threads=threads, save_minutes=save_minutes, eval_every=eval_every,
                          progress=not no_progress)

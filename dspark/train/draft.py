@@ -87,6 +87,7 @@ class DraftArgs(TrainArgs):
     tv_weight: float = 0.9
     confidence_weight: float = 1.0
     loss_decay: float = 4.0
+    frozen_copies: bool = True  # save the target's embedding / LM head in the drafter (DeepSpec does)
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -350,7 +351,8 @@ class BlockTask:
 
     def save(self, output: Path, target_dir: Path) -> None:
         # in the target's storage dtype, so the frozen embedding / LM head stay bit-identical to the target's
-        save_deepspec(output, self.config, copy.deepcopy(self.model).to(stored_dtype(target_dir)))
+        save_deepspec(output, self.config, copy.deepcopy(self.model).to(stored_dtype(target_dir)),
+                      frozen_copies=self.args.frozen_copies)
 
 
 # -------------------------------------------------------------------------------------------------- draft LM
