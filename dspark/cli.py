@@ -170,6 +170,33 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
 
 
 @main.command()
+@click.option("--prompt", default="def ", show_default=True, help="Prompt text for the shipped Python-code model.")
+@click.option("--draft", type=click.Choice(["dspark", "draft-lm"]), default="dspark", show_default=True,
+              help="Which shipped drafter to pair with the target.")
+@click.option("--max-new-tokens", default=96, show_default=True, help="Tokens to generate.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+def demo(prompt, draft, max_new_tokens, threads):
+    """Export the shipped demo pair (cached), then decode --prompt plainly and speculatively, side by side."""
+    from dspark.demo import run_demo
+
+    r = run_demo(prompt, draft, max_new_tokens, threads, log=lambda m: click.echo(m, err=True))
+    spec = r["speculative"]
+    click.echo(prompt + spec["text"])
+    click.echo("-" * 60)
+    for name in ("plain", "speculative"):
+        x = r[name]
+        click.echo(f"{name:12s} {x['tokens']:4d} tokens in {x['seconds']:.2f} s = {x['tokens_per_second']:7.1f} tok/s")
+    stats = spec["stats"]
+    click.echo(f"speed-up {r['speedup']:.2f}x; identical output: {r['identical']}; rounds {stats['rounds']}; "
+               f"mean accepted length {stats['mean_accepted_length']:.2f} (bonus included)")
+    by_pos = ", ".join("-" if a is None else f"{a:.2f}" for a in stats["acceptance_by_position"])
+    click.echo(f"acceptance by draft position: {by_pos}")
+    for row in spec["trace"][:3]:
+        conf = "" if row["confidence"] is None else " confidence " + " ".join(f"{c:.2f}" for c in row["confidence"])
+        click.echo(f"  round {row['round']}: drafted {row['draft_tokens']} accepted {row['accepted']}{conf}")
+
+
+@main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Engine precision (default: the bundle's dtype; others need TensorRT 10).")
 @click.option("--workspace", default=8.0, show_default=True, help="Builder workspace memory limit in GB.")
@@ -194,6 +221,80 @@ def check(bundle_dir, max_new_tokens, no_engines):
     click.echo(report.table())
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompts", default="all", show_default=True,
+              help="Built-in prompt set (code, prose, all) or a file: JSON lines with 'prompt' (and 'domain'), or one prompt per line.")
+@click.option("--num-prompts", type=int, help="Use only the first N prompts.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per request (end-of-sequence is ignored).")
+@click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--concurrency", default="1,4", show_default=True, help="Requests in flight, comma-separated (each at most the bundle's max_batch).")
+@click.option("--methods", help="Comma-separated: plain and the draft methods of the bundles (default: all; plain always runs).")
+@click.option("--extra-bundle", "extra_bundles", multiple=True, type=click.Path(path_type=Path),
+              help="Another bundle with the same target and a different draft method (repeatable).")
+@click.option("--scheduler", default="fixed", show_default=True, help="Verify-length scheduler(s): fixed, threshold, sps, comma-separated.")
+@click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for the threshold scheduler.")
+@click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: each bundle's).")
+@click.option("--repeats", default=3, show_default=True, help="Timed passes over all configurations (median tokens/s).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed passes first.")
+@click.option("--cost-repeats", default=20, show_default=True, help="Timed calls per call-cost measurement (median).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed (request i uses seed+i).")
+@click.option("--peers", is_flag=True, help="Also time Hugging Face transformers assisted generation (bench/peers/hf_assisted.py).")
+@click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for report.json, report.md and the PNG plots.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurrency, methods, extra_bundles, scheduler,
+          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, output, no_progress):
+    """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
+    from dspark.bench import load_prompts, parse_int_list, parse_names, run_bench, table, write_report
+
+    report = run_bench(bundle_dir, load_prompts(prompts, num_prompts), extra_bundles=extra_bundles,
+                       methods=parse_names(methods), concurrency=parse_int_list(concurrency, "--concurrency"),
+                       schedulers=parse_names(scheduler) or ["fixed"], threshold=threshold,
+                       max_new_tokens=max_new_tokens, temperature=temperature, num_draft_tokens=num_draft_tokens,
+                       repeats=repeats, warmup=warmup, cost_repeats=cost_repeats, threads=threads, seed=seed,
+                       peers=peers, progress=not no_progress, log=lambda m: click.echo(m, err=True))
+    files = write_report(report, output)
+    click.echo(table(report))
+    plots = ", ".join(Path(p).name for p in files["plots"]) or "none (pip install matplotlib)"
+    click.echo(f"report: {files['json']}, {files['markdown']}; plots: {plots}")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
+@click.option("--model-name", help="Model id clients send and /v1/models lists (default: the bundle folder's name).")
+@click.option("--api-key", envvar="DSPARK_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set DSPARK_API_KEY).")
+@click.option("--max-batch", type=int, help="Most requests running at once (default and ceiling: the bundle's).")
+@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for a row; beyond it the server answers 429.")
+@click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
+              help="How many draft tokens to verify per round (see 'dspark generate').")
+@click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
+@click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's).")
+@click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
+@click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--shutdown-timeout", default=30.0, show_default=True,
+              help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="Server log level.")
+def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
+          no_draft, chat_template_file, threads, shutdown_timeout, log_level):
+    """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
+    try:
+        from dspark.serve import serve as run_server
+    except ImportError as e:
+        raise DsparkError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'dspark[serve]'") from None
+
+    run_server(bundle_dir, host, port, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+               scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
+               threads=threads, chat_template=chat_template_file.read_text() if chat_template_file else None,
+               shutdown_timeout=shutdown_timeout, log_level=log_level)
 
 
 if __name__ == "__main__":
