@@ -172,7 +172,14 @@ def graph_feeds(bundle: Bundle, name: str, seed: int = 0) -> list[dict[str, np.n
 # -------------------------------------------------------------------------------------------- checks
 def compare_graph(bundle: Bundle, name: str, fn, engine: Path | None) -> list[Row]:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
+
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:  # polygraphy < 0.53 (TensorRT 11.1 ships 0.49)
+        from polygraphy.comparator import CompareFunc
+
+        SimpleCompareFunc = CompareFunc.simple
 
     spec = bundle.graph(name)
     runners = [torch_runner("torch", fn, spec), OnnxrtRunner(SessionFromOnnx(str(bundle.file(spec["file"]))), name="onnxruntime")]
@@ -182,7 +189,7 @@ def compare_graph(bundle: Bundle, name: str, fn, engine: Path | None) -> list[Ro
 
         runners.append(polygraphy_trt_runner(engine, spec, feeds))
     tolerances = {o["name"]: TOLERANCES[o["dtype"]] for o in spec["outputs"]}
-    compare = CompareFunc.simple(atol={k: v[0] for k, v in tolerances.items()}, rtol={k: v[1] for k, v in tolerances.items()})
+    compare = SimpleCompareFunc(atol={k: v[0] for k, v in tolerances.items()}, rtol={k: v[1] for k, v in tolerances.items()})
     from polygraphy.logger import G_LOGGER
 
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # the table below says what matters; polygraphy's per-run stats don't
@@ -204,7 +211,8 @@ def compare_graph(bundle: Bundle, name: str, fn, engine: Path | None) -> list[Ro
 
 def greedy_equivalence(bundle: Bundle, max_new_tokens: int = 24) -> Row:
     """Speculative vs plain greedy on a few prompts; the first divergence comes with its logit margin."""
-    from dspark.runtime.generate import Generator, Request, decoder_cache, feed
+    from dspark.runtime.decoder import decoder_cache, feed
+    from dspark.runtime.generate import Generator, Request
 
     if bundle.draft is None:
         return Row("greedy spec == plain", "target", "skip", "the bundle has no draft")
@@ -232,7 +240,7 @@ def check_bundle(bundle_dir: str | Path, engines: bool = True, max_new_tokens: i
     bundle = Bundle.open(bundle_dir)
     report = CheckReport()
     fns, skipped = torch_graphs(bundle)
-    engine_dir, why_no_engines = None, "not asked for"
+    engine_dir, why_no_engines = None, "TensorRT not requested (--no-engines)"
     if engines:
         from dspark.runtime.trt import usable_engine_dir
 

@@ -16,7 +16,6 @@ distribution but are not token-identical to it; greedy runs are.
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -102,17 +101,20 @@ def write_block(cache: torch.Tensor, block: torch.Tensor, lens: torch.Tensor) ->
 class CudaGenerator(Generator):
     """``Generator`` over the torch modules on a CUDA device, with CUDA graphs per (batch, verify, cache) bucket.
 
-    Shares ``Generator._emit`` (stop conditions, streaming) and the ``Request``/``Sequence`` types.
+    Shares ``Generator._emit``/``_finish`` (stop conditions, streaming) and the ``Request``/``Sequence`` types;
+    requests run in batches of ``max_batch`` rather than through the continuous-batching scheduler.
     """
 
     def __init__(self, bundle: Bundle | str, use_draft: bool = True, cuda_graphs: bool = True, device: str = "cuda",
                  memory_fraction: float = 0.9):
         from dspark.check import reference_modules
 
-        if not torch.cuda.is_available():
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DsparkError("the CUDA backend needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is False)")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.tokenizer = Tokenizer(self.bundle)
+        self.max_batch = self.bundle.limits["max_batch"]
         self.eos_ids = set(self.bundle.tokenizer["eos_token_ids"])
         self.proposer = None
         draft = self.bundle.draft if use_draft else None
@@ -123,11 +125,11 @@ class CudaGenerator(Generator):
         for role in ["target"] + (["draft"] if draft else []):
             if role not in modules:
                 raise DsparkError(f"the CUDA backend runs the PyTorch modules, but the {role}'s {missing[role]}")
-        self.device = torch.device(device)
         self.step_fn = modules["target"].to(self.device)
         self.drafter = modules["draft"].to(self.device) if draft else None
         self.k = draft["num_draft_tokens"] if draft else 0
-        self.cuda_graphs = cuda_graphs
+        # device="cpu" runs the same device-side step eagerly: how the step is proven on machines without a GPU
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.buckets = Buckets.from_bundle(self.bundle)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}
         self.pool = None
@@ -152,7 +154,7 @@ class CudaGenerator(Generator):
         # activations of one step at the largest bucket, float64 acceptance included, with 2x headroom for graphs
         vocab = cfg["vocab_size"]
         step_bytes = 2 * rows * width * (vocab * (4 + 8 * 3) + limits["max_context"] * cfg["num_heads"] * 4)
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (np.inf, np.inf)
         need = cache_bytes + step_bytes
         if need > memory_fraction * free:
             raise DsparkError(
@@ -174,7 +176,7 @@ class CudaGenerator(Generator):
         self.top_k = long(rows)
         self.noise = zeros((rows, max(self.k, 1)), torch.float32)
         self.uniforms = zeros((rows, width + 1), torch.float64)  # the rng's doubles, unrounded
-        self.out = long(rows, width + 1)
+        self.out = long(rows, 2 * width)  # accepted count, emitted tokens (K+1), the K drafts
 
     # -------------------------------------------------------------------------------------- the step
     def _step(self, rows: int, window: int, sampling: bool) -> None:
@@ -188,6 +190,7 @@ class CudaGenerator(Generator):
             dk, dv, dlens = self.dk[:, sl, :, :window], self.dv[:, sl, :, :window], self.dlens[sl]
             ck, cv = self.drafter.context_kv(self.features[sl], dlens[:, None] + steps)
             write_block(dk, ck, dlens)
+            write_block(dv, cv, dlens)
             dlens += self.pending[sl]
             drafts, q, _ = self.drafter.propose(anchor, lens, dlens, dk, dv, self.temperature[sl], self.noise[sl])
             drafts, q = drafts[:, :k], q[:, :k]
@@ -208,7 +211,7 @@ class CudaGenerator(Generator):
         anchor.copy_(torch.where(active > 0, token, anchor))
         emitted = torch.where(steps[:, :k] < n[:, None], drafts, torch.zeros_like(drafts))
         emitted = torch.cat([emitted, torch.zeros_like(n)[:, None]], 1).scatter(1, n[:, None], token[:, None])
-        self.out[sl].copy_(torch.cat([n[:, None], emitted], 1))
+        self.out[sl].copy_(torch.cat([n[:, None], emitted, drafts], 1))
 
     def _run_step(self, rows: int, window: int, sampling: bool) -> None:
         key = (rows, window, sampling)
@@ -280,20 +283,38 @@ class CudaGenerator(Generator):
                     last[r] = host[r, len(p) - 1]
         return last
 
-    def _run_batch(self, requests: list[Request], trace: bool, on_text) -> list[Sequence]:
+    @torch.no_grad()
+    def generate(self, requests: list[Request], trace: bool = False, on_text=None) -> list[Sequence]:
+        """Run requests to completion, ``max_batch`` at a time (a batch runs to its end: captured rows are fixed)."""
+        results = []
+        for first in range(0, len(requests), self.max_batch):
+            seqs = []
+            for i, req in enumerate(requests[first: first + self.max_batch], start=first):
+                check_prompt(req.prompt_ids, self.bundle.limits["max_context"])
+                if req.max_new_tokens < 1:
+                    raise DsparkError(f"max-new-tokens must be at least 1, got {req.max_new_tokens}")
+                stream = None if on_text is None else (lambda delta, i=i: on_text(i, delta))
+                seqs.append(Sequence(req, np.random.default_rng(req.seed), list(req.prompt_ids),
+                                     TextStream(self.tokenizer, req.stop), on_text=stream, trace_rounds=trace))
+            self._run_batch(seqs)
+            results.extend(seqs)
+        return results
+
+    def _commit(self, seq: Sequence, tokens: list[int]) -> list[int]:
+        emitted = self._emit(seq, tokens)
+        if seq.done:
+            self._finish(seq)
+        return emitted
+
+    def _run_batch(self, seqs: list[Sequence]) -> None:
         max_context = self.bundle.limits["max_context"]
-        for req in requests:
-            check_prompt(req.prompt_ids, max_context)
-        started = time.perf_counter()
-        seqs = [Sequence(req, np.random.default_rng(req.seed), list(req.prompt_ids), TextStream(self.tokenizer, req.stop),
-                         started=started) for req in requests]
         for t in (self.lens, self.dlens, self.pending, self.active, self.lengths):
             t.zero_()
         logits = self._prefill(seqs)
         for r, s in enumerate(seqs):
             params = s.request.sampling
             token = int(logits[r].argmax()) if params.greedy else sample(probabilities(logits[r], params), s.rng.random())
-            self._emit(r, s, [token], on_text)
+            self._commit(s, [token])
         rows = self.buckets.batch.select(len(seqs))
         sampling = any(not s.request.sampling.greedy for s in seqs)
         width = self.k + 1
@@ -313,17 +334,18 @@ class CudaGenerator(Generator):
                     uniforms[r] = s.rng.random(width + 1)
             for name, value in (("anchor", host[0]), ("active", host[1]), ("lengths", host[2]), ("top_k", host[3]),
                                 ("temperature", temps), ("top_p", top_p), ("noise", noise), ("uniforms", uniforms)):
-                getattr(self, name)[:rows].copy_(torch.from_numpy(value), non_blocking=False)
+                getattr(self, name)[:rows].copy_(torch.from_numpy(value))
             window = self.buckets.cache.select(max(len(s.tokens) for s in seqs) + width)
             self._run_step(rows, window, sampling)
             out = self.out[:rows].cpu().numpy()  # the one device-to-host read per iteration
             for r, s in enumerate(seqs):
                 if not host[1, r]:
                     continue
-                n = int(out[r, 0])
-                s.proposed.append(int(host[2, r]))
+                n, verified = int(out[r, 0]), int(host[2, r])
+                s.drafted.append(self.k)
+                s.verified.append(verified)
                 s.accepted.append(n)
-                emitted = self._emit(r, s, [int(t) for t in out[r, 1: n + 2]], on_text)
-                if trace:
-                    s.trace.append({"round": len(s.accepted), "verify_length": int(host[2, r]), "accepted": n, "emitted": emitted})
-        return seqs
+                emitted = self._commit(s, [int(t) for t in out[r, 1: n + 2]])
+                if s.trace_rounds:
+                    s.trace.append({"round": len(s.accepted), "draft_tokens": [int(t) for t in out[r, width + 1: width + 1 + verified]],
+                                    "verify_length": verified, "accepted": n, "emitted": emitted})

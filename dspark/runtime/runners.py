@@ -81,4 +81,8 @@ class OrtRunner(GraphRunner):
 def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0) -> GraphRunner:
     if backend == "ort":
         return OrtRunner(bundle, graph, threads=threads)
-    raise DsparkError(f"backend {backend!r} is not available; choose: ort")
+    if backend == "trt":  # engines from 'dspark build' for this GPU and TensorRT version
+        from dspark.runtime.trt import TrtRunner
+
+        return TrtRunner(bundle, graph)
+    raise DsparkError(f"backend {backend!r} is not available; choose: ort, trt")

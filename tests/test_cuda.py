@@ -1,0 +1,144 @@
+"""The device-side speculative step: proven on CPU tensors here, and on a GPU (CUDA graphs, TensorRT) where present."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dspark.errors import DsparkError
+from dspark.runtime.cuda import CudaGenerator, accept_on_device, warp, write_block
+from dspark.runtime.generate import Generator, Request
+from dspark.runtime.sampling import SamplingParams, accept, probabilities
+from test_check import export_dspark_bundle
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+needs_tensorrt = pytest.mark.skipif(not has_tensorrt(), reason="needs TensorRT and a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def dspark_bundle(qwen3_pair, tmp_path_factory):
+    return export_dspark_bundle(qwen3_pair, tmp_path_factory)
+
+
+class Uniforms:
+    """An rng stand-in that hands ``accept`` a fixed sequence of uniforms."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def random(self):
+        return float(next(self.values))
+
+
+def test_device_acceptance_equals_accept_given_the_same_uniforms():
+    rng = np.random.default_rng(0)
+    vocab, k = 12, 4
+    params = [SamplingParams(0.0), SamplingParams(0.8, top_p=0.9), SamplingParams(1.3, top_k=5), SamplingParams(1.0)]
+    t = torch.tensor
+    for _ in range(150):
+        logits = rng.normal(size=(4, k + 1, vocab)) * 2
+        q = rng.dirichlet(np.full(vocab, 0.5), size=(4, k))
+        drafts = np.array([[rng.choice(vocab, p=q[b, j]) for j in range(k)] for b in range(4)])
+        drafts[0, :2] = logits[0, :2].argmax(-1)  # a greedy row that accepts some drafts
+        drafts[3] = logits[3, :k].argmax(-1)
+        lengths = rng.integers(0, k + 1, size=4)
+        u = rng.random((4, k + 2))
+        n, token = accept_on_device(t(logits), t(drafts), t(q), t(lengths), t([p.temperature for p in params]),
+                                    t([p.top_p for p in params], dtype=torch.float64), t([p.top_k for p in params]), t(u))
+        for b, p in enumerate(params):
+            length = lengths[b]
+            want = accept(logits[b, : length + 1], list(drafts[b, :length]), q[b, :length], p, Uniforms(u[b]))
+            assert (int(n[b]), int(token[b])) == want
+    for p in params[1:]:
+        x = rng.normal(size=(1, 3, vocab))
+        got = warp(t(x), t([p.temperature]), t([p.top_p], dtype=torch.float64), t([p.top_k]))[0].numpy()
+        np.testing.assert_allclose(got, probabilities(x[0], p), atol=1e-12)
+
+
+def test_write_block_places_new_entries_at_each_row_length():
+    cache = torch.zeros(1, 2, 1, 6, 1)
+    write_block(cache, torch.tensor([[[[1.0], [2.0]]], [[[3.0], [4.0]]]]).reshape(1, 2, 1, 2, 1), torch.tensor([1, 3]))
+    assert cache.flatten().tolist() == [0, 1, 2, 0, 0, 0, 0, 0, 0, 3, 4, 0]
+
+
+def greedy_requests():
+    return [Request([5, 6, 7], max_new_tokens=10, ignore_eos=True), Request([11, 12, 13, 14, 15], max_new_tokens=7, ignore_eos=True)]
+
+
+def test_device_step_on_cpu_equals_ort_greedy(dspark_bundle):
+    want = Generator(dspark_bundle).generate(greedy_requests(), trace=True)
+    got = CudaGenerator(dspark_bundle, device="cpu").generate(greedy_requests(), trace=True)
+    assert [s.generated for s in got] == [s.generated for s in want]
+    # the same drafts round by round: the device-side context cache and proposals match the ORT proposer's
+    drafts = lambda seqs: [[r["draft_tokens"] for r in s.trace] for s in seqs]  # noqa: E731
+    assert drafts(got) == drafts(want)
+
+
+def test_draft_lm_bundles_are_refused_with_the_reason(qwen3_bundle):
+    with pytest.raises(DsparkError, match="block drafters"):
+        CudaGenerator(qwen3_bundle, device="cpu")
+    plain = CudaGenerator(qwen3_bundle, device="cpu", use_draft=False).generate(greedy_requests())
+    assert [s.generated for s in plain] == [s.generated for s in Generator(qwen3_bundle, use_draft=False).generate(greedy_requests())]
+
+
+@needs_cuda
+def test_cuda_greedy_equals_ort_greedy(dspark_bundle):
+    want = [s.generated for s in Generator(dspark_bundle).generate(greedy_requests())]
+    for graphs in (False, True):
+        got = CudaGenerator(dspark_bundle, cuda_graphs=graphs).generate(greedy_requests())
+        assert [s.generated for s in got] == want
+
+
+@needs_cuda
+def test_graph_replay_equals_eager(dspark_bundle):
+    requests = greedy_requests() + [Request([9, 8], max_new_tokens=12, ignore_eos=True, seed=4,
+                                            sampling=SamplingParams(0.9, top_k=20))]
+    eager = CudaGenerator(dspark_bundle, cuda_graphs=False).generate(requests)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture that falls back to eager would warn
+        generator = CudaGenerator(dspark_bundle, cuda_graphs=True)
+        replayed = generator.generate(requests)
+    assert [s.generated for s in replayed] == [s.generated for s in eager]
+    assert generator.graphs and all(g is not None for g in generator.graphs.values())
+
+
+@needs_cuda
+def test_memory_budget_refuses_with_numbers(dspark_bundle):
+    with pytest.raises(DsparkError, match="GiB are free"):
+        CudaGenerator(dspark_bundle, memory_fraction=1e-9)
+
+
+@needs_tensorrt
+def test_tensorrt_runner_matches_ort(dspark_bundle, tmp_path):
+    from dspark.bundle import Bundle
+    from dspark.check import graph_feeds
+    from dspark.export.tensorrt import build_engines
+    from dspark.runtime.runners import OrtRunner
+    from dspark.runtime.trt import TrtRunner
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(dspark_bundle, copy)
+    build_engines(copy, log=lambda _m: None)
+    bundle = Bundle.open(copy)
+    for name in bundle.manifest["graphs"]:
+        ort = OrtRunner(bundle, name)
+        for graphs in (False, True):
+            trt = TrtRunner(bundle, name, cuda_graphs=graphs)
+            for feeds in graph_feeds(bundle, name):
+                want, got = ort.run(feeds), trt.run(feeds)
+                for out in want:
+                    np.testing.assert_allclose(got[out], want[out], atol=1e-3, rtol=1e-3)
