@@ -87,4 +87,6 @@ def save_checkpoint(folder: str | Path, config: dict, tensors: dict[str, torch.T
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+    path = folder / SINGLE_FILE
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors writes through a private temporary file
