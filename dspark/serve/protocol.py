@@ -1,0 +1,144 @@
+"""OpenAI request bodies, validated strictly, and the OpenAI error body.
+
+Unknown fields and fields of the wrong type are 400s (no silent coercion of ``"0.5"`` into 0.5). Fields the
+OpenAI API has but this server does not implement (``n`` > 1, ``logprobs``, ``echo``, ``best_of``, ``suffix``,
+penalties, ``logit_bias``, tools, ``response_format`` other than text) are accepted only at their
+no-op values; anything else is a 400 that names the field. vLLM's ``top_k`` and ``ignore_eos`` extensions are
+supported.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class APIError(Exception):
+    """An error the client gets as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class CommonRequest(Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extension; 0 or -1 disables
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM extension
+    user: str | None = None  # accepted, not used
+    # OpenAI fields accepted only at their no-op values
+    n: int | None = None
+    best_of: int | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        checks = [
+            ("n", self.n in (None, 1), "only n=1 is supported"),
+            ("best_of", self.best_of in (None, 1), "only best_of=1 is supported"),
+            ("logprobs", self.logprobs in (None, False, 0), "logprobs are not supported"),
+            ("top_logprobs", self.top_logprobs in (None, 0), "top_logprobs are not supported"),
+            ("echo", not self.echo, "echo is not supported"),
+            ("suffix", self.suffix in (None, ""), "suffix is not supported"),
+            ("presence_penalty", self.presence_penalty in (None, 0), "presence_penalty is not supported (lossless decoding)"),
+            ("frequency_penalty", self.frequency_penalty in (None, 0), "frequency_penalty is not supported (lossless decoding)"),
+            ("logit_bias", not self.logit_bias, "logit_bias is not supported"),
+            ("tools", not self.tools, "tools are not supported"),
+            ("tool_choice", self.tool_choice in (None, "none"), "tool_choice is not supported"),
+            ("functions", not self.functions, "functions are not supported"),
+            ("function_call", self.function_call in (None, "none"), "function_call is not supported"),
+            ("response_format", self.response_format in (None, {"type": "text"}), "only response_format {'type': 'text'} is supported"),
+        ]
+        for param, ok, message in checks:
+            if not ok:
+                raise APIError(400, f"{message} by this server", param=param, code="unsupported_parameter")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ChatRequest(CommonRequest):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+def parse(model: type[Strict], raw: bytes) -> Strict:
+    """Validate a request body; any problem is an ``APIError`` 400 naming the field."""
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+        elif err["type"] == "missing":
+            message = f"'{param}' is a required property"
+        else:
+            message = f"invalid value for '{param}': {err['msg']} (got {json.dumps(err.get('input'))[:80]})"
+        raise APIError(400, message, param=param, code="invalid_value") from None
