@@ -101,13 +101,13 @@ def parse_block_schedule(_ctx, _param, value):
 def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, no_draft,
              scheduler, threshold, block_schedule, max_batch, ignore_eos, stop, threads, as_json, trace):
     """Generate completions of --prompt (streamed) or of every prompt in --prompts-file with BUNDLE_DIR."""
-    from dspark.runtime.calibration import read_prompts
+    from dspark.prompts import read_prompt_file
     from dspark.runtime.generate import Generator, Request
     from dspark.runtime.sampling import SamplingParams
 
     if (prompt is None) == (prompts_file is None):
         raise DsparkError("give exactly one of --prompt and --prompts-file")
-    texts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    texts = [prompt] if prompt is not None else [p.text for p in read_prompt_file(prompts_file)]
     generator = Generator(bundle_dir, threads=threads, use_draft=not no_draft, num_draft_tokens=num_draft_tokens,
                           scheduler=scheduler, threshold=threshold, block_schedule=block_schedule, max_batch=max_batch)
     sampling = SamplingParams(temperature, top_p, top_k)
@@ -160,9 +160,11 @@ def profile(bundle_dir, threads, context, repeats, warmup):
 @click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed+i).")
 def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
     """Fit Sequential Temperature Scaling of the confidence head on --data; store it in BUNDLE_DIR."""
-    from dspark.runtime.calibration import calibrate_bundle, read_prompts
+    from dspark.prompts import read_prompt_file
+    from dspark.runtime.calibration import calibrate_bundle
 
-    report = calibrate_bundle(bundle_dir, read_prompts(data), temperature, max_new_tokens, threads, seed)
+    prompts = [p.text for p in read_prompt_file(data)]
+    report = calibrate_bundle(bundle_dir, prompts, temperature, max_new_tokens, threads, seed)
     click.echo(f"{report['rounds']} full-block rounds from {report['prompts']} prompts at T={temperature}")
     click.echo("position  temperature  ECE before  ECE after")
     for k, (t, b, a) in enumerate(zip(report["sts_temperatures"], report["ece_before"], report["ece_after"]), start=1):
@@ -249,7 +251,8 @@ def check(bundle_dir, max_new_tokens, no_engines):
 def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurrency, methods, extra_bundles, scheduler,
           threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, output, no_progress):
     """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
-    from dspark.bench import load_prompts, parse_int_list, parse_names, run_bench, table, write_report
+    from dspark.bench import parse_int_list, parse_names, run_bench, table, write_report
+    from dspark.prompts import load_prompts
 
     report = run_bench(bundle_dir, load_prompts(prompts, num_prompts), extra_bundles=extra_bundles,
                        methods=parse_names(methods), concurrency=parse_int_list(concurrency, "--concurrency"),

@@ -11,7 +11,6 @@ deployment temperature, so calibrate per sampling temperature.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -63,27 +62,6 @@ def sigmoid(x):
 def load_temperatures(bundle: Bundle) -> np.ndarray | None:
     data = bundle.read_json(CALIBRATION_FILE)
     return None if data is None else np.asarray(data["sts_temperatures"], dtype=np.float64)
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line, or JSON lines with a ``prompt`` field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DsparkError(f"prompts file not found: {path}")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DsparkError(f"{path}:{n}: a JSON line needs a string 'prompt' field") from None
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise DsparkError(f"{path} has no prompts")
-    return prompts
 
 
 def calibrate_bundle(bundle_dir, prompts: list[str], temperature: float = 0.0, max_new_tokens: int = 64,

@@ -28,19 +28,50 @@ def train_tokenizer_command(output, root, vocab_size, held_out_fraction, max_fil
     click.echo(json.dumps(stats))
 
 
+def _options(*options):
+    """Apply click options so that --help lists them in the order given."""
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+def _run_options(counted: str, seeded: str, sequence: str):
+    """--minutes to --seq-len, shared by train-target and train-draft; the help names what each trainer counts as a
+    step (``counted``), what the seed draws (``seeded``) and what a sequence is (``sequence``)."""
+    return _options(
+        click.option("--minutes", type=float, default=None,
+                     help="Stop (and save) after this much wall time in this call."),
+        click.option("--steps", type=int, default=None,
+                     help=f"Stop (and save) at this total {counted} count. Without --steps and --minutes: "
+                          "train to --schedule-steps."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+        click.option("--seed", default=0, show_default=True, help=f"Seed for initialisation, {seeded}."),
+        click.option("--batch-size", default=8, show_default=True, help="Sequences per optimizer step."),
+        click.option("--seq-len", default=512, show_default=True, help=sequence),
+    )
+
+
+def _evaluation_options(evaluated: str, eval_windows: int, saved: str):
+    """--eval-every, --eval-windows and --save-minutes, shared by train-target and train-draft; the help names what
+    an evaluation reports (``evaluated``) and what a save writes (``saved``)."""
+    return _options(
+        click.option("--eval-every", default=100, show_default=True,
+                     help=f"Held-out evaluation interval in steps{evaluated}."),
+        click.option("--eval-windows", default=eval_windows, show_default=True,
+                     help="Number of fixed held-out windows evaluated."),
+        click.option("--save-minutes", default=5.0, show_default=True,
+                     help=f"{saved} interval in minutes (also saved at the end and on SIGTERM/SIGINT)."),
+    )
+
+
 @click.command("train-target")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder written by train-tokenizer (train.npy, heldout.npy, tokenizer files).")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder: HF layout plus train_state.pt and training_log.jsonl; resumed if present.")
-@click.option("--minutes", type=float, default=None, help="Stop (and save) after this much wall time in this call.")
-@click.option("--steps", type=int, default=None,
-              help="Stop (and save) at this total optimizer step count. Without --steps and --minutes: "
-                   "train to --schedule-steps.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--seed", default=0, show_default=True, help="Seed for initialisation, batches and held-out windows.")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences per optimizer step.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per training sequence.")
+@_run_options("optimizer step", "batches and held-out windows", "Tokens per training sequence.")
 @click.option("--lr", default=1e-3, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--min-lr-ratio", default=0.1, show_default=True, help="Final learning rate as a fraction of --lr.")
 @click.option("--warmup-steps", default=200, show_default=True, help="Linear warmup steps.")
@@ -48,10 +79,7 @@ def train_tokenizer_command(output, root, vocab_size, held_out_fraction, max_fil
               help="Step at which the cosine decay reaches its floor (the LR stays there afterwards).")
 @click.option("--weight-decay", default=0.1, show_default=True, help="AdamW weight decay (matrices only).")
 @click.option("--grad-clip", default=1.0, show_default=True, help="Gradient norm clip.")
-@click.option("--eval-every", default=100, show_default=True, help="Held-out evaluation interval in steps.")
-@click.option("--eval-windows", default=32, show_default=True, help="Number of fixed held-out windows evaluated.")
-@click.option("--save-minutes", default=5.0, show_default=True,
-              help="Checkpoint and HF export interval in minutes (also saved at the end and on SIGTERM/SIGINT).")
+@_evaluation_options("", 32, "Checkpoint and HF export")
 @click.option("--vocab-size", type=int, default=None, help="Model vocabulary (default: the tokenizer's size).")
 @click.option("--hidden-size", default=512, show_default=True, help="Model width.")
 @click.option("--layers", default=8, show_default=True, help="Decoder layers.")
@@ -103,14 +131,7 @@ def _layer_list(_ctx, _param, value):
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Drafter checkpoint folder (loadable by 'dspark export TARGET --draft OUTPUT') plus "
                    "train_state.pt and training_log.jsonl; resumed if present.")
-@click.option("--minutes", type=float, default=None, help="Stop (and save) after this much wall time in this call.")
-@click.option("--steps", type=int, default=None,
-              help="Stop (and save) at this total step count. Without --steps and --minutes: train to "
-                   "--schedule-steps.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--seed", default=0, show_default=True, help="Seed for initialisation, batches, anchors, held-out windows.")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences per optimizer step.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per training sequence (target context).")
+@_run_options("step", "batches, anchors, held-out windows", "Tokens per training sequence (target context).")
 @click.option("--lr", default=6e-4, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--warmup-steps", default=50, show_default=True, help="Linear warmup steps.")
 @click.option("--schedule-steps", default=2000, show_default=True,
@@ -133,11 +154,7 @@ def _layer_list(_ctx, _param, value):
 @click.option("--kv-heads", type=int, default=None, help="draft-lm: key/value heads (default 2).")
 @click.option("--head-dim", type=int, default=None, help="draft-lm: dimension per head (default 64).")
 @click.option("--intermediate-size", type=int, default=None, help="draft-lm: MLP inner width (default 768).")
-@click.option("--eval-every", default=100, show_default=True,
-              help="Held-out evaluation interval in steps (loss and the acceptance estimate tau).")
-@click.option("--eval-windows", default=16, show_default=True, help="Number of fixed held-out windows evaluated.")
-@click.option("--save-minutes", default=5.0, show_default=True,
-              help="Checkpoint interval in minutes (also saved at the end and on SIGTERM/SIGINT).")
+@_evaluation_options(" (loss and the acceptance estimate tau)", 16, "Checkpoint")
 @click.option("--frozen-copies/--no-frozen-copies", default=True, show_default=True,
               help="dspark/dflash: store copies of the target's embedding and LM head in the checkpoint, as DeepSpec "
                    "does; without them the drafter loads only beside its target (smaller files).")

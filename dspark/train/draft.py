@@ -33,14 +33,9 @@ end, together with the inference checkpoint), and ``training_log.jsonl``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
-import math
 import shutil
-import signal
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,18 +48,16 @@ from dspark.graphs.checkpoint import WeightReader, read_config
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.drafter import MARKOV_HEAD_TYPES, Drafter, DrafterConfig, deepspec_config, save_deepspec
 from dspark.train.target import (
-    LOG_FILE,
-    STATE_FILE,
     TrainArgs,
-    _atomic_save,
-    _read_log,
     batch_at,
-    eval_windows,
+    default_log,
     export_hf,
     init_model,
-    lr_at,
-    make_optimizer,
     qwen3_config,
+    read_tokens,
+    read_train_state,
+    run_training,
+    target_pass,
     train_forward,
 )
 
@@ -132,28 +125,6 @@ def stored_dtype(target_dir: Path) -> torch.dtype:
 
 def target_digest(target_dir: Path) -> str:
     return "+".join(file_digest(p) for p in sorted(target_dir.glob("*.safetensors")))
-
-
-def target_pass(target: DecoderLM, ids: torch.Tensor, taps: tuple[int, ...] = ()):
-    """Post-norm hidden states [b, n, d] and the raw outputs of layers ``taps`` concatenated [b, n, m*d] (None
-    without taps) for a full causal forward: ``target.train_forward`` with taps (fused causal attention), the
-    same function as ``DecoderLM.step`` with ``tap_layers`` (tested). Logits are ``target.lm_head(hidden)``."""
-    b, n = ids.shape
-    body = target.model
-    h = body.embed_tokens(ids)
-    cos, sin = body.rotary_emb(torch.arange(n, device=ids.device)[None], h.dtype)
-    feats = {-1: h} if -1 in taps else {}
-    for i, layer in enumerate(body.layers):
-        att = layer.self_attn
-        q, k, v = att.project(layer.input_layernorm(h), cos, sin)
-        q, k = q.to(v.dtype), k.to(v.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=att.c.num_kv_heads != att.c.num_heads)
-        h = h + att.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        if i in taps:
-            feats[i] = h
-    features = torch.cat([feats[i] for i in taps], dim=-1) if taps else None
-    return body.norm(h), features
 
 
 def sample_anchors(seed: int, step: int, batch: int, seq_len: int, block: int, count: int) -> torch.Tensor:
@@ -298,9 +269,6 @@ class BlockTask:
         if unexpected or set(missing) != set(FROZEN):
             raise DsparkError(f"train_state.pt does not match the drafter (missing {missing}, unexpected {unexpected})")
 
-    def tokens_per_step(self) -> int:
-        return self.args.batch_size * self.args.seq_len
-
     def _forward(self, window: torch.Tensor, anchors: torch.Tensor):
         n = window.shape[1] - 1
         blk = self.dconfig.block_size
@@ -380,9 +348,6 @@ class DraftLMTask:
     def load_trainable_state(self, state: dict) -> None:
         self.model.load_state_dict(state)
 
-    def tokens_per_step(self) -> int:
-        return self.args.batch_size * self.args.seq_len
-
     def loss(self, step: int, train_tokens: np.ndarray):
         x, _ = batch_at(train_tokens, step, self.args)
         loss = kl_loss(self.target, self.model, x)
@@ -441,7 +406,7 @@ def draft_lm_config(target_cfg: dict, hidden_size: int = 256, num_layers: int = 
     return cfg
 
 
-# -------------------------------------------------------------------------------------------------- loop
+# -------------------------------------------------------------------------------------------------- training
 def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, method: str, config: dict,
                 args: DraftArgs, *, minutes: float | None = None, steps: int | None = None,
                 threads: int | None = None, save_minutes: float = 5.0, eval_every: int = 100,
@@ -451,142 +416,32 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     ``config`` is the drafter's config.json (``block_config`` or ``draft_lm_config``). Without ``steps`` and
     ``minutes``, trains to ``args.schedule_steps``. Writes the inference checkpoint into ``output`` at every save.
     Returns the last log record."""
-    from tqdm import tqdm
-
     if method not in METHODS:
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    log = log or default_log
     if threads:
         torch.set_num_threads(threads)
     target_dir, data, output = Path(target_dir), Path(data), Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    train_tokens = np.load(data / "train.npy", mmap_mode="r")
-    held_tokens = np.load(data / "heldout.npy", mmap_mode="r")
-    state_path, log_path = output / STATE_FILE, output / LOG_FILE
     digest = target_digest(target_dir)
-
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
-    if state is not None:
-        if state["method"] != method or state["config"] != config:
-            raise DsparkError(f"{state_path} was trained with a different method or drafter config; use a new --output")
-        stored = DraftArgs(**state["args"])
-        if stored != args:
-            changed = {k: (v, getattr(args, k)) for k, v in dataclasses.asdict(stored).items() if getattr(args, k) != v}
-            log(f"resuming with the stored training settings; ignoring changed options {changed}")
-        args = stored
-        if state["target_digest"] != digest:
-            log(f"warning: the target weights in {target_dir} changed since this drafter started; "
-                "continuing against the current target")
+    identity = {"method": method, "config": config}
+    state, args = read_train_state(output, args, identity, "method or drafter config", log)
+    if state is not None and state["target_digest"] != digest:
+        log(f"warning: the target weights in {target_dir} changed since this drafter started; "
+            "continuing against the current target")
     target = load_target(target_dir)
-    vocab = target.config.vocab_size
-    if int(train_tokens.max()) >= vocab:
-        raise DsparkError(f"token ids in {data}/train.npy reach {int(train_tokens.max())}, beyond vocab_size {vocab}")
+    train_tokens, held_tokens = read_tokens(data, target.config.vocab_size)
     task = (DraftLMTask if method == "draft-lm" else BlockTask)(method, config, target, args)
-    model = task.model
-    optimizer = make_optimizer(model, args)
-    if state is not None:
-        task.load_trainable_state(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        records = [r for r in _read_log(log_path) if r["step"] <= step]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        log(f"resumed from {state_path} at step {step}")
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
-        f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); threads {torch.get_num_threads()}; "
-        f"batch {args.batch_size}x{args.seq_len}"
-        + (f", {args.anchors_per_seq} anchors/seq x block {task.dconfig.block_size}" if method != "draft-lm" else ""))
-    windows = eval_windows(held_tokens, args)
-    target_steps = steps if steps is not None else (None if minutes is not None else args.schedule_steps)
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    t_start = time.monotonic()
-    last_save = t_start
-    window_loss, window_steps, window_t, window_tokens = 0.0, 0, time.monotonic(), 0
-    window_parts: dict[str, float] = {}
-    record: dict = {}
-
-    def checkpoint():
-        nonlocal last_save
-        elapsed = elapsed_before + time.monotonic() - t_start
-        _atomic_save({"model": task.trainable_state(), "optimizer": optimizer.state_dict(), "step": step,
-                      "tokens": tokens_seen, "elapsed": elapsed, "method": method, "config": config,
-                      "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
-                      "target_digest": digest, "target_dir": str(target_dir)}, state_path)
-        task.save(output, target_dir)
-        last_save = time.monotonic()
-
-    def evaluate():
-        nonlocal window_loss, window_steps, window_t, window_tokens, window_parts, record
-        now = time.monotonic()
-        speed = round(window_tokens / max(now - window_t, 1e-9), 1)
-        metrics = task.evaluate(windows)
-        record = {"step": step, "tokens": tokens_seen,
-                  "train_loss": round(window_loss / window_steps, 4) if window_steps else None,
-                  **{f"train_{k}": round(v / window_steps, 4) for k, v in window_parts.items()},
-                  **metrics, "lr": lr_at(max(step - 1, 0), args), "tokens_per_s": speed,
-                  "elapsed": round(elapsed_before + time.monotonic() - t_start, 1)}
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(f"step {step}: train {record['train_loss']} held-out {record['heldout_loss']:.4f} "
-            f"tau {record['tau']:.3f} ({speed} tok/s)")
-        window_loss, window_steps, window_t, window_tokens, window_parts = 0.0, 0, time.monotonic(), 0, {}
-
-    model.train()
-    bar = tqdm(total=target_steps, initial=step, disable=not progress, dynamic_ncols=True, file=sys.stderr,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    try:
-        if step == 0:
-            evaluate()
-        while True:
-            if target_steps is not None and step >= target_steps:
-                break
-            if minutes is not None and time.monotonic() - t_start >= minutes * 60:
-                break
-            if stop["signal"] is not None:
-                log(f"signal {stop['signal']}: saving and stopping")
-                break
-            t0 = time.monotonic()
-            lr = lr_at(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, parts = task.loss(step, train_tokens)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-            optimizer.step()
-            step += 1
-            n_tokens = task.tokens_per_step()
-            tokens_seen += n_tokens
-            window_loss += loss.item()
-            window_steps += 1
-            window_tokens += n_tokens
-            for k, v in parts.items():
-                window_parts[k] = window_parts.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tau=record.get("tau"),
-                            tok_s=f"{n_tokens / (time.monotonic() - t0):.0f}", lr=f"{lr:.2e}", refresh=False)
-            if step % eval_every == 0:
-                evaluate()
-            if time.monotonic() - last_save >= save_minutes * 60:
-                if record.get("step") != step:
-                    evaluate()
-                checkpoint()
-        if record.get("step") != step:
-            evaluate()
-        checkpoint()
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    return record
+    n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
+               f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "
+               f"threads {torch.get_num_threads()}; batch {args.batch_size}x{args.seq_len}"
+               + (f", {args.anchors_per_seq} anchors/seq x block {task.dconfig.block_size}"
+                  if method != "draft-lm" else ""))
+    return run_training(task, args, train_tokens, held_tokens, output, state,
+                        state_fields={**identity, "target_digest": digest, "target_dir": str(target_dir)},
+                        export=lambda out: task.save(out, target_dir), summary=summary, minutes=minutes,
+                        steps=steps, save_minutes=save_minutes, eval_every=eval_every, progress=progress, log=log)
 
 
 def method_config(target_dir: str | Path, method: str, **options) -> dict:

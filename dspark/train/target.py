@@ -17,8 +17,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -135,22 +137,34 @@ def eval_windows(tokens: np.ndarray, a: TrainArgs) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s:s + a.seq_len + 1] for s in starts]).astype(np.int64))
 
 
-def train_forward(model: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
-    """The same function as ``model(input_ids)`` (logits [B, n, V]) on the same parameters, computed the fast
-    way for training: fused causal attention (``scaled_dot_product_attention``) instead of the cache-aware
-    split attention of the step graph. About 1.6x faster on CPU; the tests check it against ``model``."""
-    b, n = input_ids.shape
-    body = model.model
-    h = body.embed_tokens(input_ids)
-    cos, sin = body.rotary_emb(torch.arange(n, device=input_ids.device)[None], h.dtype)
-    for layer in body.layers:
+def target_pass(target: DecoderLM, ids: torch.Tensor, taps: tuple[int, ...] = ()):
+    """Post-norm hidden states [b, n, d] and the raw outputs of layers ``taps`` concatenated [b, n, m*d] (None
+    without taps) for a full causal forward, computed the fast way for training: fused causal attention
+    (``scaled_dot_product_attention``) instead of the cache-aware split attention of the step graph. The same
+    function as ``DecoderLM.step`` with ``tap_layers`` (tested). Logits are ``target.lm_head(hidden)``."""
+    b, n = ids.shape
+    body = target.model
+    h = body.embed_tokens(ids)
+    cos, sin = body.rotary_emb(torch.arange(n, device=ids.device)[None], h.dtype)
+    feats = {-1: h} if -1 in taps else {}
+    for i, layer in enumerate(body.layers):
         att = layer.self_attn
         q, k, v = att.project(layer.input_layernorm(h), cos, sin)
         q, k = q.to(v.dtype), k.to(v.dtype)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=att.c.num_kv_heads != att.c.num_heads)
         h = h + att.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(body.norm(h))
+        if i in taps:
+            feats[i] = h
+    features = torch.cat([feats[i] for i in taps], dim=-1) if taps else None
+    return body.norm(h), features
+
+
+def train_forward(model: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """The same function as ``model(input_ids)`` (logits [B, n, V]) on the same parameters, through ``target_pass``:
+    about 1.6x faster on CPU; the tests check it against ``model``."""
+    hidden, _ = target_pass(model, input_ids)
+    return model.lm_head(hidden)
 
 
 def loss_of(model: DecoderLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -193,65 +207,102 @@ def export_hf(model: DecoderLM, config: dict, out: str | Path, tokenizer_dir: st
                 shutil.copyfile(src, out / name)
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file, so a run killed mid-save leaves the previous state intact."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def _read_log(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train(data: str | Path, output: str | Path, config: dict, args: TrainArgs, *, minutes: float | None = None,
-          steps: int | None = None, threads: int | None = None, save_minutes: float = 5.0, eval_every: int = 100,
-          progress: bool = True, log=None) -> dict:
-    """Train (or resume) until ``steps`` total steps or ``minutes`` of wall time in this call, whichever first.
-
-    Without either, trains to ``args.schedule_steps``. Returns the last log record.
-    """
+def default_log(msg: str) -> None:
     from tqdm import tqdm
 
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    if threads:
-        torch.set_num_threads(threads)
-    data, output = Path(data), Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact below the message
+
+
+def read_train_state(output: Path, args: TrainArgs, identity: dict, what: str,
+                     log: Callable[[str], None]) -> tuple[dict | None, TrainArgs]:
+    """The state saved in ``output`` (None for a new run) and the arguments to train with.
+
+    A resume keeps the stored arguments (they decide the trajectory) and refuses a state whose ``identity`` fields
+    (e.g. the model config) differ from this call's; ``what`` names those fields in the error."""
+    state_path = output / STATE_FILE
+    if not state_path.is_file():
+        return None, args
+    state = torch.load(state_path, weights_only=False)
+    if any(state[k] != v for k, v in identity.items()):
+        raise DsparkError(f"{state_path} was trained with a different {what}; use a new --output")
+    stored = type(args)(**state["args"])
+    if stored != args:
+        changed = {k: (v, getattr(args, k)) for k, v in dataclasses.asdict(stored).items() if getattr(args, k) != v}
+        log(f"resuming with the stored training settings; ignoring changed options {changed}")
+    return state, stored
+
+
+def read_tokens(data: Path, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train and held-out token arrays of ``data`` (memory-mapped), checked against the model's vocabulary."""
     train_tokens = np.load(data / "train.npy", mmap_mode="r")
     held_tokens = np.load(data / "heldout.npy", mmap_mode="r")
-    state_path, log_path = output / STATE_FILE, output / LOG_FILE
+    if int(train_tokens.max()) >= vocab_size:
+        raise DsparkError(f"token ids in {data}/train.npy reach {int(train_tokens.max())}, beyond vocab_size "
+                          f"{vocab_size}")
+    return train_tokens, held_tokens
 
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
-    if state is not None:
-        if state["config"] != config:
-            raise DsparkError(f"{state_path} was trained with a different model config; use a new --output")
-        stored = TrainArgs(**state["args"])
-        if stored != args:
-            changed = {k: (v, getattr(args, k)) for k, v in dataclasses.asdict(stored).items() if getattr(args, k) != v}
-            log(f"resuming with the stored training settings; ignoring changed options {changed}")
-        args = stored
-    model = init_model(config, args.seed)
-    vocab = config["vocab_size"]
-    if int(train_tokens.max()) >= vocab:
-        raise DsparkError(f"token ids in {data}/train.npy reach {int(train_tokens.max())}, beyond vocab_size {vocab}")
+
+class TrainingTask(Protocol):
+    """What ``run_training`` trains: a model, its loss on the batch of a step and its held-out metrics."""
+
+    model: torch.nn.Module
+
+    def loss(self, step: int, train_tokens: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to minimise at ``step`` and its named parts (logged as ``train_<name>`` window means)."""
+
+    def evaluate(self, windows: torch.Tensor) -> dict:
+        """Held-out metrics for the log record, ``heldout_loss`` among them."""
+
+    def trainable_state(self) -> dict:
+        """The weights train_state.pt keeps (what ``load_trainable_state`` restores)."""
+
+    def load_trainable_state(self, state: dict) -> None: ...
+
+
+def run_training(task: TrainingTask, args: TrainArgs, train_tokens: np.ndarray, held_tokens: np.ndarray,
+                 output: Path, state: dict | None, *, state_fields: dict, export: Callable[[Path], None],
+                 summary: str, minutes: float | None, steps: int | None, save_minutes: float, eval_every: int,
+                 progress: bool, log: Callable[[str], None]) -> dict:
+    """The training loop both trainers share: AdamW on ``lr_at``'s schedule, resumed from ``state`` (as returned
+    by ``read_train_state``), until ``steps`` total steps or ``minutes`` of wall time in this call (without either,
+    ``args.schedule_steps``) or SIGTERM/SIGINT.
+
+    Evaluates every ``eval_every`` steps (a line of training_log.jsonl) and checkpoints every ``save_minutes`` and
+    at the end: train_state.pt (with ``state_fields``, e.g. the config a resume must match) and ``export(output)``,
+    the inference checkpoint. Returns the last log record."""
+    from tqdm import tqdm
+
+    state_path, log_path = output / STATE_FILE, output / LOG_FILE
+    model = task.model
     optimizer = make_optimizer(model, args)
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
+        task.load_trainable_state(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         # drop log records written after the checkpoint (a run killed between a log line and a save)
-        records = [r for r in _read_log(log_path) if r["step"] <= step]
+        records = [r for r in read_log(log_path) if r["step"] <= step]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
         log(f"resumed from {state_path} at step {step} ({tokens_seen} tokens)")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f} M parameters; {len(train_tokens)} train tokens, {len(held_tokens)} held-out; "
-        f"threads {torch.get_num_threads()}; batch {args.batch_size}x{args.seq_len}")
+    log(summary)
     windows = eval_windows(held_tokens, args)
     target_steps = steps if steps is not None else (None if minutes is not None else args.schedule_steps)
+    tokens_per_step = args.batch_size * args.seq_len
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     stop = {"signal": None}
 
@@ -259,42 +310,43 @@ def train(data: str | Path, output: str | Path, config: dict, args: TrainArgs, *
         stop["signal"] = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
     t_start = time.monotonic()
     last_save = t_start
     window_loss, window_steps, window_t, window_tokens = 0.0, 0, time.monotonic(), 0
-    record = {}
+    window_parts: dict[str, float] = {}
+    record: dict = {}
 
     def checkpoint():
         nonlocal last_save
         elapsed = elapsed_before + time.monotonic() - t_start
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "tokens": tokens_seen, "elapsed": elapsed, "config": config,
-                      "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state()}, state_path)
-        export_hf(model, config, output, data)
+        atomic_save({"model": task.trainable_state(), "optimizer": optimizer.state_dict(), "step": step,
+                     "tokens": tokens_seen, "elapsed": elapsed, "args": dataclasses.asdict(args),
+                     "torch_rng": torch.get_rng_state(), **state_fields}, state_path)
+        export(output)
         last_save = time.monotonic()
 
     def evaluate():
-        nonlocal window_loss, window_steps, window_t, window_tokens, record
-        held = heldout_loss(model, windows, args.batch_size)
+        nonlocal window_loss, window_steps, window_t, window_tokens, window_parts, record
         now = time.monotonic()
+        speed = round(window_tokens / max(now - window_t, 1e-9), 1)  # training throughput, evaluation excluded
+        metrics = task.evaluate(windows)
         record = {"step": step, "tokens": tokens_seen,
                   "train_loss": round(window_loss / window_steps, 4) if window_steps else None,
-                  "heldout_loss": round(held, 4), "lr": lr_at(max(step - 1, 0), args),
-                  "tokens_per_s": round(window_tokens / max(now - window_t, 1e-9), 1),
-                  "elapsed": round(elapsed_before + now - t_start, 1)}
+                  **{f"train_{k}": round(v / window_steps, 4) for k, v in window_parts.items()},
+                  **metrics, "lr": lr_at(max(step - 1, 0), args), "tokens_per_s": speed,
+                  "elapsed": round(elapsed_before + time.monotonic() - t_start, 1)}
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        log(f"step {step}: train {record['train_loss']} held-out {record['heldout_loss']:.4f} "
-            f"({record['tokens_per_s']} tok/s)")
-        window_loss, window_steps, window_t, window_tokens = 0.0, 0, time.monotonic(), 0
+        tau = f" tau {record['tau']:.3f}" if "tau" in record else ""
+        log(f"step {step}: train {record['train_loss']} held-out {record['heldout_loss']:.4f}{tau} ({speed} tok/s)")
+        window_loss, window_steps, window_t, window_tokens, window_parts = 0.0, 0, time.monotonic(), 0, {}
 
     model.train()
     bar = tqdm(total=target_steps, initial=step, disable=not progress, dynamic_ncols=True, file=sys.stderr,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     try:
         if step == 0:
-            evaluate()  # the loss of the untrained model: the first log line
+            evaluate()  # the untrained model: the first log line
         while True:
             if target_steps is not None and step >= target_steps:
                 break
@@ -307,20 +359,22 @@ def train(data: str | Path, output: str | Path, config: dict, args: TrainArgs, *
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = batch_at(train_tokens, step, args)
-            loss = loss_of(model, x, y)
+            loss, parts = task.loss(step, train_tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             optimizer.step()
             step += 1
-            tokens_seen += x.numel()
+            tokens_seen += tokens_per_step
             window_loss += loss.item()
             window_steps += 1
-            window_tokens += x.numel()
+            window_tokens += tokens_per_step
+            for k, v in parts.items():
+                window_parts[k] = window_parts.get(k, 0.0) + v
+            shown = {"loss": f"{loss.item():.3f}", **({"tau": record["tau"]} if "tau" in record else {})}
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{x.numel() / (time.monotonic() - t0):.0f}",
-                            lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(**shown, tok_s=f"{tokens_per_step / (time.monotonic() - t0):.0f}", lr=f"{lr:.2e}",
+                            refresh=False)
             if step % eval_every == 0:
                 evaluate()
             if time.monotonic() - last_save >= save_minutes * 60:
@@ -335,6 +389,51 @@ def train(data: str | Path, output: str | Path, config: dict, args: TrainArgs, *
         for s, h in old_handlers.items():
             signal.signal(s, h)
     return record
+
+
+class TargetTask:
+    """The target LM, trained from scratch on next-token cross-entropy."""
+
+    def __init__(self, config: dict, args: TrainArgs):
+        self.args = args
+        self.model = init_model(config, args.seed)
+
+    def loss(self, step: int, train_tokens: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch_at(train_tokens, step, self.args)
+        return loss_of(self.model, x, y), {}
+
+    def evaluate(self, windows: torch.Tensor) -> dict:
+        return {"heldout_loss": round(heldout_loss(self.model, windows, self.args.batch_size), 4)}
+
+    def trainable_state(self) -> dict:
+        return self.model.state_dict()
+
+    def load_trainable_state(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+def train(data: str | Path, output: str | Path, config: dict, args: TrainArgs, *, minutes: float | None = None,
+          steps: int | None = None, threads: int | None = None, save_minutes: float = 5.0, eval_every: int = 100,
+          progress: bool = True, log=None) -> dict:
+    """Train (or resume) until ``steps`` total steps or ``minutes`` of wall time in this call, whichever first.
+
+    Without either, trains to ``args.schedule_steps``. Returns the last log record.
+    """
+    log = log or default_log
+    if threads:
+        torch.set_num_threads(threads)
+    data, output = Path(data), Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    state, args = read_train_state(output, args, {"config": config}, "model config", log)
+    task = TargetTask(config, args)
+    train_tokens, held_tokens = read_tokens(data, config["vocab_size"])
+    n_params = sum(p.numel() for p in task.model.parameters())
+    summary = (f"model: {n_params / 1e6:.2f} M parameters; {len(train_tokens)} train tokens, {len(held_tokens)} "
+               f"held-out; threads {torch.get_num_threads()}; batch {args.batch_size}x{args.seq_len}")
+    return run_training(task, args, train_tokens, held_tokens, output, state, state_fields={"config": config},
+                        export=lambda out: export_hf(task.model, config, out, data), summary=summary,
+                        minutes=minutes, steps=steps, save_minutes=save_minutes, eval_every=eval_every,
+                        progress=progress, log=log)
 
 
 def _tokenizer(tokenizer):

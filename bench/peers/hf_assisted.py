@@ -1,0 +1,147 @@
+"""Peer: Hugging Face transformers assisted generation on the checkpoints a draft-lm bundle was exported from.
+
+Loads ``models.target.source`` and ``models.draft.source`` from the bundle's manifest with transformers and times,
+one request at a time (assisted generation takes batch size 1), greedy:
+
+- plain ``model.generate(ids, do_sample=False, max_new_tokens=N)``;
+- assisted ``generate(..., assistant_model=draft, num_assistant_tokens=K, num_assistant_tokens_schedule="constant")``
+  with the bundle's K (or ``--num-draft-tokens``).
+
+Every request generates exactly N tokens (the stop id is one the model never produces), as ``dspark bench``
+does with end-of-sequence ignored. Reported: tokens/s = all new tokens / total generate time, median over repeats after one warm-up pass.
+Optional: skipped with a message when transformers is not installed, the bundle's draft is not a draft LM (DSpark
+and DFlash drafters read the target's hidden features; ``assistant_model`` has no interface for them), or the
+checkpoint folders are not on this machine.
+
+    python bench/peers/hf_assisted.py BUNDLE [--max-new-tokens 32] [--prompts code|prose|all|FILE] [--repeats 3]
+
+``dspark bench --peers`` calls ``run_peer`` and puts the numbers beside its own.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def skipped(reason: str) -> dict:
+    return {"status": "skipped", "reason": reason}
+
+
+def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_assistant_tokens: int | None = None,
+             threads: int = 0, repeats: int = 3, warmup: int = 1, log=print) -> dict:
+    from dspark.bundle import Bundle
+
+    bundle = Bundle.open(bundle_dir, verify=False)
+    draft = bundle.draft
+    if draft is None or draft["method"] != "draft-lm":
+        method = draft["method"] if draft else "none"
+        return skipped(f"bundle draft is {method}, not draft-lm: DSpark/DFlash drafters draft a block from the "
+                       "target's hidden features, which transformers' assistant_model cannot express")
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        return skipped(f"transformers is not installed ({e}); pip install transformers")
+    sources = {name: bundle.manifest["models"][name].get("source") for name in ("target", "draft")}
+    missing = [f"{name} {src}" for name, src in sources.items() if not src or not (Path(src) / "config.json").is_file()]
+    if missing:
+        return skipped(f"checkpoint folder not found: {', '.join(missing)}")
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = torch.float16 if bundle.manifest["dtype"] == "fp16" else torch.float32
+    load = lambda src: transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()  # noqa: E731
+    target, assistant = load(sources["target"]), load(sources["draft"])
+    k = num_assistant_tokens or draft["num_draft_tokens"]
+    never = max(target.config.vocab_size, assistant.config.vocab_size)
+    pad = bundle.tokenizer.get("pad_token_id")
+    if pad is None:
+        pad = bundle.tokenizer["eos_token_ids"][0]
+
+    def one(ids: list[int], assisted: bool) -> tuple[int, float, list[int]]:
+        x = torch.tensor([ids], dtype=torch.long)
+        # an end-of-sequence id the model never produces: generation runs to length and, unlike min_new_tokens,
+        # the real end-of-sequence token is not suppressed, so greedy output is dspark's with ignore_eos
+        kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                      eos_token_id=never, pad_token_id=pad)
+        if assisted:
+            kwargs.update(assistant_model=assistant, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = target.generate(x, **kwargs)
+            elapsed = time.perf_counter() - start
+        new = out[0, x.shape[1]:].tolist()
+        return len(new), elapsed, new
+
+    rates = {"plain": [], "assisted": []}
+    outputs = {}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # assisted generation warns about its own internal arguments
+    try:
+        for p in range(warmup + repeats):
+            for mode in ("plain", "assisted"):  # interleaved, as dspark bench does
+                tokens = seconds = 0
+                outs = []
+                for ids in prompt_ids:
+                    n, t, new = one(ids, mode == "assisted")
+                    tokens, seconds = tokens + n, seconds + t
+                    outs.append(new)
+                outputs[mode] = outs
+                if p >= warmup:
+                    rates[mode].append(tokens / seconds)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    plain, assisted = statistics.median(rates["plain"]), statistics.median(rates["assisted"])
+    return {
+        "status": "ok",
+        "engine": "transformers assisted generation",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "target_source": sources["target"],
+        "draft_source": sources["draft"],
+        "num_assistant_tokens": k,
+        "num_assistant_tokens_schedule": "constant",
+        "concurrency": 1,
+        "requests": len(prompt_ids),
+        "max_new_tokens": max_new_tokens,
+        "hf_plain_tokens_per_second": plain,
+        "hf_assisted_tokens_per_second": assisted,
+        "hf_speedup": assisted / plain,
+        "hf_plain_tokens_per_second_runs": rates["plain"],
+        "hf_assisted_tokens_per_second_runs": rates["assisted"],
+        "assisted_matches_plain": outputs["plain"] == outputs["assisted"],
+        "generated_token_ids": outputs["plain"],
+    }
+
+
+def main() -> None:
+    import argparse
+
+    from dspark.bench import tokenizer_fallback
+    from dspark.prompts import load_prompts
+    from dspark.bundle import Bundle
+    from dspark.runtime.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle")
+    parser.add_argument("--prompts", default="all", help="code, prose, all (built-in sets) or a prompts file")
+    parser.add_argument("--num-prompts", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--num-draft-tokens", type=int, help="K (default: the bundle's)")
+    args = parser.parse_args()
+    bundle = Bundle.open(args.bundle)
+    tokenizer = Tokenizer(bundle)
+    ids = [tokenizer.encode(p.text) or [tokenizer_fallback(bundle)] for p in load_prompts(args.prompts, args.num_prompts)]
+    report = run_peer(args.bundle, ids, args.max_new_tokens, args.num_draft_tokens, args.threads, args.repeats)
+    report.pop("generated_token_ids", None)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,624 @@
+"""``dspark bench``: plain against speculative decoding, every configuration in one process on the same prompts.
+
+A configuration is (method, scheduler, concurrency). ``plain`` is the bundle's target alone (``use_draft=False``);
+a speculative method is named by its bundle's draft (``models.draft.method``: draft-lm, dspark, dflash). Extra
+bundles that share the first bundle's target add their own methods. Plain is always run: it is the baseline.
+
+How it is measured:
+
+- After ``warmup`` untimed passes, ``repeats`` passes run every configuration once each, round-robin, the
+  order rotated every pass, so machine drift hits all configurations alike.
+- Concurrency c: c requests in flight through one engine with ``max_batch=c`` (a closed loop: when one finishes
+  the next prompt is submitted), over max(#prompts, c) requests, prompts cycled. Every request generates exactly
+  ``max_new_tokens`` (end-of-sequence tokens are ignored) so all configurations do the same work.
+- tokens/s: generated tokens of all requests / wall time of the run; the median over repeats is reported.
+- speed-up: tokens/s / plain tokens/s at the same concurrency (both the reported medians).
+- TTFT: submit to first token of each request (prefill plus any wait for a free row); median over requests.
+- ITL: gaps between successive emitted tokens of a request. Tokens of one speculative round are emitted at
+  once and share the round's timestamp, so speculative ITL is bursty (many 0 gaps, then one round's time);
+  p50 and p99 over all gaps are reported as they are. ``tpot_ms`` = (last - first token time) / (tokens - 1).
+- τ (mean accepted length): emitted tokens per round, the bonus token included (plain: 1).
+- acceptance by position: P(draft position k accepted | position k verified), pooled over rounds.
+- verify tokens per accepted token: target tokens verified (K' drafts + 1) per emitted token.
+- ideal speed-up: τ × T(1) / (T_draft + T_verify) from call costs measured in this process at concurrency c:
+  T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for c
+  rows, all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). The gap between the
+  measured and the ideal speed-up is runtime overhead (sampling, acceptance, cache bookkeeping, Python).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dspark.bundle import Bundle
+from dspark.errors import DsparkError
+from dspark.prompts import Prompt
+
+REPORT_FIELDS = ("method", "scheduler", "concurrency", "tokens_per_second", "ttft_ms", "itl_p50_ms", "itl_p99_ms",
+                 "mean_accepted_length", "acceptance_by_position", "verify_tokens_per_accepted", "speedup",
+                 "ideal_speedup")
+
+
+def parse_int_list(value: str | list | tuple, name: str) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    try:
+        values = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise DsparkError(f"{name}: use integers separated by commas, e.g. 1,4,16; got {value!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise DsparkError(f"{name}: need one or more integers >= 1; got {value!r}")
+    return sorted(set(values))
+
+
+def parse_names(value: str | list | tuple | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    names = [v.strip() for v in items if v.strip()]
+    return list(dict.fromkeys(names)) or None
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else 0.0
+
+
+def pooled_acceptance(seqs) -> dict:
+    """τ, acceptance by position, verify tokens per accepted token and the τ histogram over all rounds."""
+    rounds = emitted = verified = 0
+    checked, survived = collections.Counter(), collections.Counter()
+    histogram = collections.Counter()
+    for s in seqs:
+        for v, a in zip(s.verified, s.accepted):
+            rounds += 1
+            emitted += a + 1
+            verified += v + 1
+            histogram[a + 1] += 1
+            for k in range(v):
+                checked[k] += 1
+                survived[k] += a > k
+    width = max(checked, default=-1) + 1
+    return {
+        "rounds": rounds,
+        "mean_accepted_length": emitted / rounds if rounds else 1.0,
+        "acceptance_by_position": [survived[k] / checked[k] for k in range(width)],
+        "verify_tokens_per_accepted": verified / emitted if emitted else 1.0,
+        "accepted_length_histogram": {str(n): histogram[n] for n in sorted(histogram)},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@dataclass
+class Run:
+    wall_s: float
+    seqs: list
+    stamps: list[list[float]]  # per request: time of each generated token
+
+
+@dataclass
+class Configuration:
+    method: str
+    scheduler: str | None
+    concurrency: int
+    generator: object
+    bundle: Bundle
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        sched = f"/{self.scheduler}" if self.scheduler else ""
+        return f"{self.method}{sched}@c{self.concurrency}"
+
+
+def run_closed_loop(gen, requests: list, concurrency: int) -> Run:
+    """Keep ``concurrency`` requests in flight until all are done; time every emitted token."""
+    if gen.has_work():
+        raise DsparkError("the engine still has work from a previous run")
+    gen.max_batch = concurrency
+    pending = collections.deque(requests)
+    inflight: dict[int, tuple] = {}  # id(seq) -> (seq, index)
+    seqs, stamps, counts = [None] * len(requests), [[] for _ in requests], [0] * len(requests)
+    start = time.perf_counter()
+
+    def top_up():
+        while pending and len(inflight) < concurrency:
+            i = len(requests) - len(pending)
+            seq = gen.submit(pending.popleft())
+            seqs[i] = seq
+            inflight[id(seq)] = (seq, i)
+
+    top_up()
+    while inflight:
+        gen.step()
+        now = time.perf_counter()
+        for key, (seq, i) in list(inflight.items()):
+            n = len(seq.generated)
+            if n > counts[i]:
+                new = n - counts[i]
+                if counts[i] == 0:
+                    stamps[i].append(seq.first_token_at)
+                    new -= 1
+                stamps[i] += [now] * new
+                counts[i] = n
+            if seq.done:
+                del inflight[key]
+        top_up()
+    return Run(time.perf_counter() - start, seqs, stamps)
+
+
+def summarize(config: Configuration) -> dict:
+    rates = [sum(len(s.generated) for s in r.seqs) / r.wall_s for r in config.runs]
+    seqs = [s for r in config.runs for s in r.seqs]
+    ttft = [s.stats()["time_to_first_token_ms"] for s in seqs]
+    gaps, tpot = [], []
+    for r in config.runs:
+        for st in r.stamps:
+            gaps += [1000 * (b - a) for a, b in zip(st, st[1:])]
+            if len(st) > 1:
+                tpot.append(1000 * (st[-1] - st[0]) / (len(st) - 1))
+    pooled = pooled_acceptance(seqs)
+    by_domain = {}
+    for domain in sorted({getattr(s, "bench_domain", "custom") for s in seqs}):
+        chosen = [s for s in seqs if getattr(s, "bench_domain", "custom") == domain]
+        by_domain[domain] = {"mean_accepted_length": pooled_acceptance(chosen)["mean_accepted_length"],
+                             "requests": len(chosen)}
+    return {
+        "method": config.method,
+        "scheduler": config.scheduler,
+        "concurrency": config.concurrency,
+        "num_draft_tokens": config.generator.num_draft_tokens,
+        "requests": len(config.runs[0].seqs),
+        "generated_tokens": sum(len(s.generated) for s in config.runs[0].seqs),
+        "tokens_per_second": statistics.median(rates),
+        "tokens_per_second_runs": rates,
+        "wall_s_runs": [r.wall_s for r in config.runs],
+        "ttft_ms": statistics.median(ttft),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "itl_p50_ms": percentile(gaps, 50),
+        "itl_p99_ms": percentile(gaps, 99),
+        "tpot_ms": statistics.mean(tpot) if tpot else 0.0,
+        **pooled,
+        "by_domain": by_domain,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ call costs
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def call_costs(gen, rows: int, context: int, repeats: int) -> dict:
+    """Median ms of a target call with ``rows`` rows of 1 and of K+1 tokens, and of one draft round for ``rows``."""
+    from dspark.runtime.decoder import decoder_cache, run_decoder
+    from dspark.runtime.generate import Request
+
+    bundle, k = gen.bundle, gen.num_draft_tokens
+    context = max(1, min(context, bundle.limits["max_context"] - k - 2))
+    cache = decoder_cache(bundle.target["config"], rows, bundle)
+    cache.reserve(context + k + 1)
+    cache.lens[:] = context
+    costs = {"context": context, "t1_ms": median_ms(lambda: run_decoder(gen.target, cache, [[1]] * rows), repeats)}
+    if not gen.proposer:
+        costs.update(t_verify_ms=costs["t1_ms"], t_draft_ms=0.0)
+        return costs
+    costs["t_verify_ms"] = median_ms(lambda: run_decoder(gen.target, cache, [[1] * (k + 1)] * rows), repeats)
+    # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
+    gen.max_batch = rows
+    seqs = [gen.submit(Request([1] * context, max_new_tokens=k + 2, ignore_eos=True)) for _ in range(rows)]
+    gen._admit()
+    proposer = gen.proposer
+    proposer.propose(seqs, [k] * rows)
+    anchors = np.array([len(s.tokens) - 1 for s in seqs])
+
+    def draft_round():
+        if not hasattr(proposer, "pending"):
+            proposer.cache.lens[:] = anchors
+        proposer.propose(seqs, [k] * rows)
+
+    try:
+        costs["t_draft_ms"] = median_ms(draft_round, repeats)
+    finally:
+        for s in seqs:
+            gen.cancel(s)
+        gen.step()  # drops the cancelled rows from the target and draft caches
+    return costs
+
+
+# ------------------------------------------------------------------------------------------------ machine and peers
+def machine_info(threads: int) -> dict:
+    import onnxruntime
+
+    import dspark
+    from dspark.runtime.profile import device_name
+
+    info = {"device": device_name(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": threads, "platform": platform.platform(), "python": platform.python_version(),
+            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__, "dspark": dspark.__version__}
+    try:
+        info["loadavg_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def peer_module():
+    """``bench/peers/hf_assisted.py`` from the source tree, or None when this install has no source tree."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "peers" / "hf_assisted.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("dspark_bench_peer_hf_assisted", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_peers(bundles: dict, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+              num_draft_tokens: int | None, threads: int, repeats: int, log) -> dict:
+    if temperature != 0:
+        return {"status": "skipped", "reason": "the peer comparison is greedy; run with --temperature 0"}
+    lm = [(m, b) for m, b in bundles.items() if m == "draft-lm"]
+    if not lm:
+        return {"status": "skipped", "reason": "no draft-lm method: DSpark and DFlash drafters draft a block from "
+                "the target's hidden features in one call, which transformers' assistant_model (a causal LM "
+                "drafting token by token) cannot express"}
+    module = peer_module()
+    if module is None:
+        return {"status": "skipped", "reason": "bench/peers/hf_assisted.py not found (it ships with the source tree)"}
+    return module.run_peer(lm[0][1].path, prompt_ids, max_new_tokens, num_draft_tokens, threads=threads,
+                           repeats=repeats, log=log)
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+def open_bundles(bundle_dir, extra_bundles=()) -> tuple[Bundle, dict[str, Bundle]]:
+    """The main bundle and every speculative method by name; extra bundles must share the main target."""
+    main = Bundle.open(bundle_dir)
+    methods: dict[str, Bundle] = {}
+    for b in [main] + [Bundle.open(p) for p in extra_bundles]:
+        if b.target["config"] != main.target["config"] or b.manifest["dtype"] != main.manifest["dtype"]:
+            raise DsparkError(f"{b.path} has a different target than {main.path}; bench compares drafts of one target")
+        if b.draft is None:
+            continue
+        method = b.draft["method"]
+        if method in methods:
+            raise DsparkError(f"two bundles have a {method} draft ({methods[method].path}, {b.path}); give one")
+        methods[method] = b
+    return main, methods
+
+
+def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=None, concurrency=(1, 4),
+              schedulers=("fixed",), threshold: float = 0.5, max_new_tokens: int = 64, temperature: float = 0.0,
+              num_draft_tokens: int | None = None, repeats: int = 3, warmup: int = 1, cost_repeats: int = 20,
+              threads: int = 0, seed: int = 0, peers: bool = False, progress: bool = True, log=print) -> dict:
+    """Run every configuration, interleaved; return the report (see the module docstring for definitions)."""
+    from tqdm import tqdm
+
+    from dspark.runtime.generate import Generator, Request
+    from dspark.runtime.sampling import SamplingParams
+
+    if max_new_tokens < 1 or repeats < 1 or warmup < 0 or cost_repeats < 1:
+        raise DsparkError("need --max-new-tokens >= 1, --repeats >= 1, --warmup >= 0 and --cost-repeats >= 1")
+    main, spec_bundles = open_bundles(bundle_dir, extra_bundles)
+    available = ["plain"] + list(spec_bundles)
+    chosen = list(methods) if methods else available
+    unknown = [m for m in chosen if m not in available]
+    if unknown:
+        raise DsparkError(f"unknown method {', '.join(unknown)}: these bundles offer {', '.join(available)}")
+    if "plain" not in chosen:
+        chosen.insert(0, "plain")  # the baseline every speed-up is measured against
+    concurrency = sorted(set(concurrency))
+    for m in chosen:
+        b = main if m == "plain" else spec_bundles[m]
+        if concurrency[-1] > b.limits["max_batch"]:
+            raise DsparkError(f"--concurrency {concurrency[-1]} exceeds the bundle's max_batch "
+                              f"{b.limits['max_batch']} ({b.path}); re-export with --max-batch {concurrency[-1]}")
+    for s in schedulers:
+        if s not in ("fixed", "threshold", "sps"):
+            raise DsparkError(f"unknown scheduler {s!r}: use fixed, threshold or sps")
+
+    machine = machine_info(threads)
+    generators = {("plain", None): Generator(main, threads=threads, use_draft=False, max_batch=concurrency[-1])}
+    for m in chosen:
+        if m == "plain":
+            continue
+        for s in schedulers:
+            generators[(m, s)] = Generator(spec_bundles[m], threads=threads, use_draft=True,
+                                           num_draft_tokens=num_draft_tokens, scheduler=s, threshold=threshold,
+                                           max_batch=concurrency[-1])
+    tokenizer = generators[("plain", None)].tokenizer
+    ids = [tokenizer.encode(p.text) or [tokenizer_fallback(main)] for p in prompts]
+    sampling = SamplingParams(temperature)
+
+    def requests_for(c: int) -> tuple[list, list[str]]:
+        n = max(len(prompts), c)
+        reqs = [Request(list(ids[i % len(ids)]), max_new_tokens, sampling, seed + i, (), True) for i in range(n)]
+        return reqs, [prompts[i % len(prompts)].domain for i in range(n)]
+
+    configs = [Configuration(m, s, c, g, g.bundle) for c in concurrency for (m, s), g in generators.items()]
+    bar = tqdm(total=(warmup + repeats) * len(configs), desc="bench", unit="run", disable=not progress)
+    started = time.time()
+    for p in range(warmup + repeats):
+        shift = p % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            bar.set_postfix_str(config.name)
+            reqs, domains = requests_for(config.concurrency)
+            run = run_closed_loop(config.generator, reqs, config.concurrency)
+            for seq, d in zip(run.seqs, domains):
+                seq.bench_domain = d
+            if p >= warmup:
+                config.runs.append(run)
+            bar.update()
+    bar.close()
+
+    # call costs at every concurrency, for the ideal speed-up
+    mean_prompt = statistics.mean(len(i) for i in ids)
+    context = int(mean_prompt + max_new_tokens // 2)
+    costs = {}
+    for config in tqdm(configs, desc="call costs", unit="cfg", disable=not progress):
+        costs[config.name] = call_costs(config.generator, config.concurrency, context, cost_repeats)
+
+    rows = []
+    plain_rate = {}
+    plain_tokens = {}
+    for config in configs:
+        row = summarize(config)
+        row["bundle"] = str(config.bundle.path)
+        row["call_costs_ms"] = costs[config.name]
+        c = costs[config.name]
+        row["ideal_speedup"] = row["mean_accepted_length"] * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
+        if config.method == "plain":
+            row["ideal_speedup"] = 1.0  # τ = 1, no draft, T_verify = T(1)
+            plain_rate[config.concurrency] = row["tokens_per_second"]
+            plain_tokens[config.concurrency] = [s.generated for s in config.runs[0].seqs]
+        rows.append((config, row))
+    configurations = []
+    for config, row in rows:
+        row["speedup"] = row["tokens_per_second"] / plain_rate[config.concurrency]
+        row["matches_plain"] = (None if temperature != 0 else
+                                [s.generated for s in config.runs[0].seqs] == plain_tokens[config.concurrency])
+        configurations.append(row)
+
+    report = {
+        "bundle": str(main.path),
+        "extra_bundles": [str(p) for p in extra_bundles],
+        "target_source": main.target.get("source"),
+        "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "concurrency": concurrency,
+                     "methods": chosen, "schedulers": list(schedulers), "threshold": threshold,
+                     "num_draft_tokens": num_draft_tokens, "repeats": repeats, "warmup": warmup,
+                     "cost_repeats": cost_repeats, "threads": threads, "seed": seed, "ignore_eos": True},
+        "prompts": {"count": len(prompts), "domains": dict(collections.Counter(p.domain for p in prompts)),
+                    "mean_prompt_tokens": mean_prompt},
+        "configurations": configurations,
+        "machine": machine,
+        "started_unix": int(started),
+        "wall_s": time.time() - started,
+        "definitions": definitions(),
+    }
+    if peers:
+        log("peers: Hugging Face transformers assisted generation ...")
+        try:
+            chosen_bundles = {m: spec_bundles[m] for m in chosen if m != "plain"}
+            report["peers"] = run_peers(chosen_bundles, ids, max_new_tokens, temperature, num_draft_tokens, threads,
+                                        repeats, log)
+        except Exception as e:  # an optional comparison: report it, keep our own results
+            report["peers"] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        if report["peers"].get("status") == "ok":
+            ours = {r["method"]: r["tokens_per_second"] for r in configurations
+                    if r["concurrency"] == 1 and r["scheduler"] in (None, "fixed")}
+            report["peers"]["dspark_plain_tokens_per_second"] = ours.get("plain")
+            report["peers"]["dspark_draft_lm_tokens_per_second"] = ours.get("draft-lm")
+            hf_tokens = report["peers"].pop("generated_token_ids", None)
+            if 1 in plain_tokens:
+                report["peers"]["dspark_plain_matches_hf_plain"] = plain_tokens[1] == hf_tokens
+            if 1 not in concurrency:
+                report["peers"]["note"] = "peers run one request at a time; add 1 to --concurrency to compare"
+        else:
+            log(f"peers {report['peers']['status']}: {report['peers']['reason']}")
+    return report
+
+
+def tokenizer_fallback(bundle: Bundle) -> int:
+    """A prompt that tokenizes to nothing starts from the BOS (or EOS) token."""
+    tok = bundle.tokenizer
+    return tok.get("bos_token_id") if tok.get("bos_token_id") is not None else tok["eos_token_ids"][0]
+
+
+def definitions() -> dict:
+    return {
+        "tokens_per_second": "generated tokens of all requests / wall time of the run; median over repeats",
+        "speedup": "tokens_per_second / plain tokens_per_second at the same concurrency",
+        "ideal_speedup": "mean_accepted_length * T(1) / (T_draft + T_verify), call costs at this concurrency",
+        "ttft_ms": "submit to first token (prefill and any wait for a free row); median over requests",
+        "itl_p50_ms/itl_p99_ms": "percentiles of the gaps between successive tokens of a request; tokens of one "
+                                 "round share its timestamp, so speculative ITL is bursty (many zero gaps)",
+        "tpot_ms": "mean over requests of (last token time - first token time) / (tokens - 1)",
+        "mean_accepted_length": "emitted tokens per round, bonus included (plain: 1)",
+        "acceptance_by_position": "P(position k accepted | position k verified), pooled over rounds",
+        "verify_tokens_per_accepted": "target tokens verified per emitted token",
+        "concurrency": "requests in flight (closed loop) through one engine with max_batch = concurrency",
+    }
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(report: dict) -> str:
+    head = (f"{'method':<10} {'sched':<9} {'c':>3} {'tok/s':>9} {'speedup':>8} {'ideal':>7} {'tau':>6} "
+            f"{'ttft ms':>9} {'itl p50':>8} {'itl p99':>8} {'ver/acc':>8}  acceptance by position")
+    lines = [head, "-" * len(head)]
+    for r in report["configurations"]:
+        acc = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
+        lines.append(f"{r['method']:<10} {r['scheduler'] or '-':<9} {r['concurrency']:>3} "
+                     f"{r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x "
+                     f"{r['mean_accepted_length']:>6.2f} {r['ttft_ms']:>9.1f} {r['itl_p50_ms']:>8.2f} "
+                     f"{r['itl_p99_ms']:>8.2f} {r['verify_tokens_per_accepted']:>8.2f}  {acc}")
+    peers = report.get("peers")
+    if peers:
+        lines.append("")
+        if peers.get("status") == "ok":
+            lines.append(f"peers (c=1, greedy, K={peers['num_assistant_tokens']}): transformers "
+                         f"{peers['transformers']} plain {peers['hf_plain_tokens_per_second']:.1f} tok/s, assisted "
+                         f"{peers['hf_assisted_tokens_per_second']:.1f} tok/s ({peers['hf_speedup']:.2f}x); dspark "
+                         f"plain {_fmt(peers.get('dspark_plain_tokens_per_second'), '.1f')} tok/s, draft-lm "
+                         f"{_fmt(peers.get('dspark_draft_lm_tokens_per_second'), '.1f')} tok/s")
+        else:
+            lines.append(f"peers {peers['status']}: {peers['reason']}")
+    return "\n".join(lines)
+
+
+def markdown(report: dict, plots: list[str]) -> str:
+    s = report["settings"]
+    out = ["# dspark bench", "",
+           f"Bundle `{report['bundle']}`" + (f" (+ {', '.join(report['extra_bundles'])})" if report["extra_bundles"] else "")
+           + f"; {report['prompts']['count']} prompts {report['prompts']['domains']}, {s['max_new_tokens']} new tokens "
+           f"each, temperature {s['temperature']}, {s['repeats']} repeats after {s['warmup']} warm-up passes.", "",
+           "| method | scheduler | c | tok/s | speed-up | ideal | τ | TTFT ms | ITL p50 ms | ITL p99 ms | verify/acc | "
+           "acceptance by position |", "|" + "---|" * 12]
+    for r in report["configurations"]:
+        acc = ", ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
+        out.append(f"| {r['method']} | {r['scheduler'] or '-'} | {r['concurrency']} | {r['tokens_per_second']:.1f} | "
+                   f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['mean_accepted_length']:.2f} | "
+                   f"{r['ttft_ms']:.1f} | {r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | "
+                   f"{r['verify_tokens_per_accepted']:.2f} | {acc} |")
+    out += ["", "Call costs (ms, median) behind the ideal speed-up:", "",
+            "| method | scheduler | c | T(1) | T_verify | T_draft |", "|" + "---|" * 6]
+    for r in report["configurations"]:
+        c = r["call_costs_ms"]
+        out.append(f"| {r['method']} | {r['scheduler'] or '-'} | {r['concurrency']} | {c['t1_ms']:.3f} | "
+                   f"{c['t_verify_ms']:.3f} | {c['t_draft_ms']:.3f} |")
+    peers = report.get("peers")
+    if peers:
+        out += ["", "## Peers", ""]
+        if peers.get("status") == "ok":
+            out += [f"Hugging Face transformers {peers['transformers']} assisted generation (constant schedule, "
+                    f"K={peers['num_assistant_tokens']}, greedy, one request at a time):", "",
+                    "| engine | plain tok/s | speculative tok/s |", "|---|---|---|",
+                    f"| transformers | {peers['hf_plain_tokens_per_second']:.1f} | "
+                    f"{peers['hf_assisted_tokens_per_second']:.1f} |",
+                    f"| dspark | {_fmt(peers.get('dspark_plain_tokens_per_second'), '.1f')} | "
+                    f"{_fmt(peers.get('dspark_draft_lm_tokens_per_second'), '.1f')} |"]
+        else:
+            out.append(f"{peers['status'].capitalize()}: {peers['reason']}")
+    out += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
+    out += ["", "## Machine", "", "```json", json.dumps(report["machine"], indent=2), "```"]
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict, output: Path) -> list[str]:
+    """PNG plots next to the report; an empty list (and no error) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = report["configurations"]
+    label = lambda r: r["method"] + (f"/{r['scheduler']}" if r["scheduler"] else "")  # noqa: E731
+    files = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["acceptance_by_position"]:
+            acc = r["acceptance_by_position"]
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{label(r)} c={r['concurrency']}")
+    ax.set(xlabel="draft position", ylabel="P(accepted | verified)", ylim=(0, 1.05), title="Acceptance by position")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    files.append(_save(fig, output / "acceptance_by_position.png"))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(label(r) for r in rows):
+        mine = sorted((r for r in rows if label(r) == name), key=lambda r: r["concurrency"])
+        cs = [r["concurrency"] for r in mine]
+        left.plot(cs, [r["tokens_per_second"] for r in mine], marker="o", label=name)
+        right.plot(cs, [r["speedup"] for r in mine], marker="o", label=f"{name} measured")
+        if name != "plain":
+            right.plot(cs, [r["ideal_speedup"] for r in mine], marker="x", linestyle="--", label=f"{name} ideal")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.legend(fontsize=8)
+    left.set(ylabel="tokens/s", title="Throughput")
+    right.set(ylabel="speed-up over plain", title="Speed-up")
+    right.axhline(1.0, color="grey", linewidth=0.8)
+    files.append(_save(fig, output / "throughput_by_concurrency.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    spec = [r for r in rows if r["method"] != "plain"] or rows
+    width = 0.8 / len(spec)
+    for i, r in enumerate(spec):
+        hist = {int(k): v for k, v in r["accepted_length_histogram"].items()}
+        total = sum(hist.values()) or 1
+        xs = sorted(hist)
+        ax.bar([x + (i - (len(spec) - 1) / 2) * width for x in xs], [hist[x] / total for x in xs], width=width,
+               label=f"{label(r)} c={r['concurrency']}")
+    ax.set(xlabel="tokens emitted per round (accepted + bonus)", ylabel="fraction of rounds",
+           title="Accepted-length histogram")
+    ax.legend(fontsize=8)
+    files.append(_save(fig, output / "accepted_length_histogram.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def write_report(report: dict, output: str | Path) -> dict:
+    """report.json, report.md and the PNG plots in ``output``; returns {'json', 'markdown', 'plots'} paths."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    plots = plot(report, output)
+    report["plots"] = [Path(p).name for p in plots]
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (output / "report.md").write_text(markdown(report, plots))
+    return {"json": str(output / "report.json"), "markdown": str(output / "report.md"), "plots": plots}
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def check_finite(report: dict) -> list[str]:
+    """Names of report numbers that are missing, NaN or infinite (empty when all are fine)."""
+    bad = []
+    for i, r in enumerate(report["configurations"]):
+        for key in REPORT_FIELDS:
+            if key not in r:
+                bad.append(f"configurations[{i}].{key} missing")
+        for key in ("tokens_per_second", "ttft_ms", "itl_p50_ms", "itl_p99_ms", "mean_accepted_length",
+                    "verify_tokens_per_accepted", "speedup", "ideal_speedup"):
+            v = r.get(key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad.append(f"configurations[{i}].{key} = {v!r}")
+    return bad

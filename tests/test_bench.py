@@ -1,0 +1,115 @@
+"""``dspark bench`` end to end on a tiny draft-lm bundle: every report field present, finite and consistent."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from dspark.bench import check_finite
+from dspark.prompts import builtin_prompts, load_prompts
+from dspark.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_builtin_prompt_sets_ship_with_the_package():
+    prompts = builtin_prompts("all")
+    assert {p.domain for p in prompts} == {"code", "prose"}
+    assert prompts[0].domain != prompts[1].domain  # interleaved: the first few cover every domain
+    assert all(p.text.strip() for p in prompts)
+    assert {p.domain for p in load_prompts("code")} == {"code"}
+    assert len(load_prompts("prose", limit=3)) == 3
+
+
+def test_bench_report_is_complete_and_consistent(qwen3_bundle, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w5 w6 w7", "domain": "a"}\n{"prompt": "w9 w10", "domain": "b"}\nw3 w4\n')
+    out = tmp_path / "report"
+    code, text = run("bench", qwen3_bundle, "--prompts", prompts, "--max-new-tokens", 8, "--concurrency", "1,2",
+                     "--repeats", 1, "--warmup", 1, "--cost-repeats", 3, "--threads", 1, "--peers", "--output", out,
+                     "--no-progress")
+    assert code == 0, text
+    assert "tok/s" in text and "draft-lm" in text  # the terminal table
+
+    report = json.loads((out / "report.json").read_text())
+    assert check_finite(report) == []
+    assert {"cpu", "cores", "onnxruntime", "python"} <= set(report["machine"])
+    rows = report["configurations"]
+    assert {(r["method"], r["concurrency"]) for r in rows} == {(m, c) for m in ("plain", "draft-lm") for c in (1, 2)}
+    plain = {r["concurrency"]: r for r in rows if r["method"] == "plain"}
+    k = 6  # the qwen3 bundle's draft tokens per round
+    for r in rows:
+        assert r["requests"] == max(3, r["concurrency"])
+        assert r["generated_tokens"] == 8 * r["requests"]  # end-of-sequence ignored: every request runs to length
+        assert r["tokens_per_second"] == pytest.approx(r["generated_tokens"] / r["wall_s_runs"][0])
+        assert r["speedup"] == pytest.approx(r["tokens_per_second"] / plain[r["concurrency"]]["tokens_per_second"])
+        c = r["call_costs_ms"]
+        assert r["ideal_speedup"] == pytest.approx(r["mean_accepted_length"] * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"]))
+        assert all(0 <= a <= 1 for a in r["acceptance_by_position"])
+        assert r["ttft_ms"] > 0 and 0 <= r["itl_p50_ms"] <= r["itl_p99_ms"]
+        hist = {int(n): v for n, v in r["accepted_length_histogram"].items()}
+        assert sum(hist.values()) == r["rounds"]
+        # every token but each request's first (from the prefill) comes out of a round
+        assert sum(n * v for n, v in hist.items()) == r["generated_tokens"] - r["requests"]
+        assert r["mean_accepted_length"] == pytest.approx(sum(n * v for n, v in hist.items()) / r["rounds"])
+        assert r["matches_plain"] is True  # greedy speculative decoding is lossless
+        if r["method"] == "plain":
+            assert r["speedup"] == 1.0 and r["ideal_speedup"] == 1.0 and r["mean_accepted_length"] == 1.0
+            assert r["acceptance_by_position"] == [] and r["verify_tokens_per_accepted"] == 1.0
+        else:
+            assert r["scheduler"] == "fixed" and r["num_draft_tokens"] == k
+            assert 1 <= r["mean_accepted_length"] <= k + 1
+            assert 1 <= len(r["acceptance_by_position"]) <= k
+            assert r["verify_tokens_per_accepted"] >= 1
+            assert c["t_draft_ms"] > 0 and c["t_verify_ms"] > 0
+
+    peers = report["peers"]
+    assert peers["status"] == "ok", peers
+    for key in ("hf_plain_tokens_per_second", "hf_assisted_tokens_per_second", "dspark_plain_tokens_per_second",
+                "dspark_draft_lm_tokens_per_second"):
+        assert math.isfinite(peers[key]) and peers[key] > 0
+    assert peers["num_assistant_tokens"] == k
+    assert peers["dspark_plain_matches_hf_plain"] is True  # same checkpoints, same greedy tokens
+    assert peers["assisted_matches_plain"] is True
+
+    assert (out / "report.md").read_text().startswith("# dspark bench")
+    assert len(report["plots"]) == 3
+    for name in report["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG
+
+
+def test_bench_refuses_concurrency_above_max_batch(qwen3_bundle, tmp_path):
+    code, text = run("bench", qwen3_bundle, "--concurrency", "1,16", "--output", tmp_path / "r", "--no-progress")
+    assert code == 2 and "max_batch 8" in text
+
+
+def test_bench_refuses_unknown_method(qwen3_bundle, tmp_path):
+    code, text = run("bench", qwen3_bundle, "--methods", "plain,dspark", "--output", tmp_path / "r", "--no-progress")
+    assert code == 2 and "unknown method dspark" in text and "draft-lm" in text
+
+
+def test_bench_block_drafter_with_extra_bundle_and_schedulers(dspark_bundle, qwen3_bundle, tmp_path):
+    out = tmp_path / "report"
+    code, text = run("bench", dspark_bundle, "--extra-bundle", qwen3_bundle, "--methods", "plain,dspark",
+                     "--scheduler", "fixed,threshold", "--prompts", "prose", "--num-prompts", 2, "--max-new-tokens", 6,
+                     "--concurrency", 2, "--repeats", 1, "--warmup", 0, "--cost-repeats", 2, "--threads", 1, "--peers",
+                     "--output", out, "--no-progress")
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert check_finite(report) == []
+    rows = {(r["method"], r["scheduler"]): r for r in report["configurations"]}
+    assert set(rows) == {("plain", None), ("dspark", "fixed"), ("dspark", "threshold")}
+    for r in rows.values():
+        assert r["speedup"] == pytest.approx(r["tokens_per_second"] / rows[("plain", None)]["tokens_per_second"])
+        assert r["matches_plain"] is True
+    assert rows[("dspark", "fixed")]["call_costs_ms"]["t_draft_ms"] > 0
+    assert report["peers"]["status"] == "skipped" and "DSpark" in report["peers"]["reason"]
+    assert "peers skipped" in text
