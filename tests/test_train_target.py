@@ -34,7 +34,9 @@ def test_tokenizer_round_trip_and_files(data):
     files = json.loads((data / "files.json").read_text())
     for rel in files["train"][:3] + files["heldout"][:2]:
         text = (C.stdlib_dir() / rel).read_text()
-        assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+        ids = tok.encode(text).ids
+        assert ids[0] == 0  # prompts start with <|endoftext|>, as every training document does
+        assert tok.decode(ids[1:], skip_special_tokens=False) == text
     cfg = json.loads((data / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["eos_token"] == "<|endoftext|>"
     ids = np.load(data / "train.npy")

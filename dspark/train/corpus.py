@@ -149,15 +149,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def save_tokenizer(tok, out: str | Path, model_max_length: int = 2048) -> None:
+    from tokenizers import processors
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # encode() starts a prompt with <|endoftext|>, as every training document starts (encode_documents)
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, EOS_ID)])
     tok.save(str(out / "tokenizer.json"))
     special = {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS, "mask_token": MASK}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
         "model_max_length": model_max_length,
-        "add_bos_token": False,
+        "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {
