@@ -60,7 +60,8 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
     for name, model in manifest["models"].items():
         c = model["config"]
         kind = model.get("method", "target")
-        click.echo(f"  {name:7s} {kind:9s} {c['architecture']} layers={c['num_layers']} d={c['hidden_size']} vocab={c['vocab_size']}")
+        block = f" block={c['block_size']}" if "block_size" in c else ""
+        click.echo(f"  {name:7s} {kind:9s} layers={c['num_layers']} d={c['hidden_size']} vocab={c['vocab_size']}{block}")
     click.echo(f"  graphs: {', '.join(manifest['graphs'])}; files: {len(manifest['files'])}, {size / 1e6:.1f} MB; "
                f"{manifest['export_seconds']} s")
 

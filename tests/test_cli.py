@@ -132,3 +132,13 @@ def test_help_explains_every_option(command):
     code, out = run(command, "--help")
     assert code == 0
     assert out.count("--") >= 6
+
+
+def test_export_dspark_drafter_from_the_cli(qwen3_pair, tmp_path):
+    from conftest import deepspec_drafter
+
+    target, target_dir, _ = qwen3_pair
+    draft_dir = deepspec_drafter(target, target_dir, tmp_path / "dspark", "vanilla", block_size=3)
+    code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "b", "--max-context", 64)
+    assert code == 0, out
+    assert "dspark" in out and "block=3" in out
