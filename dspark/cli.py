@@ -66,6 +66,9 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
                f"{manifest['export_seconds']} s")
 
 
+DEMO_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n    '
+
+
 def parse_block_schedule(_ctx, _param, value):
     """'1:7,4:4,16:0' -> {1: 7, 4: 4, 16: 0}."""
     if not value:
@@ -173,7 +176,8 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
 
 
 @main.command()
-@click.option("--prompt", default="def ", show_default=True, help="Prompt text for the shipped Python-code model.")
+@click.option("--prompt", default=DEMO_PROMPT, help="Prompt text for the shipped Python-code model (default: the start of a "
+              "function with a docstring).")
 @click.option("--draft", type=click.Choice(["dspark", "draft-lm"]), default="dspark", show_default=True,
               help="Which shipped drafter to pair with the target.")
 @click.option("--max-new-tokens", default=96, show_default=True, help="Tokens to generate.")
