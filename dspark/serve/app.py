@@ -280,15 +280,7 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
             if any(not 0 <= t < vocab_size for t in ids):
                 raise APIError(400, f"token ids must be in [0, {vocab_size})", param="prompt", code="invalid_value")
         handle = submit(build_request(req, ids, "prompt", req.max_tokens, 16))
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            return stream(handle, False, rid, bool(req.stream_options and req.stream_options.include_usage))
-        seq = await finish(request, handle)
-        if seq is None:
-            return Response(status_code=499)
-        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                             "choices": [{"index": 0, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason}],
-                             "usage": usage(seq)})
+        return await respond(request, req, handle, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -314,16 +306,23 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
         ids = generator.tokenizer.fast.encode(text, add_special_tokens=False).ids  # the template writes special tokens
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         handle = submit(build_request(req, ids, "messages", max_tokens, max(1, max_context - len(ids))))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await respond(request, req, handle, chat=True)
+
+    async def respond(request: HTTPRequest, req, handle, chat: bool):
+        """The stream of a request, or its whole response once it has finished."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if req.stream:
-            return stream(handle, True, rid, bool(req.stream_options and req.stream_options.include_usage))
+            return stream(handle, chat, rid, bool(req.stream_options and req.stream_options.include_usage))
         seq = await finish(request, handle)
         if seq is None:
             return Response(status_code=499)
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": seq.text},
-                                          "logprobs": None, "finish_reason": seq.finish_reason}],
-                             "usage": usage(seq)})
+        if chat:
+            kind, choice = "chat.completion", {"message": {"role": "assistant", "content": seq.text}}
+        else:
+            kind, choice = "text_completion", {"text": seq.text}
+        choice.update(index=0, logprobs=None, finish_reason=seq.finish_reason)
+        return JSONResponse({"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
+                             "choices": [choice], "usage": usage(seq)})
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
