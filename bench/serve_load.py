@@ -14,25 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import threading
 import time
 
 import httpx
 
-
-def machine() -> dict:
-    import onnxruntime
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__}
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+from dspark.bench import machine_info, percentile
 
 
 def start_server(bundle: str, threads: int, max_batch: int | None, max_queue: int):
@@ -141,7 +129,7 @@ def main() -> None:
         if server is not None:
             server.should_exit = True
             thread.join(30)
-    report = {"machine": machine(), "url": url, "bundle": args.bundle, "max_tokens": args.max_tokens,
+    report = {"machine": machine_info(args.threads), "url": url, "bundle": args.bundle, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "levels": rows}
     if args.json:
         print(json.dumps(report, indent=2))

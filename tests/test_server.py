@@ -7,7 +7,6 @@ test runs ``dspark serve`` as a subprocess. Every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

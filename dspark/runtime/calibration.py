@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.runtime.sampling import sigmoid
 
 CALIBRATION_FILE = "calibration.json"
 GRID = np.exp(np.linspace(np.log(0.25), np.log(8.0), 97))
@@ -53,10 +54,6 @@ def fit_sts(logits: np.ndarray, accepted: np.ndarray) -> dict:
         after.append(ece(survival_fit, labels))
     return {"sts_temperatures": temps.tolist(), "ece_before": before, "ece_after": after, "ece_bins": BINS,
             "rounds": int(rounds)}
-
-
-def sigmoid(x):
-    return 1 / (1 + np.exp(-x))
 
 
 def load_temperatures(bundle: Bundle) -> np.ndarray | None:

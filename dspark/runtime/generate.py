@@ -25,7 +25,7 @@ from dspark.errors import DsparkError
 from dspark.runtime.decoder import decoder_cache, feed, run_decoder
 from dspark.runtime.proposers import BlockProposer, Proposal, make_proposer
 from dspark.runtime.runners import make_runner
-from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample
+from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
 from dspark.runtime.schedulers import block_cap, make_scheduler
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
 
@@ -93,10 +93,6 @@ class Sequence:
                 "num_accepted_tokens_per_pos": per_pos,
             },
         }
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
 
 
 class Generator:

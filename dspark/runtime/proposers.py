@@ -51,9 +51,9 @@ class DraftLMProposer:
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
         cache, chunk = self.cache, self.bundle.limits["prefill_chunk"]
-        proposals = [Proposal([], None if s.request.sampling.greedy else []) for s in seqs]
         if not any(caps):
             return [Proposal([]) for _ in seqs]
+        proposals = [Proposal([], None if s.request.sampling.greedy else []) for s in seqs]
         # first step: catch up on every committed token this draft has not read
         pending = [s.tokens[cache.lens[r] :] if caps[r] else [] for r, s in enumerate(seqs)]
         logits = feed(self.runner, cache, pending, chunk)

@@ -59,6 +59,10 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
 def sample(probs: np.ndarray, u: float) -> int:
     """Inverse-CDF draw from a 1-D distribution with uniform ``u`` in [0, 1)."""
     cdf = np.cumsum(probs)

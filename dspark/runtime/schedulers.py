@@ -150,7 +150,7 @@ class SpsScheduler(Scheduler):
 
 def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = True) -> list[int]:
     """Algorithm 1: greedy admission by prefix survival, stopping at the first non-improvement."""
-    rows = sum(1 for _ in proposed)
+    rows = len(proposed)
     candidates = []
     for r, (conf, n) in enumerate(zip(confidences, proposed)):
         if not n:
