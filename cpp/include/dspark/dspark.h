@@ -1,0 +1,72 @@
+/* dspark C API: a plain C interface over the C++ host, for other languages to bind (ctypes, cgo, JNI...).
+ *
+ * Handles are opaque. Functions that can fail return NULL or a negative value and leave a message for
+ * dspark_last_error() (per thread, valid until the next call on that thread). Strings the library returns
+ * belong to the handle they came from, except those from dspark_decode, which the caller frees with
+ * dspark_free_string. Nothing here throws or aborts on bad input.
+ */
+#ifndef DSPARK_H
+#define DSPARK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct dspark_engine dspark_engine;
+typedef struct dspark_results dspark_results;
+
+typedef struct {
+  int use_draft;          /* 0: plain decoding with the target alone */
+  int num_draft_tokens;   /* 0: the bundle's */
+  int max_batch;          /* 0: the bundle's */
+  int threads;            /* ONNX Runtime intra-op threads; 0: all cores */
+  int verify_sha256;      /* file sizes are always checked; sha256 too when non-zero */
+  const char* backend;    /* "ort" (default when NULL) or "trt" */
+  const char* provider;   /* "cpu" (default when NULL), "cuda", "tensorrt" */
+} dspark_options;
+
+typedef struct {
+  const int64_t* prompt_ids;
+  size_t prompt_len;
+  int max_new_tokens;
+  double temperature, top_p;
+  int top_k;
+  uint64_t seed;
+  int ignore_eos;
+} dspark_request;
+
+/* called with each request's new text as it becomes safe to show */
+typedef void (*dspark_text_callback)(size_t request_index, const char* delta, void* user);
+
+const char* dspark_last_error(void);
+void dspark_options_init(dspark_options* options);
+void dspark_request_init(dspark_request* request);
+
+dspark_engine* dspark_open(const char* bundle_dir, const dspark_options* options); /* NULL on error */
+void dspark_close(dspark_engine* engine);
+
+/* token ids of `text`: writes at most `capacity` ids, returns how many there are (-1 on error) */
+long dspark_encode(dspark_engine* engine, const char* text, int64_t* ids, size_t capacity);
+char* dspark_decode(dspark_engine* engine, const int64_t* ids, size_t count); /* NULL on error */
+void dspark_free_string(char* text);
+
+/* run `count` requests to completion (continuously batched); NULL on error */
+dspark_results* dspark_generate(dspark_engine* engine, const dspark_request* requests, size_t count, int trace,
+                                dspark_text_callback on_text, void* user);
+size_t dspark_results_count(const dspark_results* results);
+const int64_t* dspark_results_tokens(const dspark_results* results, size_t index, size_t* count);
+const char* dspark_results_text(const dspark_results* results, size_t index);
+const char* dspark_results_finish_reason(const dspark_results* results, size_t index);
+/* the `dspark generate --json` object of one request, and its --trace lines (newline-terminated) */
+const char* dspark_results_json(const dspark_results* results, size_t index);
+const char* dspark_results_trace(const dspark_results* results, size_t index);
+void dspark_results_free(dspark_results* results);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DSPARK_H */

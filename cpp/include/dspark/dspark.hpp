@@ -1,0 +1,107 @@
+// dspark C++ host: open a bundle folder (manifest.json + ONNX graphs + tokenizer) and run plain or speculative
+// decoding over it with ONNX Runtime (or TensorRT engines), producing the tokens `dspark generate` produces.
+//
+//   dspark::Engine engine("bundles/qwen3", dspark::Options{});
+//   dspark::Request req;
+//   req.prompt_ids = engine.encode("def fib(n):");
+//   auto results = engine.generate({req}, [](size_t i, const std::string& delta) { std::cout << delta; });
+//
+// Errors (a bundle that does not match its manifest, a prompt longer than the context, bad options) are thrown
+// as dspark::Error with one line naming the problem and the fix.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace dspark {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct SamplingParams {
+  double temperature = 0.0;  // 0 is greedy
+  double top_p = 1.0;        // nucleus mass; 1 disables it
+  int top_k = 0;             // 0 disables it
+  bool greedy() const { return temperature == 0.0; }
+  void check() const;  // throws Error for out-of-range values
+};
+
+struct Request {
+  std::vector<int64_t> prompt_ids;
+  int max_new_tokens = 128;
+  SamplingParams sampling;
+  uint64_t seed = 0;               // numpy default_rng(seed) stream: the Python runtime's draws
+  std::vector<std::string> stop;   // stop strings (cut from the text)
+  bool ignore_eos = false;
+};
+
+struct Options {
+  bool use_draft = true;          // false: plain decoding with the target alone
+  int num_draft_tokens = 0;       // 0: the bundle's
+  int max_batch = 0;              // 0: the bundle's (and its ceiling)
+  int threads = 0;                // ONNX Runtime intra-op threads; 0: all cores
+  bool verify_sha256 = true;      // file sizes are always checked; sha256 too unless false
+  std::string backend = "ort";    // "ort" (ONNX Runtime) or "trt" (TensorRT engines from `dspark build`)
+  std::string provider = "cpu";   // ONNX Runtime execution provider: cpu, cuda, tensorrt
+  std::string engines_dir;        // trt backend: bundle/engines/<gpu>-<trt>; empty: the only one there
+};
+
+struct TraceRound {
+  int round = 0;
+  int64_t position = 0;
+  std::vector<int64_t> draft_tokens;
+  std::vector<double> confidence;  // empty and has_confidence false when the drafter has no confidence head
+  bool has_confidence = false;
+  int verify_length = 0;
+  int accepted = 0;
+  std::vector<int64_t> emitted;
+};
+
+struct Result {
+  std::vector<int64_t> generated;
+  std::string text;
+  std::string finish_reason;  // "stop" or "length"
+  std::vector<int> drafted, verified, accepted;  // per round
+  std::vector<TraceRound> trace;                 // when tracing
+  double elapsed_s = 0, time_to_first_token_ms = -1;
+
+  std::string stats_json() const;  // the `stats` object of `dspark generate --json`
+  std::string json() const;        // {"text", "token_ids", "finish_reason", "stats"}
+  static std::string trace_json(const TraceRound& row, int prompt_index = -1);  // one --trace line
+};
+
+class Tokenizer;  // dspark/tokenizer.hpp
+
+// A bundle opened for generation: its graphs, KV caches and tokenizer. Not thread-safe: one caller at a time.
+class Engine {
+ public:
+  Engine(const std::string& bundle_dir, const Options& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  std::vector<int64_t> encode(const std::string& text) const;
+  std::string decode(const std::vector<int64_t>& ids) const;
+  const Tokenizer& tokenizer() const;
+
+  // Run the requests to completion, continuously batched (at most max_batch at once, admitted in order).
+  // on_text(i, delta) streams request i's text as it becomes safe to show.
+  std::vector<Result> generate(const std::vector<Request>& requests, bool trace = false,
+                               const std::function<void(size_t, const std::string&)>& on_text = nullptr);
+
+  int num_draft_tokens() const;  // 0 for plain decoding
+  int max_context() const;
+  std::string draft_method() const;  // "", "draft-lm", "dspark" or "dflash"
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dspark

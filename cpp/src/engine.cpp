@@ -1,0 +1,244 @@
+// The speculative loop with continuous batching, as dspark/runtime/generate.py: admit -> propose -> verify ->
+// accept -> commit, plain decoding being the same loop with no draft tokens. Rows are the running sequences,
+// compacted; newcomers are prefilled on their own rows and appended. Every choice that decides an emitted
+// token (batch composition, cache capacity, the order of random draws) follows the Python runtime, so both give
+// the same tokens and traces for the same bundle and seeds.
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <set>
+
+#include "bundle.hpp"
+#include "decoder.hpp"
+#include "dspark/dspark.hpp"
+#include "dspark/tokenizer.hpp"
+#include "proposers.hpp"
+#include "sampling.hpp"
+#include "sequence.hpp"
+
+namespace dspark {
+
+using Clock = std::chrono::steady_clock;
+
+void SamplingParams::check() const {
+  if (!(temperature >= 0)) throw Error("temperature must be >= 0, got " + std::to_string(temperature));
+  if (!(top_p > 0 && top_p <= 1)) throw Error("top-p must be in (0, 1], got " + std::to_string(top_p));
+  if (top_k < 0) throw Error("top-k must be >= 0 (0 disables it), got " + std::to_string(top_k));
+}
+
+struct Engine::Impl {
+  Impl(const std::string& dir, const Options& o)
+      : options(o),
+        bundle(dir, o.verify_sha256),
+        tokenizer(Tokenizer::from_file(bundle.file("tokenizer.json"))),
+        eos(bundle.eos_ids.begin(), bundle.eos_ids.end()),
+        target(make_decoder(make_runner(bundle, "target", o, true), bundle.graph("target"))),
+        cache(decoder_cache(bundle.target, 0, bundle)) {
+    if (o.max_batch < 0) throw Error("max-batch must be positive, got " + std::to_string(o.max_batch));
+    if (o.num_draft_tokens < 0)
+      throw Error("num-draft-tokens must be positive, got " + std::to_string(o.num_draft_tokens));
+    max_batch = o.max_batch ? std::min(o.max_batch, bundle.max_batch) : bundle.max_batch;
+    if (o.use_draft && bundle.has_draft) proposer = make_proposer(bundle, o);
+  }
+
+  Options options;
+  Bundle bundle;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::set<int64_t> eos;
+  std::unique_ptr<Decoder> target;
+  KVCache cache;
+  std::unique_ptr<Proposer> proposer;
+  int max_batch = 1;
+  std::vector<Sequence*> running;
+  std::function<void(size_t, const std::string&)> on_text;
+  bool trace = false;
+  Clock::time_point started;
+
+  int k() const { return proposer ? proposer->k : 0; }
+
+  void admit(std::deque<Sequence*>& waiting) {
+    std::vector<Sequence*> fresh;
+    while (!waiting.empty() && running.size() + fresh.size() < static_cast<size_t>(max_batch)) {
+      fresh.push_back(waiting.front());
+      waiting.pop_front();
+    }
+    if (fresh.empty()) return;
+    // prefill the newcomers on their own rows: the running rows are not recomputed
+    KVCache rows = cache.empty_like(static_cast<int>(fresh.size()));
+    std::vector<std::vector<int64_t>> prompts;
+    for (auto* s : fresh) prompts.push_back(s->tokens);
+    std::vector<std::vector<float>> features(fresh.size());
+    bool taps = proposer && proposer->wants_features();
+    auto logits = feed(*target, rows, prompts, bundle.prefill_chunk, taps ? &features : nullptr);
+    cache.add_rows(rows);
+    if (proposer) proposer->add(static_cast<int>(fresh.size()), taps ? &features : nullptr);
+    running.insert(running.end(), fresh.begin(), fresh.end());
+    for (size_t i = 0; i < fresh.size(); ++i) {
+      Sequence& s = *fresh[i];
+      const SamplingParams& p = s.request.sampling;
+      int vocab = target->vocab;
+      int64_t token = p.greedy() ? argmax(logits[i].data(), vocab)
+                                 : sample(probabilities(logits[i].data(), vocab, p), s.rng.random());
+      emit(s, {token});
+    }
+  }
+
+  void round() {
+    std::vector<Sequence*>& seqs = running;
+    size_t n = seqs.size();
+    std::vector<int64_t> anchors(n);
+    std::vector<int> caps(n);
+    for (size_t r = 0; r < n; ++r) {
+      Sequence& s = *seqs[r];
+      anchors[r] = static_cast<int64_t>(s.tokens.size()) - 1;
+      int64_t room = std::min<int64_t>(s.request.max_new_tokens - static_cast<int64_t>(s.result.generated.size()),
+                                       bundle.max_context - static_cast<int64_t>(s.tokens.size())) - 1;
+      caps[r] = s.done() ? 0 : static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(k(), room)));
+    }
+    std::vector<Proposal> proposals = proposer ? proposer->propose(seqs, caps) : std::vector<Proposal>(n);
+    std::vector<std::vector<int64_t>> parts(n);
+    std::vector<int> lengths(n), drafted(n);
+    for (size_t r = 0; r < n; ++r) {
+      drafted[r] = lengths[r] = static_cast<int>(proposals[r].tokens.size());  // the fixed scheduler: verify all
+      if (seqs[r]->done()) continue;
+      parts[r].push_back(seqs[r]->tokens.back());
+      parts[r].insert(parts[r].end(), proposals[r].tokens.begin(), proposals[r].tokens.end());
+    }
+    target->run(cache, parts, false);
+    std::vector<int> accepted(n, 0), counts(n, 0);
+    std::vector<std::vector<int64_t>> emitted(n);
+    for (size_t r = 0; r < n; ++r) {
+      if (parts[r].empty()) continue;
+      const Proposal& p = proposals[r];
+      Verdict v = dspark::accept(target->logits(static_cast<int>(r), 0), target->vocab, p.tokens, p.probs,
+                                 seqs[r]->request.sampling, seqs[r]->rng);
+      accepted[r] = v.accepted;
+      emitted[r].assign(p.tokens.begin(), p.tokens.begin() + v.accepted);
+      emitted[r].push_back(v.token);
+      counts[r] = static_cast<int>(emitted[r].size());
+    }
+    target->commit(cache, counts);
+    if (proposer) proposer->commit(*target, anchors, drafted, accepted);
+    for (size_t r = 0; r < n; ++r) {
+      if (parts[r].empty()) continue;
+      Sequence& s = *seqs[r];
+      Result& res = s.result;
+      res.drafted.push_back(drafted[r]);
+      res.verified.push_back(lengths[r]);
+      res.accepted.push_back(accepted[r]);
+      std::vector<int64_t> committed = emit(s, emitted[r]);
+      if (trace) {
+        TraceRound row;
+        row.round = static_cast<int>(res.accepted.size());
+        row.position = anchors[r];
+        row.draft_tokens = proposals[r].tokens;
+        row.has_confidence = proposals[r].has_confidence;
+        for (double z : proposals[r].confidence) row.confidence.push_back(sigmoid(z));
+        row.verify_length = lengths[r];
+        row.accepted = accepted[r];
+        row.emitted = committed;
+        res.trace.push_back(std::move(row));
+      }
+    }
+  }
+
+  // commit tokens in order until a stop condition; return the ones committed
+  std::vector<int64_t> emit(Sequence& s, const std::vector<int64_t>& tokens) {
+    std::vector<int64_t> committed;
+    Result& res = s.result;
+    for (int64_t t : tokens) {
+      s.tokens.push_back(t);
+      res.generated.push_back(t);
+      committed.push_back(t);
+      if (res.time_to_first_token_ms < 0)
+        res.time_to_first_token_ms = std::chrono::duration<double, std::milli>(Clock::now() - started).count();
+      if (eos.count(t) && !s.request.ignore_eos) res.finish_reason = "stop";
+      else if (static_cast<int>(res.generated.size()) >= s.request.max_new_tokens ||
+               static_cast<int>(s.tokens.size()) >= bundle.max_context)
+        res.finish_reason = "length";
+      if (s.done()) break;
+    }
+    std::vector<int64_t> text_ids;
+    for (int64_t t : res.generated)
+      if (!eos.count(t)) text_ids.push_back(t);
+    std::string delta = s.stream.update(text_ids, s.done());
+    if (s.stream.stopped && !s.done()) res.finish_reason = "stop";
+    res.text = s.stream.text;
+    if (on_text && !delta.empty()) on_text(s.index, delta);
+    return committed;
+  }
+
+  void retire() {
+    std::vector<int> keep;
+    std::vector<Sequence*> still;
+    for (size_t r = 0; r < running.size(); ++r)
+      if (!running[r]->done()) {
+        keep.push_back(static_cast<int>(r));
+        still.push_back(running[r]);
+      } else {
+        running[r]->result.elapsed_s = std::chrono::duration<double>(Clock::now() - started).count();
+      }
+    if (still.size() == running.size()) return;
+    running = still;
+    cache.keep_rows(keep);
+    if (proposer) proposer->keep(keep);
+  }
+};
+
+Engine::Engine(const std::string& bundle_dir, const Options& options) : impl_(std::make_unique<Impl>(bundle_dir, options)) {}
+Engine::~Engine() = default;
+
+std::vector<int64_t> Engine::encode(const std::string& text) const { return impl_->tokenizer->encode(text); }
+std::string Engine::decode(const std::vector<int64_t>& ids) const { return impl_->tokenizer->decode(ids); }
+const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer; }
+int Engine::num_draft_tokens() const { return impl_->k(); }
+int Engine::max_context() const { return impl_->bundle.max_context; }
+std::string Engine::draft_method() const { return impl_->proposer ? impl_->bundle.draft_method : ""; }
+
+std::vector<Result> Engine::generate(const std::vector<Request>& requests, bool trace,
+                                     const std::function<void(size_t, const std::string&)>& on_text) {
+  Impl& m = *impl_;
+  // check every request before any runs: nothing is half-done when one is refused
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const Request& r = requests[i];
+    if (r.prompt_ids.empty()) throw Error("the prompt is empty; give at least one token of text");
+    if (static_cast<int64_t>(r.prompt_ids.size()) + 1 > m.bundle.max_context)
+      throw Error("the prompt has " + std::to_string(r.prompt_ids.size()) + " tokens but the bundle's max context is " +
+                  std::to_string(m.bundle.max_context) + "; shorten the prompt or re-export with a larger --max-context");
+    for (int64_t id : r.prompt_ids)
+      if (id < 0 || id >= m.target->vocab)
+        throw Error("prompt token id " + std::to_string(id) + " is outside the vocabulary (0.." +
+                    std::to_string(m.target->vocab - 1) + ")");
+    if (r.max_new_tokens < 1) throw Error("max-new-tokens must be at least 1, got " + std::to_string(r.max_new_tokens));
+    r.sampling.check();
+  }
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  std::deque<Sequence*> waiting;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    seqs.push_back(std::make_unique<Sequence>(requests[i], *m.tokenizer, i));
+    waiting.push_back(seqs.back().get());
+  }
+  m.on_text = on_text;
+  m.trace = trace;
+  m.started = Clock::now();
+  try {
+    while (!waiting.empty() || !m.running.empty()) {
+      m.admit(waiting);
+      bool live = false;
+      for (auto* s : m.running) live = live || !s->done();
+      if (live) m.round();
+      m.retire();
+    }
+  } catch (...) {
+    // leave the engine usable: drop every row of this call
+    m.running.clear();
+    m.cache.keep_rows({});
+    if (m.proposer) m.proposer->keep({});
+    throw;
+  }
+  std::vector<Result> results;
+  for (auto& s : seqs) results.push_back(std::move(s->result));
+  return results;
+}
+
+}  // namespace dspark

@@ -1,0 +1,44 @@
+// Runtime-owned KV caches, as dspark/runtime/kv.py: one buffer [layer, row, kv_head, position, head_dim], a
+// length per row, capacity that starts at 64 positions and doubles (capped at the context), rows dropped when
+// their sequence ends and appended when new ones join. The same capacity policy as Python keeps every graph call
+// the same shape, so both hosts compute the same numbers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "runner.hpp"
+
+namespace dspark {
+
+class KVCache {
+ public:
+  KVCache(int layers, int rows, int heads, int head_dim, DType dtype, int max_len, int capacity = 64);
+
+  int rows() const { return rows_; }
+  int capacity() const { return capacity_; }
+  DType dtype() const { return dtype_; }
+  std::vector<int64_t> lens;
+
+  void reserve(int64_t length);                   // room for `length` positions in every row
+  void keep_rows(const std::vector<int>& rows);   // drop every row not listed
+  void add_rows(const KVCache& other);            // append other's rows
+  KVCache empty_like(int rows) const;
+  // write the first counts[r] positions of new_k/new_v [layer, row, head, new, dim] at each row's length
+  void append(const TensorView& new_k, const TensorView& new_v, const std::vector<int>& counts);
+
+  TensorView k_view() { return view(k_.data()); }  // the whole cache window
+  TensorView v_view() { return view(v_.data()); }
+  TensorView layer_view(bool key, int layer);      // [row, head, capacity, dim] of one layer (ort flavour)
+
+ private:
+  int layers_, rows_, heads_, dim_, max_len_, capacity_;
+  DType dtype_;
+  size_t esize_;
+  std::vector<unsigned char> k_, v_;
+  TensorView view(unsigned char* p);
+  size_t bytes(int rows, int capacity) const;
+  void regrid(int rows, int capacity, const std::vector<int>& take, const KVCache* tail);
+};
+
+}  // namespace dspark

@@ -1,0 +1,224 @@
+#include "proposers.hpp"
+
+#include <algorithm>
+
+#include "sampling.hpp"
+
+namespace dspark {
+namespace {
+
+// fill a graph input of the manifest's float type (float32 or float16) from doubles
+TensorView float_input(const GraphSpec& spec, const char* name, const std::vector<double>& values,
+                       std::vector<float>& f32, std::vector<uint16_t>& f16, std::vector<int64_t> shape) {
+  if (spec.input(name) && spec.input(name)->dtype == "float16") {
+    f16.resize(values.size());
+    for (size_t i = 0; i < values.size(); ++i) f16[i] = float_to_half(static_cast<float>(values[i]));
+    return {DType::F16, std::move(shape), f16.data()};
+  }
+  f32.assign(values.begin(), values.end());
+  return {DType::F32, std::move(shape), f32.data()};
+}
+
+class DraftLMProposer : public Proposer {
+ public:
+  DraftLMProposer(const Bundle& bundle, const Options& options, int num_draft_tokens)
+      : bundle_(bundle),
+        decoder_(make_decoder(make_runner(bundle, "draft", options, false), bundle.graph("draft"))),
+        cache_(decoder_cache(bundle.draft, 0, bundle)) {
+    k = num_draft_tokens;
+  }
+
+  void keep(const std::vector<int>& rows) override { cache_.keep_rows(rows); }
+  void add(int count, std::vector<std::vector<float>>*) override { cache_.add_rows(cache_.empty_like(count)); }
+
+  std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& caps) override {
+    std::vector<Proposal> proposals(seqs.size());
+    int longest = *std::max_element(caps.begin(), caps.end());
+    if (longest == 0) return proposals;
+    // first step: catch up on every committed token this draft has not read
+    std::vector<std::vector<int64_t>> pending(seqs.size());
+    for (size_t r = 0; r < seqs.size(); ++r)
+      if (caps[r]) pending[r].assign(seqs[r]->tokens.begin() + cache_.lens[r], seqs[r]->tokens.end());
+    std::vector<std::vector<float>> logits = feed(*decoder_, cache_, pending, bundle_.prefill_chunk);
+    for (int step = 0; step < longest; ++step) {
+      for (size_t r = 0; r < seqs.size(); ++r)
+        if (step < caps[r]) draw(*seqs[r], proposals[r], logits[r].data());
+      if (step + 1 == longest) break;
+      std::vector<std::vector<int64_t>> parts(seqs.size());
+      std::vector<int> counts(seqs.size(), 0);
+      for (size_t r = 0; r < seqs.size(); ++r)
+        if (step + 1 < caps[r]) {
+          parts[r] = {proposals[r].tokens.back()};
+          counts[r] = 1;
+        }
+      decoder_->run(cache_, parts, true);
+      for (size_t r = 0; r < seqs.size(); ++r) {
+        const float* row = decoder_->logits(static_cast<int>(r), 0);
+        logits[r].assign(row, row + decoder_->vocab);
+      }
+      decoder_->commit(cache_, counts);
+    }
+    return proposals;
+  }
+
+  void commit(const Decoder&, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
+              const std::vector<int>& accepted) override {
+    // keep the cache rows that hold committed tokens: the anchor and the accepted drafts it has read
+    for (size_t r = 0; r < drafted.size(); ++r)
+      if (drafted[r]) cache_.lens[r] = anchors[r] + 1 + std::min(accepted[r], drafted[r] - 1);
+  }
+
+ private:
+  void draw(Sequence& seq, Proposal& p, const float* logits) {
+    const SamplingParams& params = seq.request.sampling;
+    if (params.greedy()) {
+      p.tokens.push_back(argmax(logits, decoder_->vocab));
+      return;
+    }
+    std::vector<double> q = probabilities(logits, decoder_->vocab, params);
+    p.tokens.push_back(sample(q, seq.rng.random()));
+    p.probs.insert(p.probs.end(), q.begin(), q.end());
+  }
+
+  const Bundle& bundle_;
+  std::unique_ptr<Decoder> decoder_;
+  KVCache cache_;
+};
+
+class BlockProposer : public Proposer {
+ public:
+  BlockProposer(const Bundle& bundle, const Options& options, int num_draft_tokens)
+      : bundle_(bundle),
+        context_spec_(bundle.graph("draft_context")),
+        propose_spec_(bundle.graph("draft_propose")),
+        context_(make_runner(bundle, "draft_context", options, false)),
+        drafter_(make_runner(bundle, "draft_propose", options, false)),
+        cache_(decoder_cache(bundle.draft, 0, bundle)) {
+    k = num_draft_tokens;
+    width_ = std::stoi(context_spec_.input("features")->shape.back());
+    chunk_ = static_cast<int>(context_spec_.dims.at("context").second);
+  }
+
+  bool wants_features() const override { return true; }
+
+  void keep(const std::vector<int>& rows) override {
+    cache_.keep_rows(rows);
+    std::vector<std::vector<float>> kept;
+    for (int r : rows) kept.push_back(std::move(pending_[r]));
+    pending_ = std::move(kept);
+  }
+
+  void add(int count, std::vector<std::vector<float>>* features) override {
+    cache_.add_rows(cache_.empty_like(count));
+    for (int i = 0; i < count; ++i) pending_.push_back(std::move((*features)[i]));
+  }
+
+  std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& caps) override {
+    std::vector<Proposal> proposals(seqs.size());
+    for (auto& p : proposals) p.has_confidence = bundle_.confidence_head;
+    if (*std::max_element(caps.begin(), caps.end()) == 0) return proposals;
+    flush_context();
+    int rows = static_cast<int>(seqs.size()), block = bundle_.block_size;
+    std::vector<double> noise(static_cast<size_t>(rows) * block, 0.0), temperature(rows);
+    std::vector<int64_t> anchor(rows), start(rows);
+    for (int r = 0; r < rows; ++r) {
+      const Sequence& s = *seqs[r];
+      if (caps[r] && !s.request.sampling.greedy())
+        for (int j = 0; j < block; ++j) noise[static_cast<size_t>(r) * block + j] = static_cast<float>(seqs[r]->rng.random());
+      anchor[r] = s.tokens.back();
+      start[r] = static_cast<int64_t>(s.tokens.size()) - 1;
+      temperature[r] = static_cast<float>(s.request.sampling.temperature);
+    }
+    std::vector<int64_t> lens = cache_.lens;
+    Feeds feeds{{"anchor", {DType::I64, {rows}, anchor.data()}},
+                {"start", {DType::I64, {rows}, start.data()}},
+                {"cache_lens", {DType::I64, {rows}, lens.data()}},
+                {"past_k", cache_.k_view()},
+                {"past_v", cache_.v_view()},
+                {"temperature", float_input(propose_spec_, "temperature", temperature, t32_, t16_, {rows})},
+                {"noise", float_input(propose_spec_, "noise", noise, n32_, n16_, {rows, block})}};
+    Feeds out = drafter_->run(feeds);
+    const int64_t* tokens = out.at("draft_tokens").as<int64_t>();
+    int vocab = bundle_.target.vocab_size;
+    const float* probs = as_float(out.at("draft_probs"), probs_scratch_);
+    const float* conf = bundle_.confidence_head ? as_float(out.at("confidence_logits"), conf_scratch_) : nullptr;
+    for (int r = 0; r < rows; ++r) {
+      Proposal& p = proposals[r];
+      int n = caps[r];
+      p.tokens.assign(tokens + static_cast<size_t>(r) * block, tokens + static_cast<size_t>(r) * block + n);
+      if (!seqs[r]->request.sampling.greedy() && n)
+        p.probs.assign(probs + static_cast<size_t>(r) * block * vocab, probs + (static_cast<size_t>(r) * block + n) * vocab);
+      if (conf) p.confidence.assign(conf + static_cast<size_t>(r) * block, conf + static_cast<size_t>(r) * block + n);
+    }
+    return proposals;
+  }
+
+  void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>&,
+              const std::vector<int>& accepted) override {
+    // features of the anchor and the accepted drafts become the next round's context
+    for (size_t r = 0; r < anchors.size(); ++r) {
+      const float* h = target.hidden(static_cast<int>(r), 0);
+      pending_[r].insert(pending_[r].end(), h, h + static_cast<size_t>(accepted[r] + 1) * width_);
+    }
+  }
+
+ private:
+  // turn pending feature rows into context K/V at each row's next positions
+  void flush_context() {
+    int rows = static_cast<int>(pending_.size());
+    bool half = cache_.dtype() == DType::F16;
+    for (size_t offset = 0;; offset += chunk_) {
+      std::vector<int> counts(rows);
+      int widest = 0;
+      for (int r = 0; r < rows; ++r) {
+        size_t have = pending_[r].size() / width_;
+        counts[r] = have > offset ? static_cast<int>(std::min<size_t>(chunk_, have - offset)) : 0;
+        widest = std::max(widest, counts[r]);
+      }
+      if (widest == 0) break;
+      size_t n = static_cast<size_t>(rows) * widest * width_;
+      feats_.assign(n, 0.0f);
+      positions_.resize(static_cast<size_t>(rows) * widest);
+      for (int r = 0; r < rows; ++r) {
+        std::copy_n(pending_[r].begin() + offset * width_, static_cast<size_t>(counts[r]) * width_,
+                    feats_.begin() + static_cast<size_t>(r) * widest * width_);
+        for (int j = 0; j < widest; ++j) positions_[static_cast<size_t>(r) * widest + j] = cache_.lens[r] + j;
+      }
+      TensorView f{DType::F32, {rows, widest, width_}, feats_.data()};
+      if (half) {  // the cache's dtype, as the Python runtime builds the features array
+        feats16_.resize(n);
+        for (size_t i = 0; i < n; ++i) feats16_[i] = float_to_half(feats_[i]);
+        f = {DType::F16, {rows, widest, width_}, feats16_.data()};
+      }
+      Feeds out = context_->run({{"features", f}, {"positions", {DType::I64, {rows, widest}, positions_.data()}}});
+      cache_.append(out.at("ctx_k"), out.at("ctx_v"), counts);
+    }
+    for (auto& p : pending_) p.clear();
+  }
+
+  const Bundle& bundle_;
+  const GraphSpec& context_spec_;
+  const GraphSpec& propose_spec_;
+  std::unique_ptr<GraphRunner> context_, drafter_;
+  KVCache cache_;
+  int width_ = 0, chunk_ = 0;
+  std::vector<std::vector<float>> pending_;  // per row: target feature rows not yet in the context cache
+  std::vector<float> feats_, t32_, n32_, probs_scratch_, conf_scratch_;
+  std::vector<uint16_t> feats16_, t16_, n16_;
+  std::vector<int64_t> positions_;
+};
+
+}  // namespace
+
+std::unique_ptr<Proposer> make_proposer(const Bundle& bundle, const Options& options) {
+  int k = options.num_draft_tokens ? options.num_draft_tokens : bundle.draft_num_tokens;
+  if (k + 1 > bundle.max_verify_tokens)
+    throw Error("--num-draft-tokens " + std::to_string(k) + " needs " + std::to_string(k + 1) +
+                "-token verify calls; this bundle was exported for at most " +
+                std::to_string(bundle.max_verify_tokens - 1) + " (re-export with --num-draft-tokens " +
+                std::to_string(k) + ")");
+  if (bundle.draft_method == "draft-lm") return std::make_unique<DraftLMProposer>(bundle, options, k);
+  return std::make_unique<BlockProposer>(bundle, options, k);
+}
+
+}  // namespace dspark

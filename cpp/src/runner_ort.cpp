@@ -1,0 +1,205 @@
+// The ONNX Runtime graph runner: zero-copy inputs, outputs allocated by ONNX Runtime on the host (or bound to
+// caller memory), one IoBinding per session.
+#include <onnxruntime_cxx_api.h>
+
+#include <cstring>
+#include <thread>
+
+#include "runner.hpp"
+
+#ifdef DSPARK_WITH_TENSORRT
+#include "runner_trt.hpp"
+#endif
+
+namespace dspark {
+namespace {
+
+ONNXTensorElementDataType ort_type(DType t) {
+  switch (t) {
+    case DType::F32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    case DType::F16: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    case DType::I64: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    case DType::I32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  }
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+DType from_ort(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return DType::F32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return DType::F16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return DType::I64;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return DType::I32;
+    default: throw Error("a graph returned a tensor type this host does not read");
+  }
+}
+
+Ort::Env& env() {
+  static Ort::Env e(ORT_LOGGING_LEVEL_ERROR, "dspark");
+  return e;
+}
+
+class OrtRunner : public GraphRunner {
+ public:
+  OrtRunner(const Bundle& bundle, const GraphSpec& spec, const Options& options, bool spin)
+      : spec_(spec), memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+    Ort::SessionOptions so;
+    so.SetIntraOpNumThreads(options.threads);
+    so.SetInterOpNumThreads(1);
+    so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    so.SetLogSeverityLevel(3);
+    if (!spin) so.AddConfigEntry("session.intra_op.allow_spinning", "0");
+    const std::string& p = options.provider;
+    try {
+      if (p == "cuda") {
+        OrtCUDAProviderOptions cuda{};
+        so.AppendExecutionProvider_CUDA(cuda);
+      } else if (p == "tensorrt") {
+        OrtTensorRTProviderOptions trt{};
+        so.AppendExecutionProvider_TensorRT(trt);
+        OrtCUDAProviderOptions cuda{};  // nodes TensorRT does not take run on CUDA
+        so.AppendExecutionProvider_CUDA(cuda);
+      } else if (p != "cpu") {
+        throw Error("unknown execution provider '" + p + "'; choose: cpu, cuda, tensorrt");
+      }
+    } catch (const Ort::Exception& e) {
+      throw Error("this ONNX Runtime cannot use the " + p + " execution provider (" + e.what() +
+                  "); build against the onnxruntime-gpu wheel's library, or use --provider cpu");
+    }
+    std::string path = bundle.file(spec.file);
+    try {
+      session_ = std::make_unique<Ort::Session>(env(), path.c_str(), so);
+    } catch (const Ort::Exception& e) {
+      throw Error("ONNX Runtime cannot load " + path + ": " + e.what());
+    }
+    binding_ = std::make_unique<Ort::IoBinding>(*session_);
+  }
+
+  Feeds run(const Feeds& feeds, const Feeds& bound) override {
+    binding_->ClearBoundInputs();
+    binding_->ClearBoundOutputs();
+    inputs_.clear();
+    for (const auto& in : spec_.inputs) {
+      auto it = feeds.find(in.name);
+      if (it == feeds.end()) throw Error("internal: no feed for graph input " + in.name);
+      inputs_.push_back(wrap(it->second));
+      binding_->BindInput(in.name.c_str(), inputs_.back());
+    }
+    for (const auto& out : spec_.outputs) {
+      auto it = bound.find(out.name);
+      if (it != bound.end()) {
+        inputs_.push_back(wrap(it->second));
+        binding_->BindOutput(out.name.c_str(), inputs_.back());
+      } else {
+        binding_->BindOutput(out.name.c_str(), memory_);
+      }
+    }
+    try {
+      session_->Run(Ort::RunOptions{nullptr}, *binding_);
+    } catch (const Ort::Exception& e) {
+      throw Error("ONNX Runtime failed running " + spec_.file + ": " + e.what());
+    }
+    outputs_ = binding_->GetOutputValues();
+    std::vector<std::string> names = binding_->GetOutputNames();
+    Feeds result;
+    for (size_t i = 0; i < names.size(); ++i) {
+      if (bound.count(names[i])) continue;
+      auto info = outputs_[i].GetTensorTypeAndShapeInfo();
+      TensorView v;
+      v.dtype = from_ort(info.GetElementType());
+      v.shape = info.GetShape();
+      v.data = outputs_[i].GetTensorMutableRawData();
+      result[names[i]] = v;
+    }
+    return result;
+  }
+
+ private:
+  Ort::Value wrap(const TensorView& t) {
+    return Ort::Value::CreateTensor(memory_, t.data, t.count() * dtype_size(t.dtype), t.shape.data(), t.shape.size(),
+                                    ort_type(t.dtype));
+  }
+
+  const GraphSpec& spec_;
+  Ort::MemoryInfo memory_;
+  std::unique_ptr<Ort::Session> session_;
+  std::unique_ptr<Ort::IoBinding> binding_;
+  std::vector<Ort::Value> inputs_, outputs_;
+};
+
+}  // namespace
+
+DType dtype_of(const std::string& name) {
+  if (name == "float32") return DType::F32;
+  if (name == "float16") return DType::F16;
+  if (name == "int64") return DType::I64;
+  if (name == "int32") return DType::I32;
+  throw Error("the manifest names a tensor type '" + name + "' this host does not read; re-export the bundle");
+}
+
+size_t dtype_size(DType t) { return t == DType::F16 ? 2 : t == DType::I64 ? 8 : 4; }
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (mant == 0) bits = sign;
+    else {  // subnormal: normalise
+      int e = -1;
+      do { ++e; mant <<= 1; } while (!(mant & 0x400));
+      bits = sign | ((112 - e) << 23) | ((mant & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_half(float f) {  // round to nearest even, as numpy's astype(float16)
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  int32_t exp = static_cast<int32_t>((x >> 23) & 0xFF) - 127 + 15;
+  uint32_t mant = x & 0x7FFFFF;
+  if (((x >> 23) & 0xFF) == 0xFF) return static_cast<uint16_t>(sign | 0x7C00 | (mant ? 0x200 : 0));
+  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7C00);
+  if (exp <= 0) {
+    if (exp < -10) return static_cast<uint16_t>(sign);
+    mant |= 0x800000;
+    uint32_t shift = static_cast<uint32_t>(14 - exp);
+    uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = (static_cast<uint32_t>(exp) << 10) | (mant >> 13), rem = mant & 0x1FFF;
+  if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) ++half;
+  return static_cast<uint16_t>(sign | half);
+}
+
+const float* as_float(const TensorView& t, std::vector<float>& scratch) {
+  if (t.dtype == DType::F32) return t.as<float>();
+  scratch.resize(t.count());
+  const uint16_t* h = t.as<uint16_t>();
+  for (size_t i = 0; i < scratch.size(); ++i) scratch[i] = half_to_float(h[i]);
+  return scratch.data();
+}
+
+std::unique_ptr<GraphRunner> make_runner(const Bundle& bundle, const std::string& graph, const Options& options,
+                                         bool spin) {
+  const GraphSpec& spec = bundle.graph(graph);
+  if (options.backend == "ort") return std::make_unique<OrtRunner>(bundle, spec, options, spin);
+  if (options.backend == "trt") {
+#ifdef DSPARK_WITH_TENSORRT
+    return make_trt_runner(bundle, spec, options);
+#else
+    throw Error("this dspark host was built without TensorRT (NvInfer.h and libnvinfer were not found at build "
+                "time); rebuild on a machine with TensorRT, or use --backend ort");
+#endif
+  }
+  throw Error("backend '" + options.backend + "' is not available; choose: ort, trt");
+}
+
+}  // namespace dspark
