@@ -1,13 +1,19 @@
 // The C API: every entry point catches every exception and turns it into dspark_last_error().
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 
 #include "dspark/dspark.h"
 #include "dspark/dspark.hpp"
+#include "dspark/tokenizer.hpp"
 
 struct dspark_engine {
   std::unique_ptr<dspark::Engine> engine;
+};
+
+struct dspark_tokenizer {
+  std::unique_ptr<dspark::Tokenizer> tokenizer;
 };
 
 struct dspark_results {
@@ -37,6 +43,18 @@ bool check_index(const dspark_results* r, size_t i) {
   if (r && i < r->results.size()) return true;
   last_error = r ? "result index " + std::to_string(i) + " is out of range" : "results handle is NULL";
   return false;
+}
+
+long copy_ids(const std::vector<int64_t>& out, int64_t* ids, size_t capacity) {
+  if (ids) std::memcpy(ids, out.data(), std::min(capacity, out.size()) * sizeof(int64_t));
+  return static_cast<long>(out.size());
+}
+
+char* copy_string(const std::string& text) {
+  char* out = static_cast<char*>(std::malloc(text.size() + 1));
+  if (!out) throw std::bad_alloc();
+  std::memcpy(out, text.c_str(), text.size() + 1);
+  return out;
 }
 
 }  // namespace
@@ -79,22 +97,39 @@ void dspark_close(dspark_engine* engine) { delete engine; }
 long dspark_encode(dspark_engine* engine, const char* text, int64_t* ids, size_t capacity) {
   return guarded<long>(-1, [&]() -> long {
     if (!engine || !text) throw dspark::Error("engine or text is NULL");
-    std::vector<int64_t> out = engine->engine->encode(text);
-    if (ids) std::memcpy(ids, out.data(), std::min(capacity, out.size()) * sizeof(int64_t));
-    return static_cast<long>(out.size());
+    return copy_ids(engine->engine->encode(text), ids, capacity);
   });
 }
 
 char* dspark_decode(dspark_engine* engine, const int64_t* ids, size_t count) {
   return guarded<char*>(nullptr, [&]() -> char* {
     if (!engine || (!ids && count)) throw dspark::Error("engine or ids is NULL");
-    std::string text = engine->engine->decode(std::vector<int64_t>(ids, ids + count));
-    char* out = static_cast<char*>(std::malloc(text.size() + 1));
-    if (!out) throw std::bad_alloc();
-    std::memcpy(out, text.c_str(), text.size() + 1);
-    return out;
+    return copy_string(engine->engine->decode(std::vector<int64_t>(ids, ids + count)));
   });
 }
+
+dspark_tokenizer* dspark_tokenizer_open(const char* path) {
+  return guarded<dspark_tokenizer*>(nullptr, [&]() -> dspark_tokenizer* {
+    if (!path) throw dspark::Error("tokenizer path is NULL");
+    return new dspark_tokenizer{dspark::Tokenizer::from_file(path)};
+  });
+}
+
+long dspark_tokenizer_encode(dspark_tokenizer* tok, const char* text, int64_t* ids, size_t capacity) {
+  return guarded<long>(-1, [&]() -> long {
+    if (!tok || !text) throw dspark::Error("tokenizer or text is NULL");
+    return copy_ids(tok->tokenizer->encode(text), ids, capacity);
+  });
+}
+
+char* dspark_tokenizer_decode(dspark_tokenizer* tok, const int64_t* ids, size_t count) {
+  return guarded<char*>(nullptr, [&]() -> char* {
+    if (!tok || (!ids && count)) throw dspark::Error("tokenizer or ids is NULL");
+    return copy_string(tok->tokenizer->decode(std::vector<int64_t>(ids, ids + count)));
+  });
+}
+
+void dspark_tokenizer_close(dspark_tokenizer* tok) { delete tok; }
 
 void dspark_free_string(char* text) { std::free(text); }
 

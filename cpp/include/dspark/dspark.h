@@ -2,7 +2,7 @@
  *
  * Handles are opaque. Functions that can fail return NULL or a negative value and leave a message for
  * dspark_last_error() (per thread, valid until the next call on that thread). Strings the library returns
- * belong to the handle they came from, except those from dspark_decode, which the caller frees with
+ * belong to the handle they came from, except those from dspark_decode and dspark_tokenizer_decode, which the caller frees with
  * dspark_free_string. Nothing here throws or aborts on bad input.
  */
 #ifndef DSPARK_H
@@ -17,6 +17,7 @@ extern "C" {
 
 typedef struct dspark_engine dspark_engine;
 typedef struct dspark_results dspark_results;
+typedef struct dspark_tokenizer dspark_tokenizer;
 
 typedef struct {
   int use_draft;          /* 0: plain decoding with the target alone */
@@ -52,6 +53,12 @@ void dspark_close(dspark_engine* engine);
 long dspark_encode(dspark_engine* engine, const char* text, int64_t* ids, size_t capacity);
 char* dspark_decode(dspark_engine* engine, const int64_t* ids, size_t count); /* NULL on error */
 void dspark_free_string(char* text);
+
+/* a tokenizer.json on its own (the same code an engine uses) */
+dspark_tokenizer* dspark_tokenizer_open(const char* tokenizer_json); /* NULL on error */
+long dspark_tokenizer_encode(dspark_tokenizer* tokenizer, const char* text, int64_t* ids, size_t capacity);
+char* dspark_tokenizer_decode(dspark_tokenizer* tokenizer, const int64_t* ids, size_t count);
+void dspark_tokenizer_close(dspark_tokenizer* tokenizer);
 
 /* run `count` requests to completion (continuously batched); NULL on error */
 dspark_results* dspark_generate(dspark_engine* engine, const dspark_request* requests, size_t count, int trace,

@@ -1,0 +1,483 @@
+"""The C++ host (cpp/) against the Python runtime on the suite's tiny bundles.
+
+The host is built once per session (cpp/fetch_ort_headers.sh for ONNX Runtime's headers, then CMake). It must
+give the Python runtime's greedy tokens and traces for every drafter kind and architecture, the same sampled
+tokens for the same seeds (it reproduces numpy's default_rng stream), samples that follow the target's law,
+tokenizer output equal to Hugging Face `tokenizers`, and clear errors, never crashes, on bad input.
+
+DSPARK_CPP_SANITIZE=1 builds and runs it with AddressSanitizer and UndefinedBehaviorSanitizer instead (the
+ctypes tests then need the sanitizer runtimes preloaded into Python, see the README's C++ section).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, save_hf
+from dspark.export.bundle import ExportOptions, export_bundle
+from dspark.runtime.generate import Generator, Request
+from dspark.runtime.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+SANITIZE = os.environ.get("DSPARK_CPP_SANITIZE") == "1"
+BUILD = ROOT / "build" / ("cpp-sanitize" if SANITIZE else "cpp")
+PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, list(range(1, 70))]
+LENGTHS = [9, 31, 22]
+TIMING = ("tokens_per_second", "time_to_first_token_ms", "elapsed_s")
+
+
+def _tool(name: str) -> str | None:
+    """A tool from this Python's environment (the cmake/ninja wheels of the test extra), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+class Host:
+    def __init__(self, build: Path):
+        self.cli = build / "dspark-run"
+        self.example = build / "dspark-stream-example"
+        self.lib = ctypes.CDLL(str(build / "libdspark.so"))
+        self._declare()
+
+    def run(self, *args, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(self.cli), *map(str, args)], capture_output=True, text=True, timeout=300)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"dspark-run {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def _declare(self) -> None:
+        lib, vp = self.lib, ctypes.c_void_p
+        i64p = ctypes.POINTER(ctypes.c_int64)
+        signatures = {
+            "dspark_last_error": (ctypes.c_char_p, []),
+            "dspark_open": (vp, [ctypes.c_char_p, vp]),
+            "dspark_close": (None, [vp]),
+            "dspark_encode": (ctypes.c_long, [vp, ctypes.c_char_p, i64p, ctypes.c_size_t]),
+            "dspark_generate": (vp, [vp, vp, ctypes.c_size_t, ctypes.c_int, vp, vp]),
+            "dspark_results_count": (ctypes.c_size_t, [vp]),
+            "dspark_results_tokens": (i64p, [vp, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]),
+            "dspark_results_json": (ctypes.c_char_p, [vp, ctypes.c_size_t]),
+            "dspark_results_trace": (ctypes.c_char_p, [vp, ctypes.c_size_t]),
+            "dspark_results_free": (None, [vp]),
+            "dspark_tokenizer_open": (vp, [ctypes.c_char_p]),
+            "dspark_tokenizer_encode": (ctypes.c_long, [vp, ctypes.c_char_p, i64p, ctypes.c_size_t]),
+            "dspark_tokenizer_decode": (vp, [vp, i64p, ctypes.c_size_t]),
+            "dspark_tokenizer_close": (None, [vp]),
+            "dspark_free_string": (None, [vp]),
+        }
+        for name, (res, args) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+
+    def error(self) -> str:
+        return self.lib.dspark_last_error().decode()
+
+
+class CRequest(ctypes.Structure):
+    _fields_ = [("prompt_ids", ctypes.POINTER(ctypes.c_int64)), ("prompt_len", ctypes.c_size_t),
+                ("max_new_tokens", ctypes.c_int), ("temperature", ctypes.c_double), ("top_p", ctypes.c_double),
+                ("top_k", ctypes.c_int), ("seed", ctypes.c_uint64), ("ignore_eos", ctypes.c_int)]
+
+
+@pytest.fixture(scope="session")
+def host() -> Host:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no C++ compiler (c++ or g++) on PATH: the C++ host cannot be built here")
+    cmake = _tool("cmake")
+    if cmake is None:
+        pytest.fail("cmake not found: pip install -e '.[test]' installs it")
+    ort = ROOT / "build" / "ort"
+    steps = [["bash", str(ROOT / "cpp" / "fetch_ort_headers.sh"), str(ort), sys.executable]]
+    configure = [cmake, "-S", str(ROOT / "cpp"), "-B", str(BUILD), f"-DDSPARK_ORT_ROOT={ort}",
+                 f"-DDSPARK_SANITIZE={'ON' if SANITIZE else 'OFF'}", f"-DCMAKE_CXX_COMPILER={cxx}"]
+    ninja = _tool("ninja")
+    if ninja and not (BUILD / "CMakeCache.txt").exists():
+        configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    steps += [configure, [cmake, "--build", str(BUILD), "-j", "2"]]
+    for step in steps:
+        proc = subprocess.run(step, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.fail(f"building the C++ host failed at {' '.join(step)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return Host(BUILD)
+
+
+# ------------------------------------------------------------------------------------------------- bundles
+@pytest.fixture(scope="module")
+def qwen2_bundle(tmp_path_factory) -> Path:
+    """Qwen2 (q/k/v biases) target with a noisy-copy draft LM."""
+    root = tmp_path_factory.mktemp("qwen2")
+    target = hf_model("qwen2", VOCAB, seed=3)
+    target_dir = save_hf(target, root / "t", VOCAB)
+    draft_dir = save_hf(noisy_copy(target, 0.3, seed=4), root / "d", VOCAB)
+    export_bundle(target_dir, root / "b", draft_dir, ExportOptions(max_context=256, prefill_chunk=32, num_draft_tokens=4),
+                  progress=False)
+    return root / "b"
+
+
+@pytest.fixture(scope="module")
+def llama_dflash_bundle(tmp_path_factory) -> Path:
+    """Llama 3 (RoPE scaling) target with a DFlash drafter (no Markov or confidence head)."""
+    root = tmp_path_factory.mktemp("llama")
+    target = hf_model("llama", VOCAB, seed=5)
+    target_dir = save_hf(target, root / "t", VOCAB)
+    draft_dir = deepspec_drafter(target, target_dir, root / "d", "dflash", block_size=4)
+    export_bundle(target_dir, root / "b", draft_dir, ExportOptions(max_context=256, prefill_chunk=32), progress=False)
+    return root / "b"
+
+
+@pytest.fixture(params=["qwen3-draft-lm", "qwen3-dspark", "qwen2-draft-lm", "llama-dflash"])
+def bundle(request) -> Path:
+    name = {"qwen3-draft-lm": "qwen3_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
+            "llama-dflash": "llama_dflash_bundle"}[request.param]
+    return request.getfixturevalue(name)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def python_run(bundle: Path, params=SamplingParams(), seed=0, **options):
+    gen = Generator(bundle, **options)
+    reqs = [Request(p, n, params, seed + i, ignore_eos=True) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
+    return gen.generate(reqs, trace=True)
+
+
+def cpp_run(host: Host, bundle: Path, tmp_path: Path, *args) -> tuple[list[dict], list[dict]]:
+    trace = tmp_path / "trace.jsonl"
+    prompts = [a for p in PROMPTS for a in ("--prompt-ids", ",".join(map(str, p)))]
+    proc = host.run(bundle, *prompts, "--max-new-tokens", max(LENGTHS), "--ignore-eos", "--json", "--trace", trace, *args)
+    return [json.loads(line) for line in proc.stdout.splitlines()], [json.loads(l) for l in trace.read_text().splitlines()]
+
+
+def same_trace_rows(got: dict, want: dict) -> None:
+    """Equal trace rows; confidences (a sigmoid of the graph's fp32 logits) to within rounding of exp()."""
+    assert {k: v for k, v in got.items() if k != "confidence"} == {k: v for k, v in want.items() if k != "confidence"}
+    if want["confidence"] is None:
+        assert got["confidence"] is None
+    else:
+        np.testing.assert_allclose(got["confidence"], want["confidence"], rtol=1e-12)
+
+
+def c_generate(host: Host, engine, prompts, lengths, params=SamplingParams(), seed=0, trace=True, callback=None):
+    arrays = [(ctypes.c_int64 * len(p))(*p) for p in prompts]
+    reqs = (CRequest * len(prompts))(*[
+        CRequest(a, len(p), n, params.temperature, params.top_p, params.top_k, seed + i, 1)
+        for i, (a, p, n) in enumerate(zip(arrays, prompts, lengths))
+    ])
+    results = host.lib.dspark_generate(engine, ctypes.cast(reqs, ctypes.c_void_p), len(prompts), int(trace), callback, None)
+    if not results:
+        return None
+    try:
+        out = []
+        for i in range(host.lib.dspark_results_count(results)):
+            count = ctypes.c_size_t()
+            tokens = host.lib.dspark_results_tokens(results, i, ctypes.byref(count))
+            out.append({"tokens": tokens[: count.value], "json": json.loads(host.lib.dspark_results_json(results, i)),
+                        "trace": [json.loads(l) for l in host.lib.dspark_results_trace(results, i).decode().splitlines()]})
+        return out
+    finally:
+        host.lib.dspark_results_free(results)
+
+
+# ------------------------------------------------------------------------------------------------- equivalence
+def test_greedy_tokens_and_traces_equal_python(host, bundle, tmp_path):
+    """A ragged batch through the C API: the Python runtime's tokens, text, stats and trace rows exactly."""
+    engine = host.lib.dspark_open(str(bundle).encode(), None)
+    assert engine, host.error()
+    try:
+        got = c_generate(host, engine, PROMPTS, LENGTHS)
+    finally:
+        host.lib.dspark_close(engine)
+    want = python_run(bundle)
+    for g, w in zip(got, want):
+        assert g["tokens"] == w.generated
+        assert g["json"]["text"] == w.text and g["json"]["finish_reason"] == w.finish_reason
+        stats = {k: v for k, v in w.stats().items() if k not in TIMING}
+        assert {k: v for k, v in g["json"]["stats"].items() if k not in TIMING} == stats
+        assert len(g["trace"]) == len(w.trace)
+        for a, b in zip(g["trace"], w.trace):
+            same_trace_rows(a, b)
+    # drafts were both accepted and rejected: the comparison covers rollback (the DFlash drafter is random)
+    accepted = sum(sum(w.accepted) for w in want)
+    assert accepted < sum(sum(w.verified) for w in want)
+
+
+def test_cli_plain_equals_speculative_and_python(host, qwen3_bundle, tmp_path):
+    """dspark-run --json/--trace lines as `dspark generate` writes them; plain decoding gives the same tokens."""
+    spec, spec_trace = cpp_run(host, qwen3_bundle, tmp_path, "--num-draft-tokens", 3)
+    plain, plain_trace = cpp_run(host, qwen3_bundle, tmp_path, "--no-draft")
+    gen = Generator(qwen3_bundle, num_draft_tokens=3)
+    want = gen.generate([Request(p, max(LENGTHS), ignore_eos=True) for p in PROMPTS], trace=True)
+    assert [s["token_ids"] for s in spec] == [p["token_ids"] for p in plain] == [w.generated for w in want]
+    assert list(spec[0]) == ["text", "token_ids", "finish_reason", "stats"]
+    assert list(spec[0]["stats"]) == list(want[0].stats())
+    rows = [dict(r, prompt=i) for i, w in enumerate(want) for r in w.trace]
+    assert spec_trace == rows  # draft-LM rows have no confidence: byte-identical JSON
+    assert all(r["draft_tokens"] == [] and r["accepted"] == 0 for r in plain_trace)
+    assert 0 < sum(r["accepted"] for r in spec_trace) < sum(r["verify_length"] for r in spec_trace)
+
+
+@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+def test_sampled_tokens_equal_python_for_the_same_seed(host, name, request):
+    """The host draws numpy's default_rng(seed) stream: the same sampled tokens as the Python runtime."""
+    bundle = request.getfixturevalue(name)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20)
+    engine = host.lib.dspark_open(str(bundle).encode(), None)
+    try:
+        got = c_generate(host, engine, PROMPTS, LENGTHS, params, seed=7)
+    finally:
+        host.lib.dspark_close(engine)
+    want = python_run(bundle, params, seed=7)
+    assert [g["tokens"] for g in got] == [w.generated for w in want]
+    for g, w in zip(got, want):
+        assert [{k: v for k, v in r.items() if k != "confidence"} for r in g["trace"]] == \
+               [{k: v for k, v in r.items() if k != "confidence"} for r in w.trace]
+
+
+def test_streamed_text_and_example(host, qwen3_bundle):
+    deltas = []
+    callback_type = ctypes.CFUNCTYPE(None, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
+    callback = callback_type(lambda i, delta, _user: deltas.append((i, delta.decode())))
+    engine = host.lib.dspark_open(str(qwen3_bundle).encode(), None)
+    try:
+        got = c_generate(host, engine, PROMPTS, LENGTHS, trace=False, callback=ctypes.cast(callback, ctypes.c_void_p))
+    finally:
+        host.lib.dspark_close(engine)
+    for i, result in enumerate(got):
+        assert "".join(d for j, d in deltas if j == i) == result["json"]["text"] != ""
+    proc = subprocess.run([str(host.example), str(qwen3_bundle), "w5 w6 w7", "12"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    want = Generator(qwen3_bundle).generate([Request([5, 6, 7], 12)])[0]
+    assert proc.stdout.startswith("w5 w6 w7" + want.text) and f"[{len(want.generated)} tokens" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------- sampling law
+@pytest.fixture(scope="module", params=["draft-lm", "dspark"])
+def v4_bundle(request, tmp_path_factory):
+    """test_sampling.py's 4-token setting: a target with a flat law and a draft that often disagrees."""
+    import torch
+
+    root = tmp_path_factory.mktemp("v4")
+    target = hf_model("qwen3", 4, seed=11)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.1)
+    target_dir = save_hf(target, root / "t", 4)
+    if request.param == "draft-lm":
+        draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", 4)
+    else:
+        draft_dir = deepspec_drafter(target, target_dir, root / "dspark", "vanilla", block_size=2)
+    export_bundle(target_dir, root / "b", draft_dir, ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
+                                                                   num_draft_tokens=2), progress=False)
+    return target, root / "b"
+
+
+def test_sampled_output_follows_target_law(host, v4_bundle):
+    """Chi-square on the joint law of 4 sampled tokens, with power against a 1% bias (as test_sampling.py)."""
+    from test_sampling import PROMPT, SAMPLES, V, chi2, chi2_threshold, exact_law
+
+    target, bundle = v4_bundle
+    params = SamplingParams(0.7, top_p=0.8, top_k=4)
+    engine = host.lib.dspark_open(str(bundle).encode(), None)
+    try:
+        got = c_generate(host, engine, [PROMPT] * SAMPLES, [4] * SAMPLES, params, seed=0, trace=False)
+    finally:
+        host.lib.dspark_close(engine)
+    counts = np.zeros(V**4)
+    for g in got:
+        counts[np.ravel_multi_index(g["tokens"], (V,) * 4)] += 1
+    stats = [g["json"]["stats"]["spec_decode"] for g in got]
+    assert 0.2 < sum(s["num_accepted_tokens"] for s in stats) / sum(s["num_draft_tokens"] for s in stats) < 0.9
+    law = exact_law(target, params)
+    support = law > 0
+    assert counts[~support].sum() == 0
+    df = int(support.sum()) - 1
+    assert chi2(counts[support], law[support]) < chi2_threshold(df)
+    biased = law.copy()
+    top = np.argsort(-law)[:2]
+    biased[top[0]] -= 0.01
+    biased[top[1]] += 0.01
+    assert chi2(counts[support], biased[support]) > chi2_threshold(df)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+TRICKY = ("Héllo  wörld\r\n\n  x = 1234567 + \u0661\u0662\u0663 'S 'll I'M  \t\ttabs 한국어 e\u0301 \u1100\u1161\u11a8 "
+          "日本語 🎉 emoji\u200d  \n\n\n end  \u00a0\u2003x <|endoftext|>tail")
+
+
+def bpe_variants(tmp_path: Path) -> list[Path]:
+    """The shipped target's byte-level BPE (GPT-2 regex, BOS template) and the same vocabulary with the
+    pre-tokenizers of Qwen2/3 (NFC + Qwen regex) and Llama 3 (Llama 3 regex, ignore_merges)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+
+    source = ROOT / "examples" / "target" / "tokenizer.json"
+    qwen = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+            r"|\s+(?!\S)|\s+")
+    paths = [source]
+    for name, pattern, nfc in (("qwen", qwen, True), ("llama3", qwen.replace(r"\p{N}|", r"\p{N}{1,3}|"), False)):
+        tok = Tokenizer.from_file(str(source))
+        if nfc:
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        path = tmp_path / f"{name}.json"
+        tok.save(str(path))
+        if name == "llama3":
+            data = json.loads(path.read_text())
+            data["model"]["ignore_merges"] = True
+            path.write_text(json.dumps(data))
+        paths.append(path)
+    return paths
+
+
+def test_tokenizer_equals_hf_on_the_standard_library(host, tmp_path):
+    """ids and decoded text equal Hugging Face tokenizers on every top-level module of Python's standard library."""
+    from tokenizers import Tokenizer
+
+    lib = host.lib
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = [p.read_text(encoding="utf-8") for p in sorted(stdlib.glob("*.py"))]
+    assert len(corpus) > 100
+    corpus.append(TRICKY)
+    for path in bpe_variants(tmp_path):
+        hf = Tokenizer.from_file(str(path))
+        tok = lib.dspark_tokenizer_open(str(path).encode())
+        assert tok, host.error()
+        try:
+            for text in corpus:
+                data = text.encode()
+                want = hf.encode(text).ids
+                buf = (ctypes.c_int64 * (len(data) + 8))()
+                n = lib.dspark_tokenizer_encode(tok, data, buf, len(buf))
+                assert list(buf[:n]) == want, f"{path.name}: {text[:60]!r}"
+                ids = (ctypes.c_int64 * len(want))(*want)
+                out = lib.dspark_tokenizer_decode(tok, ids, len(want))
+                decoded = ctypes.string_at(out).decode()
+                lib.dspark_free_string(out)
+                # the round trip gives back the text, normalised when the tokenizer normalises
+                plain = text.replace("<|endoftext|>", "")
+                assert decoded == hf.decode(want, skip_special_tokens=True) == (
+                    hf.normalizer.normalize_str(plain) if hf.normalizer else plain)
+        finally:
+            lib.dspark_tokenizer_close(tok)
+
+
+def test_text_prompt_uses_the_bundle_tokenizer(host, qwen3_bundle):
+    proc = host.run(qwen3_bundle, "--prompt", "w5 w6  w7\tw8", "--max-new-tokens", 6, "--json")
+    want = Generator(qwen3_bundle).generate([Request([5, 6, 7, 8], 6)])[0]
+    assert json.loads(proc.stdout)["token_ids"] == want.generated
+
+
+def test_unsupported_tokenizer_is_refused(host, tmp_path):
+    data = json.loads((ROOT / "examples" / "target" / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "_", "prepend_scheme": "always", "split": True}
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    assert not host.lib.dspark_tokenizer_open(str(tmp_path / "t.json").encode())
+    assert "pre-tokenizer Metaspace is not supported" in host.error()
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def broken_copy(bundle: Path, tmp_path: Path, edit) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    edit(out)
+    return out
+
+
+def edit_manifest(change):
+    def edit(folder: Path):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        change(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    return edit
+
+
+def flip_byte(folder: Path):
+    path = folder / "target.onnx.data"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def set_taps(m):
+    m["models"]["draft"]["config"]["target_layer_ids"] = [0, 2]
+
+
+def set_vocab(m):
+    m["models"]["draft"]["config"]["vocab_size"] = VOCAB + 8
+
+
+BAD_BUNDLES = {
+    "missing file": ("qwen3_bundle", lambda f: (f / "tokenizer_config.json").unlink(), "tokenizer_config.json is missing"),
+    "resized file": ("qwen3_bundle", lambda f: (f / "draft.onnx").write_bytes(b"x"), "draft.onnx has 1 bytes"),
+    "changed file": ("qwen3_bundle", flip_byte, "target.onnx.data has changed (sha256 differs"),
+    "schema version": ("qwen3_bundle", edit_manifest(lambda m: m.update(schema_version=99)), "schema version 99"),
+    "no manifest": ("qwen3_bundle", lambda f: (f / "manifest.json").unlink(), "has no manifest.json"),
+    "manifest not json": ("qwen3_bundle", lambda f: (f / "manifest.json").write_text("{"), "is not valid JSON"),
+    "drafter taps other layers": ("dspark_bundle", edit_manifest(set_taps), "made for another target"),
+    "draft LM with another vocabulary": ("qwen3_bundle", edit_manifest(set_vocab), "made for another target"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BUNDLES))
+def test_bad_bundle_is_refused_with_a_clear_message(host, case, tmp_path, request):
+    name, edit, message = BAD_BUNDLES[case]
+    folder = broken_copy(request.getfixturevalue(name), tmp_path, edit)
+    proc = host.run(folder, "--prompt-ids", "1,2,3", "--max-new-tokens", 4, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not host.lib.dspark_open(str(folder).encode(), None)
+    assert message in host.error()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", ",".join(["3"] * 256)], "the prompt has 256 tokens but the bundle's max context is 256"),
+    (["--prompt-ids", "1,2,999"], "prompt token id 999 is outside the vocabulary"),
+    (["--prompt-ids", "1,x"], "--prompt-ids needs an integer"),
+    (["--prompt-ids", "1", "--top-p", "0"], "top-p must be in (0, 1]"),
+    (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt-ids", "1", "--num-draft-tokens", "9"], "needs 10-token verify calls"),
+    (["--prompt-ids", "1", "--max-new-tokens", "0"], "max-new-tokens must be at least 1"),
+    (["--prompt-ids", "1", "--provider", "abc"], "unknown execution provider 'abc'"),
+    (["--prompt-ids", "1", "--frobnicate"], "unknown option --frobnicate"),
+    ([], "give a prompt"),
+])
+def test_bad_request_is_refused_with_a_clear_message(host, qwen3_bundle, args, message):
+    proc = host.run(qwen3_bundle, *args, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and message in proc.stderr, proc.stderr
+
+
+def test_missing_bundle_and_help(host, tmp_path):
+    proc = host.run(tmp_path / "nope", "--prompt-ids", "1", check=False)
+    assert proc.returncode == 2 and "bundle folder not found" in proc.stderr
+    text = host.run("--help").stdout
+    for option in ("--prompt", "--prompt-ids", "--prompts-file", "--max-new-tokens", "--temperature", "--top-p",
+                   "--top-k", "--seed", "--num-draft-tokens", "--no-draft", "--max-batch", "--ignore-eos", "--stop",
+                   "--threads", "--backend", "--provider", "--skip-sha256", "--json", "--trace"):
+        assert option in text
+
+
+def test_c_api_reports_errors_and_stays_usable(host, qwen3_bundle):
+    lib = host.lib
+    assert not lib.dspark_open(None, None) and "NULL" in host.error()
+    engine = lib.dspark_open(str(qwen3_bundle).encode(), None)
+    assert engine, host.error()
+    try:
+        assert c_generate(host, engine, [[3] * 300], [4]) is None
+        assert "max context is 256" in host.error()
+        assert c_generate(host, engine, [[]], [4]) is None and "prompt is empty" in host.error()
+        assert lib.dspark_encode(engine, None, None, 0) == -1 and "NULL" in host.error()
+        assert lib.dspark_results_json(None, 0) is None and "NULL" in host.error()
+        # the engine still works after refusing requests
+        got = c_generate(host, engine, [PROMPTS[0]], [5])
+        assert got[0]["tokens"] == Generator(qwen3_bundle).generate([Request(PROMPTS[0], 5, ignore_eos=True)])[0].generated
+    finally:
+        lib.dspark_close(engine)
