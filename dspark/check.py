@@ -89,9 +89,37 @@ def torch_graphs(bundle: Bundle) -> tuple[dict, dict[str, str]]:
                 fns[graph] = module.context_kv
             elif graph == "draft_propose":
                 fns[graph] = module.propose
+            elif bundle.graph(graph).get("flavour") == "ort":
+                fns[graph] = in_place_step(module)
             else:
                 fns[graph] = lambda m=module, **f: tuple(t for t in m.step(**f) if t is not None)
     return fns, skipped
+
+
+def in_place_step(model):
+    """The ORT flavour's call contract (logits at ``logit_index``, K/V written into each layer's buffer at the
+    row's length) spelled with the module's own step: the reference the fused graph is compared with."""
+
+    def step(input_ids, cache_lens, query_lens, logit_index, **caches):
+        layers = model.config.num_layers
+        past_k = torch.stack([caches[f"past_key.{i}"] for i in range(layers)])
+        past_v = torch.stack([caches[f"past_value.{i}"] for i in range(layers)])
+        lens = cache_lens.long()
+        positions = lens[:, None] + torch.arange(input_ids.shape[1])[None, :]
+        logits, new_k, new_v, hidden = model.step(input_ids, positions, lens, past_k, past_v)
+        # slots past a row's new length hold nothing defined (ONNX Runtime, not bound in place, leaves zeros there)
+        present_k, present_v = torch.zeros_like(past_k), torch.zeros_like(past_v)
+        for r, (start, count) in enumerate(zip(lens.tolist(), query_lens.tolist())):
+            for present, past, new in ((present_k, past_k, new_k), (present_v, past_v, new_v)):
+                present[:, r, :, :start] = past[:, r, :, :start]
+                present[:, r, :, start : start + count] = new[:, r, :, :count]
+        picked = torch.gather(logits, 1, logit_index[:, :, None].expand(-1, -1, logits.shape[-1]))
+        out = {"logits": picked, "hidden": hidden}
+        for i in range(layers):
+            out[f"present_key.{i}"], out[f"present_value.{i}"] = present_k[i], present_v[i]
+        return out
+
+    return step
 
 
 def torch_runner(name: str, fn, spec: dict):
@@ -116,6 +144,8 @@ def torch_runner(name: str, fn, spec: dict):
             with torch.no_grad():
                 out = fn(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()})
             self.inference_time = time.perf_counter() - started  # polygraphy 0.53: set it, return only the dict
+            if isinstance(out, dict):
+                return {o["name"]: out[o["name"]].numpy() for o in spec["outputs"]}
             return {o["name"]: t.numpy() for o, t in zip(spec["outputs"], out)}
 
     return TorchRunner()
@@ -144,10 +174,12 @@ def graph_feeds(bundle: Bundle, name: str, seed: int = 0) -> list[dict[str, np.n
         corners = [(1, 0, min(6, cache_max)), (min(3, batch_max), 0, min(16, cache_max))]
     vocab = bundle.target["config"]["vocab_size"]
     feeds = []
+    in_place = spec.get("flavour") == "ort"
     for b, n, s in corners:
         lens = rng.integers(0, s + 1, size=b)
         lens[0] = s
-        sizes = {"batch": b, "new_tokens": n, "context": n, "cache": s}
+        # an in-place graph's buffer holds the past and the new tokens; the other flavour reads a window
+        sizes = {"batch": b, "new_tokens": n, "context": n, "cache": s + n if in_place else s, "logit_rows": n}
         feed = {}
         for input_name, shape in shapes.items():
             shape = tuple(sizes[d] if isinstance(d, str) else d for d in shape)
@@ -158,6 +190,10 @@ def graph_feeds(bundle: Bundle, name: str, seed: int = 0) -> list[dict[str, np.n
                 value = lens[:, None] + np.arange(shape[1])[None, :]
             elif input_name in ("cache_lens", "start"):
                 value = lens.copy()
+            elif input_name == "query_lens":
+                value = np.full(b, n)
+            elif input_name == "logit_index":
+                value = rng.integers(0, n, size=shape)
             elif input_name == "temperature":
                 value = np.array([0.0, 1.0, 0.7][:b] + [1.0] * max(0, b - 3))
             elif input_name == "noise":
@@ -255,6 +291,10 @@ def check_bundle(bundle_dir: str | Path, engines: bool = True, max_new_tokens: i
             report.add("tensorrt", name, "skip", why_no_engines)
     report.rows.append(greedy_equivalence(bundle, max_new_tokens))
     for name in bundle.manifest["graphs"]:
+        if bundle.graph(name).get("flavour") == "ort":
+            report.add("tensorrt lint", name, "skip", "ONNX Runtime flavour (fused contrib operators); export with "
+                       "--runtime tensorrt for TensorRT")
+            continue
         lint = lint_graph(bundle, name)
         detail = f"{len(lint.errors)} errors, {len(lint.warnings)} warnings"
         if lint.errors:

@@ -48,12 +48,20 @@ _register_training_commands()
 @click.option("--prefill-chunk", default=256, show_default=True, help="Prompt tokens fed per prefill call.")
 @click.option("--num-draft-tokens", default=4, show_default=True, help="Draft tokens K per round (the verify graph takes K+1).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Weight and activation type of the graphs.")
+@click.option("--runtime", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
+              help="Graph flavour: 'ort' uses ONNX Runtime's fused operators (attention updating the KV cache in place; "
+                   "fastest with ONNX Runtime), 'tensorrt' standard ONNX operators for 'dspark build' and TensorRT.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]),
+              help="Block-wise weight-only quantization of every projection, the LM head and the embedding (ONNX "
+                   "Runtime's MatMulNBits, blocks of 32; needs --runtime ort). Speculative output still equals plain "
+                   "output of the same bundle.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, force):
+def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, runtime,
+           quantize, force):
     """Export TARGET_DIR (and --draft) Hugging Face checkpoints into a bundle of ONNX graphs."""
     from dspark.export.bundle import ExportOptions, export_bundle
 
-    options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens)
+    options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize)
     manifest = export_bundle(target_dir, output, draft_dir, options, force=force)
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"bundle: {output}")

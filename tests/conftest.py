@@ -118,6 +118,16 @@ def qwen3_bundle(qwen3_pair, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_trt_bundle(qwen3_pair, tmp_path_factory) -> Path:
+    """The draft-LM bundle of ``qwen3_bundle`` in the standard-operator flavour TensorRT takes."""
+    _, target_dir, draft_dir = qwen3_pair
+    out = tmp_path_factory.mktemp("bundles") / "qwen3-trt"
+    export_bundle(target_dir, out, draft_dir, ExportOptions(max_batch=8, max_context=256, prefill_chunk=32,
+                                                          num_draft_tokens=6, runtime="tensorrt"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def dspark_bundle(qwen3_pair, tmp_path_factory) -> Path:
     """A DSpark (vanilla Markov head, confidence head, block 5) bundle over the qwen3 target."""
     target, target_dir, _ = qwen3_pair

@@ -18,15 +18,17 @@ from dspark.export.bundle import ExportOptions, export_bundle
 _EXPORTED = {}
 
 
-def export_dspark_bundle(qwen3_pair, tmp_path_factory):
-    """A DSpark (vanilla Markov head, confidence head) bundle over the session's Qwen3 target, exported once."""
-    if "dspark" not in _EXPORTED:
+def export_dspark_bundle(qwen3_pair, tmp_path_factory, runtime: str = "ort"):
+    """A DSpark (vanilla Markov head, confidence head) bundle over the session's Qwen3 target, exported once per
+    graph flavour."""
+    if runtime not in _EXPORTED:
         target, target_dir, _ = qwen3_pair
-        root = tmp_path_factory.mktemp("dspark-check")
+        root = tmp_path_factory.mktemp(f"dspark-check-{runtime}")
         draft_dir = deepspec_drafter(target, target_dir, root / "drafter", "vanilla", 4)
-        export_bundle(target_dir, root / "bundle", draft_dir, ExportOptions(max_context=256, prefill_chunk=32), progress=False)
-        _EXPORTED["dspark"] = root / "bundle"
-    return _EXPORTED["dspark"]
+        export_bundle(target_dir, root / "bundle", draft_dir,
+                      ExportOptions(max_context=256, prefill_chunk=32, runtime=runtime), progress=False)
+        _EXPORTED[runtime] = root / "bundle"
+    return _EXPORTED[runtime]
 
 
 @pytest.fixture(scope="module")

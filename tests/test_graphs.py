@@ -1,4 +1,5 @@
-"""Exported decoder graphs run by ONNX Runtime match transformers' own forward (fp32, <= 1e-4)."""
+"""Exported decoder graphs run by ONNX Runtime match transformers' own forward (fp32, <= 1e-4), in both flavours:
+ONNX Runtime's fused operators with the KV cache updated in place, and the standard operators TensorRT takes."""
 
 from __future__ import annotations
 
@@ -9,20 +10,22 @@ import torch
 from conftest import VOCAB, hf_model, save_hf
 from dspark.bundle import Bundle
 from dspark.export.bundle import ExportOptions, export_bundle
-from dspark.runtime.decoder import decoder_cache, run_decoder
+from dspark.runtime.decoder import commit, decoder_cache, run_decoder
 from dspark.runtime.runners import OrtRunner
 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2", "llama"])
+@pytest.fixture(scope="module", params=[(f, r) for f in ("qwen3", "qwen2", "llama") for r in ("ort", "tensorrt")],
+                ids=lambda p: "-".join(p))
 def exported(request, tmp_path_factory):
-    family = request.param
+    family, runtime = request.param
     # qwen2 with tied embeddings, the others untied: both layouts are exercised
     model = hf_model(family, VOCAB, seed=7, tie_word_embeddings=family == "qwen2")
     root = tmp_path_factory.mktemp(family)
     save_hf(model, root / "hf", VOCAB)
-    export_bundle(root / "hf", root / "bundle", options=ExportOptions(max_context=64, prefill_chunk=16), progress=False)
+    export_bundle(root / "hf", root / "bundle", options=ExportOptions(max_context=64, prefill_chunk=16, runtime=runtime),
+                  progress=False)
     return model, Bundle.open(root / "bundle")
 
 
@@ -44,7 +47,7 @@ def test_ragged_prefill_then_ragged_steps(exported):
     out = run_decoder(runner, cache, history)
     for r, ids in enumerate(history):
         np.testing.assert_allclose(out["logits"][r, : len(ids)], reference(model, ids), atol=TOL, rtol=0)
-    cache.append(out["new_k"], out["new_v"], [len(h) for h in history])
+    commit(cache, out, [len(h) for h in history])
     # speculative-style steps: rows feed different counts and keep a random prefix of them
     for width in (1, 4, 3, 8, 2):
         parts = [list(rng.integers(1, VOCAB, rng.integers(1, width + 1))) for _ in history]
@@ -55,7 +58,7 @@ def test_ragged_prefill_then_ragged_steps(exported):
             np.testing.assert_allclose(out["logits"][r, : len(part)], expected, atol=TOL, rtol=0)
             kept.append(int(rng.integers(1, len(part) + 1)))
             history[r] = history[r] + part[: kept[-1]]
-        cache.append(out["new_k"], out["new_v"], kept)
+        commit(cache, out, kept)
     assert list(cache.lens) == [len(h) for h in history]
 
 
@@ -64,12 +67,12 @@ def test_new_keys_match_transformers_cache(exported):
     runner = OrtRunner(bundle, "target")
     ids = [3, 9, 27, 81 % VOCAB, 5, 6, 7]
     cache = decoder_cache(bundle.target["config"], 1, bundle)
-    out = run_decoder(runner, cache, [ids])
+    commit(cache, run_decoder(runner, cache, [ids]), [len(ids)])
     with torch.no_grad():
         hf_cache = model(torch.tensor([ids]), use_cache=True).past_key_values
     for layer in range(model.config.num_hidden_layers):
-        keys = hf_cache.layers[layer].keys[0].numpy()
-        np.testing.assert_allclose(out["new_k"][layer, 0], keys, atol=TOL, rtol=0)
+        np.testing.assert_allclose(cache.k[layer, 0, :, : len(ids)], hf_cache.layers[layer].keys[0].numpy(), atol=TOL, rtol=0)
+        np.testing.assert_allclose(cache.v[layer, 0, :, : len(ids)], hf_cache.layers[layer].values[0].numpy(), atol=TOL, rtol=0)
 
 
 def test_manifest_records_dynamic_dims(exported):
@@ -77,6 +80,11 @@ def test_manifest_records_dynamic_dims(exported):
     graph = bundle.graph("target")
     shapes = {spec["name"]: spec["shape"] for spec in graph["inputs"] + graph["outputs"]}
     assert shapes["input_ids"] == ["batch", "new_tokens"]
+    if graph["flavour"] == "ort":
+        assert shapes["past_key.0"] == shapes["present_key.0"] == ["batch", 2, "cache", 16]
+        assert shapes["logits"] == ["batch", "logit_rows", VOCAB]
+        assert graph["dims"] == {"batch": [1, 8], "new_tokens": [1, 16], "logit_rows": [1, 16], "cache": [1, 80]}
+        return
     assert shapes["past_k"][1] == "batch" and shapes["past_k"][3] == "cache"
     assert shapes["logits"] == ["batch", "new_tokens", VOCAB]
     assert shapes["new_k"][3] == "new_tokens"

@@ -45,6 +45,18 @@ def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k):
     assert 0 < accepted < proposed
 
 
+def test_standard_flavour_greedy_equals_plain(qwen3_trt_bundle, plain):
+    """The TensorRT flavour (K/V returned, committed by copy) decodes the same tokens through the same loop."""
+    spec = Generator(qwen3_trt_bundle)
+    accepted = verified = 0
+    for prompt in PROMPTS:
+        req = Request(prompt, max_new_tokens=40, ignore_eos=True)
+        got = spec.generate([req])[0]
+        assert got.generated == plain.generate([req])[0].generated
+        accepted, verified = accepted + sum(got.accepted), verified + sum(got.verified)
+    assert 0 < accepted < verified
+
+
 def test_full_acceptance_rounds_happen(spec):
     seq = spec.generate([Request(PROMPTS[0], max_new_tokens=60, ignore_eos=True)], trace=True)[0]
     assert any(r["accepted"] == r["verify_length"] for r in seq.trace)

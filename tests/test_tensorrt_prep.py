@@ -21,14 +21,14 @@ from test_check import export_dspark_bundle
 
 @pytest.fixture(scope="module")
 def dspark_bundle(qwen3_pair, tmp_path_factory):
-    return export_dspark_bundle(qwen3_pair, tmp_path_factory)
+    return export_dspark_bundle(qwen3_pair, tmp_path_factory, runtime="tensorrt")
 
 
-def test_profile_shapes_are_exact(qwen3_bundle):
-    graph = Bundle.open(qwen3_bundle).graph("target")
+def test_profile_shapes_are_exact(qwen3_trt_bundle):
+    graph = Bundle.open(qwen3_trt_bundle).graph("target")
     shapes = profile_shapes(graph)
     assert list(shapes) == ["prefill", "decode"]
-    # qwen3_bundle: max_batch 8, max_context 256, prefill_chunk 32, 6 draft tokens -> verify 7
+    # qwen3_trt_bundle: max_batch 8, max_context 256, prefill_chunk 32, 6 draft tokens -> verify 7
     assert shapes["decode"]["input_ids"] == ((1, 1), (1, 7), (8, 7))
     assert shapes["prefill"]["position_ids"] == ((1, 1), (1, 32), (8, 32))
     assert shapes["decode"]["cache_lens"] == ((1,), (1,), (8,))
@@ -66,8 +66,8 @@ def test_ladder_selects_smallest_bucket_and_caps_at_the_range():
     assert Ladder.powers_of_two("batch", 1, 8).sizes == (1, 2, 4, 8)
 
 
-def test_bundle_buckets(qwen3_bundle):
-    buckets = Buckets.from_bundle(Bundle.open(qwen3_bundle))
+def test_bundle_buckets(qwen3_trt_bundle):
+    buckets = Buckets.from_bundle(Bundle.open(qwen3_trt_bundle))
     assert buckets.batch.sizes == (1, 2, 4, 8)
     assert buckets.verify.sizes == (1, 2, 4, 7)
     assert buckets.cache.sizes[-1] == 256 + 7  # room for a verify block past the longest row
@@ -109,8 +109,8 @@ def test_build_info_mismatch_says_which(tmp_path):
     assert engine_dir_name((9, 0), "10.16.0") == "sm90-trt10.16.0"
 
 
-def test_lint_passes_on_every_exported_graph(qwen3_bundle, dspark_bundle):
-    reports = lint_bundle(qwen3_bundle) + lint_bundle(dspark_bundle)
+def test_lint_passes_on_every_exported_graph(qwen3_trt_bundle, dspark_bundle):
+    reports = lint_bundle(qwen3_trt_bundle) + lint_bundle(dspark_bundle)
     assert {r.graph for r in reports} == {"target", "draft", "draft_context", "draft_propose"}
     for report in reports:
         assert report.ok, report.summary()
@@ -149,7 +149,7 @@ def test_lint_fails_on_a_graph_built_to_break_it():
     assert "output z" in messages and "has no name" in messages
 
 
-def test_build_without_tensorrt_says_what_is_missing(qwen3_bundle):
+def test_build_without_tensorrt_says_what_is_missing(qwen3_trt_bundle):
     pytest.importorskip("torch")
     try:
         import tensorrt  # noqa: F401
@@ -159,14 +159,21 @@ def test_build_without_tensorrt_says_what_is_missing(qwen3_bundle):
             pytest.skip("TensorRT and a GPU are present: this test covers their absence")
     except ImportError:
         pass
-    result = CliRunner().invoke(main, ["build", str(qwen3_bundle)])
+    result = CliRunner().invoke(main, ["build", str(qwen3_trt_bundle)])
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and ("TensorRT is not installed" in result.output or "no CUDA GPU" in result.output)
     assert "pip install" in result.output
-    assert not (qwen3_bundle / "engines").exists()
+    assert not (qwen3_trt_bundle / "engines").exists()
 
 
 def test_build_help_lists_every_option():
     result = CliRunner().invoke(main, ["build", "--help"])
     for option in ("--precision", "--workspace", "--timing-cache"):
         assert option in result.output
+
+
+def test_build_refuses_the_onnx_runtime_flavour(qwen3_bundle):
+    result = CliRunner().invoke(main, ["build", str(qwen3_bundle)])
+    assert result.exit_code == 2, result.output
+    assert "--runtime tensorrt" in result.output and "fused operators" in result.output
+    assert not (qwen3_bundle / "engines").exists()

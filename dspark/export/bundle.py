@@ -20,6 +20,7 @@ from dspark import __version__
 from dspark.bundle import write_manifest
 from dspark.errors import DsparkError
 from dspark.export.onnx import export_graph
+from dspark.export.ort_graph import QUANT_BITS, lower_decoder
 from dspark.graphs.checkpoint import read_config
 from dspark.export.share import share_identical_tensors
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
@@ -36,6 +37,8 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# graph flavour per runtime: ONNX Runtime's fused operators, or standard ONNX operators TensorRT's parser takes
+RUNTIMES = {"ort": "ort", "tensorrt": "standard"}
 KV_AXES = ["layer", "batch", "kv_head", "position", "head_dim"]
 
 
@@ -46,10 +49,21 @@ class ExportOptions:
     prefill_chunk: int = 256
     dtype: str = "fp32"
     num_draft_tokens: int = 4
+    runtime: str = "ort"
+    quantize: str | None = None
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
             raise DsparkError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.runtime not in RUNTIMES:
+            raise DsparkError(f"--runtime {self.runtime!r} is not supported; choose one of {', '.join(RUNTIMES)}")
+        if self.quantize is not None and self.quantize not in QUANT_BITS:
+            raise DsparkError(f"--quantize {self.quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
+        if self.quantize and self.runtime != "ort":
+            raise DsparkError(
+                f"--quantize {self.quantize} needs --runtime ort (MatMulNBits is an ONNX Runtime operator); for "
+                "TensorRT export fp32 or fp16 and choose the engine precision with 'dspark build --precision'"
+            )
         for name in ("max_batch", "max_context", "prefill_chunk", "num_draft_tokens"):
             if getattr(self, name) < 1:
                 raise DsparkError(f"{name.replace('_', '-')} must be at least 1")
@@ -68,8 +82,16 @@ class DecoderStep(torch.nn.Module):
         return (logits, new_k, new_v) if hidden is None else (logits, new_k, new_v, hidden)
 
 
-def export_decoder(model: DecoderLM, path: Path):
-    """Export a decoder step graph with dynamic batch, new-token and cache-window dimensions."""
+def export_decoder(model: DecoderLM, path: Path, options: "ExportOptions", verify_tokens: int) -> dict:
+    """Export a decoder step graph (dynamic batch, new-token and cache dimensions); return its manifest entry."""
+    ranges, profiles = decoder_dims(options, verify_tokens)
+    if options.runtime == "ort":
+        new_max = ranges["new_tokens"][1]
+        # GroupQueryAttention rotates up to the buffer's capacity: a row near the context limit in a wide call
+        # is padded past it, so the tables and the cache dimension cover max_context + the widest call
+        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, options.quantize)
+        ranges = dict(ranges, logit_rows=[1, new_max], cache=[1, options.max_context + new_max])
+        return graph_entry(path.name, inputs, outputs, ranges, {}, "ort")
     past_k, past_v = model.empty_cache(batch=2, length=5)
     example = {
         "input_ids": torch.zeros(2, 3, dtype=torch.int64),
@@ -86,7 +108,8 @@ def export_decoder(model: DecoderLM, path: Path):
         "past_v": {1: "batch", 3: "cache"},
     }
     outputs = ["logits", "new_k", "new_v"] + (["hidden"] if model.tap_layers else [])
-    return export_graph(DecoderStep(model), example, dynamic, outputs, path)
+    inputs, outputs = export_graph(DecoderStep(model), example, dynamic, outputs, path)
+    return graph_entry(path.name, inputs, outputs, ranges, profiles)
 
 
 def decoder_dims(options: ExportOptions, verify_tokens: int) -> tuple[dict, dict]:
@@ -102,9 +125,10 @@ def decoder_dims(options: ExportOptions, verify_tokens: int) -> tuple[dict, dict
     return ranges, profiles
 
 
-def graph_entry(file: str, inputs, outputs, ranges: dict, profiles: dict) -> dict:
+def graph_entry(file: str, inputs, outputs, ranges: dict, profiles: dict, flavour: str = "standard") -> dict:
     return {
         "file": file,
+        "flavour": flavour,
         "data": file + ".data",
         "inputs": [s.to_dict() for s in inputs],
         "outputs": [s.to_dict() for s in outputs],
@@ -226,9 +250,7 @@ def export_bundle(
     try:
         bar.set_postfix_str("target graph")
         model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)
-        inputs, outputs = export_decoder(model, tmp / "target.onnx")
-        ranges, profiles = decoder_dims(options, verify_tokens)
-        graphs = {"target": graph_entry("target.onnx", inputs, outputs, ranges, profiles)}
+        graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens)}
         models = {"target": {"source": str(target_dir), "config": asdict(target_config), "graphs": ["target"],
                              "tap_layers": list(taps)}}
         del model
@@ -241,10 +263,8 @@ def export_bundle(
                 shared = share_identical_tensors(tmp, "target.onnx", [g["file"] for g in draft_graphs.values()])
             else:
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
-                inputs, outputs = export_decoder(model, tmp / "draft.onnx")
                 # the draft feeds up to two pending tokens per round, then one per drafted token
-                ranges, profiles = decoder_dims(options, 2)
-                draft_graphs = {"draft": graph_entry("draft.onnx", inputs, outputs, ranges, profiles)}
+                draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2)}
                 shared = {}
                 del model
             graphs.update(draft_graphs)
@@ -262,6 +282,8 @@ def export_bundle(
             "dspark_version": __version__,
             "created_unix": int(time.time()),
             "dtype": options.dtype,
+            "runtime": options.runtime,
+            "quantize": options.quantize,
             "limits": {
                 "max_batch": options.max_batch,
                 "max_context": options.max_context,
@@ -273,8 +295,11 @@ def export_bundle(
                 "axes": KV_AXES,
                 "dtype": options.dtype,
                 "owner": "runtime",
-                "note": "graphs read past_k/past_v windows and return new_k/new_v for the new tokens only; the "
-                "runtime writes accepted rows at cache_lens[b] and advances it",
+                "note": "one buffer per model, [layer, row, kv_head, position, head_dim]. Graphs of flavour 'ort' take "
+                "layer i as past_key.i/past_value.i, bound to the same memory as present_key.i/present_value.i, and "
+                "write the query_lens[b] new tokens' K/V in place at cache_lens[b]; graphs of flavour 'standard' read "
+                "past_k/past_v windows and return new_k/new_v, which the runtime writes at cache_lens[b]. Either way "
+                "the runtime commits accepted tokens by advancing cache_lens[b]",
             },
             "models": models,
             "graphs": graphs,

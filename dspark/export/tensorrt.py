@@ -108,6 +108,10 @@ def build_engines(
 ) -> Path:
     """Build every graph's engine into ``engines/<gpu>-trt<version>/``; returns that folder."""
     bundle = Bundle.open(bundle_dir)
+    fused = [name for name, graph in bundle.manifest["graphs"].items() if graph.get("flavour") == "ort"]
+    if fused:
+        raise DsparkError(f"{bundle_dir}: graphs {', '.join(fused)} use ONNX Runtime's fused operators, which TensorRT "
+                          "does not parse; export the bundle with --runtime tensorrt for 'dspark build'")
     trt, gpu, capability = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
     from polygraphy.exception import PolygraphyException

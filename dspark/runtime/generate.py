@@ -22,7 +22,7 @@ import numpy as np
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.decoder import decoder_cache, feed, run_decoder
+from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
 from dspark.runtime.proposers import BlockProposer, Proposal, make_proposer
 from dspark.runtime.runners import make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
@@ -232,7 +232,7 @@ class Generator:
                 v = verified[r]
                 accepted[r], token = accept(out["logits"][r, : len(parts[r])], v.tokens, v.probs, s.request.sampling, s.rng)
                 emitted[r] = v.tokens[: accepted[r]] + [token]
-        self.cache.append(out["new_k"], out["new_v"], [len(e) for e in emitted])
+        commit(self.cache, out, [len(e) for e in emitted])
         if self.proposer:
             self.proposer.commit(anchors, [len(p.tokens) for p in proposals], accepted, out)
         for r, s in enumerate(seqs):

@@ -25,13 +25,15 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions in every row."""
+    def reserve(self, length: int, padded: int = 0) -> None:
+        """Make room for ``length`` positions in every row, and buffer capacity for ``padded`` (an in-place graph
+        writes each row's whole padded chunk, so a row near the context limit may need slots past it)."""
         if length > self.max_len:
             raise DsparkError(f"sequence needs {length} positions but the bundle's max context is {self.max_len}")
-        if length <= self.capacity:
+        needed = max(length, padded)
+        if needed <= self.capacity:
             return
-        capacity = min(self.max_len, max(length, 2 * self.capacity))
+        capacity = max(needed, min(self.max_len, 2 * self.capacity))
         for name in ("k", "v"):
             old = getattr(self, name)
             new = np.zeros(old.shape[:3] + (capacity, old.shape[4]), dtype=old.dtype)
@@ -58,6 +60,10 @@ class KVCache:
     def empty_like(self, rows: int) -> "KVCache":
         layers, _, heads, _, dim = self.k.shape
         return KVCache(layers, rows, heads, dim, self.k.dtype, self.max_len)
+
+    def advance(self, counts) -> None:
+        """Count the first ``counts[r]`` positions past each row's length, already written by an in-place graph."""
+        self.lens += np.asarray(counts, dtype=np.int64)
 
     def append(self, new_k: np.ndarray, new_v: np.ndarray, counts) -> None:
         """Write the first ``counts[r]`` new positions of each row at that row's length and advance it."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.decoder import decoder_cache, feed, run_decoder
+from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
 from dspark.runtime.kv import KVCache
 from dspark.runtime.runners import make_runner
 from dspark.runtime.sampling import probabilities, sample
@@ -66,7 +66,7 @@ class DraftLMProposer:
                 break
             parts = [[proposals[r].tokens[-1]] if step + 1 < caps[r] else [] for r in range(len(seqs))]
             out = run_decoder(self.runner, cache, parts)
-            cache.append(out["new_k"], out["new_v"], [len(p) for p in parts])
+            commit(cache, out, [len(p) for p in parts])
             logits = list(out["logits"][:, 0])
         for p in proposals:
             p.probs = np.stack(p.probs) if p.probs else None

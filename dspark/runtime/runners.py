@@ -54,11 +54,23 @@ class OrtRunner(GraphRunner):
         self.output_names = [o["name"] for o in self.spec["outputs"]]
         self.binding = self.session.io_binding()
         self.arenas: dict[str, np.ndarray] = {}
+        # in-place KV pairs (the ORT graph flavour): past_key.i is bound to the same memory as present_key.i
+        self.kv_pairs = [(f"past_{kind}.{i}", f"present_{kind}.{i}", kind)
+                         for i in range(sum(1 for n in self.input_names if n.startswith("past_key.")))
+                         for kind in ("key", "value")]
+        in_place = {out for _, out, _ in self.kv_pairs}
+        self.result_specs = [o for o in self.spec["outputs"] if o["name"] not in in_place]
+        self.bound_cache: tuple | None = None
 
-    def _symbols(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    def _symbols(self, feeds: dict[str, np.ndarray], cache) -> dict[str, int]:
         symbols = {}
         for spec in self.spec["inputs"]:
-            for dim, size in zip(spec["shape"], feeds[spec["name"]].shape):
+            array = feeds.get(spec["name"])
+            if array is None:
+                if not spec["name"].startswith("past_"):
+                    raise ValueError(f"no feed for input {spec['name']}")
+                array = cache.k[0]  # every in-place cache input has one layer's shape
+            for dim, size in zip(spec["shape"], array.shape):
                 if isinstance(dim, str):
                     if symbols.setdefault(dim, size) != size:
                         raise ValueError(f"dimension {dim} is {symbols[dim]} in one input and {size} in {spec['name']}")
@@ -72,13 +84,27 @@ class OrtRunner(GraphRunner):
             self.arenas[spec["name"]] = arena
         return arena[:size].reshape(shape)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        symbols = self._symbols(feeds)
+    def _bind_cache(self, cache) -> None:
+        """Bind each layer's K/V buffer as both past and present; only when the buffers moved or were reshaped."""
+        key = (cache.k.ctypes.data, cache.v.ctypes.data, cache.k.shape)
+        if key == self.bound_cache:
+            return
+        for past, present, kind in self.kv_pairs:
+            layer = (cache.k if kind == "key" else cache.v)[int(past.rsplit(".", 1)[1])]
+            self.binding.bind_input(past, "cpu", 0, layer.dtype, layer.shape, layer.ctypes.data)
+            self.binding.bind_output(present, "cpu", 0, layer.dtype, layer.shape, layer.ctypes.data)
+        self.bound_cache = key
+
+    def run(self, feeds: dict[str, np.ndarray], cache=None) -> dict[str, np.ndarray]:
+        """One call. ``cache`` (a KVCache) is required by graphs that update their KV buffers in place."""
+        symbols = self._symbols(feeds, cache)
         binding = self.binding
-        for name in self.input_names:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        if self.kv_pairs:
+            self._bind_cache(cache)
         outputs = {}
-        for spec in self.spec["outputs"]:
+        for spec in self.result_specs:
             out = self._output_buffer(spec, resolve_shape(spec["shape"], symbols))
             binding.bind_output(spec["name"], "cpu", 0, out.dtype, out.shape, out.ctypes.data)
             outputs[spec["name"]] = out

@@ -1,0 +1,241 @@
+"""Our target graph against onnxruntime-genai's graph for the same checkpoint, side by side in one process.
+
+For each pair (ours, theirs) at one precision it measures, interleaved so machine noise hits both alike:
+- T(n): one graph call appending n tokens (n = 1, 2, 4, 8, 16) to a --context-token cache, median of --repeats.
+  Ours runs through dspark's own runner and cache (in-place KV, nothing committed, so the context stays put);
+  theirs is their model.onnx in an ONNX Runtime session with the same options, past K/V bound once.
+- plain decode tokens/s: ``dspark``'s Generator (no draft) and onnxruntime-genai's own generate loop on the same
+  chat prompt, --new-tokens greedy tokens; decode rate = (tokens - 1) / (time of the last - time of the first).
+- host time per plain step: our decode time per token minus our T(1) graph time (what the loop adds).
+- with --ops, an ONNX Runtime profile of one T(1) call of each graph: ms per op type per step.
+
+    python bench/graph_peers.py --pair fp32 BUNDLE GENAI_DIR --pair int4 BUNDLE GENAI_DIR [--output report.json]
+
+Build the peer graphs with onnxruntime-genai's builder from the same Hugging Face folder:
+    python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p fp32|int4 -e cpu
+Run it on a quiet machine: two cores make any figure taken beside another job false.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from dspark.bundle import Bundle
+from dspark.runtime.decoder import decoder_cache, run_decoder
+from dspark.runtime.generate import Generator, Request
+
+WIDTHS = (1, 2, 4, 8, 16)
+PROMPT = "<|im_start|>user\nWrite a Python function that checks whether a string is a palindrome.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class Ours:
+    def __init__(self, bundle_dir: Path, threads: int, context: int):
+        self.generator = Generator(bundle_dir, use_draft=False, threads=threads)
+        bundle = self.generator.bundle
+        self.cache = decoder_cache(bundle.target["config"], 1, bundle)
+        self.cache.reserve(context + max(WIDTHS), context + max(WIDTHS))
+        self.cache.lens[:] = context
+        self.vocab = bundle.target["config"]["vocab_size"]
+        self.file = bundle.file(bundle.graph("target")["file"])
+
+    def call(self, n: int) -> None:
+        run_decoder(self.generator.target, self.cache, [[7] * n])  # nothing committed: the context stays
+
+
+class Theirs:
+    """onnxruntime-genai's decoder graph, called directly: input_ids, attention_mask, past K/V in, present out."""
+
+    def __init__(self, folder: Path, threads: int, context: int, profile: bool = False):
+        config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.file = folder / config["filename"]
+        self.session = session(self.file, threads, profile)
+        self.layers, self.heads, self.dim = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
+        self.context = context
+        self.names = config["inputs"]
+        self.binding = self.session.io_binding()
+        rng = np.random.default_rng(0)
+        self.past = [rng.standard_normal((1, self.heads, context, self.dim)).astype(np.float32) for _ in range(2 * self.layers)]
+        inputs = {i.name for i in self.session.get_inputs()}
+        for layer in range(self.layers):
+            self.binding.bind_cpu_input(self.names["past_key_names"] % layer, self.past[2 * layer])
+            self.binding.bind_cpu_input(self.names["past_value_names"] % layer, self.past[2 * layer + 1])
+        self.has_positions = "position_ids" in inputs
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def call(self, n: int) -> None:
+        total = self.context + n
+        self.binding.bind_cpu_input("input_ids", np.full((1, n), 7, dtype=np.int64))
+        self.binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if self.has_positions:
+            self.binding.bind_cpu_input("position_ids", np.arange(self.context, total, dtype=np.int64)[None])
+        for name in self.outputs:  # ONNX Runtime allocates each (shape-changing) output
+            self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+
+
+def step_costs(ours: Ours, theirs: Theirs, repeats: int) -> dict:
+    times = {(who, n): [] for who in ("ours", "theirs") for n in WIDTHS}
+    for _ in range(3):  # warm-up
+        for n in WIDTHS:
+            ours.call(n)
+            theirs.call(n)
+    for rep in range(repeats):
+        order = [("ours", ours), ("theirs", theirs)][:: 1 if rep % 2 else -1]
+        for n in WIDTHS:
+            for who, runner in order:
+                t = time.perf_counter()
+                runner.call(n)
+                times[(who, n)].append(time.perf_counter() - t)
+    return {who: {n: 1000 * statistics.median(times[(who, n)]) for n in WIDTHS} for who in ("ours", "theirs")}
+
+
+def our_decode(ours: Ours, prompt_ids: list[int], tokens: int) -> float:
+    """(tokens - 1) / (time for tokens - time for 1): the prompt's prefill and first token cancel out."""
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        ours.generator.generate([Request(prompt_ids, max_new_tokens=n, ignore_eos=True)])
+        return time.perf_counter() - t
+
+    return (tokens - 1) / (timed(tokens) - timed(1))
+
+
+def their_decode(folder: Path, prompt_ids: list[int], tokens: int, model=None) -> float:
+    import onnxruntime_genai as og
+
+    model = model or og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + tokens, do_sample=False, min_length=len(prompt_ids) + tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt_ids])
+    stamps = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def profile_ops(make_session, feed_call, calls: int = 20) -> dict:
+    sess = make_session()
+    for _ in range(calls):
+        feed_call(sess)
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"].get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1000 / calls
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "BUNDLE", "GENAI_DIR"), required=True,
+                        help="a precision label, our bundle and onnxruntime-genai's model folder for the same checkpoint")
+    parser.add_argument("--context", type=int, default=128, help="cache length for the T(n) calls")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per width (median kept)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per decode run")
+    parser.add_argument("--decode-runs", type=int, default=3, help="decode runs per system (median kept)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op threads")
+    parser.add_argument("--ops", action="store_true", help="add an ONNX Runtime op-type profile of each graph's T(1)")
+    parser.add_argument("--output", type=Path, help="write the report as JSON here")
+    args = parser.parse_args()
+
+    import onnxruntime_genai as og
+
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "threads": args.threads, "onnxruntime": ort.__version__, "onnxruntime_genai": og.__version__},
+              "context": args.context, "pairs": {}}
+    for label, bundle_dir, genai_dir in args.pair:
+        bundle_dir, genai_dir = Path(bundle_dir), Path(genai_dir)
+        ours, theirs = Ours(bundle_dir, args.threads, args.context), Theirs(genai_dir, args.threads, args.context)
+        costs = step_costs(ours, theirs, args.repeats)
+        prompt_ids = ours.generator.tokenizer.encode(PROMPT)
+        model = og.Model(str(genai_dir))
+        decode = {"ours": [], "theirs": []}
+        for run in range(args.decode_runs):
+            for who in (("ours", "theirs") if run % 2 else ("theirs", "ours")):
+                if who == "ours":
+                    decode[who].append(our_decode(ours, prompt_ids, args.new_tokens))
+                else:
+                    decode[who].append(their_decode(genai_dir, prompt_ids, args.new_tokens, model))
+        del model
+        rates = {who: statistics.median(v) for who, v in decode.items()}
+        entry = {
+            "t_ms": costs,
+            "t_ratio": {who: {n: costs[who][n] / costs[who][1] for n in WIDTHS} for who in costs},
+            "decode_tok_s": rates,
+            "host_ms_per_plain_step": 1000 / rates["ours"] - costs["ours"][1],
+        }
+        if args.ops:
+            entry["ops_ms_per_call"] = {
+                "ours": profile_ops(lambda: _profiled_ours(bundle_dir, args.threads), lambda s: _call_ours(s, args.context)),
+                "theirs": profile_ops(lambda: session(theirs.file, args.threads, profile=True),
+                                      lambda s: _call_theirs(s, theirs)),
+            }
+        report["pairs"][label] = entry
+        del ours, theirs
+        print_pair(label, entry)
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2))
+
+
+def _profiled_ours(bundle_dir: Path, threads: int) -> ort.InferenceSession:
+    bundle = Bundle.open(bundle_dir, verify=False)
+    return session(bundle.file(bundle.graph("target")["file"]), threads, profile=True)
+
+
+def _call_ours(sess: ort.InferenceSession, context: int) -> None:
+    feeds = {"input_ids": np.full((1, 1), 7, np.int64), "cache_lens": np.array([context], np.int32),
+             "query_lens": np.array([1], np.int32), "logit_index": np.zeros((1, 1), np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_"):
+            feeds[i.name] = np.zeros((1, i.shape[1], context + 1, i.shape[3]), np.float32)
+    sess.run(["logits"], feeds)
+
+
+def _call_theirs(sess: ort.InferenceSession, theirs: Theirs) -> None:
+    feeds = {"input_ids": np.full((1, 1), 7, np.int64), "attention_mask": np.ones((1, theirs.context + 1), np.int64)}
+    for layer in range(theirs.layers):
+        feeds[theirs.names["past_key_names"] % layer] = theirs.past[2 * layer]
+        feeds[theirs.names["past_value_names"] % layer] = theirs.past[2 * layer + 1]
+    sess.run(["logits"], feeds)
+
+
+def print_pair(label: str, entry: dict) -> None:
+    print(f"\n{label}: T(n) ms at the given context (ratio to T(1))")
+    print("  n     " + "".join(f"{n:>16d}" for n in WIDTHS))
+    for who in ("ours", "theirs"):
+        cells = "".join(f"{entry['t_ms'][who][n]:9.2f} ({entry['t_ratio'][who][n]:4.2f})" for n in WIDTHS)
+        print(f"  {who:6s}{cells}")
+    rates = entry["decode_tok_s"]
+    print(f"  plain decode tok/s: ours {rates['ours']:.1f}, theirs {rates['theirs']:.1f} "
+          f"({rates['ours'] / rates['theirs']:.2f}x); host per plain step {entry['host_ms_per_plain_step']:.2f} ms")
+    for who, ops in entry.get("ops_ms_per_call", {}).items():
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:8])
+        print(f"  ops {who}: {sum(ops.values()):.2f} ms/call: {top}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The ONNX Runtime lowering of a decoder step: the layers of ``dspark.graphs.decoder`` spelled in ORT's fused ops.
+
+The same ``DecoderLM`` (weights and configuration) that torch exports as standard ONNX operators for TensorRT
+is written here node by node, the way onnxruntime-genai's model builder lowers a model: per layer one fused QKV
+MatMul, one ``GroupQueryAttention`` (rotary inside, grouped KV heads, the KV buffer updated in place), two
+``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm), one fused gate/up MatMul and a down MatMul.
+Weights are stored [in, out] so MatMul needs no runtime transpose and ONNX Runtime prepacks them once.
+
+The step contract the speculative loop needs is kept: several new tokens per row, each row with its own cache
+length (``cache_lens``) and number of real new tokens (``query_lens``; padding after them is never written to
+the cache), rollback by lowering a row's length, tapped layer outputs for DSpark/DFlash drafters, and logits only
+for the new-token positions the caller asks for (``logit_index``: the last real token when prefilling, every
+position when verifying). Each layer's cache is one input/output pair, ``past_key.i`` -> ``present_key.i``,
+which the runtime binds to the same memory so GroupQueryAttention writes the new tokens' K/V in place.
+
+``quantize`` ("int4" or "int8") stores every projection, the LM head and the embedding block-wise quantized
+(``MatMulNBits`` / ``GatherBlockQuantized``): a different model is decoded, with the same lossless contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from dspark.errors import DsparkError
+from dspark.export.onnx import ONNX_TO_NUMPY, TensorSpec
+from dspark.graphs.decoder import DecoderLM
+
+OPSET = 21
+QUANT_BITS = {"int4": 4, "int8": 8}
+QUANT_BLOCK = 32
+# MatMulNBits accuracy level 4: activations are quantized to int8 per block, so the products run on the CPU's
+# integer dot-product units (VNNI/AMX); level 0 would dequantize weights to fp32 at every call.
+QUANT_ACCURACY = 4
+TORCH_TO_ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
+
+
+class _Graph:
+    """Nodes, initializers and fresh names for one graph."""
+
+    def __init__(self, float_type: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.float_type = float_type
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, name: str, tensor: torch.Tensor) -> str:
+        """A float weight in the graph's dtype."""
+        dtype = np.float16 if self.float_type == TensorProto.FLOAT16 else np.float32
+        return self.const(name, tensor.detach().float().numpy().astype(dtype))
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        names = [self.name(op_type.lower()) for _ in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type), domain=domain, **attrs))
+        return names
+
+    def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        return self.op(op_type, inputs, 1, domain, **attrs)[0]
+
+
+class _Lowering:
+    def __init__(self, model: DecoderLM, quantize: str | None, max_context: int):
+        self.m = model
+        self.c = model.config
+        dtype = model.lm_head.weight.dtype
+        if dtype not in TORCH_TO_ONNX:
+            raise DsparkError(f"the ONNX Runtime graph flavour supports fp32 and fp16 weights, not {dtype}")
+        if quantize is not None and quantize not in QUANT_BITS:
+            raise DsparkError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
+        self.quantize = quantize
+        self.g = _Graph(TORCH_TO_ONNX[dtype])
+        self.max_context = max_context
+
+    # ------------------------------------------------------------------------------------ building blocks
+    def linear(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> str:
+        """x @ weight.T (+ bias); ``weight`` is torch's [out, in]."""
+        g = self.g
+        out_features, in_features = weight.shape
+        if self.quantize and in_features % QUANT_BLOCK == 0:
+            packed, scales, zero_points = quantize_blocks(weight, QUANT_BITS[self.quantize])
+            inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(self._np_float())),
+                      g.const(name + ".zero_points", zero_points)]
+            if bias is not None:
+                inputs += ["", g.weight(name + ".bias", bias)]
+            return g.op1("MatMulNBits", inputs, domain="com.microsoft", K=in_features, N=out_features,
+                         bits=QUANT_BITS[self.quantize], block_size=QUANT_BLOCK, accuracy_level=QUANT_ACCURACY)
+        y = g.op1("MatMul", [x, g.weight(name + ".weight_t", weight.T)])
+        return g.op1("Add", [y, g.weight(name + ".bias", bias)]) if bias is not None else y
+
+    def _np_float(self):
+        return np.float16 if self.g.float_type == TensorProto.FLOAT16 else np.float32
+
+    def rms(self, x: str, weight: torch.Tensor, name: str) -> str:
+        return self.g.op1("SimplifiedLayerNormalization", [x, self.g.weight(name, weight)], axis=-1,
+                          epsilon=self.c.rms_norm_eps, stash_type=1)
+
+    def skip_rms(self, x: str, skip: str, weight: torch.Tensor, name: str) -> tuple[str, str]:
+        """(RMSNorm(x + skip), x + skip): the residual add fused into the next norm."""
+        out, _, _, total = self.g.op("SkipSimplifiedLayerNormalization", [x, skip, self.g.weight(name, weight)], 4,
+                                     domain="com.microsoft", epsilon=self.c.rms_norm_eps)
+        return out, total
+
+    def head_norm(self, x: str, weight: torch.Tensor, heads: int, name: str) -> str:
+        """Qwen3's per-head RMSNorm on q or k ([B, S, heads*D]) before rotary."""
+        g, d = self.g, self.c.head_dim
+        shaped = g.op1("Reshape", [x, g.const(name + ".shape", np.array([0, 0, heads, d], dtype=np.int64))])
+        normed = self.rms(shaped, weight, name + ".weight")
+        return g.op1("Reshape", [normed, g.const(name + ".back", np.array([0, 0, heads * d], dtype=np.int64))])
+
+    # ------------------------------------------------------------------------------------ the graph
+    def build(self) -> onnx.ModelProto:
+        g, c, m = self.g, self.c, self.m
+        body = m.model
+        ids = "input_ids"
+        # rows' cache state, in the int32 GroupQueryAttention reads
+        seqlens_k = g.op1("Sub", [g.op1("Add", ["cache_lens", "query_lens"]), g.const("one_i32", np.array(1, np.int32))])
+        # total_sequence_length: the buffer capacity (an upper bound once query_seqlens is fed)
+        capacity = g.op1("Cast", [g.op1("Gather", [g.op1("Shape", ["past_key.0"]), g.const("axis2", np.array(2, np.int64))],
+                                        axis=0)], to=TensorProto.INT32)
+        cos, sin = self.rotary_tables()
+
+        h = self.embedding(ids)
+        taps = {-1: h} if -1 in m.tap_layers else {}
+        residual, normed = h, self.rms(h, body.layers[0].input_layernorm.weight, "layers.0.input_layernorm")
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for i, layer in enumerate(body.layers):
+            attn, prefix = layer.self_attn, f"layers.{i}."
+            qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if c.qkv_bias else None
+            qkv = self.linear(normed, qkv_w, qkv_b, prefix + "qkv_proj")
+            if c.qk_norm:
+                q, k, v = g.op("Split", [qkv, g.const(prefix + "qkv_split", np.array([q_size, kv_size, kv_size], np.int64))],
+                               3, axis=-1)
+                q = self.head_norm(q, attn.q_norm.weight, c.num_heads, prefix + "q_norm")
+                k = self.head_norm(k, attn.k_norm.weight, c.num_kv_heads, prefix + "k_norm")
+                qkv_inputs = [q, k, v]
+            else:
+                qkv_inputs = [qkv, "", ""]  # packed QKV
+            attended = g.op("GroupQueryAttention",
+                            qkv_inputs + [f"past_key.{i}", f"past_value.{i}", seqlens_k, capacity, cos, sin]
+                            + [""] * 7 + ["query_lens"],
+                            [g.name("attn"), f"present_key.{i}", f"present_value.{i}"], domain="com.microsoft",
+                            num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
+            o = self.linear(attended, attn.o_proj.weight, attn.o_proj.bias, prefix + "o_proj")
+            normed, residual = self.skip_rms(o, residual, layer.post_attention_layernorm.weight,
+                                             prefix + "post_attention_layernorm")
+            mlp = layer.mlp
+            gate_up = self.linear(normed, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                                  torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if c.mlp_bias else None,
+                                  prefix + "gate_up_proj")
+            gate, up = g.op("Split", [gate_up, g.const(prefix + "gate_up_split",
+                                                       np.array([c.intermediate_size] * 2, np.int64))], 2, axis=-1)
+            act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
+            down = self.linear(act, mlp.down_proj.weight, mlp.down_proj.bias, prefix + "down_proj")
+            last = i == c.num_layers - 1
+            norm_w = body.norm.weight if last else body.layers[i + 1].input_layernorm.weight
+            normed, residual = self.skip_rms(down, residual, norm_w, "norm" if last else f"layers.{i + 1}.input_layernorm")
+            if i in m.tap_layers:
+                taps[i] = residual
+        self.logits(normed)
+        outputs = ["logits"]
+        if m.tap_layers:
+            parts = [taps[i] for i in m.tap_layers]
+            g.op("Concat" if len(parts) > 1 else "Identity", parts, ["hidden"], **({"axis": -1} if len(parts) > 1 else {}))
+            outputs.append("hidden")
+        return self.model(outputs)
+
+    def rotary_tables(self) -> tuple[str, str]:
+        """cos/sin [max_context, head_dim/2] from the model's own inv_freq (default, linear or Llama 3 scaling)."""
+        positions = torch.arange(self.max_context, dtype=torch.float32)
+        freqs = positions[:, None] * self.m.model.rotary_emb.inv_freq.float()[None, :]
+        return self.g.weight("cos_cache", freqs.cos()), self.g.weight("sin_cache", freqs.sin())
+
+    def embedding(self, ids: str) -> str:
+        g, weight = self.g, self.m.model.embed_tokens.weight
+        if self.quantize and weight.shape[1] % QUANT_BLOCK == 0:
+            data, scales, zero_points = quantize_gather_blocks(weight, QUANT_BITS[self.quantize])
+            return g.op1("GatherBlockQuantized", [g.const("embed_tokens.qweight", data), ids,
+                                                 g.const("embed_tokens.scales", scales.astype(self._np_float())),
+                                                 g.const("embed_tokens.zero_points", zero_points)],
+                         domain="com.microsoft", bits=QUANT_BITS[self.quantize], block_size=QUANT_BLOCK,
+                         gather_axis=0, quantize_axis=1)
+        return g.op1("Gather", [g.weight("embed_tokens.weight", weight), ids], axis=0)
+
+    def logits(self, normed: str) -> None:
+        """The LM head on the rows ``logit_index`` names only, in fp32."""
+        g, c = self.g, self.c
+        picked = g.op1("GatherND", [normed, g.op1("Unsqueeze", ["logit_index", g.const("last_axis", np.array([-1], np.int64))])],
+                       batch_dims=1)
+        weight = self.m.lm_head.weight
+        if self.quantize or not c.tie_word_embeddings:
+            out = self.linear(picked, weight, None, "lm_head")
+        else:
+            # tied weights: one [V, d] tensor serves the Gather above and this transposed product
+            flat = g.op1("Reshape", [picked, g.const("rows_by_hidden", np.array([-1, c.hidden_size], np.int64))])
+            product = g.op1("Gemm", [flat, "embed_tokens.weight"], transB=1)
+            shape = g.op1("Concat", [g.op1("Slice", [g.op1("Shape", ["logit_index"]), g.const("zero", np.array([0], np.int64)),
+                                                     g.const("two", np.array([2], np.int64))]),
+                                     g.const("vocab", np.array([c.vocab_size], np.int64))], axis=0)
+            out = g.op1("Reshape", [product, shape])
+        g.op("Cast" if g.float_type != TensorProto.FLOAT else "Identity", [out], ["logits"],
+             **({"to": TensorProto.FLOAT} if g.float_type != TensorProto.FLOAT else {}))
+
+    def model(self, outputs: list[str]) -> onnx.ModelProto:
+        g, c = self.g, self.c
+        kv = ["batch", c.num_kv_heads, "cache", c.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "new_tokens"]),
+            helper.make_tensor_value_info("cache_lens", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("query_lens", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("logit_index", TensorProto.INT64, ["batch", "logit_rows"]),
+        ]
+        outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logit_rows", c.vocab_size])]
+        if "hidden" in outputs:
+            width = len(self.m.tap_layers) * c.hidden_size
+            outs.append(helper.make_tensor_value_info("hidden", g.float_type, ["batch", "new_tokens", width]))
+        for i in range(c.num_layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", g.float_type, kv))
+                outs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", g.float_type, kv))
+        graph = helper.make_graph(g.nodes, "dspark_decoder_step", inputs, outs, g.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        return model
+
+
+def quantize_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits operands for torch's [out, in] weight: packed [out, in/32, 32*bits/8], scales, zero points."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    n, k = weight.shape
+    blocks = k // QUANT_BLOCK
+    per_byte = 8 // bits
+    w = np.ascontiguousarray(weight.detach().float().numpy().T)  # [K, N], the layout the quantizer reads
+    packed = np.zeros((n, blocks, QUANT_BLOCK // per_byte), dtype=np.uint8)
+    zero_points = np.zeros((n, (blocks + per_byte - 1) // per_byte), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, QUANT_BLOCK, n, k,
+                                                                    False)
+    return packed, scales.reshape(-1), zero_points.reshape(-1)
+
+
+def quantize_gather_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GatherBlockQuantized operands for an embedding [V, d]: the same block scheme as ``quantize_blocks``."""
+    packed, scales, zero_points = quantize_blocks(weight, bits)
+    v, d = weight.shape
+    blocks = d // QUANT_BLOCK
+    return packed.reshape(v, -1), scales.reshape(v, blocks), zero_points.reshape(v, -1)
+
+
+def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize: str | None = None):
+    """Write the ORT-flavour step graph of ``model`` to ``path`` (+ ``path.data``); return its I/O specs."""
+    path = Path(path)
+    onnx_model = _Lowering(model, quantize, max_context).build()
+    onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    # no onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain, unknown to
+    # the checker; ONNX Runtime validates the graph when a session loads it
+
+    def specs(values):
+        return [TensorSpec(v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type],
+                           tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
+
+    return specs(onnx_model.graph.input), specs(onnx_model.graph.output)
