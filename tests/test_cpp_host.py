@@ -136,11 +136,25 @@ def llama_dflash_bundle(tmp_path_factory) -> Path:
     return root / "b"
 
 
-@pytest.fixture(params=["qwen3-draft-lm", "qwen3-dspark", "qwen2-draft-lm", "llama-dflash"])
+@pytest.fixture(scope="module")
+def int4_bundle(qwen3_pair, tmp_path_factory) -> Path:
+    """The qwen3 draft-LM pair with int4 weights (MatMulNBits), ONNX Runtime flavour."""
+    _, target_dir, draft_dir = qwen3_pair
+    out = tmp_path_factory.mktemp("int4") / "b"
+    export_bundle(target_dir, out, draft_dir, ExportOptions(max_context=256, prefill_chunk=32, num_draft_tokens=4,
+                                                          quantize="int4"), progress=False)
+    return out
+
+
+# graph flavours: "ort" (fused, KV updated in place; the default export) and "standard" (TensorRT's, K/V copied)
+BUNDLES = {"qwen3-draft-lm": "qwen3_bundle", "qwen3-draft-lm-standard": "qwen3_trt_bundle",
+           "qwen3-draft-lm-int4": "int4_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
+           "llama-dflash": "llama_dflash_bundle"}
+
+
+@pytest.fixture(params=list(BUNDLES))
 def bundle(request) -> Path:
-    name = {"qwen3-draft-lm": "qwen3_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
-            "llama-dflash": "llama_dflash_bundle"}[request.param]
-    return request.getfixturevalue(name)
+    return request.getfixturevalue(BUNDLES[request.param])
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -188,7 +202,7 @@ def c_generate(host: Host, engine, prompts, lengths, params=SamplingParams(), se
 
 
 # ------------------------------------------------------------------------------------------------- equivalence
-def test_greedy_tokens_and_traces_equal_python(host, bundle, tmp_path):
+def test_greedy_tokens_and_traces_equal_python(host, bundle):
     """A ragged batch through the C API: the Python runtime's tokens, text, stats and trace rows exactly."""
     engine = host.lib.dspark_open(str(bundle).encode(), None)
     assert engine, host.error()
@@ -210,11 +224,13 @@ def test_greedy_tokens_and_traces_equal_python(host, bundle, tmp_path):
     assert accepted < sum(sum(w.verified) for w in want)
 
 
-def test_cli_plain_equals_speculative_and_python(host, qwen3_bundle, tmp_path):
+@pytest.mark.parametrize("name", ["qwen3_bundle", "qwen3_trt_bundle"])
+def test_cli_plain_equals_speculative_and_python(host, name, request, tmp_path):
     """dspark-run --json/--trace lines as `dspark generate` writes them; plain decoding gives the same tokens."""
-    spec, spec_trace = cpp_run(host, qwen3_bundle, tmp_path, "--num-draft-tokens", 3)
-    plain, plain_trace = cpp_run(host, qwen3_bundle, tmp_path, "--no-draft")
-    gen = Generator(qwen3_bundle, num_draft_tokens=3)
+    bundle = request.getfixturevalue(name)
+    spec, spec_trace = cpp_run(host, bundle, tmp_path, "--num-draft-tokens", 3)
+    plain, plain_trace = cpp_run(host, bundle, tmp_path, "--no-draft")
+    gen = Generator(bundle, num_draft_tokens=3)
     want = gen.generate([Request(p, max(LENGTHS), ignore_eos=True) for p in PROMPTS], trace=True)
     assert [s["token_ids"] for s in spec] == [p["token_ids"] for p in plain] == [w.generated for w in want]
     assert list(spec[0]) == ["text", "token_ids", "finish_reason", "stats"]
@@ -225,7 +241,7 @@ def test_cli_plain_equals_speculative_and_python(host, qwen3_bundle, tmp_path):
     assert 0 < sum(r["accepted"] for r in spec_trace) < sum(r["verify_length"] for r in spec_trace)
 
 
-@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+@pytest.mark.parametrize("name", ["qwen3_bundle", "qwen3_trt_bundle", "dspark_bundle"])
 def test_sampled_tokens_equal_python_for_the_same_seed(host, name, request):
     """The host draws numpy's default_rng(seed) stream: the same sampled tokens as the Python runtime."""
     bundle = request.getfixturevalue(name)

@@ -76,10 +76,80 @@ class StandardDecoder : public DecoderBase {
   Feeds out_;
 };
 
+// an integer graph input in the dtype the manifest gives it (int32 or int64)
+TensorView int_input(const GraphSpec& spec, const char* name, const std::vector<int64_t>& values,
+                     std::vector<int32_t>& i32, std::vector<int64_t>& i64, std::vector<int64_t> shape) {
+  const TensorSpec* t = spec.input(name);
+  if (!t) throw Error("graph " + spec.name + " has no input '" + name + "'; re-export the bundle");
+  if (t->dtype == "int32") {
+    i32.assign(values.begin(), values.end());
+    return {DType::I32, std::move(shape), i32.data()};
+  }
+  i64 = values;
+  return {DType::I64, std::move(shape), i64.data()};
+}
+
+// ONNX Runtime's fused flavour: GroupQueryAttention writes each row's query_lens[r] new tokens' K/V into the
+// cache at cache_lens[r]; every layer's past_key.i / present_key.i (and value) share one cache slice
+class InPlaceDecoder : public DecoderBase {
+ public:
+  InPlaceDecoder(std::unique_ptr<GraphRunner> runner, const GraphSpec& spec) : DecoderBase(std::move(runner), spec) {
+    for (const auto& in : spec.inputs)
+      if (in.name.rfind("past_key.", 0) == 0) ++layers_;
+    for (int i = 0; i < layers_; ++i)
+      for (const char* kind : {"key", "value"})
+        if (!spec.input(std::string("past_") + kind + "." + std::to_string(i)) ||
+            !spec.output(std::string("present_") + kind + "." + std::to_string(i)))
+          throw Error("graph " + spec.name + " lacks past/present " + kind + " " + std::to_string(i) +
+                      "; re-export the bundle");
+  }
+
+  void run(KVCache& cache, const std::vector<std::vector<int64_t>>& parts, bool last_only) override {
+    last_only_ = last_only;
+    pack(parts);
+    int rows = static_cast<int>(parts.size());
+    std::vector<int64_t> counts(rows);
+    int64_t need = 0, longest = 0;
+    for (int r = 0; r < rows; ++r) {
+      counts[r] = static_cast<int64_t>(parts[r].size());
+      need = std::max(need, cache.lens[r] + counts[r]);
+      longest = std::max(longest, cache.lens[r]);
+    }
+    // every row's padded chunk is written at its length, so each needs room for the whole width
+    cache.reserve(need, longest + width_);
+    std::vector<int64_t> index;
+    int logit_rows = last_only ? 1 : width_;
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < logit_rows; ++j) index.push_back(last_only ? std::max<int64_t>(counts[r] - 1, 0) : j);
+    index_ = index;
+    Feeds feeds{{"input_ids", {DType::I64, {rows, width_}, ids_.data()}},
+                {"cache_lens", int_input(spec_, "cache_lens", cache.lens, lens32_, lens64_, {rows})},
+                {"query_lens", int_input(spec_, "query_lens", counts, query32_, query64_, {rows})},
+                {"logit_index", {DType::I64, {rows, logit_rows}, index_.data()}}};
+    Feeds bound;
+    for (int i = 0; i < layers_; ++i) {
+      std::string n = std::to_string(i);
+      feeds["past_key." + n] = bound["present_key." + n] = cache.layer_view(true, i);
+      feeds["past_value." + n] = bound["present_value." + n] = cache.layer_view(false, i);
+    }
+    read(runner_->run(feeds, bound));
+  }
+
+  void commit(KVCache& cache, const std::vector<int>& counts) override {
+    for (size_t r = 0; r < counts.size(); ++r) cache.lens[r] += counts[r];  // already written in place
+  }
+
+ private:
+  int layers_ = 0;
+  std::vector<int32_t> lens32_, query32_;
+  std::vector<int64_t> lens64_, query64_, index_;
+};
+
 }  // namespace
 
 std::unique_ptr<Decoder> make_decoder(std::unique_ptr<GraphRunner> runner, const GraphSpec& spec) {
   if (spec.flavour == "standard") return std::make_unique<StandardDecoder>(std::move(runner), spec);
+  if (spec.flavour == "ort") return std::make_unique<InPlaceDecoder>(std::move(runner), spec);
   throw Error("graph " + spec.name + " has flavour '" + spec.flavour +
               "', which this host does not run; update the host or re-export the bundle");
 }

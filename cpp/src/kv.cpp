@@ -50,12 +50,13 @@ void KVCache::regrid(int rows, int capacity, const std::vector<int>& take, const
   capacity_ = capacity;
 }
 
-void KVCache::reserve(int64_t length) {
+void KVCache::reserve(int64_t length, int64_t padded) {
   if (length > max_len_)
     throw Error("sequence needs " + std::to_string(length) + " positions but the bundle's max context is " +
                 std::to_string(max_len_));
-  if (length <= capacity_) return;
-  int capacity = static_cast<int>(std::min<int64_t>(max_len_, std::max<int64_t>(length, 2 * capacity_)));
+  int64_t needed = std::max(length, padded);
+  if (needed <= capacity_) return;
+  int capacity = static_cast<int>(std::max<int64_t>(needed, std::min<int64_t>(max_len_, 2 * capacity_)));
   std::vector<int> all(rows_);
   for (int r = 0; r < rows_; ++r) all[r] = r;
   regrid(rows_, capacity, all, nullptr);

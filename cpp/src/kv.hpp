@@ -20,7 +20,9 @@ class KVCache {
   DType dtype() const { return dtype_; }
   std::vector<int64_t> lens;
 
-  void reserve(int64_t length);                   // room for `length` positions in every row
+  // room for `length` positions in every row, and buffer capacity for `padded` (an in-place graph writes each
+  // row's whole padded chunk, so a row near the context limit may need slots past it)
+  void reserve(int64_t length, int64_t padded = 0);
   void keep_rows(const std::vector<int>& rows);   // drop every row not listed
   void add_rows(const KVCache& other);            // append other's rows
   KVCache empty_like(int rows) const;
