@@ -50,7 +50,10 @@ class Host:
         self._declare()
 
     def run(self, *args, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(self.cli), *map(str, args)], capture_output=True, text=True, timeout=300)
+        env = dict(os.environ)
+        if SANITIZE:  # the command line runs with leak detection; Python itself cannot
+            env["ASAN_OPTIONS"] = "detect_leaks=1"
+        proc = subprocess.run([str(self.cli), *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
         if check and proc.returncode != 0:
             raise AssertionError(f"dspark-run {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
         return proc
