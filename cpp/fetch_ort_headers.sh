@@ -47,4 +47,8 @@ SO=$(ls "$CAPI"/libonnxruntime.so.1.* 2>/dev/null | head -n1)
 # SONAME is libonnxruntime.so.1 (run time); libonnxruntime.so is what the linker looks for
 ln -sf "$SO" "$DEST/lib/libonnxruntime.so.1"
 ln -sf "$SO" "$DEST/lib/libonnxruntime.so"
+# ONNX Runtime loads execution providers (CUDA, TensorRT in the onnxruntime-gpu wheel) from its own folder
+for provider in "$CAPI"/libonnxruntime_providers_*.so; do
+  [ -e "$provider" ] && ln -sf "$provider" "$DEST/lib/$(basename "$provider")"
+done
 echo "$DEST"

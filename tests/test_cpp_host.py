@@ -466,6 +466,7 @@ def test_bad_bundle_is_refused_with_a_clear_message(host, case, tmp_path, reques
     (["--prompt-ids", "1", "--num-draft-tokens", "9"], "needs 10-token verify calls"),
     (["--prompt-ids", "1", "--max-new-tokens", "0"], "max-new-tokens must be at least 1"),
     (["--prompt-ids", "1", "--provider", "abc"], "unknown execution provider 'abc'"),
+    (["--prompt-ids", "1", "--backend", "trt"], "built without TensorRT"),
     (["--prompt-ids", "1", "--frobnicate"], "unknown option --frobnicate"),
     ([], "give a prompt"),
 ])
@@ -480,7 +481,7 @@ def test_missing_bundle_and_help(host, tmp_path):
     text = host.run("--help").stdout
     for option in ("--prompt", "--prompt-ids", "--prompts-file", "--max-new-tokens", "--temperature", "--top-p",
                    "--top-k", "--seed", "--num-draft-tokens", "--no-draft", "--max-batch", "--ignore-eos", "--stop",
-                   "--threads", "--backend", "--provider", "--skip-sha256", "--json", "--trace"):
+                   "--threads", "--backend", "--provider", "--engines", "--skip-sha256", "--json", "--trace"):
         assert option in text
 
 

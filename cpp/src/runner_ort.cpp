@@ -35,14 +35,25 @@ DType from_ort(ONNXTensorElementDataType t) {
 }
 
 Ort::Env& env() {
-  static Ort::Env e(ORT_LOGGING_LEVEL_ERROR, "dspark");
+  // errors reach the caller as exceptions carrying ONNX Runtime's message; its own log would repeat them
+  static Ort::Env e(ORT_LOGGING_LEVEL_FATAL, "dspark");
   return e;
+}
+
+// ONNX Runtime's messages on one line, so errors stay one line
+std::string one_line(const char* what) {
+  std::string s(what);
+  for (char& c : s)
+    if (c == '\n' || c == '\r') c = ' ';
+  while (!s.empty() && s.back() == ' ') s.pop_back();
+  return s;
 }
 
 class OrtRunner : public GraphRunner {
  public:
   OrtRunner(const Bundle& bundle, const GraphSpec& spec, const Options& options, bool spin)
       : spec_(spec), memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+    env();  // providers log through the environment: it must exist before they are appended
     Ort::SessionOptions so;
     so.SetIntraOpNumThreads(options.threads);
     so.SetInterOpNumThreads(1);
@@ -63,14 +74,14 @@ class OrtRunner : public GraphRunner {
         throw Error("unknown execution provider '" + p + "'; choose: cpu, cuda, tensorrt");
       }
     } catch (const Ort::Exception& e) {
-      throw Error("this ONNX Runtime cannot use the " + p + " execution provider (" + e.what() +
+      throw Error("this ONNX Runtime cannot use the " + p + " execution provider (" + one_line(e.what()) +
                   "); build against the onnxruntime-gpu wheel's library, or use --provider cpu");
     }
     std::string path = bundle.file(spec.file);
     try {
       session_ = std::make_unique<Ort::Session>(env(), path.c_str(), so);
     } catch (const Ort::Exception& e) {
-      throw Error("ONNX Runtime cannot load " + path + ": " + e.what());
+      throw Error("ONNX Runtime cannot load " + path + ": " + one_line(e.what()));
     }
     binding_ = std::make_unique<Ort::IoBinding>(*session_);
   }
@@ -97,7 +108,7 @@ class OrtRunner : public GraphRunner {
     try {
       session_->Run(Ort::RunOptions{nullptr}, *binding_);
     } catch (const Ort::Exception& e) {
-      throw Error("ONNX Runtime failed running " + spec_.file + ": " + e.what());
+      throw Error("ONNX Runtime failed running " + spec_.file + ": " + one_line(e.what()));
     }
     outputs_ = binding_->GetOutputValues();
     std::vector<std::string> names = binding_->GetOutputNames();

@@ -40,6 +40,7 @@ options:
   --threads N              ONNX Runtime intra-op threads; 0 uses all cores (default 0)
   --backend NAME           ort (ONNX Runtime, default) or trt (TensorRT engines from `dspark build`)
   --provider NAME          ONNX Runtime execution provider: cpu (default), cuda, tensorrt
+  --engines DIR            trt backend: the engine folder (default: BUNDLE/engines/sm<gpu>-trt<version>)
   --skip-sha256            check file sizes only, not their sha256 (faster start on large bundles)
   --json                   print one JSON object per prompt (text, token_ids, finish_reason, stats), in order
   --trace FILE             write one JSON line per speculative round to FILE
@@ -124,6 +125,7 @@ int run(int argc, char** argv) {
     else if (a == "--threads") options.threads = static_cast<int>(to_int(a, value()));
     else if (a == "--backend") options.backend = value();
     else if (a == "--provider") options.provider = value();
+    else if (a == "--engines") options.engines_dir = value();
     else if (a == "--skip-sha256") options.verify_sha256 = false;
     else if (a == "--json") as_json = true;
     else if (a == "--trace") trace_path = value();
