@@ -89,7 +89,8 @@ class Host:
 class CRequest(ctypes.Structure):
     _fields_ = [("prompt_ids", ctypes.POINTER(ctypes.c_int64)), ("prompt_len", ctypes.c_size_t),
                 ("max_new_tokens", ctypes.c_int), ("temperature", ctypes.c_double), ("top_p", ctypes.c_double),
-                ("top_k", ctypes.c_int), ("seed", ctypes.c_uint64), ("ignore_eos", ctypes.c_int)]
+                ("top_k", ctypes.c_int), ("seed", ctypes.c_uint64), ("ignore_eos", ctypes.c_int),
+                ("stop", ctypes.POINTER(ctypes.c_char_p)), ("stop_count", ctypes.c_size_t)]
 
 
 @pytest.fixture(scope="session")
@@ -186,7 +187,7 @@ def same_trace_rows(got: dict, want: dict) -> None:
 def c_generate(host: Host, engine, prompts, lengths, params=SamplingParams(), seed=0, trace=True, callback=None):
     arrays = [(ctypes.c_int64 * len(p))(*p) for p in prompts]
     reqs = (CRequest * len(prompts))(*[
-        CRequest(a, len(p), n, params.temperature, params.top_p, params.top_k, seed + i, 1)
+        CRequest(a, len(p), n, params.temperature, params.top_p, params.top_k, seed + i, 1, None, 0)
         for i, (a, p, n) in enumerate(zip(arrays, prompts, lengths))
     ])
     results = host.lib.dspark_generate(engine, ctypes.cast(reqs, ctypes.c_void_p), len(prompts), int(trace), callback, None)
@@ -259,6 +260,27 @@ def test_sampled_tokens_equal_python_for_the_same_seed(host, name, request):
     for g, w in zip(got, want):
         assert [{k: v for k, v in r.items() if k != "confidence"} for r in g["trace"]] == \
                [{k: v for k, v in r.items() if k != "confidence"} for r in w.trace]
+
+
+def test_cli_stops_queues_and_reads_prompt_files_like_python(host, qwen3_bundle, tmp_path):
+    """End-of-sequence and stop strings end requests as in Python; with --max-batch 2 the third prompt waits for
+    a free row (continuous batching), and a prompts file of plain and JSON lines gives the same prompts."""
+    texts = [" ".join(f"w{i}" for i in p) for p in PROMPTS]
+    free = Generator(qwen3_bundle).generate([Request(PROMPTS[2], 40, ignore_eos=True)])[0].text.split()
+    stop = " ".join(free[8:10])
+    (tmp_path / "prompts.jsonl").write_text(f"{texts[0]}\n\n" + json.dumps({"prompt": texts[1]}) + f"\n{texts[2]}\n")
+    proc = host.run(qwen3_bundle, "--prompts-file", tmp_path / "prompts.jsonl", "--max-new-tokens", 40,
+                    "--max-batch", 2, "--stop", stop, "--json", "--trace", tmp_path / "t.jsonl")
+    got = [json.loads(line) for line in proc.stdout.splitlines()]
+    gen = Generator(qwen3_bundle, max_batch=2)
+    want = gen.generate([Request(p, 40, stop=(stop,)) for p in PROMPTS], trace=True)
+    assert [g["token_ids"] for g in got] == [w.generated for w in want]
+    assert [(g["text"], g["finish_reason"]) for g in got] == [(w.text, w.finish_reason) for w in want]
+    assert [json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines()] == \
+           [dict(r, prompt=i) for i, w in enumerate(want) for r in w.trace]
+    # both kinds of stop happen: an end-of-sequence token (id 0) and the stop string
+    assert {w.finish_reason for w in want} == {"stop"}
+    assert {w.generated[-1] == 0 for w in want} == {True, False}
 
 
 def test_streamed_text_and_example(host, qwen3_bundle):

@@ -70,7 +70,7 @@ void dspark_options_init(dspark_options* o) {
 
 void dspark_request_init(dspark_request* r) {
   if (!r) return;
-  *r = dspark_request{nullptr, 0, 128, 0.0, 1.0, 0, 0, 0};
+  *r = dspark_request{nullptr, 0, 128, 0.0, 1.0, 0, 0, 0, nullptr, 0};
 }
 
 dspark_engine* dspark_open(const char* bundle_dir, const dspark_options* options) {
@@ -146,6 +146,9 @@ dspark_results* dspark_generate(dspark_engine* engine, const dspark_request* req
       reqs[i].sampling = {r.temperature, r.top_p, r.top_k};
       reqs[i].seed = r.seed;
       reqs[i].ignore_eos = r.ignore_eos != 0;
+      if (!r.stop && r.stop_count) throw dspark::Error("request " + std::to_string(i) + " has NULL stop strings");
+      for (size_t k = 0; k < r.stop_count; ++k)
+        if (r.stop[k]) reqs[i].stop.emplace_back(r.stop[k]);
     }
     std::function<void(size_t, const std::string&)> cb;
     if (on_text) cb = [&](size_t i, const std::string& delta) { on_text(i, delta.c_str(), user); };

@@ -37,6 +37,8 @@ typedef struct {
   int top_k;
   uint64_t seed;
   int ignore_eos;
+  const char* const* stop;  /* stop strings (cut from the text), `stop_count` of them; may be NULL */
+  size_t stop_count;
 } dspark_request;
 
 /* called with each request's new text as it becomes safe to show */
