@@ -1,5 +1,7 @@
 #include "json.hpp"
 
+#include "unicode.hpp"
+
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -108,17 +110,6 @@ class Parser {
     return x;
   }
 
-  static void put_utf8(std::string& out, unsigned cp) {
-    if (cp < 0x80) out += char(cp);
-    else if (cp < 0x800) { out += char(0xC0 | (cp >> 6)); out += char(0x80 | (cp & 0x3F)); }
-    else if (cp < 0x10000) {
-      out += char(0xE0 | (cp >> 12)); out += char(0x80 | ((cp >> 6) & 0x3F)); out += char(0x80 | (cp & 0x3F));
-    } else {
-      out += char(0xF0 | (cp >> 18)); out += char(0x80 | ((cp >> 12) & 0x3F));
-      out += char(0x80 | ((cp >> 6) & 0x3F)); out += char(0x80 | (cp & 0x3F));
-    }
-  }
-
   std::string string() {
     ++i_;  // opening quote
     std::string out;
@@ -147,7 +138,7 @@ class Parser {
             if (lo >= 0xDC00 && lo < 0xE000) cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
             else i_ = save;
           }
-          put_utf8(out, cp);
+          unicode::append_utf8(out, cp);
           break;
         }
         default: fail("bad escape");
@@ -214,16 +205,7 @@ const Value& Value::at(const std::string& key) const {
 std::string quote(const std::string& s) {
   std::string out = "\"";
   char buf[16];
-  for (size_t i = 0; i < s.size();) {
-    unsigned char c = s[i];
-    unsigned cp = c;
-    size_t n = 1;
-    if (c >= 0x80) {  // decode one UTF-8 sequence; the text we write is always valid UTF-8
-      n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
-      cp = c & (n == 4 ? 0x07 : n == 3 ? 0x0F : 0x1F);
-      for (size_t k = 1; k < n && i + k < s.size(); ++k) cp = (cp << 6) | (s[i + k] & 0x3F);
-    }
-    i += n;
+  for (uint32_t cp : unicode::decode_utf8(s)) {
     switch (cp) {
       case '"': out += "\\\""; continue;
       case '\\': out += "\\\\"; continue;
