@@ -150,9 +150,19 @@ def int4_bundle(qwen3_pair, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def fp16_bundle(qwen3_pair, tmp_path_factory) -> Path:
+    """The qwen3 draft-LM pair in fp16 (half-precision KV caches and features)."""
+    _, target_dir, draft_dir = qwen3_pair
+    out = tmp_path_factory.mktemp("fp16") / "b"
+    export_bundle(target_dir, out, draft_dir, ExportOptions(max_context=128, dtype="fp16", num_draft_tokens=4),
+                  progress=False)
+    return out
+
+
 # graph flavours: "ort" (fused, KV updated in place; the default export) and "standard" (TensorRT's, K/V copied)
 BUNDLES = {"qwen3-draft-lm": "qwen3_bundle", "qwen3-draft-lm-standard": "qwen3_trt_bundle",
-           "qwen3-draft-lm-int4": "int4_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
+           "qwen3-draft-lm-int4": "int4_bundle", "qwen3-draft-lm-fp16": "fp16_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
            "llama-dflash": "llama_dflash_bundle"}
 
 
@@ -463,6 +473,8 @@ BAD_BUNDLES = {
     "schema version": ("qwen3_bundle", edit_manifest(lambda m: m.update(schema_version=99)), "schema version 99"),
     "no manifest": ("qwen3_bundle", lambda f: (f / "manifest.json").unlink(), "has no manifest.json"),
     "manifest not json": ("qwen3_bundle", lambda f: (f / "manifest.json").write_text("{"), "is not valid JSON"),
+    "other KV layout": ("qwen3_bundle", edit_manifest(lambda m: m["kv_layout"].update(axes=["batch", "layer"])),
+                        "KV layout"),
     "drafter taps other layers": ("dspark_bundle", edit_manifest(set_taps), "made for another target"),
     "draft LM with another vocabulary": ("qwen3_bundle", edit_manifest(set_vocab), "made for another target"),
 }

@@ -120,6 +120,12 @@ Bundle::Bundle(const std::string& folder, bool verify_sha256) : dir(folder) {
       throw Error(msg + "; re-export it");
     }
     dtype = manifest.at("dtype").str("dtype");
+    // the caches this host owns are [layer, row, kv_head, position, head_dim]; another layout would be misread
+    std::vector<std::string> axes;
+    for (const auto& a : manifest.at("kv_layout").at("axes").items("kv_layout.axes")) axes.push_back(a.str("axis"));
+    if (axes != std::vector<std::string>{"layer", "batch", "kv_head", "position", "head_dim"})
+      throw Error(dir + ": the manifest's KV layout is not [layer, batch, kv_head, position, head_dim], the one this "
+                  "host runs; re-export the bundle with this dspark version");
     const auto& limits = manifest.at("limits");
     max_batch = static_cast<int>(limits.at("max_batch").integer("max_batch"));
     max_context = static_cast<int>(limits.at("max_context").integer("max_context"));
