@@ -25,23 +25,43 @@ class Tokenizer:
 
 
 class TextStream:
-    """Turns a growing list of generated ids into text deltas, and finds the first stop string.
+    """Turns generated ids, pushed as they come, into text deltas, and finds the first stop string.
 
-    Text ending in U+FFFD is held back: a byte-level token can end in the middle of a UTF-8 character.
+    Incremental: each push decodes only a short window (the tokens since the last complete piece of text, with
+    the piece before them as context, so decoders that join tokens with spaces or strip a leading one decode the
+    join correctly), and looks for stop strings only where a new one can start. Text ending in U+FFFD is held
+    back: a byte-level token can end in the middle of a UTF-8 character.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
-        self.text = ""
-        self.emitted = 0
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decoded to the last complete piece
+        self.read = 0
+        self.decoded = ""  # every complete piece so far
+        self.text = ""  # what is safe to show: no stop string, no tail that could grow into one
         self.stopped = False
 
-    def update(self, ids: list[int], final: bool = False) -> str:
-        """Decode ``ids`` (all generated so far) and return the new text that is safe to show."""
-        text = self.tokenizer.decode(ids)
+    def _decode_new(self, final: bool) -> str:
+        if len(self.ids) == self.read:
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """Add newly generated ``ids``; return the new text that is safe to show."""
+        self.ids += ids
+        searched = max(0, len(self.decoded) - self.longest_stop + 1)
+        self.decoded += self._decode_new(final)
+        text = self.decoded
         for s in self.stop:
-            at = text.find(s)
+            at = text.find(s, searched)
             if at >= 0:
                 text, self.stopped, final = text[:at], True, True
         if not final:
@@ -51,13 +71,12 @@ class TextStream:
             # hold back a tail that could still grow into a stop string
             for s in self.stop:
                 for k in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:k]):
+                    if text.endswith(s[:k], 0, safe):
                         safe -= k
                         break
             text = text[:safe]
+        delta = text[len(self.text) :]
         self.text = text
-        delta = text[self.emitted :]
-        self.emitted = len(text)
         return delta
 
 
