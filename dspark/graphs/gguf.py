@@ -9,7 +9,6 @@ only hashes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dspark.cache import cache_root, sha256_file
 from dspark.errors import DsparkError
 from dspark.graphs.checkpoint import save_checkpoint
 
@@ -31,11 +31,6 @@ STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "toke
 LOAD_ONLY_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")
 
 
-def cache_root() -> Path:
-    """Where dspark keeps converted checkpoints and downloaded models (``$DSPARK_CACHE`` overrides)."""
-    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
-
-
 def is_gguf_file(path: Path) -> bool:
     """A regular file named ``*.gguf`` or starting with the GGUF magic bytes."""
     if not path.is_file():
@@ -46,28 +41,25 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == MAGIC
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, dict | None]:
-    """A checkpoint folder for ``path``: the folder itself, or a GGUF file's converted folder.
+def resolve_checkpoints(*paths: str | Path | None) -> tuple[list[Path | None], list[dict | None]]:
+    """Checkpoint folders for ``paths``: folders as given, GGUF files converted (once, cached); None stays None.
 
-    Returns (folder, source) where source describes the GGUF file (None for a folder).
+    Every GGUF file is validated before any is converted, so a bad draft costs no conversion of the target.
+    Returns (folders, sources); sources[i] describes the GGUF file behind folders[i] (None for a folder). A
+    missing path is passed through for the folder reader to report.
     """
-    path = Path(path)
-    if path.is_dir():
-        return path, None
-    if is_gguf_file(path):
-        return gguf_checkpoint(path)
-    if path.exists():
-        raise DsparkError(f"{path} is neither a checkpoint folder nor a .gguf file; pass a Hugging Face checkpoint "
-                          "folder (config.json + safetensors) or a GGUF file")
-    raise DsparkError(f"{path} not found; pass a Hugging Face checkpoint folder or a .gguf file")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    paths = [None if p is None else Path(p) for p in paths]
+    infos = []
+    for path in paths:
+        if path is None or path.is_dir() or not path.exists():
+            infos.append(None)
+        elif is_gguf_file(path):
+            infos.append(inspect_gguf(path))
+        else:
+            raise DsparkError(f"{path} is neither a checkpoint folder nor a .gguf file; pass a Hugging Face checkpoint "
+                              "folder (config.json + safetensors) or a GGUF file")
+    resolved = [(path, None) if info is None else gguf_checkpoint(path, info) for path, info in zip(paths, infos)]
+    return [folder for folder, _ in resolved], [source for _, source in resolved]
 
 
 def _require_loader():
@@ -81,6 +73,10 @@ def _require_loader():
     return gguf
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _field(reader, key: str):
     field = reader.fields.get(key)
     return None if field is None else field.contents()
@@ -92,10 +88,14 @@ def inspect_gguf(path: Path) -> dict:
     Returns {"architecture", "tensor_types": {GGML type name: count}, "stop_token_ids"}.
     """
     gguf = _require_loader()
+    with path.open("rb") as f:
+        if f.read(4) != MAGIC:
+            raise DsparkError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file "
+                              "or a Hugging Face checkpoint folder")
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError) as e:
-        raise DsparkError(f"{path} is not a readable GGUF file ({e}); it may be truncated: download it again") from None
+        raise DsparkError(f"{path} is truncated or corrupt (GGUF reader: {_first_line(e)}); download it again") from None
     size = path.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
@@ -128,10 +128,11 @@ def _can_dequantize(gguf, qtype) -> bool:
     return True
 
 
-def gguf_checkpoint(path: str | Path) -> tuple[Path, dict]:
-    """The cached checkpoint folder converted from the GGUF file at ``path`` (converting it on first use)."""
+def gguf_checkpoint(path: str | Path, info: dict | None = None) -> tuple[Path, dict]:
+    """The cached checkpoint folder converted from the GGUF file at ``path`` (converting it on first use),
+    and the file's description for the manifest. ``info`` is inspect_gguf's result when already taken."""
     path = Path(path)
-    info = inspect_gguf(path)
+    info = info or inspect_gguf(path)
     sha = sha256_file(path)
     source = {"file": str(path.resolve()), "sha256": sha, "bytes": path.stat().st_size,
               "architecture": info["architecture"], "tensor_types": info["tensor_types"]}
@@ -156,8 +157,13 @@ def convert_gguf(path: Path, out: Path, info: dict | None = None) -> None:
 
     info = info or inspect_gguf(path)
     path = path.resolve()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, RuntimeError, KeyError) as e:
+        # metadata that passed inspect_gguf but that transformers' loader rejects (a missing key, a shape mismatch)
+        raise DsparkError(f"transformers could not load {path}: {_first_line(e)}; check that the file is a complete "
+                          "llama/qwen2/qwen3 export") from None
     config = {k: v for k, v in model.config.to_dict().items() if k not in LOAD_ONLY_CONFIG_KEYS}
     config["architectures"] = [ARCHITECTURES[info["architecture"]]]
     config["dtype"] = "float32"
@@ -191,3 +197,10 @@ def _write_generation_config(out: Path, config: dict, stop_ids: list[int]) -> No
         if config.get(key) is not None:
             generation[key] = config[key]
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def record_gguf_sources(models: dict, sources: dict[str, dict | None]) -> None:
+    """Add each GGUF source (file, sha256, tensor types) to the manifest model entry of its role."""
+    for role, source in sources.items():
+        if source is not None and role in models:
+            models[role]["gguf"] = source
