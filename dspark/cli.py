@@ -68,6 +68,9 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
         kind = model.get("method", "target")
         block = f" block={c['block_size']}" if "block_size" in c else ""
         click.echo(f"  {name:7s} {kind:9s} layers={c['num_layers']} d={c['hidden_size']} vocab={c['vocab_size']}{block}")
+        if "gguf" in model:
+            types = ", ".join(f"{n} {t}" for t, n in model["gguf"]["tensor_types"].items())
+            click.echo(f"          from {model['gguf']['file']} ({types}; dequantized to fp32)")
     click.echo(f"  graphs: {', '.join(manifest['graphs'])}; files: {len(manifest['files'])}, {size / 1e6:.1f} MB; "
                f"{manifest['export_seconds']} s")
 
