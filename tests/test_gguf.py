@@ -63,6 +63,8 @@ def write_gguf(path: Path, arch: str, qtypes: dict, tied: bool, *, layers=2, hid
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -123,9 +125,9 @@ def write_gguf(path: Path, arch: str, qtypes: dict, tied: bool, *, layers=2, hid
 CASES = {
     # SmolLM2's layout: Q4_1 matrices, Q8_0 embedding shared with the head, F32 norms
     "llama": ("llama", {"matrix": Q.Q4_1, "embed": Q.Q8_0}, True, {}, {"F32": 5, "Q4_1": 14, "Q8_0": 1}),
-    # transformers reads Qwen3 GGUFs with head_dim 128 (every released Qwen3 has it)
-    "qwen3": ("qwen3", {"matrix": Q.F16, "embed": Q.Q4_0, "output": Q.Q8_0}, False,
-              dict(heads=2, kv=1, head_dim=128, pre="qwen2"), {"F16": 14, "F32": 9, "Q4_0": 1, "Q8_0": 1}),
+    # head_dim 16 (not the 128 transformers assumes for Qwen3 GGUFs): the file's key length must be honoured
+    "qwen3": ("qwen3", {"matrix": Q.F16, "embed": Q.Q4_0, "output": Q.Q8_0}, False, dict(pre="qwen2"),
+              {"F16": 14, "F32": 9, "Q4_0": 1, "Q8_0": 1}),
     # BOS added by the tokenizer, attention biases
     "qwen2": ("qwen2", {"matrix": Q.Q8_0}, False, dict(add_bos=True, pre="qwen2"), {"F32": 13, "Q8_0": 14}),
 }
@@ -145,7 +147,9 @@ def exported(request, cache, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     path = write_gguf(root / f"tiny-{request.param}.gguf", arch, qtypes, tied, **opts)
     manifest = export_bundle(path, root / "bundle", options=ExportOptions(**OPTIONS), progress=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=path.name, dtype=torch.float32).eval()
+    # the reference: transformers on the same file, told the head size the file states (see the qwen3 case)
+    told = {"head_dim": 16} if arch == "qwen3" else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=path.name, dtype=torch.float32, **told)
     tokenizer = transformers.AutoTokenizer.from_pretrained(root, gguf_file=path.name)
     return request.param, path, manifest, Bundle.open(root / "bundle"), model, tokenizer
 

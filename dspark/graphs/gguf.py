@@ -85,7 +85,8 @@ def _field(reader, key: str):
 def inspect_gguf(path: Path) -> dict:
     """Validate a GGUF file before any conversion: architecture, completeness, tensor types.
 
-    Returns {"architecture", "tensor_types": {GGML type name: count}, "stop_token_ids"}.
+    Returns {"architecture", "head_dim" (None when the file does not state it), "tensor_types": {GGML type
+    name: count}, "stop_token_ids"}.
     """
     gguf = _require_loader()
     with path.open("rb") as f:
@@ -111,8 +112,10 @@ def inspect_gguf(path: Path) -> dict:
                           "GGUF loader; re-quantize the model to a supported type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
                           "Q4_K, Q6_K, ...)")
     stops = [int(v) for v in (_field(reader, key) for key in STOP_KEYS) if v is not None]
+    head_dim = _field(reader, f"{arch}.attention.key_length")
     return {
         "architecture": arch,
+        "head_dim": None if head_dim is None else int(head_dim),
         "tensor_types": {t.name: n for t, n in sorted(types.items(), key=lambda item: item[0].name)},
         "stop_token_ids": list(dict.fromkeys(stops)),
     }
@@ -153,13 +156,17 @@ def gguf_checkpoint(path: str | Path, info: dict | None = None) -> tuple[Path, d
 def convert_gguf(path: Path, out: Path, info: dict | None = None) -> None:
     """Write the GGUF file at ``path`` as an fp32 Hugging Face checkpoint folder ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     info = info or inspect_gguf(path)
     path = path.resolve()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        # transformers' loader takes a Qwen3 head_dim of 128 whatever the file says; the file's key length rules
+        if info["head_dim"] is not None and getattr(config, "head_dim", None) not in (None, info["head_dim"]):
+            config.head_dim = info["head_dim"]
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
     except (ValueError, RuntimeError, KeyError) as e:
         # metadata that passed inspect_gguf but that transformers' loader rejects (a missing key, a shape mismatch)
         raise DsparkError(f"transformers could not load {path}: {_first_line(e)}; check that the file is a complete "
