@@ -167,6 +167,9 @@ def convert_gguf(path: Path, out: Path, info: dict | None = None) -> None:
         if info["head_dim"] is not None and getattr(config, "head_dim", None) not in (None, info["head_dim"]):
             config.head_dim = info["head_dim"]
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
+    except ImportError as e:  # e.g. a SentencePiece vocabulary needs packages the gguf extra does not pull in
+        fix = f"pip install {e.name}" if e.name else "install the package it names"
+        raise DsparkError(f"transformers could not read {path} ({_first_line(e)}); {fix}") from None
     except (ValueError, RuntimeError, KeyError) as e:
         # metadata that passed inspect_gguf but that transformers' loader rejects (a missing key, a shape mismatch)
         raise DsparkError(f"transformers could not load {path}: {_first_line(e)}; check that the file is a complete "
