@@ -176,7 +176,9 @@ def test_greedy_output_and_logits_match_transformers(exported):
         out = run_decoder(runner, decoder_cache(bundle.target["config"], 1, bundle), [expected])
         with torch.no_grad():
             reference = model(torch.tensor([expected])).logits[0].numpy()
-        np.testing.assert_allclose(out["logits"][0, : len(expected)], reference, atol=TOL, rtol=0)
+        # plus 1e-5 relative: these sharp random models reach |logit| ~ 20, where two correct fp32 kernels (fused
+        # attention and prepacked MatMul against transformers' eager ops) differ by ~1e-4 from round-off alone
+        np.testing.assert_allclose(out["logits"][0, : len(expected)], reference, atol=TOL, rtol=1e-5)
 
 
 def test_tokenizer_template_and_stop_tokens_come_from_the_file(exported):
