@@ -218,6 +218,21 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     }
 
 
+def record_quality(folder: Path, target_dir: Path) -> dict:
+    """Held-out perplexity of the quantized target against its fp32 model, into the manifest and quality.json."""
+    from tokenizers import Tokenizer
+
+    from dspark.bundle import Bundle
+    from dspark.export.quality import measure
+
+    bundle = Bundle.open(folder, verify=False)
+    encode = Tokenizer.from_file(str(folder / "tokenizer.json")).encode
+    quality = measure(bundle, DecoderLM.from_pretrained(target_dir), lambda text: encode(text).ids)
+    bundle.manifest["quality"] = quality
+    bundle.add_file("quality.json", json.dumps(quality, indent=2) + "\n")
+    return bundle.manifest
+
+
 def export_bundle(
     target_dir: str | Path,
     output: str | Path,
@@ -310,6 +325,9 @@ def export_bundle(
             "tokenizer": copy_tokenizer(target_dir, tmp, target_cfg),
         }
         manifest = write_manifest(tmp, manifest)
+        if options.quantize:
+            bar.set_postfix_str("perplexity")
+            manifest = record_quality(tmp, target_dir)
         bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

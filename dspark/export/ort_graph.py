@@ -79,6 +79,9 @@ class _Lowering:
             raise DsparkError(f"the ONNX Runtime graph flavour supports fp32 and fp16 weights, not {dtype}")
         if quantize is not None and quantize not in QUANT_BITS:
             raise DsparkError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
+        if self.c.head_dim % 8:
+            raise DsparkError(f"the ONNX Runtime graph flavour needs a head size that is a multiple of 8 "
+                              f"(GroupQueryAttention); this model's is {self.c.head_dim}: export with --runtime tensorrt")
         self.quantize = quantize
         self.g = _Graph(TORCH_TO_ONNX[dtype])
         self.max_context = max_context
@@ -90,8 +93,10 @@ class _Lowering:
         out_features, in_features = weight.shape
         if self.quantize and in_features % QUANT_BLOCK == 0:
             packed, scales, zero_points = quantize_blocks(weight, QUANT_BITS[self.quantize])
+            float_zero_points = zero_points.dtype == np.float32
             inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(self._np_float())),
-                      g.const(name + ".zero_points", zero_points)]
+                      g.const(name + ".zero_points",
+                              zero_points.astype(self._np_float()) if float_zero_points else zero_points)]
             if bias is not None:
                 inputs += ["", g.weight(name + ".bias", bias)]
             return g.op1("MatMulNBits", inputs, domain="com.microsoft", K=in_features, N=out_features,
@@ -185,11 +190,11 @@ class _Lowering:
     def embedding(self, ids: str) -> str:
         g, weight = self.g, self.m.model.embed_tokens.weight
         if self.quantize and weight.shape[1] % QUANT_BLOCK == 0:
-            data, scales, zero_points = quantize_gather_blocks(weight, QUANT_BITS[self.quantize])
+            data, scales, zero_points = quantize_gather_blocks(weight)
             return g.op1("GatherBlockQuantized", [g.const("embed_tokens.qweight", data), ids,
                                                  g.const("embed_tokens.scales", scales.astype(self._np_float())),
                                                  g.const("embed_tokens.zero_points", zero_points)],
-                         domain="com.microsoft", bits=QUANT_BITS[self.quantize], block_size=QUANT_BLOCK,
+                         domain="com.microsoft", bits=8, block_size=QUANT_BLOCK,
                          gather_axis=0, quantize_axis=1)
         return g.op1("Gather", [g.weight("embed_tokens.weight", weight), ids], axis=0)
 
@@ -237,27 +242,38 @@ class _Lowering:
 
 
 def quantize_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits operands for torch's [out, in] weight: packed [out, in/32, 32*bits/8], scales, zero points."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    """MatMulNBits operands for torch's [out, in] weight: packed [out, in/32, 32*bits/8], scales, zero points.
 
+    4 bits: min/max per block with a float zero point, so a block that already lies on a 16-level grid (every
+    block of a Q4_1 GGUF does: Q4_1 maps each block's min and max to levels 0 and 15) is stored exactly. 8 bits
+    (ONNX Runtime's CPU kernel takes uint8 zero points there): ONNX Runtime's own block quantizer.
+    """
     n, k = weight.shape
+    w = weight.detach().float().numpy()
+    if bits == 4:
+        blocks = w.reshape(n, k // QUANT_BLOCK, QUANT_BLOCK)
+        low, high = blocks.min(-1), blocks.max(-1)
+        scales = np.where(high > low, (high - low) / 15, 1.0).astype(np.float32)
+        zero_points = (-low / scales).astype(np.float32)
+        levels = np.clip(np.rint(blocks / scales[..., None] + zero_points[..., None]), 0, 15).astype(np.uint8)
+        packed = levels[..., 0::2] | (levels[..., 1::2] << 4)  # low nibble first
+        return packed, scales.reshape(-1), zero_points.reshape(-1)
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
     blocks = k // QUANT_BLOCK
-    per_byte = 8 // bits
-    w = np.ascontiguousarray(weight.detach().float().numpy().T)  # [K, N], the layout the quantizer reads
-    packed = np.zeros((n, blocks, QUANT_BLOCK // per_byte), dtype=np.uint8)
-    zero_points = np.zeros((n, (blocks + per_byte - 1) // per_byte), dtype=np.uint8)
+    packed = np.zeros((n, blocks, QUANT_BLOCK), dtype=np.uint8)
+    zero_points = np.zeros((n, blocks), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
-    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, QUANT_BLOCK, n, k,
-                                                                    False)
+    quantize_matmul_8bits(packed, np.ascontiguousarray(w.T), scales, zero_points, QUANT_BLOCK, n, k, False)
     return packed, scales.reshape(-1), zero_points.reshape(-1)
 
 
-def quantize_gather_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GatherBlockQuantized operands for an embedding [V, d]: the same block scheme as ``quantize_blocks``."""
-    packed, scales, zero_points = quantize_blocks(weight, bits)
+def quantize_gather_blocks(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GatherBlockQuantized operands for an embedding [V, d], 8 bits (its kernel takes integer zero points only;
+    a lookup reads one row per token, so the wider type costs memory, not time)."""
+    packed, scales, zero_points = quantize_blocks(weight, 8)
     v, d = weight.shape
-    blocks = d // QUANT_BLOCK
-    return packed.reshape(v, -1), scales.reshape(v, blocks), zero_points.reshape(v, -1)
+    return packed.reshape(v, d), scales.reshape(v, -1), zero_points.reshape(v, -1)
 
 
 def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize: str | None = None):
