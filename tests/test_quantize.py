@@ -88,8 +88,8 @@ def test_quantize_needs_the_onnx_runtime_flavour(qwen3_pair, tmp_path):
 
 def test_odd_widths_stay_float(tmp_path):
     """Projections whose input width is not a multiple of the block stay fp32 instead of failing."""
-    model = hf_model("llama", VOCAB, seed=3, hidden_size=48, intermediate_size=80, num_attention_heads=6,
-                     num_key_value_heads=2)
+    model = hf_model("llama", VOCAB, seed=3, hidden_size=80, intermediate_size=80, num_attention_heads=5,
+                     num_key_value_heads=1)
     save_hf(model, tmp_path / "hf", VOCAB)
     export_bundle(tmp_path / "hf", tmp_path / "b", options=ExportOptions(max_context=64, prefill_chunk=8, quantize="int4"),
                   progress=False)

@@ -79,8 +79,8 @@ class _Lowering:
             raise DsparkError(f"the ONNX Runtime graph flavour supports fp32 and fp16 weights, not {dtype}")
         if quantize is not None and quantize not in QUANT_BITS:
             raise DsparkError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
-        if self.c.head_dim % 8:
-            raise DsparkError(f"the ONNX Runtime graph flavour needs a head size that is a multiple of 8 "
+        if self.c.head_dim % 16:
+            raise DsparkError(f"the ONNX Runtime graph flavour needs a head size that is a multiple of 16 "
                               f"(GroupQueryAttention); this model's is {self.c.head_dim}: export with --runtime tensorrt")
         self.quantize = quantize
         self.g = _Graph(TORCH_TO_ONNX[dtype])
