@@ -57,9 +57,12 @@ _register_training_commands()
               help="Block-wise weight-only quantization of every projection, the LM head and the embedding (ONNX "
                    "Runtime's MatMulNBits, blocks of 32; needs --runtime ort). Speculative output still equals plain "
                    "output of the same bundle.")
+@click.option("--draft-quantize", type=click.Choice(["int4", "int8"]),
+              help="Quantize a draft LM's weights alone. With the target's own checkpoint as --draft this makes the "
+                   "target's int4 copy its draft: no training, high acceptance, lossless output of the fp32 target.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, runtime,
-           quantize, force):
+           quantize, draft_quantize, force):
     """Export TARGET_DIR (and --draft) into a bundle of ONNX graphs.
 
     TARGET_DIR is a Hugging Face checkpoint folder or a .gguf file (llama, qwen2, qwen3; dequantized to fp32
@@ -67,7 +70,8 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
     """
     from dspark.export.bundle import ExportOptions, export_bundle
 
-    options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize)
+    options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize,
+                            draft_quantize)
     manifest = export_bundle(target_dir, output, draft_dir, options, force=force)
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"bundle: {output}")

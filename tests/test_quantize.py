@@ -60,22 +60,20 @@ def test_quality_is_recorded(quantized):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_block_quantizer_round_trip(bits):
-    """Dequantizing the packed blocks gives back the weight to within half a level; 4-bit blocks that lie on a
-    16-level grid (as every Q4_1 GGUF block does) come back exactly."""
+    """Dequantizing the packed blocks (low nibble first, uint8 zero points) gives back the weight to within one
+    quantization step of its block."""
     rng = np.random.default_rng(bits)
     weight = torch.from_numpy(rng.standard_normal((24, 64)).astype(np.float32))
-    if bits == 4:
-        low = rng.standard_normal((24, 2, 1)).astype(np.float32)
-        step = rng.random((24, 2, 1)).astype(np.float32) * 0.1 + 0.01
-        levels = rng.integers(0, 16, (24, 2, 32))
-        levels[..., 0], levels[..., 1] = 0, 15
-        weight = torch.from_numpy((low + step * levels).reshape(24, 64).astype(np.float32))
     packed, scales, zero_points = quantize_blocks(weight, bits)
-    codes = np.stack([packed & 15, packed >> 4], -1).reshape(24, 2, 32) if bits == 4 else packed.reshape(24, 2, 32)
-    zp = zero_points.reshape(24, 2, 1).astype(np.float32)
-    restored = ((codes - zp) * scales.reshape(24, 2, 1)).reshape(24, 64)
-    error = np.abs(restored - weight.numpy()).max()
-    assert error < (1e-5 if bits == 4 else scales.max() / 2 + 1e-6)
+    if bits == 4:
+        codes = np.stack([packed & 15, packed >> 4], -1).reshape(24, 2, 32)
+        zp = np.stack([zero_points.reshape(24, -1) & 15, zero_points.reshape(24, -1) >> 4], -1).reshape(24, -1)[:, :2]
+    else:
+        codes, zp = packed.reshape(24, 2, 32), zero_points.reshape(24, 2)
+    restored = (codes.astype(np.float32) - zp[..., None]) * scales.reshape(24, 2, 1)
+    error = np.abs(restored.reshape(24, 64) - weight.numpy()).reshape(24, 2, 32).max(-1)
+    assert (error <= scales.reshape(24, 2) * 0.51 + 1e-6).all()
+    assert error.max() > 0  # it did quantize
 
 
 def test_quantize_needs_the_onnx_runtime_flavour(qwen3_pair, tmp_path):

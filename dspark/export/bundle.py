@@ -52,6 +52,7 @@ class ExportOptions:
     num_draft_tokens: int = 4
     runtime: str = "ort"
     quantize: str | None = None
+    draft_quantize: str | None = None  # a draft LM's own weights (e.g. the target itself in int4 as its draft)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -60,9 +61,12 @@ class ExportOptions:
             raise DsparkError(f"--runtime {self.runtime!r} is not supported; choose one of {', '.join(RUNTIMES)}")
         if self.quantize is not None and self.quantize not in QUANT_BITS:
             raise DsparkError(f"--quantize {self.quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
-        if self.quantize and self.runtime != "ort":
+        if self.draft_quantize is not None and self.draft_quantize not in QUANT_BITS:
+            raise DsparkError(f"--draft-quantize {self.draft_quantize!r} is not supported; choose one of "
+                              f"{', '.join(QUANT_BITS)}")
+        if (self.quantize or self.draft_quantize) and self.runtime != "ort":
             raise DsparkError(
-                f"--quantize {self.quantize} needs --runtime ort (MatMulNBits is an ONNX Runtime operator); for "
+                f"--quantize {self.quantize or self.draft_quantize} needs --runtime ort (MatMulNBits is an ONNX Runtime operator); for "
                 "TensorRT export fp32 or fp16 and choose the engine precision with 'dspark build --precision'"
             )
         for name in ("max_batch", "max_context", "prefill_chunk", "num_draft_tokens"):
@@ -83,14 +87,15 @@ class DecoderStep(torch.nn.Module):
         return (logits, new_k, new_v) if hidden is None else (logits, new_k, new_v, hidden)
 
 
-def export_decoder(model: DecoderLM, path: Path, options: "ExportOptions", verify_tokens: int) -> dict:
+def export_decoder(model: DecoderLM, path: Path, options: ExportOptions, verify_tokens: int,
+                   quantize: str | None = None) -> dict:
     """Export a decoder step graph (dynamic batch, new-token and cache dimensions); return its manifest entry."""
     ranges, profiles = decoder_dims(options, verify_tokens)
     if options.runtime == "ort":
         new_max = ranges["new_tokens"][1]
         # GroupQueryAttention rotates up to the buffer's capacity: a row near the context limit in a wide call
         # is padded past it, so the tables and the cache dimension cover max_context + the widest call
-        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, options.quantize)
+        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, quantize)
         ranges = dict(ranges, logit_rows=[1, new_max], cache=[1, options.max_context + new_max])
         return graph_entry(path.name, inputs, outputs, ranges, {}, "ort")
     past_k, past_v = model.empty_cache(batch=2, length=5)
@@ -253,6 +258,9 @@ def export_bundle(
     target_config = DecoderConfig.from_hf(target_cfg, where=f"{target_dir}/config.json")
     method, draft_config = load_draft(Path(draft_dir), target_dir, target_config) if draft_dir else (None, None)
     block = method in ("dspark", "dflash")
+    if options.draft_quantize and method != "draft-lm":
+        raise DsparkError("--draft-quantize applies to a draft LM; " + (
+            f"a {method} drafter's graphs are exported as they are" if method else "give one with --draft"))
     num_draft = draft_config.block_size if block else options.num_draft_tokens
     verify_tokens = num_draft + 1 if method else 1
     taps = draft_config.target_layer_ids if block else ()
@@ -268,7 +276,7 @@ def export_bundle(
     try:
         bar.set_postfix_str("target graph")
         model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)
-        graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens)}
+        graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens, options.quantize)}
         models = {"target": {"source": str(target_dir), "config": asdict(target_config), "graphs": ["target"],
                              "tap_layers": list(taps)}}
         del model
@@ -282,7 +290,7 @@ def export_bundle(
             else:
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
                 # the draft feeds up to two pending tokens per round, then one per drafted token
-                draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2)}
+                draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2, options.draft_quantize)}
                 shared = {}
                 del model
             graphs.update(draft_graphs)
@@ -303,6 +311,7 @@ def export_bundle(
             "dtype": options.dtype,
             "runtime": options.runtime,
             "quantize": options.quantize,
+            "draft_quantize": options.draft_quantize,
             "limits": {
                 "max_batch": options.max_batch,
                 "max_context": options.max_context,

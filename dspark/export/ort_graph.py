@@ -93,10 +93,8 @@ class _Lowering:
         out_features, in_features = weight.shape
         if self.quantize and in_features % QUANT_BLOCK == 0:
             packed, scales, zero_points = quantize_blocks(weight, QUANT_BITS[self.quantize])
-            float_zero_points = zero_points.dtype == np.float32
             inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(self._np_float())),
-                      g.const(name + ".zero_points",
-                              zero_points.astype(self._np_float()) if float_zero_points else zero_points)]
+                      g.const(name + ".zero_points", zero_points)]
             if bias is not None:
                 inputs += ["", g.weight(name + ".bias", bias)]
             return g.op1("MatMulNBits", inputs, domain="com.microsoft", K=in_features, N=out_features,
@@ -242,29 +240,24 @@ class _Lowering:
 
 
 def quantize_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits operands for torch's [out, in] weight: packed [out, in/32, 32*bits/8], scales, zero points.
+    """MatMulNBits operands for torch's [out, in] weight: packed [out, in/32, 32*bits/8], scales, uint8 zero
+    points (ONNX Runtime's own block quantizer: min/max per block, asymmetric).
 
-    4 bits: min/max per block with a float zero point, so a block that already lies on a 16-level grid (every
-    block of a Q4_1 GGUF does: Q4_1 maps each block's min and max to levels 0 and 15) is stored exactly. 8 bits
-    (ONNX Runtime's CPU kernel takes uint8 zero points there): ONNX Runtime's own block quantizer.
+    Zero points stay integers: the CPU kernel also takes float zero points for 4 bits, which would store a Q4_1
+    GGUF's blocks exactly, but then runs a slow path (SmolLM2's int4 step about 9x slower here) and refuses them
+    for 8 bits.
     """
-    n, k = weight.shape
-    w = weight.detach().float().numpy()
-    if bits == 4:
-        blocks = w.reshape(n, k // QUANT_BLOCK, QUANT_BLOCK)
-        low, high = blocks.min(-1), blocks.max(-1)
-        scales = np.where(high > low, (high - low) / 15, 1.0).astype(np.float32)
-        zero_points = (-low / scales).astype(np.float32)
-        levels = np.clip(np.rint(blocks / scales[..., None] + zero_points[..., None]), 0, 15).astype(np.uint8)
-        packed = levels[..., 0::2] | (levels[..., 1::2] << 4)  # low nibble first
-        return packed, scales.reshape(-1), zero_points.reshape(-1)
-    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
+    n, k = weight.shape
     blocks = k // QUANT_BLOCK
-    packed = np.zeros((n, blocks, QUANT_BLOCK), dtype=np.uint8)
-    zero_points = np.zeros((n, blocks), dtype=np.uint8)
+    per_byte = 8 // bits
+    w = np.ascontiguousarray(weight.detach().float().numpy().T)  # [K, N], the layout the quantizer reads
+    packed = np.zeros((n, blocks, QUANT_BLOCK // per_byte), dtype=np.uint8)
+    zero_points = np.zeros((n, (blocks + per_byte - 1) // per_byte), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
-    quantize_matmul_8bits(packed, np.ascontiguousarray(w.T), scales, zero_points, QUANT_BLOCK, n, k, False)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, QUANT_BLOCK, n, k,
+                                                                    False)
     return packed, scales.reshape(-1), zero_points.reshape(-1)
 
 
