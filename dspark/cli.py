@@ -112,9 +112,9 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
     if (prompt is None) == (prompts_file is None):
         raise DsparkError("give exactly one of --prompt and --prompts-file")
     texts = [prompt] if prompt is not None else [p.text for p in read_prompt_file(prompts_file)]
+    sampling = SamplingParams(temperature, top_p, top_k)  # bad input is refused before the bundle is loaded
     generator = Generator(bundle_dir, threads=threads, use_draft=not no_draft, num_draft_tokens=num_draft_tokens,
                           scheduler=scheduler, threshold=threshold, block_schedule=block_schedule, max_batch=max_batch)
-    sampling = SamplingParams(temperature, top_p, top_k)
     requests = [Request(generator.tokenizer.encode(t), max_new_tokens, sampling, seed + i, tuple(stop), ignore_eos)
                 for i, t in enumerate(texts)]
     stream = None if as_json or len(texts) > 1 else (lambda _i, delta: click.echo(delta, nl=False))
