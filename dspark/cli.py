@@ -287,22 +287,32 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--shutdown-timeout", default=30.0, show_default=True,
-              help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled.")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled (each still gets a "
+                   "final event or a 503).")
+@click.option("--keep-alive-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an idle connection (none sent yet, or between requests) stays open.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1),
+              help="Largest request body; larger ones get a 413 (default: 64 bytes per context token, at least 1 MiB).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="Server log level.")
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
-          no_draft, chat_template_file, threads, shutdown_timeout, log_level):
+          no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level):
     """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     try:
         from dspark.serve import serve as run_server
     except ImportError as e:
         raise DsparkError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'dspark[serve]'") from None
 
+    try:
+        template = chat_template_file.read_bytes().decode("utf-8") if chat_template_file else None
+    except UnicodeDecodeError:
+        raise DsparkError(f"--chat-template {chat_template_file} is not UTF-8 text") from None
     run_server(bundle_dir, host, port, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
-               threads=threads, chat_template=chat_template_file.read_text() if chat_template_file else None,
-               shutdown_timeout=shutdown_timeout, log_level=log_level)
+               threads=threads, chat_template=template,
+               shutdown_timeout=shutdown_timeout, keep_alive_timeout=keep_alive_timeout,
+               max_request_bytes=max_request_bytes, log_level=log_level)
 
 
 if __name__ == "__main__":

@@ -120,16 +120,97 @@ class ChatRequest(CommonRequest):
     max_completion_tokens: int | None = None
 
 
+# JSON nested deeper than this is refused before validation: no OpenAI field needs more than a few levels, and
+# walking or re-serialising a deep value would recurse as deep
+MAX_DEPTH = 64
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error response (documents the OpenAPI schema; built by ``APIError.body``)."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+
+
 def parse(model: type[Strict], raw: bytes) -> Strict:
     """Validate a request body; any problem is an ``APIError`` 400 naming the field."""
     if not raw.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body is nested too deeply (at most {MAX_DEPTH} levels)", code="invalid_json") from None
+    except ValueError as e:  # bad JSON or UTF-8, NaN/Infinity, an integer too long to convert
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _check_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -142,3 +223,35 @@ def parse(model: type[Strict], raw: bytes) -> Strict:
         else:
             message = f"invalid value for '{param}': {err['msg']} (got {json.dumps(err.get('input'))[:80]})"
         raise APIError(400, message, param=param, code="invalid_value") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_values(data: dict) -> None:
+    """Refuse JSON nested deeper than ``MAX_DEPTH`` and strings with lone surrogates (``"\\ud800"``), which are
+    valid JSON escapes but no Unicode text: the tokenizer cannot take them. Iterative, so depth costs no stack."""
+    pending = [((), data)]
+    while pending:
+        path, value = pending.pop()
+        if len(path) > MAX_DEPTH:
+            raise APIError(400, f"the request body is nested too deeply (at most {MAX_DEPTH} levels)", code="invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(key, str) and not _is_unicode(key):
+                raise APIError(400, "a field name holds a lone surrogate; send valid Unicode", code="invalid_value")
+            if isinstance(item, str) and not _is_unicode(item):
+                param = ".".join(map(str, (*path, key)))
+                raise APIError(400, f"'{param}' holds a lone surrogate (like \\ud800); send valid Unicode text",
+                               param=param, code="invalid_value")
+            if isinstance(item, (dict, list)):
+                pending.append(((*path, key), item))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
