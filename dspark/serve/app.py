@@ -38,8 +38,8 @@ from dspark.runtime.sampling import SamplingParams
 from dspark.runtime.tokenizer import check_prompt
 from dspark.serve.engine import Engine, EngineStopped, Handle, QueueFull
 from dspark.serve.metrics import CONTENT_TYPE, ServerMetrics
-from dspark.serve.protocol import (APIError, ChatRequest, ChatResponse, CommonRequest, CompletionRequest,
-                                   CompletionResponse, ErrorBody, Health, ModelList, parse)
+from dspark.serve.protocol import (APIError, ChatChunk, ChatRequest, ChatResponse, CommonRequest, CompletionChunk,
+                                   CompletionRequest, CompletionResponse, ErrorBody, Health, ModelList, parse)
 
 log = logging.getLogger("dspark.serve")
 
@@ -361,7 +361,7 @@ def usage(seq) -> dict:
 
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 429, 500, 503)}
-STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+STREAM = {"text/event-stream": {}}  # each event's schema: see openapi_schema
 
 
 def create_app(generator: Generator, model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
@@ -433,13 +433,23 @@ def body_schema(model) -> dict:
 
 
 def openapi_schema(app: FastAPI) -> dict:
-    """FastAPI's schema, with the request bodies' shared definitions moved to components where refs point."""
+    """FastAPI's schema, with the request bodies' shared definitions moved to components where refs point, and
+    the events of the streams described (each ``data`` is a chunk, an error, or ``[DONE]``)."""
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for path in schema["paths"].values():
         for operation in path.values():
             body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
             components.update(body.pop("$defs", {}))
+    for path, chunk in (("/v1/completions", CompletionChunk), ("/v1/chat/completions", ChatChunk)):
+        chunk_schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(chunk_schema.pop("$defs", {}))
+        components[chunk.__name__] = chunk_schema
+        json_event = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorBody"}]}}
+        event = {"type": "object", "required": ["data"],
+                 "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_event]}}}
+        schema["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"itemSchema": event}
     return schema
 
 
