@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import collections
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,6 +17,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
+from conftest import cli_server  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
@@ -33,41 +31,15 @@ BUDGET_S = 45.0  # examples past this are skipped, so a slow machine cannot stre
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(qwen3_bundle, tmp_path_factory):
     template = tmp_path_factory.mktemp("fuzz") / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dspark.cli", "serve", str(qwen3_bundle), "--port", str(port),
-                             "--api-key", KEY, "--chat-template", str(template), "--threads", "1", "--max-batch", "4", "--max-queue", "8",
-                             "--log-level", "warning", "--shutdown-timeout", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with cli_server(qwen3_bundle, "--api-key", KEY, "--chat-template", str(template), "--threads", "1", "--max-batch", "4",
+                    "--max-queue", "8", "--log-level", "warning", "--shutdown-timeout", "2") as (proc, url):
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def test_fuzzed_requests_get_documented_answers_and_no_5xx(served):

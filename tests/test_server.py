@@ -10,8 +10,6 @@ import json
 import logging
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,8 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from click.testing import CliRunner  # noqa: E402
+
+from conftest import cli_server  # noqa: E402
 
 from dspark.cli import main  # noqa: E402
 from dspark.runtime.generate import Generator, Request  # noqa: E402
@@ -353,28 +353,9 @@ def test_openai_client_works_unchanged(server, qwen3_bundle):
 
 
 # ------------------------------------------------------------------------------------------- CLI + SIGTERM
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serve_finishes_in_flight_stream_on_sigterm(qwen3_bundle):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dspark.cli", "serve", str(qwen3_bundle), "--port", str(port),
-                             "--threads", "1", "--max-batch", "2", "--log-level", "warning", "--shutdown-timeout", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with cli_server(qwen3_bundle, "--threads", "1", "--max-batch", "2", "--log-level", "warning",
+                    "--shutdown-timeout", "20") as (proc, url):
         body = {"prompt": "w1 w2", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=url, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -385,10 +366,6 @@ def test_cli_serve_finishes_in_flight_stream_on_sigterm(qwen3_bundle):
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert len("".join(c["choices"][0]["text"] for c in chunks).split()) == 120
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 class Records(logging.Handler):
@@ -471,7 +448,7 @@ def test_a_gone_non_streamed_client_frees_its_row_within_a_round(small_server):
     with httpx.Client(base_url=small_server.url, timeout=30) as c:
         generated = counter(c, "vllm:generation_tokens")
         cancelled = counter(c, "vllm:request_success", finished_reason="cancelled")
-        sock = socket.create_connection(("127.0.0.1", int(small_server.url.rsplit(":", 1)[1])))
+        sock = socket.create_connection(("127.0.0.1", small_server.port))
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_until(lambda: running(c) == 1, what="the request to run")
@@ -538,7 +515,7 @@ def test_metric_labels_stay_bounded(server):
 
 def test_a_huge_body_is_refused_before_it_is_read_while_health_stays_fast(server):
     """A 10 MB prompt used to be read and tokenized on the event loop (7-8 s with /health stalled)."""
-    port = int(server.url.rsplit(":", 1)[1])
+    port = server.port
     prompt = ("w1 " * 3_400_000).encode()
     body = b'{"prompt": "' + prompt + b'"}'
     assert len(body) > 10_000_000

@@ -162,7 +162,11 @@ class Api:
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", param="prompt", code="unsupported_parameter")
             prompt = prompt[0]
-        if isinstance(prompt, str):  # a worker thread: a long prompt must not stall the event loop
+        if isinstance(prompt, str):
+            if self.generator.tokenizer.too_long(prompt, self.max_context - 1):  # refused without tokenizing
+                raise APIError(400, f"This model's maximum context length is {self.max_context} tokens; a prompt of "
+                                    f"{len(prompt)} characters has more", param="prompt", code="context_length_exceeded")
+            # a worker thread: a long prompt must not stall the event loop
             return await asyncio.to_thread(self.generator.tokenizer.encode, prompt)
         if any(not 0 <= t < self.vocab_size for t in prompt):
             raise APIError(400, f"token ids must be in [0, {self.vocab_size})", param="prompt", code="invalid_value")
