@@ -88,7 +88,7 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 disables it).")
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0 disables it).")
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's; at most the block for DSpark).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
@@ -161,7 +161,7 @@ def profile(bundle_dir, threads, context, repeats, warmup):
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature the calibration is for (labels depend on it).")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (prompt i uses seed+i).")
 def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
     """Fit Sequential Temperature Scaling of the confidence head on --data; store it in BUNDLE_DIR."""
     from dspark.prompts import read_prompt_file
@@ -248,7 +248,7 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--warmup", default=1, show_default=True, help="Untimed passes first.")
 @click.option("--cost-repeats", default=20, show_default=True, help="Timed calls per call-cost measurement (median).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (request i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (request i uses seed+i).")
 @click.option("--peers", is_flag=True, help="Also time Hugging Face transformers assisted generation (bench/peers/hf_assisted.py).")
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")

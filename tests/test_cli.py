@@ -160,6 +160,11 @@ def test_bad_sampling_options_are_one_line(qwen3_bundle, value, option):
     assert_one_line_error(code, out, option.lstrip("-"))
 
 
+def test_a_negative_seed_is_a_usage_error(qwen3_bundle):
+    code, out = run("generate", qwen3_bundle, "--prompt", "w1", "--seed", -1)
+    assert code == 2 and "--seed" in out and "Traceback" not in out
+
+
 @pytest.mark.parametrize("manifest,words", [
     ("[]", ["schema version None"]),
     ('{"schema_version": 1, "dtype": "fp32", "files": {}, "graphs": {}, "models": {}, "tokenizer": {}}',
