@@ -124,7 +124,7 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 disables it).")
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0 disables it).")
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's; at most the block for DSpark).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
@@ -148,9 +148,9 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
     if (prompt is None) == (prompts_file is None):
         raise DsparkError("give exactly one of --prompt and --prompts-file")
     texts = [prompt] if prompt is not None else [p.text for p in read_prompt_file(prompts_file)]
+    sampling = SamplingParams(temperature, top_p, top_k)  # bad input is refused before the bundle is loaded
     generator = Generator(bundle_dir, threads=threads, use_draft=not no_draft, num_draft_tokens=num_draft_tokens,
                           scheduler=scheduler, threshold=threshold, block_schedule=block_schedule, max_batch=max_batch)
-    sampling = SamplingParams(temperature, top_p, top_k)
     requests = [Request(generator.tokenizer.encode(t), max_new_tokens, sampling, seed + i, tuple(stop), ignore_eos)
                 for i, t in enumerate(texts)]
     stream = None if as_json or len(texts) > 1 else (lambda _i, delta: click.echo(delta, nl=False))
@@ -197,7 +197,7 @@ def profile(bundle_dir, threads, context, repeats, warmup):
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature the calibration is for (labels depend on it).")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (prompt i uses seed+i).")
 def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
     """Fit Sequential Temperature Scaling of the confidence head on --data; store it in BUNDLE_DIR."""
     from dspark.prompts import read_prompt_file
@@ -284,7 +284,7 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--warmup", default=1, show_default=True, help="Untimed passes first.")
 @click.option("--cost-repeats", default=20, show_default=True, help="Timed calls per call-cost measurement (median).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (request i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (request i uses seed+i).")
 @click.option("--peers", is_flag=True, help="Also time Hugging Face transformers assisted generation (bench/peers/hf_assisted.py).")
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")
@@ -323,22 +323,32 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--shutdown-timeout", default=30.0, show_default=True,
-              help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled.")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled (each still gets a "
+                   "final event or a 503).")
+@click.option("--keep-alive-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an idle connection (none sent yet, or between requests) stays open.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1),
+              help="Largest request body; larger ones get a 413 (default: 64 bytes per context token, at least 1 MiB).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="Server log level.")
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
-          no_draft, chat_template_file, threads, shutdown_timeout, log_level):
+          no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level):
     """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     try:
         from dspark.serve import serve as run_server
     except ImportError as e:
         raise DsparkError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'dspark[serve]'") from None
 
+    try:
+        template = chat_template_file.read_bytes().decode("utf-8") if chat_template_file else None
+    except UnicodeDecodeError:
+        raise DsparkError(f"--chat-template {chat_template_file} is not UTF-8 text") from None
     run_server(bundle_dir, host, port, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
-               threads=threads, chat_template=chat_template_file.read_text() if chat_template_file else None,
-               shutdown_timeout=shutdown_timeout, log_level=log_level)
+               threads=threads, chat_template=template,
+               shutdown_timeout=shutdown_timeout, keep_alive_timeout=keep_alive_timeout,
+               max_request_bytes=max_request_bytes, log_level=log_level)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,34 @@ def record_quality(folder: Path, target_dir: Path) -> dict:
     return bundle.manifest
 
 
+def check_output(output: Path, force: bool) -> None:
+    """Refuse an --output that cannot become a bundle folder, before any export work."""
+    if output.exists() and not output.is_dir():
+        raise DsparkError(f"output {output} is a file, not a folder; --force replaces only a bundle folder, so "
+                          "choose another --output or remove the file")
+    if output.exists() and not force:
+        raise DsparkError(f"output folder {output} exists; pass --force to replace it")
+    parent = output.parent.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DsparkError(f"cannot create {output}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DsparkError(f"cannot create {output}: {parent} is not writable; choose an --output you can write")
+
+
+def readable_by_all(folder: Path) -> None:
+    """Give every file and folder of a new bundle the modes of any new file (0644 and 0755 under umask 022).
+
+    ONNX writes external data with 0600 and copy2 keeps a source's restrictive modes, which would leave a
+    bundle that only its exporter can serve.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def export_bundle(
     target_dir: str | Path,
     output: str | Path,
@@ -250,8 +278,7 @@ def export_bundle(
     options = options or ExportOptions()
     options.check()
     target_dir, output = Path(target_dir), Path(output)
-    if output.exists() and not force:
-        raise DsparkError(f"output folder {output} exists; pass --force to replace it")
+    check_output(output, force)
     # a .gguf file stands for its converted checkpoint folder from here on
     (target_dir, draft_dir), (target_gguf, draft_gguf) = resolve_checkpoints(target_dir, draft_dir)
     target_cfg = read_config(target_dir)
@@ -266,10 +293,13 @@ def export_bundle(
     taps = draft_config.target_layer_ids if block else ()
 
     dtype = DTYPES[options.dtype]
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DsparkError(f"cannot create the bundle beside {output}: {e.strerror}; choose an --output you can write") from None
     started = time.perf_counter()
     steps = ["target graph"] + (["draft graphs"] if method else []) + ["tokenizer and manifest"]
     bar = tqdm(steps, desc="export", disable=not progress, unit="step")
@@ -337,6 +367,7 @@ def export_bundle(
         if options.quantize:
             bar.set_postfix_str("perplexity")
             manifest = record_quality(tmp, target_dir)
+        readable_by_all(tmp)
         bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
