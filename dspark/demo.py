@@ -2,26 +2,22 @@
 
 The family lives under ``examples/`` in the repository: a Qwen3-architecture target trained on Python
 standard-library sources, a DSpark drafter and a draft LM trained against it (see each model card). The
-bundle is cached under ``$XDG_CACHE_HOME/dspark`` keyed by the checkpoints' hashes, so a second run starts
-at once and a changed checkpoint is re-exported.
+bundle is cached in dspark's cache folder (``dspark.cache``) keyed by the checkpoints' hashes, so a second
+run starts at once and a changed checkpoint is re-exported.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
 from dspark.bundle import MANIFEST, Bundle
+from dspark.cache import cache_root
 from dspark.errors import DsparkError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DRAFTS = {"dspark": "dspark-drafter", "draft-lm": "draft-lm"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dspark"
 
 
 def checkpoint_digest(*folders: Path) -> str:

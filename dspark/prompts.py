@@ -32,25 +32,45 @@ def builtin_prompts(domain: str = "all") -> list[Prompt]:
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """JSON lines with a ``prompt`` (and optional ``domain``) field, or plain text, one prompt per line."""
+    """JSON lines with a ``prompt`` (and optional ``domain``) field, or plain text, one prompt per line.
+
+    A line that starts with ``{``, or with ``[`` and parses as JSON, is JSON and must be an object with a string
+    ``prompt``; any other line is a prompt as written (so ``[INST] hi`` stays text).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DsparkError(f"{path} is a folder, not a prompts file")
     if not path.is_file():
         raise DsparkError(f"prompts file not found: {path}")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-                prompts.append(Prompt(str(obj["prompt"]), str(obj.get("domain", "custom"))))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DsparkError(f"{path}:{n}: a JSON line needs a string 'prompt' field") from None
-        else:
-            prompts.append(Prompt(line))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DsparkError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    prompts = [_prompt(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not prompts:
         raise DsparkError(f"{path} has no prompts")
     return prompts
+
+
+def _prompt(line: str, where: str) -> Prompt:
+    head = line.lstrip()[:1]
+    if head not in ("{", "["):
+        return Prompt(line)
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise DsparkError(f"{where}: JSON nested too deeply; a JSON line needs a string 'prompt' field") from None
+    except ValueError as e:  # bad JSON, or an integer too long to convert
+        if head == "[":
+            return Prompt(line)
+        raise DsparkError(f"{where}: not valid JSON ({e}); a JSON line needs a string 'prompt' field") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        raise DsparkError(f"{where}: a JSON line must be an object with a string 'prompt' field, like "
+                          '{"prompt": "text"}')
+    domain = obj.get("domain", "custom")
+    if not isinstance(domain, str):
+        raise DsparkError(f"{where}: 'domain' must be a string")
+    return Prompt(obj["prompt"], domain)
 
 
 def load_prompts(spec: str | Path | None, limit: int | None = None) -> list[Prompt]:

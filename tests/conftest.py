@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -136,3 +137,38 @@ def dspark_bundle(qwen3_pair, tmp_path_factory) -> Path:
     export_bundle(target_dir, root / "bundle", draft_dir, ExportOptions(max_batch=8, max_context=256, prefill_chunk=32),
                   progress=False)
     return root / "bundle"
+
+
+@contextlib.contextmanager
+def cli_server(bundle: Path, *options: str):
+    """``dspark serve BUNDLE OPTIONS`` as a subprocess on a free loopback port, up and healthy: yields (process, url).
+
+    Killed at exit if the test has not stopped it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dspark.cli", "serve", str(bundle), "--port", str(port), *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -142,3 +143,112 @@ def test_export_dspark_drafter_from_the_cli(qwen3_pair, tmp_path):
     code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "b", "--max-context", 64)
     assert code == 0, out
     assert "dspark" in out and "block=3" in out
+
+
+# ------------------------------------------------------------------------------------------- careless input (issue 16)
+def assert_one_line_error(code, out, *words):
+    assert code == 2, out
+    assert "Traceback" not in out and out.startswith("error: ") and out.count("\n") == 1, out
+    for w in words:
+        assert w in out, out
+
+
+@pytest.mark.parametrize("value,option", [("nan", "--temperature"), ("inf", "--temperature"), ("-1", "--temperature"),
+                                          ("nan", "--top-p"), ("0", "--top-p"), ("-2", "--top-k")])
+def test_bad_sampling_options_are_one_line(qwen3_bundle, value, option):
+    code, out = run("generate", qwen3_bundle, "--prompt", "w1", "--max-new-tokens", 3, option, value)
+    assert_one_line_error(code, out, option.lstrip("-"))
+
+
+def test_a_negative_seed_is_a_usage_error(qwen3_bundle):
+    code, out = run("generate", qwen3_bundle, "--prompt", "w1", "--seed", -1)
+    assert code == 2 and "--seed" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("manifest,words", [
+    ("[]", ["schema version None"]),
+    ('{"schema_version": 1, "dtype": "fp32", "files": {}, "graphs": {}, "models": {}, "tokenizer": {}}',
+     ["'limits' is missing"]),
+    ('{"schema_version": 1, "dtype": "fp32", "files": {}, "graphs": {}, "models": {"target": {"config": {}}}, '
+     '"tokenizer": {}, "limits": {"max_batch": "8"}}', ["'limits.max_batch' must be an integer"]),
+    ("[" * 100000, ["not valid JSON"]),
+    (b"\xff\xfe{}", ["not valid JSON"]),
+])
+def test_broken_manifests_are_one_line(qwen3_bundle, tmp_path, manifest, words):
+    copy = tmp_path / "bundle"
+    shutil.copytree(qwen3_bundle, copy)
+    path = copy / "manifest.json"
+    path.write_bytes(manifest if isinstance(manifest, bytes) else manifest.encode())
+    code, out = run("generate", copy, "--prompt", "w1", "--max-new-tokens", 2)
+    assert_one_line_error(code, out, *words)
+
+
+def test_a_bundle_path_that_is_a_file(tmp_path):
+    file = tmp_path / "bundle.onnx"
+    file.write_text("x")
+    code, out = run("generate", file, "--prompt", "w1")
+    assert_one_line_error(code, out, "is a file, not a bundle folder")
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"w1 w2\n\xff\xfe w3\n", ["not UTF-8", "byte 6"]),
+    (b'{"prompt": ' + b"[" * 100000 + b"\n", ["prompts.txt:1", "nested too deeply"]),
+    (b"[" * 100000 + b"\n", ["prompts.txt:1", "nested too deeply"]),
+    (b'{"prompt": null}\n', ["prompts.txt:1", "string 'prompt'"]),
+    (b'w1\n["c"]\n', ["prompts.txt:2", "string 'prompt'"]),
+    (b'{"prompt": "w1", "domain": 3}\n', ["prompts.txt:1", "'domain'"]),
+    (b'{"prompt": 1' + b"0" * 5000 + b"}\n", ["prompts.txt:1", "not valid JSON"]),
+])
+def test_bad_prompts_files_are_one_line(qwen3_bundle, tmp_path, content, words):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    code, out = run("generate", qwen3_bundle, "--prompts-file", prompts, "--max-new-tokens", 2)
+    assert_one_line_error(code, out, *words)
+
+
+def test_prompts_file_lines_that_look_like_json_but_are_text(tmp_path):
+    from dspark.prompts import read_prompt_file
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('[INST] w1 [/INST]\n{"prompt": "w2", "domain": "code"}\nw3\n')
+    assert [(p.text, p.domain) for p in read_prompt_file(prompts)] == [
+        ("[INST] w1 [/INST]", "custom"), ("w2", "code"), ("w3", "custom")]
+
+
+def test_export_over_a_file_is_refused_before_any_work(qwen3_pair, tmp_path):
+    _, target_dir, _ = qwen3_pair
+    file = tmp_path / "out"
+    file.write_text("keep me")
+    code, out = run("export", target_dir, "--output", file, "--force")
+    assert_one_line_error(code, out, "is a file, not a folder")
+    assert file.read_text() == "keep me" and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_export_under_an_unwritable_parent(qwen3_pair, tmp_path):
+    import os
+
+    _, target_dir, _ = qwen3_pair
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):  # root ignores modes: a sysfs folder refuses new entries even to root
+            parent = Path("/sys/dspark-read-only")
+            if not Path("/sys").is_dir():
+                pytest.skip("no folder this user cannot write")
+        code, out = run("export", target_dir, "--output", parent / "sub" / "bundle")
+        assert_one_line_error(code, out, "choose an --output you can write")
+        assert not (parent / "sub").exists()
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def test_exported_files_are_readable_by_everyone(qwen3_bundle):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [qwen3_bundle, *qwen3_bundle.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))

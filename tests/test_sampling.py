@@ -119,3 +119,15 @@ def test_rejection_rule_reproduces_target_exactly():
                 first = d if n == 1 else token
                 out[first] += q[d] / (len(grid) * 40)
     np.testing.assert_allclose(out, p_rows[0], atol=0.03)
+
+
+@pytest.mark.parametrize("bundle", ["qwen3_bundle", "dspark_bundle"])
+def test_a_tiny_temperature_is_exactly_greedy(request, bundle):
+    """1e-310 once made every probability NaN, so every draft token passed and the drafter's text came out."""
+    generator = Generator(request.getfixturevalue(bundle), threads=1)
+    prompts = [[5, 6, 7], [9, 10], [1, 2, 3, 4]]
+    greedy = generator.generate([Request(p, max_new_tokens=24, ignore_eos=True) for p in prompts])
+    for temperature in (1e-310, 1e-30, 5e-324):
+        seqs = generator.generate([Request(p, max_new_tokens=24, sampling=SamplingParams(temperature), seed=s,
+                                           ignore_eos=True) for s, p in enumerate(prompts)])
+        assert [s.generated for s in seqs] == [g.generated for g in greedy], temperature

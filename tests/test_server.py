@@ -7,10 +7,9 @@ test runs ``dspark serve`` as a subprocess. Every wait is bounded.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +21,12 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from click.testing import CliRunner  # noqa: E402
 
+from conftest import cli_server  # noqa: E402
+
 from dspark.cli import main  # noqa: E402
 from dspark.runtime.generate import Generator, Request  # noqa: E402
 from dspark.serve import create_app  # noqa: E402
+from dspark.serve.app import make_server  # noqa: E402
 
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -32,25 +34,34 @@ TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_gene
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 and a free port, in a daemon thread."""
+    """dspark's uvicorn server for ``app`` on 127.0.0.1 and a free port, in a daemon thread."""
 
-    def __init__(self, app):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http="h11", lifespan="on",
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+    def __init__(self, app, shutdown_timeout=5.0, keep_alive_timeout=5.0):
+        self.server = make_server(app, "127.0.0.1", 0, shutdown_timeout, keep_alive_timeout, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
             time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self):
         self.server.should_exit = True
         self.thread.join(15)
         assert not self.thread.is_alive()
+
+
+def slowed(generator, seconds=0.05):
+    step = generator.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    generator.step = slow_step
+    return generator
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +81,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def small_server(qwen3_bundle):
     """One row, no queue, and a step slowed to 50 ms so a request stays in flight long enough to watch."""
-    gen = Generator(qwen3_bundle, threads=1, max_batch=1)
-    step = gen.step
-
-    def slow_step():
-        time.sleep(0.05)
-        return step()
-
-    gen.step = slow_step
-    srv = ServerThread(create_app(gen, max_queue=0))
+    srv = ServerThread(create_app(slowed(Generator(qwen3_bundle, threads=1, max_batch=1)), max_queue=0))
     yield srv
     srv.stop()
 
@@ -350,28 +353,9 @@ def test_openai_client_works_unchanged(server, qwen3_bundle):
 
 
 # ------------------------------------------------------------------------------------------- CLI + SIGTERM
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serve_finishes_in_flight_stream_on_sigterm(qwen3_bundle):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dspark.cli", "serve", str(qwen3_bundle), "--port", str(port),
-                             "--threads", "1", "--max-batch", "2", "--log-level", "warning", "--shutdown-timeout", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with cli_server(qwen3_bundle, "--threads", "1", "--max-batch", "2", "--log-level", "warning",
+                    "--shutdown-timeout", "20") as (proc, url):
         body = {"prompt": "w1 w2", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=url, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -382,39 +366,226 @@ def test_cli_serve_finishes_in_flight_stream_on_sigterm(qwen3_bundle):
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert len("".join(c["choices"][0]["text"] for c in chunks).split()) == 120
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
-def test_shutdown_past_the_grace_period_cancels_in_flight_requests(qwen3_bundle):
-    gen = Generator(qwen3_bundle, threads=1, max_batch=2)
-    step = gen.step
+class Records(logging.Handler):
+    """Collects the log records of the loggers it is attached to (uvicorn's do not reach pytest's caplog)."""
 
-    def slow_step():
-        time.sleep(0.05)
-        return step()
+    def __init__(self, *names):
+        super().__init__(logging.DEBUG)
+        self.records, self.loggers = [], [logging.getLogger(n) for n in names]
+        for logger in self.loggers:
+            logger.addHandler(self)
 
-    gen.step = slow_step
+    def emit(self, record):
+        self.records.append(record)
+
+    def close(self):
+        for logger in self.loggers:
+            logger.removeHandler(self)
+        super().close()
+
+    def errors(self):
+        return [f"{r.name}: {r.getMessage()}" for r in self.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def wait_until(condition, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_shutdown_past_the_grace_period_ends_every_response(qwen3_bundle):
+    """uvicorn used to cancel the handlers first: streams stopped mid-response and non-streamed requests got a
+    plain-text 500, each with a traceback. Now each ends: a last chunk, an error event and [DONE], or the 503."""
+    gen = slowed(Generator(qwen3_bundle, threads=1, max_batch=2))
     app = create_app(gen)
-    srv = ServerThread(app)
-    srv.server.config.timeout_graceful_shutdown = 0.5
-    body = {"prompt": "w1 w2", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    srv = ServerThread(app, shutdown_timeout=0.5)
+    logs = Records("uvicorn", "uvicorn.error", "dspark.serve")
+    body = {"prompt": "w1 w2", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     lines = []
-    with httpx.Client(base_url=srv.url, timeout=30) as c:
-        try:
-            with c.stream("POST", "/v1/completions", json=body) as r:
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=srv.url, timeout=30) as c:
+            plain = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
+            wait_until(lambda: app.state.engine.in_flight() == 1, what="the non-streamed request")
+            with c.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
                 for line in r.iter_lines():
                     lines.append(line)
                     if len(lines) == 1:
                         srv.server.should_exit = True
-        except httpx.HTTPError:
-            pass  # the server closed the connection mid-stream: also a clean cancel
-    srv.thread.join(15)
+            response = plain.result(30)
+        srv.thread.join(15)
+    finally:
+        logs.close()
     assert not srv.thread.is_alive()
-    assert "data: [DONE]" not in lines or any('"unavailable"' in line for line in lines)
+    assert response.status_code == 503 and response.headers["content-type"] == "application/json", response.text
+    assert response.json()["error"]["code"] == "unavailable"
+    chunks, done = sse_events(lines)
+    assert done, lines[-3:]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "cancelled"
+    assert chunks[-1]["error"]["code"] == "unavailable"
+    assert logs.errors() == []
     engine = app.state.engine
     assert not engine._thread.is_alive() and engine.in_flight() == 0 and not gen.has_work()
     cancelled = app.state.metrics.success.labels(model_name="qwen3", finished_reason="cancelled")._value.get()
-    assert cancelled == 1
+    assert cancelled == 2
+
+
+# ------------------------------------------------------------------------------------------- hostile input (issue 16)
+def running(client) -> float:
+    return parse_metrics(client.get("/metrics").text)["vllm:num_requests_running"].samples[0].value
+
+
+def counter(client, family, **labels) -> float:
+    samples = parse_metrics(client.get("/metrics").text)[family].samples
+    return sum(s.value for s in samples if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_a_gone_non_streamed_client_frees_its_row_within_a_round(small_server):
+    """The disconnect check used to run only after 0.5 s without an engine event: never, while a request runs."""
+    body = json.dumps({"prompt": "w1 w2", "max_tokens": 250, "temperature": 0, "ignore_eos": True}).encode()
+    with httpx.Client(base_url=small_server.url, timeout=30) as c:
+        generated = counter(c, "vllm:generation_tokens")
+        cancelled = counter(c, "vllm:request_success", finished_reason="cancelled")
+        sock = socket.create_connection(("127.0.0.1", small_server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: running(c) == 1, what="the request to run")
+        sock.close()
+        gone = time.monotonic()
+        wait_until(lambda: running(c) == 0, timeout=30, what="the row to be freed")
+        freed_after = time.monotonic() - gone
+        assert counter(c, "vllm:request_success", finished_reason="cancelled") == cancelled + 1
+        # a round is 50 ms here; running to max_tokens would take 250 tokens' worth of rounds
+        assert counter(c, "vllm:generation_tokens") - generated < 60
+        assert freed_after < 2.0, freed_after
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", b'{"prompt": "w1 \\ud800"}', "prompt"),
+    ("/v1/completions", b'{"prompt": ["\\udfff"]}', "prompt.0"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1\\ud800"}]}', "messages.0.content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages.0.content.0.text"),
+    ("/v1/completions", b'{"prompt": "w1", "seed": 1' + b"0" * 5000 + b"}", None),
+    ("/v1/completions", b'{"prompt": "w1", "tools": ' + b"[" * 10000 + b"]" * 10000 + b"}", None),
+    ("/v1/completions", b"[" * 10000, None),
+    ("/v1/completions", b'{"prompt": "w1", "logit_bias": ' + b'{"a":' * 100 + b"1" + b"}" * 100 + b"}", None),
+    ("/v1/completions", b'{"prompt": "w1", "temperature": NaN}', None),
+    ("/v1/completions", b'{"prompt": "w1", "temperature": 1e999}', "temperature"),
+    ("/v1/completions", b'{"prompt": "w1", "top_p": 1e999}', "top_p"),
+])
+def test_hostile_bodies_are_400s_not_500s(server, path, body, param):
+    logs = Records("uvicorn", "uvicorn.error", "dspark.serve")
+    try:
+        with httpx.Client(base_url=server.url, headers={**AUTH, "Content-Type": "application/json"}, timeout=30) as c:
+            r = c.post(path, content=body)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+            assert c.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2}).status_code == 200
+    finally:
+        logs.close()
+    assert logs.errors() == []
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 1e-30, 5e-324])
+def test_a_tiny_temperature_serves_the_greedy_text(client, temperature):
+    body = {"prompt": "w3 w4", "max_tokens": 24, "ignore_eos": True}
+    greedy = client.post("/v1/completions", json=dict(body, temperature=0)).json()["choices"][0]["text"]
+    for seed in (1, 2):
+        r = client.post("/v1/completions", json=dict(body, temperature=temperature, seed=seed))
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
+
+
+def test_metric_labels_stay_bounded(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        c.request("BREW", "/v1/completions")
+        c.request("BREW", "/no/such/path")
+        c.get("/metrics")  # the scrape itself is a series too
+        before = len(parse_metrics(c.get("/metrics").text)["dspark:http_requests"].samples)
+        for i in range(300):
+            assert c.request(f"M{i}X", f"/made-up-{i}").status_code in (404, 405)
+        families = parse_metrics(c.get("/metrics").text)
+    http = families["dspark:http_requests"].samples
+    assert len(http) == before
+    assert {s.labels["method"] for s in http} <= {"GET", "HEAD", "POST", "other"}
+    assert sum(s.value for s in http if s.labels["method"] == "other" and s.name.endswith("_total")) >= 301
+
+
+def test_a_huge_body_is_refused_before_it_is_read_while_health_stays_fast(server):
+    """A 10 MB prompt used to be read and tokenized on the event loop (7-8 s with /health stalled)."""
+    port = server.port
+    prompt = ("w1 " * 3_400_000).encode()
+    body = b'{"prompt": "' + prompt + b'"}'
+    assert len(body) > 10_000_000
+    latencies, stop = [], threading.Event()
+
+    def poll_health():
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            while not stop.is_set():
+                start = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+
+    def send(chunked: bool):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            length = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                         b"\r\nContent-Type: application/json\r\n" + length + b"\r\n\r\n")
+            start = time.perf_counter()
+            try:
+                for at in range(0, len(body), 1 << 16):
+                    piece = body[at:at + (1 << 16)]
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            except OSError:
+                pass  # the server answered and closed the connection before the upload ended
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                reply += data
+            return time.perf_counter() - start, reply
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    try:
+        time.sleep(0.2)
+        for chunked in (False, True):
+            seconds, reply = send(chunked)
+            head, _, payload = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 413"), reply[:300]
+            assert json.loads(payload)["error"]["code"] == "request_too_large"
+            assert seconds < 10, seconds
+        # under the size limit but far over the context: tokenized off the event loop, then a 400
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+            r = c.post("/v1/completions", json={"prompt": "w1 " * 300_000})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        stop.set()
+        poller.join(30)
+    assert len(latencies) >= 5 and max(latencies) < 0.1, sorted(latencies)[-5:]
+
+
+def test_schema_needs_the_key_head_health_and_idle_connections_close(server, qwen3_bundle):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.get("/openapi.json").status_code == 401
+        assert c.get("/docs").status_code == 404
+        schema = c.get("/openapi.json", headers=AUTH).json()
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema["paths"])
+        head = c.head("/health")
+        assert head.status_code == 200 and head.content == b""
+    srv = ServerThread(create_app(Generator(qwen3_bundle, threads=1)), keep_alive_timeout=0.3)
+    try:
+        for request in (b"", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+                sock.settimeout(10)
+                sock.sendall(request)
+                received = b""
+                while data := sock.recv(4096):  # ends when the server closes the idle connection
+                    received += data
+                assert received.startswith(b"HTTP/1.1 200") if request else received == b""
+    finally:
+        srv.stop()

@@ -24,6 +24,7 @@ from dspark.export.ort_graph import QUANT_BITS, lower_decoder
 from dspark.graphs.checkpoint import read_config
 from dspark.export.share import share_identical_tensors
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
+from dspark.graphs.gguf import record_gguf_sources, resolve_checkpoints
 from dspark.graphs.drafter import ARCHITECTURE, CONTEXT_GRAPH, PROPOSE_GRAPH, Drafter, DrafterConfig, export_drafter
 
 TOKENIZER_FILES = (
@@ -51,6 +52,7 @@ class ExportOptions:
     num_draft_tokens: int = 4
     runtime: str = "ort"
     quantize: str | None = None
+    draft_quantize: str | None = None  # a draft LM's own weights (e.g. the target itself in int4 as its draft)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,9 +61,12 @@ class ExportOptions:
             raise DsparkError(f"--runtime {self.runtime!r} is not supported; choose one of {', '.join(RUNTIMES)}")
         if self.quantize is not None and self.quantize not in QUANT_BITS:
             raise DsparkError(f"--quantize {self.quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
-        if self.quantize and self.runtime != "ort":
+        if self.draft_quantize is not None and self.draft_quantize not in QUANT_BITS:
+            raise DsparkError(f"--draft-quantize {self.draft_quantize!r} is not supported; choose one of "
+                              f"{', '.join(QUANT_BITS)}")
+        if (self.quantize or self.draft_quantize) and self.runtime != "ort":
             raise DsparkError(
-                f"--quantize {self.quantize} needs --runtime ort (MatMulNBits is an ONNX Runtime operator); for "
+                f"--quantize {self.quantize or self.draft_quantize} needs --runtime ort (MatMulNBits is an ONNX Runtime operator); for "
                 "TensorRT export fp32 or fp16 and choose the engine precision with 'dspark build --precision'"
             )
         for name in ("max_batch", "max_context", "prefill_chunk", "num_draft_tokens"):
@@ -82,14 +87,15 @@ class DecoderStep(torch.nn.Module):
         return (logits, new_k, new_v) if hidden is None else (logits, new_k, new_v, hidden)
 
 
-def export_decoder(model: DecoderLM, path: Path, options: "ExportOptions", verify_tokens: int) -> dict:
+def export_decoder(model: DecoderLM, path: Path, options: ExportOptions, verify_tokens: int,
+                   quantize: str | None = None) -> dict:
     """Export a decoder step graph (dynamic batch, new-token and cache dimensions); return its manifest entry."""
     ranges, profiles = decoder_dims(options, verify_tokens)
     if options.runtime == "ort":
         new_max = ranges["new_tokens"][1]
         # GroupQueryAttention rotates up to the buffer's capacity: a row near the context limit in a wide call
         # is padded past it, so the tables and the cache dimension cover max_context + the widest call
-        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, options.quantize)
+        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, quantize)
         ranges = dict(ranges, logit_rows=[1, new_max], cache=[1, options.max_context + new_max])
         return graph_entry(path.name, inputs, outputs, ranges, {}, "ort")
     past_k, past_v = model.empty_cache(batch=2, length=5)
@@ -217,6 +223,49 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     }
 
 
+def record_quality(folder: Path, target_dir: Path) -> dict:
+    """Held-out perplexity of the quantized target against its fp32 model, into the manifest and quality.json."""
+    from tokenizers import Tokenizer
+
+    from dspark.bundle import Bundle
+    from dspark.export.quality import measure
+
+    bundle = Bundle.open(folder, verify=False)
+    encode = Tokenizer.from_file(str(folder / "tokenizer.json")).encode
+    quality = measure(bundle, DecoderLM.from_pretrained(target_dir), lambda text: encode(text).ids)
+    bundle.manifest["quality"] = quality
+    bundle.add_file("quality.json", json.dumps(quality, indent=2) + "\n")
+    return bundle.manifest
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse an --output that cannot become a bundle folder, before any export work."""
+    if output.exists() and not output.is_dir():
+        raise DsparkError(f"output {output} is a file, not a folder; --force replaces only a bundle folder, so "
+                          "choose another --output or remove the file")
+    if output.exists() and not force:
+        raise DsparkError(f"output folder {output} exists; pass --force to replace it")
+    parent = output.parent.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DsparkError(f"cannot create {output}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DsparkError(f"cannot create {output}: {parent} is not writable; choose an --output you can write")
+
+
+def readable_by_all(folder: Path) -> None:
+    """Give every file and folder of a new bundle the modes of any new file (0644 and 0755 under umask 022).
+
+    ONNX writes external data with 0600 and copy2 keeps a source's restrictive modes, which would leave a
+    bundle that only its exporter can serve.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def export_bundle(
     target_dir: str | Path,
     output: str | Path,
@@ -229,28 +278,35 @@ def export_bundle(
     options = options or ExportOptions()
     options.check()
     target_dir, output = Path(target_dir), Path(output)
-    if output.exists() and not force:
-        raise DsparkError(f"output folder {output} exists; pass --force to replace it")
+    check_output(output, force)
+    # a .gguf file stands for its converted checkpoint folder from here on
+    (target_dir, draft_dir), (target_gguf, draft_gguf) = resolve_checkpoints(target_dir, draft_dir)
     target_cfg = read_config(target_dir)
     target_config = DecoderConfig.from_hf(target_cfg, where=f"{target_dir}/config.json")
     method, draft_config = load_draft(Path(draft_dir), target_dir, target_config) if draft_dir else (None, None)
     block = method in ("dspark", "dflash")
+    if options.draft_quantize and method != "draft-lm":
+        raise DsparkError("--draft-quantize applies to a draft LM; " + (
+            f"a {method} drafter's graphs are exported as they are" if method else "give one with --draft"))
     num_draft = draft_config.block_size if block else options.num_draft_tokens
     verify_tokens = num_draft + 1 if method else 1
     taps = draft_config.target_layer_ids if block else ()
 
     dtype = DTYPES[options.dtype]
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DsparkError(f"cannot create the bundle beside {output}: {e.strerror}; choose an --output you can write") from None
     started = time.perf_counter()
     steps = ["target graph"] + (["draft graphs"] if method else []) + ["tokenizer and manifest"]
     bar = tqdm(steps, desc="export", disable=not progress, unit="step")
     try:
         bar.set_postfix_str("target graph")
         model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)
-        graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens)}
+        graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens, options.quantize)}
         models = {"target": {"source": str(target_dir), "config": asdict(target_config), "graphs": ["target"],
                              "tap_layers": list(taps)}}
         del model
@@ -264,7 +320,7 @@ def export_bundle(
             else:
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
                 # the draft feeds up to two pending tokens per round, then one per drafted token
-                draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2)}
+                draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2, options.draft_quantize)}
                 shared = {}
                 del model
             graphs.update(draft_graphs)
@@ -277,6 +333,7 @@ def export_bundle(
                 "shared_tensors": shared,
             }
             bar.update()
+        record_gguf_sources(models, {"target": target_gguf, "draft": draft_gguf})
         bar.set_postfix_str("tokenizer and manifest")
         manifest = {
             "dspark_version": __version__,
@@ -284,6 +341,7 @@ def export_bundle(
             "dtype": options.dtype,
             "runtime": options.runtime,
             "quantize": options.quantize,
+            "draft_quantize": options.draft_quantize,
             "limits": {
                 "max_batch": options.max_batch,
                 "max_context": options.max_context,
@@ -306,6 +364,10 @@ def export_bundle(
             "tokenizer": copy_tokenizer(target_dir, tmp, target_cfg),
         }
         manifest = write_manifest(tmp, manifest)
+        if options.quantize:
+            bar.set_postfix_str("perplexity")
+            manifest = record_quality(tmp, target_dir)
+        readable_by_all(tmp)
         bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

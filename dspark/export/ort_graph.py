@@ -3,7 +3,7 @@
 The same ``DecoderLM`` (weights and configuration) that torch exports as standard ONNX operators for TensorRT
 is written here node by node, the way onnxruntime-genai's model builder lowers a model: per layer one fused QKV
 MatMul, one ``GroupQueryAttention`` (rotary inside, grouped KV heads, the KV buffer updated in place), two
-``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm), one fused gate/up MatMul and a down MatMul.
+``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm), gate and up MatMuls, SiLU and a down MatMul.
 Weights are stored [in, out] so MatMul needs no runtime transpose and ONNX Runtime prepacks them once.
 
 The step contract the speculative loop needs is kept: several new tokens per row, each row with its own cache
@@ -79,6 +79,9 @@ class _Lowering:
             raise DsparkError(f"the ONNX Runtime graph flavour supports fp32 and fp16 weights, not {dtype}")
         if quantize is not None and quantize not in QUANT_BITS:
             raise DsparkError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
+        if self.c.head_dim % 16:
+            raise DsparkError(f"the ONNX Runtime graph flavour needs a head size that is a multiple of 16 "
+                              f"(GroupQueryAttention); this model's is {self.c.head_dim}: export with --runtime tensorrt")
         self.quantize = quantize
         self.g = _Graph(TORCH_TO_ONNX[dtype])
         self.max_context = max_context
@@ -157,11 +160,10 @@ class _Lowering:
             normed, residual = self.skip_rms(o, residual, layer.post_attention_layernorm.weight,
                                              prefix + "post_attention_layernorm")
             mlp = layer.mlp
-            gate_up = self.linear(normed, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                  torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if c.mlp_bias else None,
-                                  prefix + "gate_up_proj")
-            gate, up = g.op("Split", [gate_up, g.const(prefix + "gate_up_split",
-                                                       np.array([c.intermediate_size] * 2, np.int64))], 2, axis=-1)
+            # gate and up as two products, not one fused product and a Split: the Split's copy costs more than the
+            # second call saves (ORT profile of SmolLM2's int4 step)
+            gate = self.linear(normed, mlp.gate_proj.weight, mlp.gate_proj.bias, prefix + "gate_proj")
+            up = self.linear(normed, mlp.up_proj.weight, mlp.up_proj.bias, prefix + "up_proj")
             act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
             down = self.linear(act, mlp.down_proj.weight, mlp.down_proj.bias, prefix + "down_proj")
             last = i == c.num_layers - 1
@@ -186,11 +188,11 @@ class _Lowering:
     def embedding(self, ids: str) -> str:
         g, weight = self.g, self.m.model.embed_tokens.weight
         if self.quantize and weight.shape[1] % QUANT_BLOCK == 0:
-            data, scales, zero_points = quantize_gather_blocks(weight, QUANT_BITS[self.quantize])
+            data, scales, zero_points = quantize_gather_blocks(weight)
             return g.op1("GatherBlockQuantized", [g.const("embed_tokens.qweight", data), ids,
                                                  g.const("embed_tokens.scales", scales.astype(self._np_float())),
                                                  g.const("embed_tokens.zero_points", zero_points)],
-                         domain="com.microsoft", bits=QUANT_BITS[self.quantize], block_size=QUANT_BLOCK,
+                         domain="com.microsoft", bits=8, block_size=QUANT_BLOCK,
                          gather_axis=0, quantize_axis=1)
         return g.op1("Gather", [g.weight("embed_tokens.weight", weight), ids], axis=0)
 
@@ -238,7 +240,13 @@ class _Lowering:
 
 
 def quantize_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits operands for torch's [out, in] weight: packed [out, in/32, 32*bits/8], scales, zero points."""
+    """MatMulNBits operands for torch's [out, in] weight: packed [out, in/32, 32*bits/8], scales, uint8 zero
+    points (ONNX Runtime's own block quantizer: min/max per block, asymmetric).
+
+    Zero points stay integers: the CPU kernel also takes float zero points for 4 bits, which would store a Q4_1
+    GGUF's blocks exactly, but then runs a slow path (SmolLM2's int4 step about 9x slower here) and refuses them
+    for 8 bits.
+    """
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     n, k = weight.shape
@@ -253,12 +261,12 @@ def quantize_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.nda
     return packed, scales.reshape(-1), zero_points.reshape(-1)
 
 
-def quantize_gather_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GatherBlockQuantized operands for an embedding [V, d]: the same block scheme as ``quantize_blocks``."""
-    packed, scales, zero_points = quantize_blocks(weight, bits)
+def quantize_gather_blocks(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GatherBlockQuantized operands for an embedding [V, d], 8 bits (its kernel takes integer zero points only;
+    a lookup reads one row per token, so the wider type costs memory, not time)."""
+    packed, scales, zero_points = quantize_blocks(weight, 8)
     v, d = weight.shape
-    blocks = d // QUANT_BLOCK
-    return packed.reshape(v, -1), scales.reshape(v, blocks), zero_points.reshape(v, -1)
+    return packed.reshape(v, d), scales.reshape(v, -1), zero_points.reshape(v, -1)
 
 
 def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize: str | None = None):

@@ -280,8 +280,7 @@ class Generator:
                 seq.finish_reason = "length"
             if seq.done:
                 break
-        text_ids = [t for t in seq.generated if t not in self.eos_ids]
-        delta = seq.stream.update(text_ids, final=seq.done)
+        delta = seq.stream.push([t for t in committed if t not in self.eos_ids], final=seq.done)
         if seq.stream.stopped and not seq.done:
             seq.finish_reason = "stop"
         seq.text = seq.stream.text

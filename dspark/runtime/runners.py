@@ -61,19 +61,18 @@ class OrtRunner(GraphRunner):
         in_place = {out for _, out, _ in self.kv_pairs}
         self.result_specs = [o for o in self.spec["outputs"] if o["name"] not in in_place]
         self.bound_cache: tuple | None = None
+        self.dim_sources: dict[str, tuple[str, int]] = {}
+        for spec in self.spec["inputs"]:
+            for axis, dim in enumerate(spec["shape"]):
+                if isinstance(dim, str):
+                    self.dim_sources.setdefault(dim, (spec["name"], axis))
 
     def _symbols(self, feeds: dict[str, np.ndarray], cache) -> dict[str, int]:
+        """Sizes of the named dimensions, read from the first input that carries each (ONNX Runtime checks the rest)."""
         symbols = {}
-        for spec in self.spec["inputs"]:
-            array = feeds.get(spec["name"])
-            if array is None:
-                if not spec["name"].startswith("past_"):
-                    raise ValueError(f"no feed for input {spec['name']}")
-                array = cache.k[0]  # every in-place cache input has one layer's shape
-            for dim, size in zip(spec["shape"], array.shape):
-                if isinstance(dim, str):
-                    if symbols.setdefault(dim, size) != size:
-                        raise ValueError(f"dimension {dim} is {symbols[dim]} in one input and {size} in {spec['name']}")
+        for dim, (name, axis) in self.dim_sources.items():
+            array = feeds.get(name)
+            symbols[dim] = (cache.k[0] if array is None else array).shape[axis]
         return symbols
 
     def _output_buffer(self, spec: dict, shape: tuple[int, ...]) -> np.ndarray:

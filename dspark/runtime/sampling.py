@@ -12,6 +12,7 @@ All sampling is inverse-CDF on one uniform per draw, so a run is reproducible fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,33 +20,63 @@ import numpy as np
 from dspark.errors import DsparkError
 
 
+# Below this temperature sampling is greedy (vLLM's cut-off too): dividing logits by a smaller number only
+# sharpens an already one-hot law, and near the bottom of float64 it overflows into inf - inf = NaN.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """Temperature, top-p and top-k, checked here once for every caller (CLI, Python API, server).
+
+    A ``DsparkError`` names the offending field in ``param``, so the server can answer a 400 that names it.
+    A temperature under ``GREEDY_TEMPERATURE`` is stored as 0: greedy, bit for bit.
+    """
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise DsparkError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise DsparkError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise DsparkError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        temperature, top_p, top_k = self.temperature, self.top_p, self.top_k
+        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise DsparkError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}",
+                              param="temperature")
+        if not _is_real(top_p) or not 0 < top_p <= 1:  # NaN fails the comparison too
+            raise DsparkError(f"top-p must be a number in (0, 1], got {top_p!r}", param="top_p")
+        if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+            raise DsparkError(f"top-k must be an integer >= 0 (0 disables it), got {top_k!r}", param="top_k")
+        object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_TEMPERATURE else float(temperature))
+        object.__setattr__(self, "top_p", float(top_p))
+        object.__setattr__(self, "top_k", int(top_k))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The warped distribution (float64) over the last axis: temperature, then top-k, then top-p."""
-    x = logits.astype(np.float64) / params.temperature
+    """The warped distribution (float64) over the last axis: temperature, then top-k, then top-p.
+
+    Always a distribution (finite, sums to 1), whatever the logits: NaN logits count as -inf, +inf logits
+    share all the mass, a row of -inf is uniform. The maximum is subtracted before dividing by the
+    temperature, so a small temperature cannot overflow into inf - inf.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    x = np.where(np.isnan(x), -np.inf, x)
+    top = x.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # rows whose maximum is +inf keep only their +inf entries; rows of -inf are flat
+        x = np.where(np.isposinf(top), np.where(np.isposinf(x), 0.0, -np.inf),
+                     np.where(np.isneginf(top), 0.0, (x - top) / max(params.temperature, GREEDY_TEMPERATURE)))
     if params.top_k and params.top_k < x.shape[-1]:
         kth = np.partition(x, -params.top_k, axis=-1)[..., -params.top_k, None]
         x = np.where(x >= kth, x, -np.inf)
-    x = x - x.max(axis=-1, keepdims=True)
-    p = np.exp(x)
+    p = np.exp(x - x.max(axis=-1, keepdims=True))  # the largest entry is exp(0) = 1: the sum is >= 1
     p /= p.sum(axis=-1, keepdims=True)
     if params.top_p < 1:
         order = np.argsort(-p, axis=-1, kind="stable")
@@ -66,7 +97,9 @@ def sigmoid(x):
 def sample(probs: np.ndarray, u: float) -> int:
     """Inverse-CDF draw from a 1-D distribution with uniform ``u`` in [0, 1)."""
     cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(probs) - 1))
+    index = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    # u * total can round up to total: fall back to the last token that has mass, never to one without
+    return index if index < len(probs) and probs[index] > 0 else int(np.flatnonzero(probs)[-1])
 
 
 def accept(
@@ -88,7 +121,9 @@ def accept(
         return accepted, int(choices[accepted])
     p = probabilities(target_logits, params)
     for k, token in enumerate(draft_tokens):
-        q = draft_probs[k]
+        q = np.asarray(draft_probs[k], dtype=np.float64)
+        # a draft law with NaN or negative entries (a broken drafter) must not turn into "accept everything"
+        q = np.where(np.isfinite(q) & (q > 0), q, 0.0)
         ratio = p[k, token] / max(q[token], 1e-30)
         if rng.random() < min(1.0, ratio):
             continue

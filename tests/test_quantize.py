@@ -1,0 +1,95 @@
+"""Weight-only quantization (--quantize int4|int8): a different model is decoded, the contract is unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import VOCAB, hf_model, save_hf
+from dspark.bundle import Bundle
+from dspark.cli import main
+from dspark.export.bundle import ExportOptions, export_bundle
+from dspark.export.ort_graph import quantize_blocks
+from dspark.runtime.generate import Generator, Request
+
+PROMPTS = [[5, 6, 7, 8, 9], [3] * 30, list(range(1, 40))]
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quantized(request, qwen3_pair, tmp_path_factory):
+    _, target_dir, draft_dir = qwen3_pair
+    out = tmp_path_factory.mktemp(request.param) / "bundle"
+    export_bundle(target_dir, out, draft_dir, ExportOptions(max_context=128, prefill_chunk=16, num_draft_tokens=4,
+                                                          quantize=request.param), progress=False)
+    return request.param, out
+
+
+def test_speculative_equals_plain_of_the_same_bundle(quantized):
+    _, bundle = quantized
+    spec, plain = Generator(bundle), Generator(bundle, use_draft=False)
+    accepted = verified = 0
+    for prompt in PROMPTS:
+        req = Request(prompt, max_new_tokens=32, ignore_eos=True)
+        got = spec.generate([req])[0]
+        assert got.generated == plain.generate([req])[0].generated
+        accepted, verified = accepted + sum(got.accepted), verified + sum(got.verified)
+    assert 0 < accepted < verified
+    # a ragged batch decodes as each request alone
+    together = spec.generate([Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (9, 21, 14))])
+    for p, n, seq in zip(PROMPTS, (9, 21, 14), together):
+        assert seq.generated == plain.generate([Request(p, max_new_tokens=n, ignore_eos=True)])[0].generated
+
+
+def test_quality_is_recorded(quantized):
+    kind, bundle = quantized
+    b = Bundle.open(bundle)
+    quality = json.loads((bundle / "quality.json").read_text())
+    assert b.manifest["quality"] == quality and b.manifest["quantize"] == kind
+    ppl = quality["perplexity"]
+    assert set(ppl) == {"fp32", kind} and quality["tokens"] > 100
+    assert all(np.isfinite(v) and v > 1 for v in ppl.values())
+    # random tiny models are far from their data, but quantization must not wreck them: int8 is near fp32
+    assert abs(ppl[kind] / ppl["fp32"] - 1) < (0.02 if kind == "int8" else 0.5)
+    graph = (bundle / "target.onnx").read_bytes()
+    assert b"MatMulNBits" in graph and b"GatherBlockQuantized" in graph
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_quantizer_round_trip(bits):
+    """Dequantizing the packed blocks (low nibble first, uint8 zero points) gives back the weight to within one
+    quantization step of its block."""
+    rng = np.random.default_rng(bits)
+    weight = torch.from_numpy(rng.standard_normal((24, 64)).astype(np.float32))
+    packed, scales, zero_points = quantize_blocks(weight, bits)
+    if bits == 4:
+        codes = np.stack([packed & 15, packed >> 4], -1).reshape(24, 2, 32)
+        zp = np.stack([zero_points.reshape(24, -1) & 15, zero_points.reshape(24, -1) >> 4], -1).reshape(24, -1)[:, :2]
+    else:
+        codes, zp = packed.reshape(24, 2, 32), zero_points.reshape(24, 2)
+    restored = (codes.astype(np.float32) - zp[..., None]) * scales.reshape(24, 2, 1)
+    error = np.abs(restored.reshape(24, 64) - weight.numpy()).reshape(24, 2, 32).max(-1)
+    assert (error <= scales.reshape(24, 2) * 0.51 + 1e-6).all()
+    assert error.max() > 0  # it did quantize
+
+
+def test_quantize_needs_the_onnx_runtime_flavour(qwen3_pair, tmp_path):
+    _, target_dir, _ = qwen3_pair
+    result = CliRunner().invoke(main, ["export", str(target_dir), "-o", str(tmp_path / "b"), "--quantize", "int4",
+                                       "--runtime", "tensorrt"])
+    assert result.exit_code == 2 and "needs --runtime ort" in result.output
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial*"))
+
+
+def test_odd_widths_stay_float(tmp_path):
+    """Projections whose input width is not a multiple of the block stay fp32 instead of failing."""
+    model = hf_model("llama", VOCAB, seed=3, hidden_size=80, intermediate_size=80, num_attention_heads=5,
+                     num_key_value_heads=1)
+    save_hf(model, tmp_path / "hf", VOCAB)
+    export_bundle(tmp_path / "hf", tmp_path / "b", options=ExportOptions(max_context=64, prefill_chunk=8, quantize="int4"),
+                  progress=False)
+    seq = Generator(tmp_path / "b", use_draft=False).generate([Request([4, 5, 6], max_new_tokens=8, ignore_eos=True)])[0]
+    assert len(seq.generated) == 8
