@@ -306,8 +306,13 @@ def open_bundles(bundle_dir, extra_bundles=()) -> tuple[Bundle, dict[str, Bundle
 def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=None, concurrency=(1, 4),
               schedulers=("fixed",), threshold: float = 0.5, max_new_tokens: int = 64, temperature: float = 0.0,
               num_draft_tokens: int | None = None, repeats: int = 3, warmup: int = 1, cost_repeats: int = 20,
-              threads: int = 0, seed: int = 0, peers: bool = False, progress: bool = True, log=print) -> dict:
-    """Run every configuration, interleaved; return the report (see the module docstring for definitions)."""
+              threads: int = 0, seed: int = 0, peers: bool = False, cpp_host: str | Path | None = None,
+              progress: bool = True, log=print) -> dict:
+    """Run every configuration, interleaved; return the report (see the module docstring for definitions).
+
+    ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (fixed scheduler), timed in
+    the same closed loop; their speed-up is over ``cpp-plain``, their call costs are the Python runtime's (same
+    graphs, same ONNX Runtime)."""
     from tqdm import tqdm
 
     from dspark.runtime.generate import Generator, Request
@@ -342,6 +347,13 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
             generators[(m, s)] = Generator(spec_bundles[m], threads=threads, use_draft=True,
                                            num_draft_tokens=num_draft_tokens, scheduler=s, threshold=threshold,
                                            max_batch=concurrency[-1])
+    if cpp_host is not None:
+        from dspark.cpp_host import CppGenerator
+
+        for m in chosen:
+            generators[(f"cpp-{m}", None if m == "plain" else "fixed")] = CppGenerator(
+                cpp_host, main.path if m == "plain" else spec_bundles[m].path, use_draft=m != "plain",
+                num_draft_tokens=num_draft_tokens, threads=threads, max_batch=concurrency[-1])
     tokenizer = generators[("plain", None)].tokenizer
     ids = [tokenizer.encode(p.text) or [tokenizer_fallback(main)] for p in prompts]
     sampling = SamplingParams(temperature)
@@ -371,8 +383,13 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     mean_prompt = statistics.mean(len(i) for i in ids)
     context = int(mean_prompt + max_new_tokens // 2)
     costs = {}
+    python_configs = {(c.method, c.concurrency): c for c in configs if not c.method.startswith("cpp-")}
     for config in tqdm(configs, desc="call costs", unit="cfg", disable=not progress):
-        costs[config.name] = call_costs(config.generator, config.concurrency, context, cost_repeats)
+        if not config.method.startswith("cpp-"):
+            costs[config.name] = call_costs(config.generator, config.concurrency, context, cost_repeats)
+    for config in configs:
+        if config.method.startswith("cpp-"):  # the same graph calls as the Python runtime's
+            costs[config.name] = costs[python_configs[(config.method[4:], config.concurrency)].name]
 
     rows = []
     plain_rate = {}
@@ -383,14 +400,16 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         row["call_costs_ms"] = costs[config.name]
         c = costs[config.name]
         row["ideal_speedup"] = row["mean_accepted_length"] * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
-        if config.method == "plain":
+        if config.method in ("plain", "cpp-plain"):
             row["ideal_speedup"] = 1.0  # τ = 1, no draft, T_verify = T(1)
-            plain_rate[config.concurrency] = row["tokens_per_second"]
+            plain_rate[(config.method, config.concurrency)] = row["tokens_per_second"]
+        if config.method == "plain":
             plain_tokens[config.concurrency] = [s.generated for s in config.runs[0].seqs]
         rows.append((config, row))
     configurations = []
     for config, row in rows:
-        row["speedup"] = row["tokens_per_second"] / plain_rate[config.concurrency]
+        baseline = "cpp-plain" if config.method.startswith("cpp-") else "plain"
+        row["speedup"] = row["tokens_per_second"] / plain_rate[(baseline, config.concurrency)]
         row["matches_plain"] = (None if temperature != 0 else
                                 [s.generated for s in config.runs[0].seqs] == plain_tokens[config.concurrency])
         configurations.append(row)
@@ -402,7 +421,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "concurrency": concurrency,
                      "methods": chosen, "schedulers": list(schedulers), "threshold": threshold,
                      "num_draft_tokens": num_draft_tokens, "repeats": repeats, "warmup": warmup,
-                     "cost_repeats": cost_repeats, "threads": threads, "seed": seed, "ignore_eos": True},
+                     "cost_repeats": cost_repeats, "threads": threads, "seed": seed, "ignore_eos": True,
+                     "cpp_host": None if cpp_host is None else str(cpp_host)},
         "prompts": {"count": len(prompts), "domains": dict(collections.Counter(p.domain for p in prompts)),
                     "mean_prompt_tokens": mean_prompt},
         "configurations": configurations,
@@ -443,7 +463,7 @@ def tokenizer_fallback(bundle: Bundle) -> int:
 def definitions() -> dict:
     return {
         "tokens_per_second": "generated tokens of all requests / wall time of the run; median over repeats",
-        "speedup": "tokens_per_second / plain tokens_per_second at the same concurrency",
+        "speedup": "tokens_per_second / plain tokens_per_second at the same concurrency (cpp-* methods: over cpp-plain)",
         "ideal_speedup": "mean_accepted_length * T(1) / (T_draft + T_verify), call costs at this concurrency",
         "ttft_ms": "submit to first token (prefill and any wait for a free row); median over requests",
         "itl_p50_ms/itl_p99_ms": "percentiles of the gaps between successive tokens of a request; tokens of one "

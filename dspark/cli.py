@@ -286,11 +286,13 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (request i uses seed+i).")
 @click.option("--peers", is_flag=True, help="Also time Hugging Face transformers assisted generation (bench/peers/hf_assisted.py).")
+@click.option("--cpp-host", type=click.Path(path_type=Path),
+              help="A built C++ host library (build/cpp/libdspark.so): adds its methods as cpp-plain, cpp-<draft>.")
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurrency, methods, extra_bundles, scheduler,
-          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, output, no_progress):
+          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, cpp_host, output, no_progress):
     """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
     from dspark.bench import parse_int_list, parse_names, run_bench, table, write_report
     from dspark.prompts import load_prompts
@@ -300,7 +302,7 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                        schedulers=parse_names(scheduler) or ["fixed"], threshold=threshold,
                        max_new_tokens=max_new_tokens, temperature=temperature, num_draft_tokens=num_draft_tokens,
                        repeats=repeats, warmup=warmup, cost_repeats=cost_repeats, threads=threads, seed=seed,
-                       peers=peers, progress=not no_progress, log=lambda m: click.echo(m, err=True))
+                       peers=peers, cpp_host=cpp_host, progress=not no_progress, log=lambda m: click.echo(m, err=True))
     files = write_report(report, output)
     click.echo(table(report))
     plots = ", ".join(Path(p).name for p in files["plots"]) or "none (pip install matplotlib)"

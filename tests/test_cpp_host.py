@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, save_hf
+from dspark.cpp_host import CRequest, load_library
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams
@@ -46,8 +47,7 @@ class Host:
     def __init__(self, build: Path):
         self.cli = build / "dspark-run"
         self.example = build / "dspark-stream-example"
-        self.lib = ctypes.CDLL(str(build / "libdspark.so"))
-        self._declare()
+        self.lib = load_library(build / "libdspark.so")
 
     def run(self, *args, check: bool = True) -> subprocess.CompletedProcess:
         env = dict(os.environ)
@@ -58,39 +58,8 @@ class Host:
             raise AssertionError(f"dspark-run {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
         return proc
 
-    def _declare(self) -> None:
-        lib, vp = self.lib, ctypes.c_void_p
-        i64p = ctypes.POINTER(ctypes.c_int64)
-        signatures = {
-            "dspark_last_error": (ctypes.c_char_p, []),
-            "dspark_open": (vp, [ctypes.c_char_p, vp]),
-            "dspark_close": (None, [vp]),
-            "dspark_encode": (ctypes.c_long, [vp, ctypes.c_char_p, i64p, ctypes.c_size_t]),
-            "dspark_generate": (vp, [vp, vp, ctypes.c_size_t, ctypes.c_int, vp, vp]),
-            "dspark_results_count": (ctypes.c_size_t, [vp]),
-            "dspark_results_tokens": (i64p, [vp, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]),
-            "dspark_results_json": (ctypes.c_char_p, [vp, ctypes.c_size_t]),
-            "dspark_results_trace": (ctypes.c_char_p, [vp, ctypes.c_size_t]),
-            "dspark_results_free": (None, [vp]),
-            "dspark_tokenizer_open": (vp, [ctypes.c_char_p]),
-            "dspark_tokenizer_encode": (ctypes.c_long, [vp, ctypes.c_char_p, i64p, ctypes.c_size_t]),
-            "dspark_tokenizer_decode": (vp, [vp, i64p, ctypes.c_size_t]),
-            "dspark_tokenizer_close": (None, [vp]),
-            "dspark_free_string": (None, [vp]),
-        }
-        for name, (res, args) in signatures.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-
     def error(self) -> str:
         return self.lib.dspark_last_error().decode()
-
-
-class CRequest(ctypes.Structure):
-    _fields_ = [("prompt_ids", ctypes.POINTER(ctypes.c_int64)), ("prompt_len", ctypes.c_size_t),
-                ("max_new_tokens", ctypes.c_int), ("temperature", ctypes.c_double), ("top_p", ctypes.c_double),
-                ("top_k", ctypes.c_int), ("seed", ctypes.c_uint64), ("ignore_eos", ctypes.c_int),
-                ("stop", ctypes.POINTER(ctypes.c_char_p)), ("stop_count", ctypes.c_size_t)]
 
 
 @pytest.fixture(scope="session")
@@ -309,6 +278,33 @@ def test_streamed_text_and_example(host, qwen3_bundle):
     assert proc.returncode == 0, proc.stderr
     want = Generator(qwen3_bundle).generate([Request([5, 6, 7], 12)])[0]
     assert proc.stdout.startswith("w5 w6 w7" + want.text) and f"[{len(want.generated)} tokens" in proc.stdout
+
+
+def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, tmp_path):
+    """`dspark bench --cpp-host`: cpp-plain and cpp-draft-lm rows in the same closed loop, the same tokens and
+    acceptance as the Python runtime's rows, speed-up over the host's own plain decoding."""
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\nw9 w10\n")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, [str(a) for a in (
+        "bench", qwen3_bundle, "--prompts", prompts, "--max-new-tokens", 6, "--concurrency", "1,2", "--repeats", 1,
+        "--warmup", 0, "--cost-repeats", 1, "--threads", 1, "--cpp-host", BUILD / "libdspark.so", "--output", out,
+        "--no-progress")])
+    assert result.exit_code == 0, result.output
+    rows = {(r["method"], r["concurrency"]): r for r in json.loads((out / "report.json").read_text())["configurations"]}
+    assert set(rows) == {(m, c) for m in ("plain", "draft-lm", "cpp-plain", "cpp-draft-lm") for c in (1, 2)}
+    for c in (1, 2):
+        for m in ("plain", "draft-lm"):
+            cpp, py = rows[(f"cpp-{m}", c)], rows[(m, c)]
+            assert cpp["matches_plain"] is True and cpp["generated_tokens"] == py["generated_tokens"]
+            assert cpp["mean_accepted_length"] == py["mean_accepted_length"]
+            assert cpp["acceptance_by_position"] == py["acceptance_by_position"]
+        assert rows[("cpp-draft-lm", c)]["speedup"] == pytest.approx(
+            rows[("cpp-draft-lm", c)]["tokens_per_second"] / rows[("cpp-plain", c)]["tokens_per_second"])
 
 
 # ------------------------------------------------------------------------------------------------- sampling law

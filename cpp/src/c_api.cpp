@@ -1,6 +1,7 @@
 // The C API: every entry point catches every exception and turns it into dspark_last_error().
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <cstring>
 #include <new>
 
@@ -10,6 +11,7 @@
 
 struct dspark_engine {
   std::unique_ptr<dspark::Engine> engine;
+  std::map<int64_t, std::string> json, trace;  // strings handed out per request id
 };
 
 struct dspark_tokenizer {
@@ -57,6 +59,31 @@ char* copy_string(const std::string& text) {
   return out;
 }
 
+dspark::Request to_request(const dspark_request& r, size_t i) {
+  dspark::Request out;
+  if (!r.prompt_ids && r.prompt_len) throw dspark::Error("request " + std::to_string(i) + " has NULL prompt_ids");
+  out.prompt_ids.assign(r.prompt_ids, r.prompt_ids + r.prompt_len);
+  out.max_new_tokens = r.max_new_tokens;
+  out.sampling = {r.temperature, r.top_p, r.top_k};
+  out.seed = r.seed;
+  out.ignore_eos = r.ignore_eos != 0;
+  if (!r.stop && r.stop_count) throw dspark::Error("request " + std::to_string(i) + " has NULL stop strings");
+  for (size_t k = 0; k < r.stop_count; ++k)
+    if (r.stop[k]) out.stop.emplace_back(r.stop[k]);
+  return out;
+}
+
+std::string trace_lines(const dspark::Result& r) {
+  std::string lines;
+  for (const auto& row : r.trace) lines += dspark::Result::trace_json(row) + "\n";
+  return lines;
+}
+
+dspark::Engine& engine_of(dspark_engine* e) {
+  if (!e) throw dspark::Error("engine is NULL");
+  return *e->engine;
+}
+
 }  // namespace
 
 extern "C" {
@@ -87,7 +114,7 @@ dspark_engine* dspark_open(const char* bundle_dir, const dspark_options* options
     opts.verify_sha256 = o.verify_sha256 != 0;
     if (o.backend) opts.backend = o.backend;
     if (o.provider) opts.provider = o.provider;
-    auto* handle = new dspark_engine{std::make_unique<dspark::Engine>(bundle_dir, opts)};
+    auto* handle = new dspark_engine{std::make_unique<dspark::Engine>(bundle_dir, opts), {}, {}};
     return handle;
   });
 }
@@ -137,31 +164,77 @@ dspark_results* dspark_generate(dspark_engine* engine, const dspark_request* req
                                 dspark_text_callback on_text, void* user) {
   return guarded<dspark_results*>(nullptr, [&]() -> dspark_results* {
     if (!engine || (!requests && count)) throw dspark::Error("engine or requests is NULL");
-    std::vector<dspark::Request> reqs(count);
-    for (size_t i = 0; i < count; ++i) {
-      const dspark_request& r = requests[i];
-      if (!r.prompt_ids && r.prompt_len) throw dspark::Error("request " + std::to_string(i) + " has NULL prompt_ids");
-      reqs[i].prompt_ids.assign(r.prompt_ids, r.prompt_ids + r.prompt_len);
-      reqs[i].max_new_tokens = r.max_new_tokens;
-      reqs[i].sampling = {r.temperature, r.top_p, r.top_k};
-      reqs[i].seed = r.seed;
-      reqs[i].ignore_eos = r.ignore_eos != 0;
-      if (!r.stop && r.stop_count) throw dspark::Error("request " + std::to_string(i) + " has NULL stop strings");
-      for (size_t k = 0; k < r.stop_count; ++k)
-        if (r.stop[k]) reqs[i].stop.emplace_back(r.stop[k]);
-    }
+    std::vector<dspark::Request> reqs;
+    for (size_t i = 0; i < count; ++i) reqs.push_back(to_request(requests[i], i));
     std::function<void(size_t, const std::string&)> cb;
     if (on_text) cb = [&](size_t i, const std::string& delta) { on_text(i, delta.c_str(), user); };
     auto out = std::make_unique<dspark_results>();
     out->results = engine->engine->generate(reqs, trace != 0, cb);
     for (const auto& r : out->results) {
       out->json.push_back(r.json());
-      std::string lines;
-      for (const auto& row : r.trace) lines += dspark::Result::trace_json(row) + "\n";
-      out->trace.push_back(lines);
+      out->trace.push_back(trace_lines(r));
     }
     return out.release();
   });
+}
+
+int64_t dspark_submit(dspark_engine* engine, const dspark_request* request, int trace) {
+  return guarded<int64_t>(-1, [&]() -> int64_t {
+    if (!request) throw dspark::Error("request is NULL");
+    return static_cast<int64_t>(engine_of(engine).submit(to_request(*request, 0), trace != 0));
+  });
+}
+
+int dspark_step(dspark_engine* engine) {
+  return guarded<int>(-1, [&]() -> int { return static_cast<int>(engine_of(engine).step().size()); });
+}
+
+int dspark_has_work(dspark_engine* engine) {
+  return guarded<int>(0, [&]() -> int { return engine_of(engine).has_work() ? 1 : 0; });
+}
+
+const int64_t* dspark_request_tokens(dspark_engine* engine, int64_t id, size_t* count, int* done) {
+  return guarded<const int64_t*>(nullptr, [&]() -> const int64_t* {
+    const dspark::Result& r = engine_of(engine).result(static_cast<uint64_t>(id));
+    if (count) *count = r.generated.size();
+    if (done) *done = r.finish_reason.empty() ? 0 : 1;
+    static const int64_t none = 0;  // a valid pointer for requests with no token yet
+    return r.generated.empty() ? &none : r.generated.data();
+  });
+}
+
+const char* dspark_request_json(dspark_engine* engine, int64_t id) {
+  return guarded<const char*>(nullptr, [&]() -> const char* {
+    std::string text = engine_of(engine).result(static_cast<uint64_t>(id)).json();
+    return (engine->json[id] = std::move(text)).c_str();
+  });
+}
+
+const char* dspark_request_trace(dspark_engine* engine, int64_t id) {
+  return guarded<const char*>(nullptr, [&]() -> const char* {
+    std::string text = trace_lines(engine_of(engine).result(static_cast<uint64_t>(id)));
+    return (engine->trace[id] = std::move(text)).c_str();
+  });
+}
+
+void dspark_release(dspark_engine* engine, int64_t id) {
+  guarded<int>(0, [&]() -> int {
+    engine_of(engine).release(static_cast<uint64_t>(id));
+    engine->json.erase(id);  // engine_of has checked it is not NULL
+    engine->trace.erase(id);
+    return 0;
+  });
+}
+
+int dspark_set_max_batch(dspark_engine* engine, int max_batch) {
+  return guarded<int>(-1, [&]() -> int {
+    engine_of(engine).set_max_batch(max_batch);
+    return 0;
+  });
+}
+
+int dspark_num_draft_tokens(dspark_engine* engine) {
+  return guarded<int>(0, [&]() -> int { return engine_of(engine).num_draft_tokens(); });
 }
 
 size_t dspark_results_count(const dspark_results* r) { return r ? r->results.size() : 0; }

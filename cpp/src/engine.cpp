@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <map>
 #include <set>
 
 #include "bundle.hpp"
@@ -50,13 +51,13 @@ struct Engine::Impl {
   std::unique_ptr<Proposer> proposer;
   int max_batch = 1;
   std::vector<Sequence*> running;
-  std::function<void(size_t, const std::string&)> on_text;
-  bool trace = false;
-  Clock::time_point started;
+  std::deque<Sequence*> waiting;
+  std::map<uint64_t, std::unique_ptr<Sequence>> sequences;  // every submitted request until released
+  uint64_t next_id = 1;
 
   int k() const { return proposer ? proposer->k : 0; }
 
-  void admit(std::deque<Sequence*>& waiting) {
+  void admit() {
     std::vector<Sequence*> fresh;
     while (!waiting.empty() && running.size() + fresh.size() < static_cast<size_t>(max_batch)) {
       fresh.push_back(waiting.front());
@@ -127,7 +128,7 @@ struct Engine::Impl {
       res.verified.push_back(lengths[r]);
       res.accepted.push_back(accepted[r]);
       std::vector<int64_t> committed = emit(s, emitted[r]);
-      if (trace) {
+      if (s.trace) {
         TraceRound row;
         row.round = static_cast<int>(res.accepted.size());
         row.position = anchors[r];
@@ -151,7 +152,7 @@ struct Engine::Impl {
       res.generated.push_back(t);
       committed.push_back(t);
       if (res.time_to_first_token_ms < 0)
-        res.time_to_first_token_ms = std::chrono::duration<double, std::milli>(Clock::now() - started).count();
+        res.time_to_first_token_ms = std::chrono::duration<double, std::milli>(Clock::now() - s.submitted).count();
       if (eos.count(t) && !s.request.ignore_eos) res.finish_reason = "stop";
       else if (static_cast<int>(res.generated.size()) >= s.request.max_new_tokens ||
                static_cast<int>(s.tokens.size()) >= bundle.max_context)
@@ -164,8 +165,14 @@ struct Engine::Impl {
     std::string delta = s.stream.update(text_ids, s.done());
     if (s.stream.stopped && !s.done()) res.finish_reason = "stop";
     res.text = s.stream.text;
-    if (on_text && !delta.empty()) on_text(s.index, delta);
+    if (s.on_text && !delta.empty()) s.on_text(delta);
     return committed;
+  }
+
+  // requests the caller released while they held a row: gone once their row is
+  void forget_released() {
+    for (auto it = sequences.begin(); it != sequences.end();)
+      it = it->second->released && it->second->done() ? sequences.erase(it) : std::next(it);
   }
 
   void retire() {
@@ -176,7 +183,7 @@ struct Engine::Impl {
         keep.push_back(static_cast<int>(r));
         still.push_back(running[r]);
       } else {
-        running[r]->result.elapsed_s = std::chrono::duration<double>(Clock::now() - started).count();
+        running[r]->result.elapsed_s = std::chrono::duration<double>(Clock::now() - running[r]->submitted).count();
       }
     if (still.size() == running.size()) return;
     running = still;
@@ -195,49 +202,98 @@ int Engine::num_draft_tokens() const { return impl_->k(); }
 int Engine::max_context() const { return impl_->bundle.max_context; }
 std::string Engine::draft_method() const { return impl_->proposer ? impl_->bundle.draft_method : ""; }
 
-std::vector<Result> Engine::generate(const std::vector<Request>& requests, bool trace,
-                                     const std::function<void(size_t, const std::string&)>& on_text) {
+uint64_t Engine::submit(const Request& r, bool trace, std::function<void(const std::string&)> on_text) {
   Impl& m = *impl_;
-  // check every request before any runs: nothing is half-done when one is refused
-  for (size_t i = 0; i < requests.size(); ++i) {
-    const Request& r = requests[i];
-    if (r.prompt_ids.empty()) throw Error("the prompt is empty; give at least one token of text");
-    if (static_cast<int64_t>(r.prompt_ids.size()) + 1 > m.bundle.max_context)
-      throw Error("the prompt has " + std::to_string(r.prompt_ids.size()) + " tokens but the bundle's max context is " +
-                  std::to_string(m.bundle.max_context) + "; shorten the prompt or re-export with a larger --max-context");
-    for (int64_t id : r.prompt_ids)
-      if (id < 0 || id >= m.target->vocab)
-        throw Error("prompt token id " + std::to_string(id) + " is outside the vocabulary (0.." +
-                    std::to_string(m.target->vocab - 1) + ")");
-    if (r.max_new_tokens < 1) throw Error("max-new-tokens must be at least 1, got " + std::to_string(r.max_new_tokens));
-    r.sampling.check();
-  }
-  std::vector<std::unique_ptr<Sequence>> seqs;
-  std::deque<Sequence*> waiting;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    seqs.push_back(std::make_unique<Sequence>(requests[i], *m.tokenizer, i));
-    waiting.push_back(seqs.back().get());
-  }
-  m.on_text = on_text;
-  m.trace = trace;
-  m.started = Clock::now();
+  if (r.prompt_ids.empty()) throw Error("the prompt is empty; give at least one token of text");
+  if (static_cast<int64_t>(r.prompt_ids.size()) + 1 > m.bundle.max_context)
+    throw Error("the prompt has " + std::to_string(r.prompt_ids.size()) + " tokens but the bundle's max context is " +
+                std::to_string(m.bundle.max_context) + "; shorten the prompt or re-export with a larger --max-context");
+  for (int64_t id : r.prompt_ids)
+    if (id < 0 || id >= m.target->vocab)
+      throw Error("prompt token id " + std::to_string(id) + " is outside the vocabulary (0.." +
+                  std::to_string(m.target->vocab - 1) + ")");
+  if (r.max_new_tokens < 1) throw Error("max-new-tokens must be at least 1, got " + std::to_string(r.max_new_tokens));
+  r.sampling.check();
+  uint64_t id = m.next_id++;
+  auto seq = std::make_unique<Sequence>(r, *m.tokenizer, trace, std::move(on_text));
+  m.waiting.push_back(seq.get());
+  m.sequences[id] = std::move(seq);
+  return id;
+}
+
+std::vector<uint64_t> Engine::step() {
+  Impl& m = *impl_;
+  std::vector<uint64_t> finished;
   try {
-    while (!waiting.empty() || !m.running.empty()) {
-      m.admit(waiting);
-      bool live = false;
-      for (auto* s : m.running) live = live || !s->done();
-      if (live) m.round();
-      m.retire();
-    }
+    m.admit();
+    bool live = false;
+    for (auto* s : m.running) live = live || !s->done();
+    if (live) m.round();
+    m.retire();
   } catch (...) {
-    // leave the engine usable: drop every row of this call
+    // leave the engine usable: the rows of this step end with an error, their caches are dropped
+    for (auto* s : m.running)
+      if (!s->done()) s->result.finish_reason = "error";
     m.running.clear();
     m.cache.keep_rows({});
     if (m.proposer) m.proposer->keep({});
+    m.forget_released();
+    throw;
+  }
+  m.forget_released();
+  for (auto& [id, s] : m.sequences)
+    if (s->done() && !s->reported) {
+      s->reported = true;
+      finished.push_back(id);
+    }
+  return finished;
+}
+
+bool Engine::has_work() const { return !impl_->waiting.empty() || !impl_->running.empty(); }
+
+const Result& Engine::result(uint64_t id) const {
+  auto it = impl_->sequences.find(id);
+  if (it == impl_->sequences.end()) throw Error("no request with id " + std::to_string(id));
+  return it->second->result;
+}
+
+void Engine::release(uint64_t id) {
+  Impl& m = *impl_;
+  auto it = m.sequences.find(id);
+  if (it == m.sequences.end()) return;
+  Sequence* s = it->second.get();
+  if (!s->done()) s->result.finish_reason = "cancelled";  // a running row is dropped at the next step
+  m.waiting.erase(std::remove(m.waiting.begin(), m.waiting.end(), s), m.waiting.end());
+  bool in_use = std::find(m.running.begin(), m.running.end(), s) != m.running.end();
+  if (!in_use) m.sequences.erase(it);
+  else s->released = true;
+}
+
+void Engine::set_max_batch(int max_batch) {
+  if (max_batch < 1) throw Error("max-batch must be at least 1, got " + std::to_string(max_batch));
+  impl_->max_batch = std::min(max_batch, impl_->bundle.max_batch);
+}
+
+std::vector<Result> Engine::generate(const std::vector<Request>& requests, bool trace,
+                                     const std::function<void(size_t, const std::string&)>& on_text) {
+  if (has_work()) throw Error("the engine is running other requests; use submit/step alongside them");
+  std::vector<uint64_t> ids;
+  try {
+    for (size_t i = 0; i < requests.size(); ++i)  // every request is checked before any runs
+      ids.push_back(submit(requests[i], trace, on_text ? std::function<void(const std::string&)>(
+                                                             [&on_text, i](const std::string& d) { on_text(i, d); })
+                                                       : nullptr));
+    while (has_work()) step();
+  } catch (...) {
+    for (uint64_t id : ids) release(id);
+    impl_->waiting.clear();
     throw;
   }
   std::vector<Result> results;
-  for (auto& s : seqs) results.push_back(std::move(s->result));
+  for (uint64_t id : ids) {
+    results.push_back(result(id));
+    release(id);
+  }
   return results;
 }
 

@@ -1,6 +1,8 @@
 // A request's state while it runs (dspark/runtime/generate.py's Sequence), shared by the loop and the proposers.
 #pragma once
 
+#include <chrono>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -11,14 +13,19 @@
 namespace dspark {
 
 struct Sequence {
-  Sequence(const Request& r, const Tokenizer& tok, size_t index)
-      : request(r), rng(r.seed), tokens(r.prompt_ids), stream(tok, r.stop), index(index) {}
+  Sequence(const Request& r, const Tokenizer& tok, bool trace, std::function<void(const std::string&)> on_text)
+      : request(r), rng(r.seed), tokens(r.prompt_ids), stream(tok, r.stop), trace(trace), on_text(std::move(on_text)),
+        submitted(std::chrono::steady_clock::now()) {}
   Request request;
   Rng rng;
   std::vector<int64_t> tokens;  // prompt + committed output
   TextStream stream;
-  size_t index;  // position in the caller's request list
+  bool trace;
+  std::function<void(const std::string&)> on_text;
+  std::chrono::steady_clock::time_point submitted;
   Result result;
+  bool reported = false;  // step() has returned it as finished
+  bool released = false;  // the caller let go of it while it still held a row
   bool done() const { return !result.finish_reason.empty(); }
 };
 

@@ -65,6 +65,19 @@ void dspark_tokenizer_close(dspark_tokenizer* tokenizer);
 /* run `count` requests to completion (continuously batched); NULL on error */
 dspark_results* dspark_generate(dspark_engine* engine, const dspark_request* requests, size_t count, int trace,
                                 dspark_text_callback on_text, void* user);
+/* The same engine step by step (a server or a closed loop): submit queues a request and returns its id (-1 on
+ * error); step admits waiting requests, runs one speculative round and returns how many requests finished (-1 on
+ * error); a request's tokens, JSON and trace stay readable until dspark_release, which also cancels it. */
+int64_t dspark_submit(dspark_engine* engine, const dspark_request* request, int trace);
+int dspark_step(dspark_engine* engine);
+int dspark_has_work(dspark_engine* engine);
+const int64_t* dspark_request_tokens(dspark_engine* engine, int64_t id, size_t* count, int* done); /* NULL: no id */
+const char* dspark_request_json(dspark_engine* engine, int64_t id);  /* valid until the next call for this id */
+const char* dspark_request_trace(dspark_engine* engine, int64_t id);
+void dspark_release(dspark_engine* engine, int64_t id);
+int dspark_set_max_batch(dspark_engine* engine, int max_batch);  /* 0 ok, -1 on error */
+int dspark_num_draft_tokens(dspark_engine* engine);              /* 0: plain decoding */
+
 size_t dspark_results_count(const dspark_results* results);
 const int64_t* dspark_results_tokens(const dspark_results* results, size_t index, size_t* count);
 const char* dspark_results_text(const dspark_results* results, size_t index);

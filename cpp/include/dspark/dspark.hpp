@@ -66,7 +66,7 @@ struct TraceRound {
 struct Result {
   std::vector<int64_t> generated;
   std::string text;
-  std::string finish_reason;  // "stop" or "length"
+  std::string finish_reason;  // "stop", "length"; "cancelled" or "error" for requests cut short
   std::vector<int> drafted, verified, accepted;  // per round
   std::vector<TraceRound> trace;                 // when tracing
   double elapsed_s = 0, time_to_first_token_ms = -1;
@@ -94,6 +94,17 @@ class Engine {
   // on_text(i, delta) streams request i's text as it becomes safe to show.
   std::vector<Result> generate(const std::vector<Request>& requests, bool trace = false,
                                const std::function<void(size_t, const std::string&)>& on_text = nullptr);
+
+  // The same engine step by step, for servers and closed loops: submit queues a request (checked now; throws
+  // Error) and returns its id; step admits waiting requests into free rows, runs one speculative round and
+  // returns the ids that finished; result(id) is valid until release(id), which also cancels a running request.
+  uint64_t submit(const Request& request, bool trace = false,
+                  std::function<void(const std::string&)> on_text = nullptr);
+  std::vector<uint64_t> step();
+  bool has_work() const;
+  const Result& result(uint64_t id) const;  // tokens so far while running
+  void release(uint64_t id);
+  void set_max_batch(int max_batch);  // capped at the bundle's
 
   int num_draft_tokens() const;  // 0 for plain decoding
   int max_context() const;
