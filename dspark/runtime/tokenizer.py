@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
@@ -28,6 +29,49 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.fast.decode(ids, skip_special_tokens=True)
+
+
+class ChatTemplate:
+    """The bundle's chat template (Jinja, sandboxed, as transformers renders it): messages -> prompt ids."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise DsparkError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
+        self.tokenizer = tokenizer
+        self.template = env.from_string(source)
+
+    @classmethod
+    def load(cls, tokenizer: Tokenizer, source: str | None = None) -> "ChatTemplate | None":
+        """``source``, else the tokenizer config's template (the default of transformers' named ones), else None."""
+        if source is None:
+            source = tokenizer.config.get("chat_template")
+            if isinstance(source, list):  # transformers' named templates: [{"name": ..., "template": ...}]
+                named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+                source = named.get("default") or next(iter(named.values()), None)
+        return cls(tokenizer, source) if isinstance(source, str) and source else None
+
+    def ids(self, messages: list[dict]) -> list[int]:
+        config = self.tokenizer.config
+        try:
+            text = self.template.render(messages=messages, add_generation_prompt=True,
+                                        bos_token=_token_text(config.get("bos_token")),
+                                        eos_token=_token_text(config.get("eos_token")))
+        except DsparkError:
+            raise
+        except Exception as e:
+            raise DsparkError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+        return self.tokenizer.fast.encode(text, add_special_tokens=False).ids  # the template writes the specials
+
+
+def _token_text(value) -> str:
+    if isinstance(value, dict):  # an AddedToken written out by transformers
+        return value.get("content", "")
+    return value if isinstance(value, str) else ""
 
 
 class TextStream:

@@ -35,7 +35,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from dspark.errors import DsparkError
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams
-from dspark.runtime.tokenizer import check_prompt
+from dspark.runtime.tokenizer import ChatTemplate, check_prompt
 from dspark.serve.engine import Engine, EngineStopped, Handle, QueueFull
 from dspark.serve.metrics import CONTENT_TYPE, ServerMetrics
 from dspark.serve.protocol import (APIError, ChatChunk, ChatRequest, ChatResponse, CommonRequest, CompletionChunk,
@@ -78,35 +78,6 @@ class HTTPMetrics:
         finally:
             self.metrics.http_requests.labels(method=method, route=route, status=str(status[0])).inc()
             self.metrics.http_duration.labels(method=method, route=route).observe(time.perf_counter() - start)
-
-
-def load_chat_template(generator: Generator, chat_template: str | None) -> str | None:
-    if chat_template is not None:
-        return chat_template
-    template = generator.tokenizer.config.get("chat_template")
-    if isinstance(template, list):  # transformers' named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) and template else None
-
-
-def compile_template(source: str | None):
-    if source is None:
-        return None
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise APIError(400, f"the chat template refused the messages: {message}", param="messages")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
-    return env.from_string(source)
-
-
-def _token_text(value) -> str:
-    if isinstance(value, dict):  # an AddedToken written out by transformers
-        return value.get("content", "")
-    return value if isinstance(value, str) else ""
 
 
 def _json(obj) -> str:
@@ -182,18 +153,11 @@ class Api:
         return await asyncio.to_thread(self._render_chat, req)
 
     def _render_chat(self, req: ChatRequest) -> list[int]:
-        config = self.generator.tokenizer.config
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
         try:
-            text = self.template.render(messages=messages, add_generation_prompt=True,
-                                        bos_token=_token_text(config.get("bos_token")),
-                                        eos_token=_token_text(config.get("eos_token")))
-        except APIError:
-            raise
-        except Exception as e:
-            raise APIError(400, f"the chat template failed on these messages: {type(e).__name__}: {e}",
-                           param="messages") from None
-        return self.generator.tokenizer.fast.encode(text, add_special_tokens=False).ids  # the template writes specials
+            return self.template.ids(messages)
+        except DsparkError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     def build_request(self, req: CommonRequest, ids: list[int], prompt_param: str, max_tokens: int | None,
                       default_max_tokens: int) -> Request:
@@ -375,7 +339,7 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
     metrics = ServerMetrics(generator, model_name)
     engine = Engine(generator, max_queue=max_queue, on_finish=metrics.request_finished)
     max_context = generator.bundle.limits["max_context"]
-    api = Api(generator, engine, model_name, api_key, compile_template(load_chat_template(generator, chat_template)),
+    api = Api(generator, engine, model_name, api_key, ChatTemplate.load(generator.tokenizer, chat_template),
               max_request_bytes or default_request_bytes(max_context))
 
     @contextlib.asynccontextmanager
