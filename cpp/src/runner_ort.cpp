@@ -3,6 +3,8 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <cstring>
+#include <map>
+#include <tuple>
 #include <thread>
 
 #include "runner.hpp"
@@ -87,23 +89,15 @@ class OrtRunner : public GraphRunner {
   }
 
   Feeds run(const Feeds& feeds, const Feeds& bound) override {
-    binding_->ClearBoundInputs();
-    binding_->ClearBoundOutputs();
-    inputs_.clear();
     for (const auto& in : spec_.inputs) {
       auto it = feeds.find(in.name);
       if (it == feeds.end()) throw Error("internal: no feed for graph input " + in.name);
-      inputs_.push_back(wrap(it->second));
-      binding_->BindInput(in.name.c_str(), inputs_.back());
+      bind(in.name, it->second, false);
     }
     for (const auto& out : spec_.outputs) {
       auto it = bound.find(out.name);
-      if (it != bound.end()) {
-        inputs_.push_back(wrap(it->second));
-        binding_->BindOutput(out.name.c_str(), inputs_.back());
-      } else {
-        binding_->BindOutput(out.name.c_str(), memory_);
-      }
+      if (it != bound.end()) bind(out.name, it->second, true);
+      else binding_->BindOutput(out.name.c_str(), memory_);  // ONNX Runtime allocates it at this call's shape
     }
     try {
       session_->Run(Ort::RunOptions{nullptr}, *binding_);
@@ -126,16 +120,25 @@ class OrtRunner : public GraphRunner {
   }
 
  private:
-  Ort::Value wrap(const TensorView& t) {
-    return Ort::Value::CreateTensor(memory_, t.data, t.count() * dtype_size(t.dtype), t.shape.data(), t.shape.size(),
-                                    ort_type(t.dtype));
+  // Bind caller memory to a name; skipped when the same memory and shape are bound already (the KV cache slices
+  // of every layer stay bound across calls until the cache grows or changes rows).
+  void bind(const std::string& name, const TensorView& t, bool output) {
+    auto key = std::make_tuple(t.data, t.shape, t.dtype);
+    auto it = bound_.find(name);
+    if (it != bound_.end() && it->second.first == key) return;
+    Ort::Value value = Ort::Value::CreateTensor(memory_, t.data, t.count() * dtype_size(t.dtype), t.shape.data(),
+                                                t.shape.size(), ort_type(t.dtype));
+    if (output) binding_->BindOutput(name.c_str(), value);
+    else binding_->BindInput(name.c_str(), value);
+    bound_.insert_or_assign(name, std::make_pair(key, std::move(value)));
   }
 
   const GraphSpec& spec_;
   Ort::MemoryInfo memory_;
   std::unique_ptr<Ort::Session> session_;
   std::unique_ptr<Ort::IoBinding> binding_;
-  std::vector<Ort::Value> inputs_, outputs_;
+  std::map<std::string, std::pair<std::tuple<void*, std::vector<int64_t>, DType>, Ort::Value>> bound_;
+  std::vector<Ort::Value> outputs_;
 };
 
 }  // namespace
