@@ -32,8 +32,12 @@ if [ ! -f "$DEST/include/onnxruntime_cxx_api.h" ]; then
   O=(-o Dir::Etc::SourceList="$W"/sources.list -o Dir::Etc::SourceParts="$W"/parts
      -o Dir::State::Lists="$W"/lists -o Dir::Cache="$W"/cache -o APT::Sandbox::User="$(id -un)"
      -o Debug::NoLocking=1)
-  apt-get "${O[@]}" update -qq
-  (cd "$W" && apt-get "${O[@]}" download libonnxruntime-dev >/dev/null)
+  if ! apt-get "${O[@]}" update -qq || ! (cd "$W" && apt-get "${O[@]}" download libonnxruntime-dev >/dev/null); then
+    echo "error: could not fetch libonnxruntime-dev from Debian ${SUITE} at ${URI} (no network, or no Debian archive" \
+         "keyring on this machine: apt-get install debian-archive-keyring); or copy onnxruntime_c_api.h and" \
+         "onnxruntime_cxx_api.h (ONNX Runtime >= 1.21) into $DEST/include" >&2
+    exit 2
+  fi
   dpkg-deb -x "$W"/libonnxruntime-dev_*.deb "$W"/out
   cp -r "$W"/out/usr/include/onnxruntime/. "$DEST/include/"
   cp "$W"/out/usr/share/doc/libonnxruntime-dev/copyright "$DEST/include/COPYRIGHT.debian" 2>/dev/null || true
