@@ -121,6 +121,18 @@ def our_decode(ours: Ours, prompt_ids: list[int], tokens: int) -> float:
     return (tokens - 1) / (timed(tokens) - timed(1))
 
 
+def their_perplexity(theirs: Theirs, ids: list[int]) -> float:
+    """Their graph on the held-out text our export scores itself on (one call, empty past)."""
+    from dspark.export.quality import _nll
+
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for layer in range(theirs.layers):
+        for names in ("past_key_names", "past_value_names"):
+            feeds[theirs.names[names] % layer] = np.zeros((1, theirs.heads, 0, theirs.dim), np.float32)
+    logits = theirs.session.run(["logits"], feeds)[0][0]
+    return float(np.exp(_nll(logits[:-1], np.array(ids[1:])) / (len(ids) - 1)))
+
+
 def their_decode(folder: Path, prompt_ids: list[int], tokens: int, model=None) -> float:
     import onnxruntime_genai as og
 
@@ -182,7 +194,13 @@ def main() -> None:
                     decode[who].append(their_decode(genai_dir, prompt_ids, args.new_tokens, model))
         del model
         rates = {who: statistics.median(v) for who, v in decode.items()}
+        from dspark.export.quality import heldout_text
+
+        quality = ours.generator.bundle.manifest.get("quality")
+        heldout = ours.generator.tokenizer.encode(heldout_text()[0])[: quality["tokens"] if quality else 1024]
         entry = {
+            "perplexity": {"ours": quality["perplexity"] if quality else None,
+                           "theirs": their_perplexity(theirs, heldout)},
             "t_ms": costs,
             "t_ratio": {who: {n: costs[who][n] / costs[who][1] for n in WIDTHS} for who in costs},
             "decode_tok_s": rates,
@@ -229,6 +247,7 @@ def print_pair(label: str, entry: dict) -> None:
     for who in ("ours", "theirs"):
         cells = "".join(f"{entry['t_ms'][who][n]:9.2f} ({entry['t_ratio'][who][n]:4.2f})" for n in WIDTHS)
         print(f"  {who:6s}{cells}")
+    print(f"  held-out perplexity: ours {entry['perplexity']['ours']}, theirs {entry['perplexity']['theirs']:.4f}")
     rates = entry["decode_tok_s"]
     print(f"  plain decode tok/s: ours {rates['ours']:.1f}, theirs {rates['theirs']:.1f} "
           f"({rates['ours'] / rates['theirs']:.2f}x); host per plain step {entry['host_ms_per_plain_step']:.2f} ms")
