@@ -65,24 +65,30 @@ class Ours:
 
 
 class Theirs:
-    """onnxruntime-genai's decoder graph, called directly: input_ids, attention_mask, past K/V in, present out."""
+    """onnxruntime-genai's decoder graph called directly, the way its runtime calls it on CPU
+    (``past_present_share_buffer``): each layer's past and present bound to one buffer, updated in place."""
 
     def __init__(self, folder: Path, threads: int, context: int, profile: bool = False):
-        config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        self.file = folder / config["filename"]
+        genai = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.file = folder / genai["filename"]
         self.session = session(self.file, threads, profile)
-        self.layers, self.heads, self.dim = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
+        self.layers, self.heads, self.dim = genai["num_hidden_layers"], genai["num_key_value_heads"], genai["head_size"]
         self.context = context
-        self.names = config["inputs"]
+        self.names = genai["inputs"]
         self.binding = self.session.io_binding()
         rng = np.random.default_rng(0)
-        self.past = [rng.standard_normal((1, self.heads, context, self.dim)).astype(np.float32) for _ in range(2 * self.layers)]
-        inputs = {i.name for i in self.session.get_inputs()}
+        capacity = context + max(WIDTHS)
+        self.past = [rng.standard_normal((1, self.heads, capacity, self.dim)).astype(np.float32)
+                     for _ in range(2 * self.layers)]
+        outputs = genai["outputs"]
         for layer in range(self.layers):
-            self.binding.bind_cpu_input(self.names["past_key_names"] % layer, self.past[2 * layer])
-            self.binding.bind_cpu_input(self.names["past_value_names"] % layer, self.past[2 * layer + 1])
-        self.has_positions = "position_ids" in inputs
-        self.outputs = [o.name for o in self.session.get_outputs()]
+            for i, kind in ((2 * layer, "key"), (2 * layer + 1, "value")):
+                buffer = self.past[i]
+                self.binding.bind_input(self.names[f"past_{kind}_names"] % layer, "cpu", 0, np.float32, buffer.shape,
+                                        buffer.ctypes.data)
+                self.binding.bind_output(outputs[f"present_{kind}_names"] % layer, "cpu", 0, np.float32, buffer.shape,
+                                         buffer.ctypes.data)
+        self.has_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
 
     def call(self, n: int) -> None:
         total = self.context + n
@@ -90,8 +96,7 @@ class Theirs:
         self.binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if self.has_positions:
             self.binding.bind_cpu_input("position_ids", np.arange(self.context, total, dtype=np.int64)[None])
-        for name in self.outputs:  # ONNX Runtime allocates each (shape-changing) output
-            self.binding.bind_output(name, "cpu")
+        self.binding.bind_output("logits", "cpu")  # ONNX Runtime allocates it (its shape changes with n)
         self.session.run_with_iobinding(self.binding)
 
 
@@ -236,8 +241,8 @@ def _call_ours(sess: ort.InferenceSession, context: int) -> None:
 def _call_theirs(sess: ort.InferenceSession, theirs: Theirs) -> None:
     feeds = {"input_ids": np.full((1, 1), 7, np.int64), "attention_mask": np.ones((1, theirs.context + 1), np.int64)}
     for layer in range(theirs.layers):
-        feeds[theirs.names["past_key_names"] % layer] = theirs.past[2 * layer]
-        feeds[theirs.names["past_value_names"] % layer] = theirs.past[2 * layer + 1]
+        for i, names in ((2 * layer, "past_key_names"), (2 * layer + 1, "past_value_names")):
+            feeds[theirs.names[names] % layer] = np.ascontiguousarray(theirs.past[i][:, :, : theirs.context])
     sess.run(["logits"], feeds)
 
 
