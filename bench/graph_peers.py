@@ -65,24 +65,30 @@ class Ours:
 
 
 class Theirs:
-    """onnxruntime-genai's decoder graph, called directly: input_ids, attention_mask, past K/V in, present out."""
+    """onnxruntime-genai's decoder graph called directly, the way its runtime calls it on CPU
+    (``past_present_share_buffer``): each layer's past and present bound to one buffer, updated in place."""
 
     def __init__(self, folder: Path, threads: int, context: int, profile: bool = False):
-        config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        self.file = folder / config["filename"]
+        genai = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.file = folder / genai["filename"]
         self.session = session(self.file, threads, profile)
-        self.layers, self.heads, self.dim = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
+        self.layers, self.heads, self.dim = genai["num_hidden_layers"], genai["num_key_value_heads"], genai["head_size"]
         self.context = context
-        self.names = config["inputs"]
+        self.names = genai["inputs"]
         self.binding = self.session.io_binding()
         rng = np.random.default_rng(0)
-        self.past = [rng.standard_normal((1, self.heads, context, self.dim)).astype(np.float32) for _ in range(2 * self.layers)]
-        inputs = {i.name for i in self.session.get_inputs()}
+        capacity = context + max(WIDTHS)
+        self.past = [rng.standard_normal((1, self.heads, capacity, self.dim)).astype(np.float32)
+                     for _ in range(2 * self.layers)]
+        outputs = genai["outputs"]
         for layer in range(self.layers):
-            self.binding.bind_cpu_input(self.names["past_key_names"] % layer, self.past[2 * layer])
-            self.binding.bind_cpu_input(self.names["past_value_names"] % layer, self.past[2 * layer + 1])
-        self.has_positions = "position_ids" in inputs
-        self.outputs = [o.name for o in self.session.get_outputs()]
+            for i, kind in ((2 * layer, "key"), (2 * layer + 1, "value")):
+                buffer = self.past[i]
+                self.binding.bind_input(self.names[f"past_{kind}_names"] % layer, "cpu", 0, np.float32, buffer.shape,
+                                        buffer.ctypes.data)
+                self.binding.bind_output(outputs[f"present_{kind}_names"] % layer, "cpu", 0, np.float32, buffer.shape,
+                                         buffer.ctypes.data)
+        self.has_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
 
     def call(self, n: int) -> None:
         total = self.context + n
@@ -90,8 +96,7 @@ class Theirs:
         self.binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if self.has_positions:
             self.binding.bind_cpu_input("position_ids", np.arange(self.context, total, dtype=np.int64)[None])
-        for name in self.outputs:  # ONNX Runtime allocates each (shape-changing) output
-            self.binding.bind_output(name, "cpu")
+        self.binding.bind_output("logits", "cpu")  # ONNX Runtime allocates it (its shape changes with n)
         self.session.run_with_iobinding(self.binding)
 
 
@@ -119,6 +124,18 @@ def our_decode(ours: Ours, prompt_ids: list[int], tokens: int) -> float:
         return time.perf_counter() - t
 
     return (tokens - 1) / (timed(tokens) - timed(1))
+
+
+def their_perplexity(theirs: Theirs, ids: list[int]) -> float:
+    """Their graph on the held-out text our export scores itself on (one call, empty past)."""
+    from dspark.export.quality import _nll
+
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for layer in range(theirs.layers):
+        for names in ("past_key_names", "past_value_names"):
+            feeds[theirs.names[names] % layer] = np.zeros((1, theirs.heads, 0, theirs.dim), np.float32)
+    logits = theirs.session.run(["logits"], feeds)[0][0]
+    return float(np.exp(_nll(logits[:-1], np.array(ids[1:])) / (len(ids) - 1)))
 
 
 def their_decode(folder: Path, prompt_ids: list[int], tokens: int, model=None) -> float:
@@ -182,7 +199,13 @@ def main() -> None:
                     decode[who].append(their_decode(genai_dir, prompt_ids, args.new_tokens, model))
         del model
         rates = {who: statistics.median(v) for who, v in decode.items()}
+        from dspark.export.quality import heldout_text
+
+        quality = ours.generator.bundle.manifest.get("quality")
+        heldout = ours.generator.tokenizer.encode(heldout_text()[0])[: quality["tokens"] if quality else 1024]
         entry = {
+            "perplexity": {"ours": quality["perplexity"] if quality else None,
+                           "theirs": their_perplexity(theirs, heldout)},
             "t_ms": costs,
             "t_ratio": {who: {n: costs[who][n] / costs[who][1] for n in WIDTHS} for who in costs},
             "decode_tok_s": rates,
@@ -218,8 +241,8 @@ def _call_ours(sess: ort.InferenceSession, context: int) -> None:
 def _call_theirs(sess: ort.InferenceSession, theirs: Theirs) -> None:
     feeds = {"input_ids": np.full((1, 1), 7, np.int64), "attention_mask": np.ones((1, theirs.context + 1), np.int64)}
     for layer in range(theirs.layers):
-        feeds[theirs.names["past_key_names"] % layer] = theirs.past[2 * layer]
-        feeds[theirs.names["past_value_names"] % layer] = theirs.past[2 * layer + 1]
+        for i, names in ((2 * layer, "past_key_names"), (2 * layer + 1, "past_value_names")):
+            feeds[theirs.names[names] % layer] = np.ascontiguousarray(theirs.past[i][:, :, : theirs.context])
     sess.run(["logits"], feeds)
 
 
@@ -229,6 +252,7 @@ def print_pair(label: str, entry: dict) -> None:
     for who in ("ours", "theirs"):
         cells = "".join(f"{entry['t_ms'][who][n]:9.2f} ({entry['t_ratio'][who][n]:4.2f})" for n in WIDTHS)
         print(f"  {who:6s}{cells}")
+    print(f"  held-out perplexity: ours {entry['perplexity']['ours']}, theirs {entry['perplexity']['theirs']:.4f}")
     rates = entry["decode_tok_s"]
     print(f"  plain decode tok/s: ours {rates['ours']:.1f}, theirs {rates['theirs']:.1f} "
           f"({rates['ours'] / rates['theirs']:.2f}x); host per plain step {entry['host_ms_per_plain_step']:.2f} ms")

@@ -36,25 +36,34 @@ def checkpoint_digest(*folders: Path) -> str:
 SMOLLM2_DRAFT_TOKENS = 4
 
 
-def smollm2_bundle(log=print) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 target with its int4 copy as draft, exported into the cache once."""
-    from dspark.export.bundle import ExportOptions, export_bundle
-    from dspark.models import fetch_model
+def cached_export(name: str, what: str, target: Path, draft: Path, options, log) -> Path:
+    """The bundle ``name`` in the cache, exported from ``target`` and ``draft`` the first time it is asked for."""
+    from dspark.export.bundle import export_bundle
 
-    gguf = fetch_model("smollm2", log=log)
-    out = cache_root() / f"demo-smollm2-{sha256_file(gguf)[:16]}-{__version__}"
+    out = cache_root() / name
     if (out / MANIFEST).is_file():
         log(f"bundle: {out} (cached)")
         return out
-    log(f"exporting SmolLM2-135M-Instruct (fp32 target, int4 draft) to {out} (once; later runs reuse it)")
-    export_bundle(gguf, out, gguf, ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128,
-                                                 num_draft_tokens=SMOLLM2_DRAFT_TOKENS, draft_quantize="int4"))
+    log(f"exporting {what} to {out} (once; later runs reuse it)")
+    export_bundle(target, out, draft, options)
     return out
+
+
+def smollm2_bundle(log=print) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 target with its int4 copy as draft, exported into the cache once."""
+    from dspark.export.bundle import ExportOptions
+    from dspark.models import fetch_model
+
+    gguf = fetch_model("smollm2", log=log)
+    options = ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128, num_draft_tokens=SMOLLM2_DRAFT_TOKENS,
+                            draft_quantize="int4")
+    return cached_export(f"demo-smollm2-{sha256_file(gguf)[:16]}-{__version__}",
+                         "SmolLM2-135M-Instruct (fp32 target, int4 draft)", gguf, gguf, options, log)
 
 
 def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) -> Path:
     """Export the shipped target and ``draft`` into the cache unless an up-to-date bundle is there."""
-    from dspark.export.bundle import ExportOptions, export_bundle
+    from dspark.export.bundle import ExportOptions
 
     if draft not in DRAFTS:
         raise DsparkError(f"unknown demo draft {draft!r}; choose one of {', '.join(DRAFTS)}")
@@ -63,14 +72,9 @@ def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) 
     for folder in (target_dir, draft_dir):
         if not (folder / "config.json").is_file():
             raise DsparkError(f"the shipped model {folder} is missing; run dspark demo from a full checkout of the repository")
-    out = cache_root() / f"demo-{draft}-{checkpoint_digest(target_dir, draft_dir)}-{__version__}"
-    if (out / MANIFEST).is_file():
-        log(f"bundle: {out} (cached)")
-        return out
-    log(f"exporting the shipped pair to {out} (once; later runs reuse it)")
-    export_bundle(target_dir, out, draft_dir, ExportOptions(max_batch=4, max_context=1024, prefill_chunk=128,
-                                                            num_draft_tokens=4))
-    return out
+    options = ExportOptions(max_batch=4, max_context=1024, prefill_chunk=128, num_draft_tokens=4)
+    return cached_export(f"demo-{draft}-{checkpoint_digest(target_dir, draft_dir)}-{__version__}", "the shipped pair",
+                         target_dir, draft_dir, options, log)
 
 
 def run_demo(prompt: str | None = None, model: str = "smollm2", draft: str = "dspark", max_new_tokens: int = 128,

@@ -56,10 +56,13 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    @property
+    def np_float(self):
+        return np.float16 if self.float_type == TensorProto.FLOAT16 else np.float32
+
     def weight(self, name: str, tensor: torch.Tensor) -> str:
         """A float weight in the graph's dtype."""
-        dtype = np.float16 if self.float_type == TensorProto.FLOAT16 else np.float32
-        return self.const(name, tensor.detach().float().numpy().astype(dtype))
+        return self.const(name, tensor.detach().float().numpy().astype(self.np_float))
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
         names = [self.name(op_type.lower()) for _ in range(outputs)] if isinstance(outputs, int) else outputs
@@ -77,8 +80,6 @@ class _Lowering:
         dtype = model.lm_head.weight.dtype
         if dtype not in TORCH_TO_ONNX:
             raise DsparkError(f"the ONNX Runtime graph flavour supports fp32 and fp16 weights, not {dtype}")
-        if quantize is not None and quantize not in QUANT_BITS:
-            raise DsparkError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANT_BITS)}")
         if self.c.head_dim % 16:
             raise DsparkError(f"the ONNX Runtime graph flavour needs a head size that is a multiple of 16 "
                               f"(GroupQueryAttention); this model's is {self.c.head_dim}: export with --runtime tensorrt")
@@ -93,7 +94,7 @@ class _Lowering:
         out_features, in_features = weight.shape
         if self.quantize and in_features % QUANT_BLOCK == 0:
             packed, scales, zero_points = quantize_blocks(weight, QUANT_BITS[self.quantize])
-            inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(self._np_float())),
+            inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(g.np_float)),
                       g.const(name + ".zero_points", zero_points)]
             if bias is not None:
                 inputs += ["", g.weight(name + ".bias", bias)]
@@ -101,9 +102,6 @@ class _Lowering:
                          bits=QUANT_BITS[self.quantize], block_size=QUANT_BLOCK, accuracy_level=QUANT_ACCURACY)
         y = g.op1("MatMul", [x, g.weight(name + ".weight_t", weight.T)])
         return g.op1("Add", [y, g.weight(name + ".bias", bias)]) if bias is not None else y
-
-    def _np_float(self):
-        return np.float16 if self.g.float_type == TensorProto.FLOAT16 else np.float32
 
     def rms(self, x: str, weight: torch.Tensor, name: str) -> str:
         return self.g.op1("SimplifiedLayerNormalization", [x, self.g.weight(name, weight)], axis=-1,
@@ -190,7 +188,7 @@ class _Lowering:
         if self.quantize and weight.shape[1] % QUANT_BLOCK == 0:
             data, scales, zero_points = quantize_gather_blocks(weight)
             return g.op1("GatherBlockQuantized", [g.const("embed_tokens.qweight", data), ids,
-                                                 g.const("embed_tokens.scales", scales.astype(self._np_float())),
+                                                 g.const("embed_tokens.scales", scales.astype(g.np_float)),
                                                  g.const("embed_tokens.zero_points", zero_points)],
                          domain="com.microsoft", bits=8, block_size=QUANT_BLOCK,
                          gather_axis=0, quantize_axis=1)

@@ -13,6 +13,11 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 
 
+# inputs up to this many elements (ids, lengths, positions) are copied into buffers bound once per shape, which
+# costs less than binding a new array every call
+STAGE_LIMIT = 4096
+
+
 class GraphRunner:
     """What the speculative loop needs from a graph backend."""
 
@@ -60,7 +65,8 @@ class OrtRunner(GraphRunner):
                          for kind in ("key", "value")]
         in_place = {out for _, out, _ in self.kv_pairs}
         self.result_specs = [o for o in self.spec["outputs"] if o["name"] not in in_place]
-        self.bound_cache: tuple | None = None
+        self.bound: dict[tuple[str, str], tuple] = {}  # (in|out, name) -> (address, shape, dtype) bound now
+        self.staged: dict[str, np.ndarray] = {}
         self.dim_sources: dict[str, tuple[str, int]] = {}
         for spec in self.spec["inputs"]:
             for axis, dim in enumerate(spec["shape"]):
@@ -83,31 +89,50 @@ class OrtRunner(GraphRunner):
             self.arenas[spec["name"]] = arena
         return arena[:size].reshape(shape)
 
+    def _bind(self, kind: str, name: str, array: np.ndarray) -> None:
+        """Bind ``array``'s memory to an input or output unless that exact binding is already in place."""
+        key = (array.ctypes.data, array.shape, array.dtype)
+        if self.bound.get((kind, name)) != key:
+            bind = self.binding.bind_input if kind == "in" else self.binding.bind_output
+            bind(name, "cpu", 0, array.dtype, array.shape, key[0])
+            self.bound[(kind, name)] = key
+
+    def _feed(self, name: str, array: np.ndarray) -> None:
+        """Small per-call inputs are copied into a buffer bound once per shape; large ones are bound where they are."""
+        if array.size > STAGE_LIMIT:
+            self._bind("in", name, np.ascontiguousarray(array))
+            return
+        staged = self.staged.get(name)
+        if staged is None or staged.shape != array.shape or staged.dtype != array.dtype:
+            staged = self.staged[name] = np.empty(array.shape, array.dtype)
+        np.copyto(staged, array)
+        self._bind("in", name, staged)
+
     def _bind_cache(self, cache) -> None:
-        """Bind each layer's K/V buffer as both past and present; only when the buffers moved or were reshaped."""
-        key = (cache.k.ctypes.data, cache.v.ctypes.data, cache.k.shape)
-        if key == self.bound_cache:
+        """Each layer's K/V buffer is both its past input and its present output; rebound only when the cache's
+        buffers moved or were reshaped (one check per call, not one per layer)."""
+        key = (cache.k.ctypes.data, cache.v.ctypes.data, cache.k.shape, cache.k.dtype)
+        if self.bound.get(("cache", "")) == key:
             return
         for past, present, kind in self.kv_pairs:
             layer = (cache.k if kind == "key" else cache.v)[int(past.rsplit(".", 1)[1])]
             self.binding.bind_input(past, "cpu", 0, layer.dtype, layer.shape, layer.ctypes.data)
             self.binding.bind_output(present, "cpu", 0, layer.dtype, layer.shape, layer.ctypes.data)
-        self.bound_cache = key
+        self.bound[("cache", "")] = key
 
     def run(self, feeds: dict[str, np.ndarray], cache=None) -> dict[str, np.ndarray]:
         """One call. ``cache`` (a KVCache) is required by graphs that update their KV buffers in place."""
         symbols = self._symbols(feeds, cache)
-        binding = self.binding
         for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            self._feed(name, array)
         if self.kv_pairs:
             self._bind_cache(cache)
         outputs = {}
         for spec in self.result_specs:
             out = self._output_buffer(spec, resolve_shape(spec["shape"], symbols))
-            binding.bind_output(spec["name"], "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+            self._bind("out", spec["name"], out)
             outputs[spec["name"]] = out
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(self.binding)
         return outputs
 
 
