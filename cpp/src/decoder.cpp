@@ -1,18 +1,28 @@
 #include "decoder.hpp"
 
 #include <algorithm>
+#include <cctype>
 
 namespace dspark {
 namespace {
 
-int64_t last_dim(const TensorSpec* t) { return t ? std::stoll(t->shape.back()) : 0; }
+// the fixed last dimension of an output (vocabulary, feature width), 0 when the graph has no such output
+int64_t last_dim(const GraphSpec& g, const char* name) {
+  const TensorSpec* t = g.output(name);
+  if (!t) return 0;
+  const std::string& d = t->shape.back();
+  if (d.empty() || !std::isdigit(static_cast<unsigned char>(d[0])))
+    throw Error("graph " + g.name + ": output " + name + " has no fixed last dimension; re-export the bundle");
+  return std::stoll(d);
+}
 
 // shared by both flavours: input ids, logits and tapped features of the last call
 class DecoderBase : public Decoder {
  public:
   DecoderBase(std::unique_ptr<GraphRunner> runner, const GraphSpec& spec) : runner_(std::move(runner)), spec_(spec) {
-    vocab = static_cast<int>(last_dim(spec.output("logits")));
-    hidden_width = static_cast<int>(last_dim(spec.output("hidden")));
+    vocab = static_cast<int>(last_dim(spec, "logits"));
+    if (vocab <= 0) throw Error("graph " + spec.name + " returns no logits; re-export the bundle");
+    hidden_width = static_cast<int>(last_dim(spec, "hidden"));
   }
   const float* logits(int row, int position) const override {
     return logits_ + (static_cast<size_t>(row) * logit_rows_ + (last_only_ ? 0 : position)) * vocab;
