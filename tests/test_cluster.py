@@ -239,3 +239,26 @@ def test_cli_refuses_bad_replica_options(qwen3_bundle, options, message):
     result = subprocess.run([sys.executable, "-m", "dspark.cli", "serve", str(qwen3_bundle), *options],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_kuberay_config_deploys_behind_rays_own_proxy(cluster, qwen3_bundle):
+    """examples/rayservice.yaml's application (import_path build_app, its args), deployed beside the other one."""
+    import yaml
+
+    from dspark.serve.cluster import HUB_NAMESPACE, build_app, hub_name
+
+    with pytest.raises(ValueError, match="bundle"):
+        build_app({"replicas": 1})
+    config = yaml.safe_load(yaml.safe_load(open("examples/rayservice.yaml"))["spec"]["serveConfigV2"])["applications"][0]
+    assert config["import_path"] == "dspark.serve.cluster:build_app"
+    args = dict(config["args"], bundle=str(qwen3_bundle), min_replicas=1, max_replicas=1, threads=1)
+    serve.run(build_app(args), name="kuberay", route_prefix="/kuberay")
+    try:
+        http = serve.context._get_global_client().http_config
+        with httpx.Client(base_url=f"http://127.0.0.1:{http.port}/kuberay", timeout=60) as c:
+            r = c.post("/v1/completions", json={"prompt": "w5 w6", "max_tokens": 5, "temperature": 0})
+            assert r.status_code == 200 and r.json()["model"] == "qwen3", r.text
+            assert 'replica="' in c.get("/metrics").text  # the replica made its own hub
+    finally:
+        serve.delete("kuberay")
+        ray.kill(ray.get_actor(hub_name("kuberay"), namespace=HUB_NAMESPACE))

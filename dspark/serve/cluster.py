@@ -152,10 +152,11 @@ class Collected:
 class Replica:
     """One engine behind the app of ``create_app``; Ray Serve calls ``check_health`` every few seconds."""
 
-    def __init__(self, bundle_dir: str, generator_options: dict, app_options: dict, app_name: str = APP_NAME):
+    def __init__(self, bundle_dir: str, generator_options: dict, app_options: dict):
         self.generator = Generator(bundle_dir, **generator_options)
-        self.app_options, self.hub_name = app_options, hub_name(app_name)
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.app_options, self.hub_name = app_options, hub_name(context.app_name)
+        self.replica = context.replica_id.unique_id
         self.stopping = False
 
     async def __serve_build_asgi_app__(self):
@@ -380,17 +381,54 @@ def replica_resources(threads: int, most_replicas: int) -> tuple[dict, int]:
     return {"num_cpus": cpus}, cpus
 
 
+def application(bundle_dir: str | Path, cluster: ClusterOptions, *, model_name: str | None = None,
+                api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64, scheduler: str = "fixed",
+                threshold: float = 0.5, num_draft_tokens: int | None = None, use_draft: bool = True, threads: int = 0,
+                chat_template: str | None = None, shutdown_timeout: float = 30.0, max_request_bytes: int | None = None):
+    """The Ray Serve application of ``cluster``'s replicas of ``bundle_dir`` (Ray must be initialized), and the
+    request body bound its replicas enforce."""
+    bundle = Bundle.open(bundle_dir, verify=False)  # each replica verifies the files when it opens the bundle
+    actor_options, threads = replica_resources(threads, cluster.most_replicas)
+    rows = min(max_batch or bundle.limits["max_batch"], bundle.limits["max_batch"])
+    max_request_bytes = max_request_bytes or default_request_bytes(bundle.limits["max_context"])
+    deployment = Replica.options(
+        name="Replica", ray_actor_options=actor_options,
+        # above the engine's own capacity, so a full replica answers its own 429 (with Retry-After) instead of
+        # requests piling up unseen in Ray's router
+        max_ongoing_requests=2 * (rows + max_queue),
+        health_check_period_s=2.0, health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=shutdown_timeout + 5.0, **cluster.scaling())
+    generator_options = dict(threads=threads, use_draft=use_draft, num_draft_tokens=num_draft_tokens,
+                             scheduler=scheduler, threshold=threshold, max_batch=max_batch)
+    app_options = dict(model_name=model_name or Path(bundle_dir).name, api_key=api_key, max_queue=max_queue,
+                       chat_template=chat_template, max_request_bytes=max_request_bytes)
+    return deployment.bind(str(Path(bundle_dir).resolve()), generator_options, app_options), max_request_bytes
+
+
+def build_app(args: dict):
+    """Ray Serve's application builder, for ``serve run``/``serve deploy`` configs and KubeRay's RayService:
+    ``import_path: dspark.serve.cluster:build_app`` with ``args`` holding ``bundle`` and any keyword of
+    ``application`` or ``ClusterOptions`` (``replicas``, ``min_replicas``, ``max_replicas``, ...)."""
+    args = dict(args)
+    if "bundle" not in args:
+        raise ValueError("args must name the bundle folder: {bundle: /path/to/bundle}")
+    bundle = args.pop("bundle")
+    autoscale = "min_replicas" in args or "max_replicas" in args
+    cluster = ClusterOptions(replicas=args.pop("replicas", None if autoscale else 1),
+                             **{k: args.pop(k) for k in ("min_replicas", "max_replicas", "target_ongoing_requests")
+                                if k in args})
+    cluster.check()
+    return application(bundle, cluster, **args)[0]
+
+
 class ClusterServer:
     """A deployment of ``Replica`` on Ray Serve plus the gateway's uvicorn server (not yet running)."""
 
     def __init__(self, bundle_dir: str | Path, cluster: ClusterOptions, host: str = "127.0.0.1", port: int = 8000, *,
-                 model_name: str | None = None, api_key: str | None = None, max_batch: int | None = None,
-                 max_queue: int = 64, scheduler: str = "fixed", threshold: float = 0.5,
-                 num_draft_tokens: int | None = None, use_draft: bool = True, threads: int = 0,
-                 chat_template: str | None = None, shutdown_timeout: float = 30.0, keep_alive_timeout: float = 5.0,
-                 max_request_bytes: int | None = None, log_level: str = "info", app_name: str = APP_NAME):
+                 shutdown_timeout: float = 30.0, keep_alive_timeout: float = 5.0, log_level: str = "info",
+                 app_name: str = APP_NAME, **options):
         cluster.check()
-        bundle = Bundle.open(bundle_dir, verify=False)  # bad input is refused before Ray starts; replicas verify
+        Bundle.open(bundle_dir, verify=False)  # bad input is refused before Ray starts
         self.app_name, self.started_ray = app_name, False
         if not ray.is_initialized():
             # "local" starts a Ray instance of our own even where another one runs on this machine
@@ -404,22 +442,8 @@ class ClusterServer:
             with contextlib.suppress(ValueError):  # a hub left by an earlier run may still say "stop"
                 ray.kill(ray.get_actor(hub_name(app_name), namespace=HUB_NAMESPACE))
             self.hub = MetricsHub.options(name=hub_name(app_name), namespace=HUB_NAMESPACE, lifetime="detached").remote()
-            actor_options, threads = replica_resources(threads, cluster.most_replicas)
-            rows = min(max_batch or bundle.limits["max_batch"], bundle.limits["max_batch"])
-            max_request_bytes = max_request_bytes or default_request_bytes(bundle.limits["max_context"])
-            deployment = Replica.options(
-                name="Replica", ray_actor_options=actor_options,
-                # above the engine's own capacity, so a full replica answers its own 429 (with Retry-After)
-                # instead of requests piling up unseen in Ray's router
-                max_ongoing_requests=2 * (rows + max_queue),
-                health_check_period_s=2.0, health_check_timeout_s=30.0,
-                graceful_shutdown_timeout_s=shutdown_timeout + 5.0, **cluster.scaling())
-            generator_options = dict(threads=threads, use_draft=use_draft, num_draft_tokens=num_draft_tokens,
-                                     scheduler=scheduler, threshold=threshold, max_batch=max_batch)
-            app_options = dict(model_name=model_name or Path(bundle_dir).name, api_key=api_key, max_queue=max_queue,
-                               chat_template=chat_template, max_request_bytes=max_request_bytes)
-            serve.run(deployment.bind(str(Path(bundle_dir).resolve()), generator_options, app_options, app_name),
-                      name=app_name, route_prefix="/")
+            app, max_request_bytes = application(bundle_dir, cluster, shutdown_timeout=shutdown_timeout, **options)
+            serve.run(app, name=app_name, route_prefix="/")
             self.gateway = Gateway(upstream, max_request_bytes, self.hub)
             self.server = make_server(self.gateway, host, port, shutdown_timeout, keep_alive_timeout, log_level)
         except BaseException:
