@@ -220,6 +220,42 @@ def test_cli_replicas_drain_in_flight_streams_on_sigterm(qwen3_bundle):
         assert proc.wait(60) == 0
 
 
+def test_past_the_shutdown_timeout_every_replica_ends_its_responses(cluster, qwen3_bundle):
+    """A second deployment (one replica, one row, so requests queue): the gateway's shutdown gives in-flight
+    requests 0.5 s, then every replica's engine cancels the rest, and each response still ends cleanly."""
+    body = {"prompt": "w9 w10", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    with cluster_thread(qwen3_bundle, ClusterOptions(replicas=1), threads=1, max_batch=1, max_queue=8,
+                        shutdown_timeout=0.5, app_name="drain", log_level="warning") as (cs, url):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            def one(i):
+                if i % 2:
+                    r = c.post("/v1/completions", json=body)
+                    if r.status_code == 503:
+                        assert r.json()["error"]["code"] == "unavailable", r.text
+                        return "cancelled"
+                    assert r.status_code == 200, r.text
+                    return r.json()["choices"][0]["finish_reason"]
+                with c.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+                    assert r.status_code == 200, r.read()
+                    chunks, done = sse(r.iter_lines())
+                assert done, "a stream ended without [DONE]"
+                if "error" in chunks[-1]:
+                    assert chunks[-1]["error"]["code"] == "unavailable"
+                    assert chunks[-2]["choices"][0]["finish_reason"] == "cancelled"
+                    return "cancelled"
+                return chunks[-1]["choices"][0]["finish_reason"]
+
+            with ThreadPoolExecutor(8) as pool:
+                futures = [pool.submit(one, i) for i in range(8)]
+                deadline = time.monotonic() + 30
+                while cs.gateway.active < 8:  # all in flight
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                cs.server.should_exit = True
+                outcomes = [f.result(timeout=60) for f in futures]
+    assert set(outcomes) <= {"length", "cancelled"} and "cancelled" in outcomes, outcomes
+
+
 def test_cli_without_ray_says_what_to_install(qwen3_bundle):
     hide_ray = "import sys; sys.modules['ray'] = None; from dspark.cli import main; main()"
     result = subprocess.run([sys.executable, "-c", hide_ray, "serve", str(qwen3_bundle), "--replicas", "2"],
@@ -234,6 +270,7 @@ def test_cli_without_ray_says_what_to_install(qwen3_bundle):
     (["--min-replicas", "1"], "autoscaling needs both --min-replicas and --max-replicas"),
     (["--replicas", "2", "--min-replicas", "1", "--max-replicas", "2"], "not both"),
     (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas <= --max-replicas"),
+    (["--replicas", "1", "--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),
 ])
 def test_cli_refuses_bad_replica_options(qwen3_bundle, options, message):
     result = subprocess.run([sys.executable, "-m", "dspark.cli", "serve", str(qwen3_bundle), *options],

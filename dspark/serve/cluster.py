@@ -421,6 +421,25 @@ def build_app(args: dict):
     return application(bundle, cluster, **args)[0]
 
 
+def connect(cluster: ClusterOptions) -> None:
+    """Join the cluster at ``cluster.address``, or start a Ray instance of our own ("local": even where another
+    one runs on this machine). An address nobody answers at is refused at once: Ray itself would retry for
+    minutes."""
+    address = cluster.address
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise DsparkError(f"no Ray cluster answers at --address {address} ({e.strerror or e}); start one there "
+                              "with 'ray start --head' or fix the address") from None
+    try:
+        ray.init(address=address or "local", num_cpus=None if address else cluster.num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise DsparkError(f"cannot join the Ray cluster at --address {address}: {e}") from None
+
+
 class ClusterServer:
     """A deployment of ``Replica`` on Ray Serve plus the gateway's uvicorn server (not yet running)."""
 
@@ -431,19 +450,19 @@ class ClusterServer:
         Bundle.open(bundle_dir, verify=False)  # bad input is refused before Ray starts
         self.app_name, self.started_ray = app_name, False
         if not ray.is_initialized():
-            # "local" starts a Ray instance of our own even where another one runs on this machine
-            ray.init(address=cluster.address or "local", num_cpus=None if cluster.address else cluster.num_cpus,
-                     include_dashboard=False, logging_level=logging.WARNING)
+            connect(cluster)
             self.started_ray = True
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
             http = serve.context._get_global_client().http_config  # a cluster already serving keeps its own
-            upstream = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::', '') else http.host}:{http.port}"
+            # the default application owns "/"; another one (a second deployment on the same cluster) its own prefix
+            prefix = "/" if app_name == APP_NAME else f"/{app_name}"
+            upstream = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::', '') else http.host}:{http.port}{prefix.rstrip('/')}"
             with contextlib.suppress(ValueError):  # a hub left by an earlier run may still say "stop"
                 ray.kill(ray.get_actor(hub_name(app_name), namespace=HUB_NAMESPACE))
             self.hub = MetricsHub.options(name=hub_name(app_name), namespace=HUB_NAMESPACE, lifetime="detached").remote()
             app, max_request_bytes = application(bundle_dir, cluster, shutdown_timeout=shutdown_timeout, **options)
-            serve.run(app, name=app_name, route_prefix="/")
+            serve.run(app, name=app_name, route_prefix=prefix)
             self.gateway = Gateway(upstream, max_request_bytes, self.hub)
             self.server = make_server(self.gateway, host, port, shutdown_timeout, keep_alive_timeout, log_level)
         except BaseException:
