@@ -19,7 +19,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the 'cluster' extra (ray[serve]) is not installed")
 serve = pytest.importorskip("ray.serve", reason="the 'cluster' extra (ray[serve]) is not installed")
 httpx = pytest.importorskip("httpx")
-from conftest import cli_server  # noqa: E402
+from conftest import check_sixteen_concurrent_greedy, cli_server, sse_events  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from dspark.runtime.generate import Generator, Request  # noqa: E402
@@ -48,19 +48,6 @@ def client(cluster):
         yield c
 
 
-def sse(lines):
-    chunks, done = [], False
-    for line in lines:
-        if not line:
-            continue
-        assert line.startswith("data: ") and not done, line
-        if line == "data: [DONE]":
-            done = True
-        else:
-            chunks.append(json.loads(line[6:]))
-    return chunks, done
-
-
 def replica_counts(client) -> dict[str, float]:
     """Finished requests per replica label, from one scrape of /metrics."""
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
@@ -72,26 +59,7 @@ def replica_counts(client) -> dict[str, float]:
 
 
 def test_sixteen_concurrent_greedy_requests_on_two_replicas(client, qwen3_bundle):
-    prompts = [f"w{i + 1} w{i + 20}" for i in range(16)]
-    lengths = [6 + (i % 5) * 3 for i in range(16)]
-    plain = Generator(qwen3_bundle, threads=1, use_draft=False)
-    refs = plain.generate([Request(plain.tokenizer.encode(p), n, ignore_eos=True) for p, n in zip(prompts, lengths)])
-
-    def one(i):
-        body = {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True}
-        if i % 2:
-            with client.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
-                assert r.status_code == 200, r.read()
-                chunks, done = sse(r.iter_lines())
-            assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
-            return "".join(c["choices"][0]["text"] for c in chunks)
-        r = client.post("/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-
-    with ThreadPoolExecutor(16) as pool:
-        texts = list(pool.map(one, range(16)))
-    assert texts == [s.text for s in refs]
+    check_sixteen_concurrent_greedy(client, qwen3_bundle)
     # one scrape sees both replicas, each of which finished requests (another replica's series are at most a
     # push interval old)
     deadline = time.monotonic() + 10
@@ -144,7 +112,7 @@ def test_killing_a_replica_under_load_loses_no_request_and_it_is_replaced(cluste
                 if r.status_code != 200:
                     assert r.status_code in (429, 500, 503) and "error" in json.loads(r.read()), r.read()
                     return f"error {r.status_code}"
-                chunks, done = sse(r.iter_lines())
+                chunks, done = sse_events(r.iter_lines())
             assert done, "a stream ended without [DONE]"
             if "error" in chunks[-1]:
                 return "error mid-stream"
@@ -215,7 +183,7 @@ def test_cli_replicas_drain_in_flight_streams_on_sigterm(qwen3_bundle):
             lines = r.iter_lines()
             assert next(line for line in lines if line).startswith("data: ")
             proc.send_signal(signal.SIGTERM)
-            chunks, done = sse(lines)
+            chunks, done = sse_events(lines)
         assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(60) == 0
 
@@ -237,7 +205,7 @@ def test_past_the_shutdown_timeout_every_replica_ends_its_responses(cluster, qwe
                     return r.json()["choices"][0]["finish_reason"]
                 with c.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
                     assert r.status_code == 200, r.read()
-                    chunks, done = sse(r.iter_lines())
+                    chunks, done = sse_events(r.iter_lines())
                 assert done, "a stream ended without [DONE]"
                 if "error" in chunks[-1]:
                     assert chunks[-1]["error"]["code"] == "unavailable"

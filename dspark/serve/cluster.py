@@ -72,7 +72,7 @@ class ClusterOptions:
             raise DsparkError("give --replicas N or --min-replicas/--max-replicas, not both")
         if autoscale and (self.min_replicas is None or self.max_replicas is None):
             raise DsparkError("autoscaling needs both --min-replicas and --max-replicas")
-        if autoscale and not 0 <= self.min_replicas <= self.max_replicas or autoscale and self.max_replicas < 1:
+        if autoscale and not (0 <= self.min_replicas <= self.max_replicas and self.max_replicas >= 1):
             raise DsparkError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got "
                               f"{self.min_replicas} and {self.max_replicas}")
         if not autoscale and (self.replicas is None or self.replicas < 1):
@@ -231,7 +231,10 @@ class Gateway:
             return
         self.active += 1
         try:
-            body = await self.read_body(scope, receive)
+            try:
+                body = await self.read_body(scope, receive)
+            except ClientGone:
+                return
             if body is None:
                 return await self.send_error(send, request_too_large(self.max_request_bytes))
             forward = asyncio.create_task(self.forward(scope, body, send))
@@ -266,7 +269,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return bytes(body)
+                raise ClientGone
             body += message.get("body", b"")
             if len(body) > self.max_request_bytes:
                 return None
@@ -334,6 +337,10 @@ class Gateway:
         headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
 
 
 class UpstreamFailed(Exception):
