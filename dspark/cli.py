@@ -338,8 +338,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                    "where the cluster has GPUs, else --threads CPU slots; requests go to the replica with the shortest queue.")
 @click.option("--min-replicas", type=int, help="Autoscale on Ray Serve between --min-replicas and --max-replicas (instead of --replicas).")
 @click.option("--max-replicas", type=int, help="Most replicas when autoscaling.")
-@click.option("--target-ongoing-requests", default=2.0, show_default=True, type=float,
-              help="Autoscaling target: in-flight requests per replica.")
+@click.option("--target-ongoing-requests", type=float,
+              help="Autoscaling target: in-flight requests per replica (default: 2).")
 @click.option("--address", help="Ray cluster to join (as 'ray start --head' printed it, or 'auto'); default: a local Ray instance.")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray instance (default: all); not with --address.")
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
@@ -368,11 +368,17 @@ def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, sch
                    threads=threads, chat_template=template, shutdown_timeout=shutdown_timeout,
                    keep_alive_timeout=keep_alive_timeout, max_request_bytes=max_request_bytes, log_level=log_level)
     if not cluster:
+        if address or num_cpus or target_ongoing_requests is not None:
+            raise DsparkError("--address, --num-cpus and --target-ongoing-requests apply to replicas: add --replicas N "
+                              "or --min-replicas/--max-replicas")
         run_server(bundle_dir, host, port, **options)
         return
     if address and num_cpus:
         raise DsparkError("--num-cpus sizes a local Ray instance; a cluster at --address has its own CPUs")
-    serve_cluster(bundle_dir, ClusterOptions(replicas, min_replicas, max_replicas, target_ongoing_requests, address, num_cpus),
+    if target_ongoing_requests is not None and replicas is not None:
+        raise DsparkError("--target-ongoing-requests steers autoscaling: use it with --min-replicas/--max-replicas")
+    target = 2.0 if target_ongoing_requests is None else target_ongoing_requests
+    serve_cluster(bundle_dir, ClusterOptions(replicas, min_replicas, max_replicas, target, address, num_cpus),
                   host, port, **options)
 
 

@@ -239,6 +239,8 @@ def test_cli_without_ray_says_what_to_install(qwen3_bundle):
     (["--replicas", "2", "--min-replicas", "1", "--max-replicas", "2"], "not both"),
     (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas <= --max-replicas"),
     (["--replicas", "1", "--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),
+    (["--num-cpus", "2"], "apply to replicas"),
+    (["--replicas", "2", "--target-ongoing-requests", "3"], "steers autoscaling"),
 ])
 def test_cli_refuses_bad_replica_options(qwen3_bundle, options, message):
     result = subprocess.run([sys.executable, "-m", "dspark.cli", "serve", str(qwen3_bundle), *options],
