@@ -3,9 +3,12 @@
 A bounded closed loop: at concurrency C, C workers send ``--requests`` streamed completions in total (each
 worker sends its next request when its last one finished), so the run always ends. Latency is request start
 to ``[DONE]``; TTFT is request start to the first text chunk. With a BUNDLE the server runs in this process
-(a uvicorn thread on a free loopback port); with ``--url`` it loads a server that is already running.
+(a uvicorn thread on a free loopback port); with ``--url`` it loads a server that is already running. With
+``--replicas 1,2`` the BUNDLE is served by that many Ray Serve replicas in turn (``dspark serve --replicas``:
+a local Ray instance per count, the gateway in this process), and every level runs against each.
 
     python bench/serve_load.py BUNDLE [--requests 32] [--max-tokens 64] [--concurrency 1,4,16] [--threads 0]
+    python bench/serve_load.py BUNDLE --replicas 1,2 --threads 1
     python bench/serve_load.py --url http://127.0.0.1:8000 [--api-key KEY]
 """
 
@@ -94,6 +97,23 @@ def spec_counters(url: str, headers: dict) -> dict:
     return out
 
 
+def levels(url: str, headers: dict, args, settle_s: float = 0.0) -> list[dict]:
+    """One row per concurrency level, after an unreported warm-up; ``settle_s`` lets every replica's metrics
+    reach the scrape before the speculative counters are read."""
+    asyncio.run(level(url, headers, 1, 2, 8, args.temperature))
+    rows = []
+    for c in (int(x) for x in args.concurrency.split(",")):
+        before = spec_counters(url, headers)
+        row = asyncio.run(level(url, headers, c, args.requests, args.max_tokens, args.temperature))
+        time.sleep(settle_s)
+        after = spec_counters(url, headers)
+        drafts = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
+        accepted = after.get("vllm:spec_decode_num_accepted_tokens", 0) - before.get("vllm:spec_decode_num_accepted_tokens", 0)
+        row["mean_accepted_length"] = round(1 + accepted / drafts, 2) if drafts else None
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", nargs="?", help="Bundle to serve in this process (or give --url).")
@@ -105,30 +125,32 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads of the in-process server.")
     parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--replicas", help="Replica counts to serve BUNDLE with on Ray Serve, one after the other "
+                                           "(e.g. 1,2; needs dspark[cluster]); --threads is then per replica.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     args = parser.parse_args()
     if (args.bundle is None) == (args.url is None):
         parser.error("give a BUNDLE or --url")
-    server = thread = None
-    url = args.url
-    if args.bundle:
-        server, thread, url = start_server(args.bundle, args.threads, args.max_batch, max_queue=1024)
+    if args.replicas and not args.bundle:
+        parser.error("--replicas serves a BUNDLE")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        asyncio.run(level(url, headers, 1, 2, 8, args.temperature))  # warm-up, not reported
-        rows = []
-        for c in (int(x) for x in args.concurrency.split(",")):
-            before = spec_counters(url, headers)
-            row = asyncio.run(level(url, headers, c, args.requests, args.max_tokens, args.temperature))
-            after = spec_counters(url, headers)
-            drafts = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
-            accepted = after.get("vllm:spec_decode_num_accepted_tokens", 0) - before.get("vllm:spec_decode_num_accepted_tokens", 0)
-            row["mean_accepted_length"] = round(1 + accepted / drafts, 2) if drafts else None
-            rows.append(row)
-    finally:
-        if server is not None:
+    rows, url = [], args.url
+    if args.replicas:
+        from dspark.serve.cluster import PUSH_INTERVAL_S, ClusterOptions, cluster_thread
+
+        for n in (int(x) for x in args.replicas.split(",")):
+            with cluster_thread(args.bundle, ClusterOptions(replicas=n), threads=args.threads, max_batch=args.max_batch,
+                                max_queue=1024, log_level="warning") as (_, url):
+                rows += [dict(row, replicas=n) for row in levels(url, headers, args, settle_s=2 * PUSH_INTERVAL_S)]
+    elif args.bundle:
+        server, thread, url = start_server(args.bundle, args.threads, args.max_batch, max_queue=1024)
+        try:
+            rows = levels(url, headers, args)
+        finally:
             server.should_exit = True
             thread.join(30)
+    else:
+        rows = levels(url, headers, args)
     report = {"machine": machine_info(args.threads), "url": url, "bundle": args.bundle, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "levels": rows}
     if args.json:
@@ -136,7 +158,7 @@ def main() -> None:
         return
     print(f"machine: {json.dumps(report['machine'])}")
     print(f"{args.requests} streamed completions per level, {args.max_tokens} tokens each, T={args.temperature}")
-    cols = ["concurrency", "requests_per_s", "tokens_per_s", "p50_latency_ms", "p99_latency_ms", "p50_ttft_ms",
+    cols = ["replicas"] * bool(args.replicas) + ["concurrency", "requests_per_s", "tokens_per_s", "p50_latency_ms", "p99_latency_ms", "p50_ttft_ms",
             "mean_accepted_length"]
     print("  ".join(f"{c:>20s}" for c in cols))
     for row in rows:

@@ -324,7 +324,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores; with replicas, the "
+                   "cluster's CPUs shared out among them), also the CPU slots each replica takes on Ray.")
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled (each still gets a "
                    "final event or a 503).")
@@ -334,23 +335,53 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
               help="Largest request body; larger ones get a 413 (default: 64 bytes per context token, at least 1 MiB).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="Server log level.")
+@click.option("--replicas", type=int,
+              help="Serve N replicas on Ray Serve (pip install 'dspark[cluster]'), each with its own engine: one GPU each "
+                   "where the cluster has GPUs, else --threads CPU slots; requests go to the replica with the shortest queue.")
+@click.option("--min-replicas", type=int, help="Autoscale on Ray Serve between --min-replicas and --max-replicas (instead of --replicas).")
+@click.option("--max-replicas", type=int, help="Most replicas when autoscaling.")
+@click.option("--target-ongoing-requests", type=float,
+              help="Autoscaling target: in-flight requests per replica (default: 2).")
+@click.option("--address", help="Ray cluster to join (as 'ray start --head' printed it, or 'auto'); default: a local Ray instance.")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray instance (default: all); not with --address.")
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
-          no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level):
-    """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
+          no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level,
+          replicas, min_replicas, max_replicas, target_ongoing_requests, address, num_cpus):
+    """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics).
+
+    With --replicas or --min/--max-replicas, the same API is served by many replicas on Ray Serve (a local Ray
+    instance, or the cluster at --address; the bundle must be at the same path on every node).
+    """
+    cluster = any(v is not None for v in (replicas, min_replicas, max_replicas))
     try:
         from dspark.serve import serve as run_server
+        if cluster:
+            from dspark.serve.cluster import ClusterOptions, serve_cluster
     except ImportError as e:
-        raise DsparkError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'dspark[serve]'") from None
+        extra, option = ("cluster", "--replicas") if (e.name or "").split(".")[0] == "ray" else ("serve", "serving")
+        raise DsparkError(f"{option} needs the '{extra}' extra ({e.name} is missing): pip install 'dspark[{extra}]'") from None
 
     try:
         template = chat_template_file.read_bytes().decode("utf-8") if chat_template_file else None
     except UnicodeDecodeError:
         raise DsparkError(f"--chat-template {chat_template_file} is not UTF-8 text") from None
-    run_server(bundle_dir, host, port, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-               scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
-               threads=threads, chat_template=template,
-               shutdown_timeout=shutdown_timeout, keep_alive_timeout=keep_alive_timeout,
-               max_request_bytes=max_request_bytes, log_level=log_level)
+    options = dict(model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                   scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
+                   threads=threads, chat_template=template, shutdown_timeout=shutdown_timeout,
+                   keep_alive_timeout=keep_alive_timeout, max_request_bytes=max_request_bytes, log_level=log_level)
+    if not cluster:
+        if address or num_cpus or target_ongoing_requests is not None:
+            raise DsparkError("--address, --num-cpus and --target-ongoing-requests apply to replicas: add --replicas N "
+                              "or --min-replicas/--max-replicas")
+        run_server(bundle_dir, host, port, **options)
+        return
+    if address and num_cpus:
+        raise DsparkError("--num-cpus sizes a local Ray instance; a cluster at --address has its own CPUs")
+    if target_ongoing_requests is not None and replicas is not None:
+        raise DsparkError("--target-ongoing-requests steers autoscaling: use it with --min-replicas/--max-replicas")
+    target = 2.0 if target_ongoing_requests is None else target_ongoing_requests
+    serve_cluster(bundle_dir, ClusterOptions(replicas, min_replicas, max_replicas, target, address, num_cpus),
+                  host, port, **options)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tiny random checkpoints built offline with transformers, and bundles exported from them once per session."""
+"""Tiny random checkpoints built offline with transformers, bundles exported from them once per session, and
+helpers the server tests share (a CLI server, server-sent events, the sixteen-request greedy check)."""
 
 from __future__ import annotations
 
@@ -172,3 +173,53 @@ def cli_server(bundle: Path, *options: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def sse_events(lines):
+    """Parse 'data: ...' lines strictly; returns (json chunks, saw [DONE] last)."""
+    chunks, done = [], False
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        assert not done, "data after [DONE]"
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+        else:
+            chunks.append(json.loads(payload))
+    return chunks, done
+
+
+def stream_post(client, path, body):
+    """POST ``body`` with ``stream: true`` through an httpx client: (json chunks, saw [DONE] last)."""
+    with client.stream("POST", path, json=dict(body, stream=True)) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return sse_events(list(r.iter_lines()))
+
+
+def check_sixteen_concurrent_greedy(client, bundle: Path) -> None:
+    """16 concurrent greedy completions (odd ones streamed) through ``client`` equal the Generator's own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dspark.runtime.generate import Generator, Request
+
+    prompts = [f"w{i + 1} w{i + 20}" for i in range(16)]
+    lengths = [6 + (i % 5) * 3 for i in range(16)]
+    plain = Generator(bundle, threads=1, use_draft=False)
+    refs = plain.generate([Request(plain.tokenizer.encode(p), n, ignore_eos=True) for p, n in zip(prompts, lengths)])
+
+    def one(i):
+        body = {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True}
+        if i % 2:
+            chunks, done = stream_post(client, "/v1/completions", body)
+            assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
+            return "".join(c["choices"][0]["text"] for c in chunks)
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(one, range(16)))
+    assert texts == [s.text for s in refs]

@@ -21,10 +21,10 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from click.testing import CliRunner  # noqa: E402
 
-from conftest import cli_server  # noqa: E402
+from conftest import check_sixteen_concurrent_greedy, cli_server, sse_events, stream_post  # noqa: E402
 
 from dspark.cli import main  # noqa: E402
-from dspark.runtime.generate import Generator, Request  # noqa: E402
+from dspark.runtime.generate import Generator  # noqa: E402
 from dspark.serve import create_app  # noqa: E402
 from dspark.serve.app import make_server  # noqa: E402
 
@@ -91,29 +91,6 @@ def cli_generate(bundle, prompt, max_new_tokens, *extra):
                                        "--json", "--threads", "1", *extra])
     assert result.exit_code == 0, result.output
     return json.loads(result.output.strip().splitlines()[-1])
-
-
-def sse_events(lines):
-    """Parse 'data: ...' lines strictly; returns (json chunks, saw [DONE] last)."""
-    chunks, done = [], False
-    for line in lines:
-        if not line:
-            continue
-        assert line.startswith("data: "), line
-        assert not done, "data after [DONE]"
-        payload = line[len("data: "):]
-        if payload == "[DONE]":
-            done = True
-        else:
-            chunks.append(json.loads(payload))
-    return chunks, done
-
-
-def stream_post(client, path, body):
-    with client.stream("POST", path, json=dict(body, stream=True)) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        return sse_events(list(r.iter_lines()))
 
 
 # ------------------------------------------------------------------------------------------- correctness
@@ -193,24 +170,7 @@ def test_sampling_seed_stop_and_token_prompt(client):
 
 
 def test_sixteen_concurrent_requests(client, qwen3_bundle):
-    prompts = [f"w{i + 1} w{i + 20}" for i in range(16)]
-    lengths = [6 + (i % 5) * 3 for i in range(16)]
-    plain = Generator(qwen3_bundle, threads=1, use_draft=False)
-    refs = plain.generate([Request(plain.tokenizer.encode(p), n, ignore_eos=True) for p, n in zip(prompts, lengths)])
-
-    def one(i):
-        body = {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True}
-        if i % 2:
-            chunks, done = stream_post(client, "/v1/completions", body)
-            assert done
-            return "".join(c["choices"][0]["text"] for c in chunks)
-        r = client.post("/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-
-    with ThreadPoolExecutor(16) as pool:
-        texts = list(pool.map(one, range(16)))
-    assert texts == [s.text for s in refs]
+    check_sixteen_concurrent_greedy(client, qwen3_bundle)
 
 
 # ------------------------------------------------------------------------------------------- errors

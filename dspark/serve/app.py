@@ -55,6 +55,11 @@ def default_request_bytes(max_context: int) -> int:
     return max(1 << 20, 64 * max_context)
 
 
+def request_too_large(max_request_bytes: int) -> APIError:
+    return APIError(413, f"the request body is larger than {max_request_bytes} bytes (--max-request-bytes)",
+                    code="request_too_large", headers={"Connection": "close"})
+
+
 class HTTPMetrics:
     """Pure ASGI middleware: counts every HTTP response by route and status and times it (streams included)."""
 
@@ -110,8 +115,7 @@ class Api:
     async def read(self, request: HTTPRequest, model: type[CommonRequest]) -> CommonRequest:
         """The authorized, size-bounded, validated body; a 413 comes before the body is read when it says its size."""
         self.authorize(request)
-        too_large = APIError(413, f"the request body is larger than {self.max_request_bytes} bytes (--max-request-bytes)",
-                             code="request_too_large", headers={"Connection": "close"})
+        too_large = request_too_large(self.max_request_bytes)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_request_bytes:
             raise too_large
@@ -354,6 +358,11 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
     # the schema is served below, behind the API key like the rest of /v1
     app = FastAPI(title="dspark", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.generator, app.state.model_name = engine, metrics, generator, model_name
+
+    async def exposition() -> bytes:
+        return metrics.exposition()
+
+    app.state.exposition = exposition  # a Ray Serve replica swaps in every replica's metrics (dspark.serve.cluster)
     app.add_middleware(HTTPMetrics, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -380,7 +389,7 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}})
     async def prometheus():
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+        return Response(await app.state.exposition(), media_type=CONTENT_TYPE)
 
     schema = []
 
@@ -478,7 +487,12 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, 
                           scheduler=scheduler, threshold=threshold, max_batch=max_batch)
     app = create_app(generator, model_name=model_name, api_key=api_key, max_queue=max_queue, chat_template=chat_template,
                      max_request_bytes=max_request_bytes)
-    server = make_server(app, host, port, shutdown_timeout, keep_alive_timeout, log_level)
+    run_server(make_server(app, host, port, shutdown_timeout, keep_alive_timeout, log_level))
+    log.info("dspark serve: shut down")
+
+
+def run_server(server: Server) -> None:
+    """Run ``server`` until SIGTERM/SIGINT has shut it down gracefully."""
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully, which would end the process
     # "killed by SIGTERM"; the shutdown was clean, so swallow that re-raise and return (exit status 0)
     handled = (signal.SIGINT, signal.SIGTERM)
@@ -488,4 +502,3 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    log.info("dspark serve: shut down")
