@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from dspark.errors import DsparkError
+from dspark.runtime.buckets import Buckets, Ladder
+from dspark.runtime.capture import CudaGraphs
 from dspark.runtime.cuda import CudaGenerator, accept_on_device, warp, write_block
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams, accept, probabilities
@@ -88,6 +90,61 @@ def test_device_step_on_cpu_equals_ort_greedy(dspark_bundle):
     assert drafts(got) == drafts(want)
 
 
+class Recording:
+    """What a CUDA graph is to the helper, on the CPU: an object whose ``replay()`` runs the captured work again."""
+
+    def __init__(self, work):
+        self.replay = work
+
+
+def test_capture_fallback_and_replay_run_through_the_same_step(dspark_bundle):
+    """Recurring buckets replay their capture; a bucket whose capture failed runs eagerly on every later call
+    (it used to store None and call None.replay() the second time)."""
+    want = [s.generated for s in Generator(dspark_bundle).generate(greedy_requests())]
+    generator = CudaGenerator(dspark_bundle, device="cpu")
+    state = generator.graphs.state
+    captures = []
+
+    def record(work):
+        captures.append(work)
+        return Recording(work)
+
+    generator.graphs = CudaGraphs(record, state=state, name="test")
+    assert [s.generated for s in generator.generate(greedy_requests())] == want
+    assert generator.graphs.captured() == len(captures) < sum(len(s) for s in want)  # buckets recur
+
+    def fail(_work):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    generator.graphs = CudaGraphs(fail, state=state, name="test")
+    with pytest.warns(UserWarning, match="capture failed") as warned:
+        got = generator.generate(greedy_requests())
+        again = generator.generate(greedy_requests())  # the same buckets: eager, no second warning
+    assert [s.generated for s in got] == [s.generated for s in again] == want
+    assert len(warned) == len(generator.graphs.graphs) and generator.graphs.captured() == 0
+
+
+def test_rows_stopping_at_eos_inside_a_block_keep_the_window_large_enough(dspark_bundle):
+    """A row that stops at EOS inside an accepted block has committed the whole block on the device; the next
+    step writes past its host length, so the cache window must be sized from the device lengths."""
+    generator = CudaGenerator(dspark_bundle, device="cpu")
+    limits = generator.bundle.limits
+    # every window size is a bucket: the window is exactly what the lengths ask for, so any overrun shows
+    generator.buckets = Buckets(generator.buckets.batch, generator.buckets.verify,
+                                Ladder("cache window", tuple(range(1, limits["max_context"] + limits["max_verify_tokens"] + 1))))
+    # hot sampling makes target and draft laws nearly uniform, so most drafts pass; half the vocabulary ends a row
+    generator.eos_ids = set(range(0, 48))
+    hot = SamplingParams(100.0)
+    stopping = [Request(list(range(1, 41)), max_new_tokens=30, sampling=hot, seed=seed) for seed in range(6)]
+    greedy = [Request([5, 6, 7], max_new_tokens=24, ignore_eos=True)]
+    seqs = generator.generate(stopping + greedy, trace=True)
+    inside = [s for s in seqs[:-1] if s.finish_reason == "stop" and s.trace and s.trace[-1]["accepted"] >= len(s.trace[-1]["emitted"])]
+    assert inside, "no row stopped at EOS with accepted drafts after it; the test lost its point"
+    ort = Generator(dspark_bundle)
+    ort.eos_ids = generator.eos_ids
+    assert seqs[-1].generated == ort.generate(greedy)[0].generated
+
+
 def test_draft_lm_bundles_are_refused_with_the_reason(qwen3_bundle):
     with pytest.raises(DsparkError, match="block drafters"):
         CudaGenerator(qwen3_bundle, device="cpu")
@@ -113,7 +170,7 @@ def test_graph_replay_equals_eager(dspark_bundle):
         generator = CudaGenerator(dspark_bundle, cuda_graphs=True)
         replayed = generator.generate(requests)
     assert [s.generated for s in replayed] == [s.generated for s in eager]
-    assert generator.graphs and all(g is not None for g in generator.graphs.values())
+    assert generator.graphs.graphs and generator.graphs.captured() == len(generator.graphs.graphs)
 
 
 @needs_cuda

@@ -16,7 +16,7 @@ distribution but are not token-identical to it; greedy runs are.
 
 from __future__ import annotations
 
-import warnings
+import contextlib
 
 import numpy as np
 import torch
@@ -24,9 +24,11 @@ import torch
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.buckets import Buckets
+from dspark.runtime.capture import CudaGraphs, cuda_capture
 from dspark.runtime.generate import Generator, Request, Sequence
 from dspark.runtime.sampling import probabilities, sample
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
+from dspark.runtime.torch_runner import load_module, module_problem
 
 
 # ------------------------------------------------------------------------------------------------ acceptance
@@ -107,8 +109,6 @@ class CudaGenerator(Generator):
 
     def __init__(self, bundle: Bundle | str, use_draft: bool = True, cuda_graphs: bool = True, device: str = "cuda",
                  memory_fraction: float = 0.9):
-        from dspark.check import reference_modules
-
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DsparkError("the CUDA backend needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is False)")
@@ -121,19 +121,21 @@ class CudaGenerator(Generator):
         if draft is not None and draft["method"] not in ("dspark", "dflash"):
             raise DsparkError(f"the CUDA backend drafts with DSpark/DFlash block drafters; this bundle's draft is "
                               f"{draft['method']} (run it on ONNX Runtime, or pass use_draft=False)")
-        modules, missing = reference_modules(self.bundle)
         for role in ["target"] + (["draft"] if draft else []):
-            if role not in modules:
-                raise DsparkError(f"the CUDA backend runs the PyTorch modules, but the {role}'s {missing[role]}")
-        self.step_fn = modules["target"].to(self.device)
-        self.drafter = modules["draft"].to(self.device) if draft else None
+            problem = module_problem(self.bundle, role)
+            if problem:
+                raise DsparkError(f"the CUDA backend runs the PyTorch modules, but {problem}")
+        self.step_fn = load_module(self.bundle, "target", device=self.device)
+        self.drafter = load_module(self.bundle, "draft", device=self.device) if draft else None
         self.k = draft["num_draft_tokens"] if draft else 0
-        # device="cpu" runs the same device-side step eagerly: how the step is proven on machines without a GPU
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.buckets = Buckets.from_bundle(self.bundle)
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}
-        self.pool = None
         self._allocate(memory_fraction)
+        # device="cpu" runs the same device-side step eagerly: how the step is proven on machines without a GPU
+        on_gpu = cuda_graphs and self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self.graphs = CudaGraphs(cuda_capture(self.device, self.stream) if on_gpu else None,
+                                 state=[self.lens, self.dlens, self.anchor, self.pending, self.features],
+                                 synchronize=self.stream.synchronize if on_gpu else lambda: None, name="CUDA step")
 
     @property
     def num_draft_tokens(self) -> int:
@@ -215,39 +217,7 @@ class CudaGenerator(Generator):
 
     def _run_step(self, rows: int, window: int, sampling: bool) -> None:
         key = (rows, window, sampling)
-        if not self.cuda_graphs:
-            return self._step(*key)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(key)
-        graph = self.graphs[key]
-        if graph is None:
-            self._step(*key)
-        else:
-            graph.replay()
-
-    def _capture(self, key) -> torch.cuda.CUDAGraph | None:
-        """Warm up (kernels and allocator initialise outside capture), then capture; None falls back to eager."""
-        state = [self.lens, self.dlens, self.anchor, self.pending, self.features]
-        saved = [t.clone() for t in state]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(stream):
-                self._step(*key)  # writes past each row's length only: harmless garbage
-                for t, s in zip(state, saved):
-                    t.copy_(s)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                self._step(*key)
-        except RuntimeError as e:
-            warnings.warn(f"CUDA-graph capture failed for bucket {key} ({e}); running that bucket eagerly", stacklevel=2)
-            for t, s in zip(state, saved):
-                t.copy_(s)
-            return None
-        return graph
+        self.graphs.run(key, lambda: self._step(*key))
 
     # -------------------------------------------------------------------------------------- prefill and loop
     def _prefill(self, seqs: list[Sequence]) -> list[np.ndarray]:
@@ -296,7 +266,9 @@ class CudaGenerator(Generator):
                 stream = None if on_text is None else (lambda delta, i=i: on_text(i, delta))
                 seqs.append(Sequence(req, np.random.default_rng(req.seed), list(req.prompt_ids),
                                      TextStream(self.tokenizer, req.stop), on_text=stream, trace_rounds=trace))
-            self._run_batch(seqs)
+            # one side stream for copies, warm-up, capture and replay (torch captures from a non-default stream)
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                self._run_batch(seqs)
             results.extend(seqs)
         return results
 
@@ -315,6 +287,9 @@ class CudaGenerator(Generator):
             params = s.request.sampling
             token = int(logits[r].argmax()) if params.greedy else sample(probabilities(logits[r], params), s.rng.random())
             self._commit(s, [token])
+        # the device's cache lengths, mirrored: a row that stops at EOS inside a block has committed the whole
+        # accepted block on the device, past its host tokens, and the window must hold its next block write too
+        lens = self.lens[: len(seqs)].cpu().numpy().copy()
         rows = self.buckets.batch.select(len(seqs))
         sampling = any(not s.request.sampling.greedy for s in seqs)
         width = self.k + 1
@@ -335,13 +310,14 @@ class CudaGenerator(Generator):
             for name, value in (("anchor", host[0]), ("active", host[1]), ("lengths", host[2]), ("top_k", host[3]),
                                 ("temperature", temps), ("top_p", top_p), ("noise", noise), ("uniforms", uniforms)):
                 getattr(self, name)[:rows].copy_(torch.from_numpy(value))
-            window = self.buckets.cache.select(max(len(s.tokens) for s in seqs) + width)
+            window = self.buckets.cache.select(int(lens.max()) + width)
             self._run_step(rows, window, sampling)
             out = self.out[:rows].cpu().numpy()  # the one device-to-host read per iteration
             for r, s in enumerate(seqs):
                 if not host[1, r]:
                     continue
                 n, verified = int(out[r, 0]), int(host[2, r])
+                lens[r] += n + 1
                 s.drafted.append(self.k)
                 s.verified.append(verified)
                 s.accepted.append(n)

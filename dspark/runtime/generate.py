@@ -23,10 +23,11 @@ import numpy as np
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
+from dspark.runtime.profile import load_table
 from dspark.runtime.proposers import BlockProposer, Proposal, make_proposer
-from dspark.runtime.runners import make_runner
+from dspark.runtime.backends import make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
-from dspark.runtime.schedulers import block_cap, make_scheduler
+from dspark.runtime.schedulers import block_cap, load_temperatures, make_scheduler
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
 
 
@@ -109,19 +110,17 @@ class Generator:
         threshold: float = 0.5,
         block_schedule: dict[int, int] | None = None,
         max_batch: int | None = None,
+        device: str = "cpu",
     ):
-        from dspark.runtime.calibration import load_temperatures
-        from dspark.runtime.profile import load_table
-
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         limits = self.bundle.limits
         self.max_batch = min(max_batch or limits["max_batch"], limits["max_batch"])
-        self.target = make_runner(self.bundle, "target", backend, threads)
+        self.target = make_runner(self.bundle, "target", backend, threads, device)
         self.tokenizer = Tokenizer(self.bundle)
         self.eos_ids = set(self.bundle.tokenizer["eos_token_ids"])
         use_draft = use_draft and self.bundle.draft is not None
-        self.proposer = make_proposer(self.bundle, backend, threads, num_draft_tokens) if use_draft else None
-        self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend))
+        self.proposer = make_proposer(self.bundle, backend, threads, num_draft_tokens, device) if use_draft else None
+        self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_temperatures(self.bundle)
         self.block_schedule = block_schedule
         self.cache = decoder_cache(self.bundle.target["config"], 0, self.bundle)

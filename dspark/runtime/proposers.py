@@ -21,7 +21,7 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
 from dspark.runtime.kv import KVCache
-from dspark.runtime.runners import make_runner
+from dspark.runtime.backends import make_runner
 from dspark.runtime.sampling import probabilities, sample
 
 
@@ -37,9 +37,9 @@ class Proposal:
 
 
 class DraftLMProposer:
-    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int):
+    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int, device: str = "cpu"):
         self.bundle = bundle
-        self.runner = make_runner(bundle, "draft", backend, threads)
+        self.runner = make_runner(bundle, "draft", backend, threads, device)
         self.k = num_draft_tokens
         self.cache = decoder_cache(bundle.draft["config"], 0, bundle)
 
@@ -92,10 +92,10 @@ class DraftLMProposer:
 class BlockProposer:
     wants_features = True
 
-    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int):
+    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int, device: str = "cpu"):
         self.bundle = bundle
-        self.context = make_runner(bundle, "draft_context", backend, threads)
-        self.drafter = make_runner(bundle, "draft_propose", backend, threads)
+        self.context = make_runner(bundle, "draft_context", backend, threads, device)
+        self.drafter = make_runner(bundle, "draft_propose", backend, threads, device)
         self.config = c = bundle.draft["config"]
         self.k = num_draft_tokens
         dtype = np.float16 if bundle.manifest["dtype"] == "fp16" else np.float32
@@ -164,7 +164,7 @@ class BlockProposer:
             self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
 
 
-def make_proposer(bundle: Bundle, backend: str, threads: int, num_draft_tokens: int | None):
+def make_proposer(bundle: Bundle, backend: str, threads: int, num_draft_tokens: int | None, device: str = "cpu"):
     draft = bundle.draft
     k = num_draft_tokens or draft["num_draft_tokens"]
     if k + 1 > bundle.limits["max_verify_tokens"]:
@@ -173,4 +173,4 @@ def make_proposer(bundle: Bundle, backend: str, threads: int, num_draft_tokens: 
             f"{bundle.limits['max_verify_tokens'] - 1} (re-export with --num-draft-tokens {k})"
         )
     kind = DraftLMProposer if draft["method"] == "draft-lm" else BlockProposer
-    return kind(bundle, backend, threads, k)
+    return kind(bundle, backend, threads, k, device)
