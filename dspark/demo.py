@@ -54,14 +54,15 @@ def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) 
     return out
 
 
-def run_demo(prompt: str, draft: str = "dspark", max_new_tokens: int = 96, threads: int = 0, log=print) -> dict:
+def run_demo(prompt: str, draft: str = "dspark", max_new_tokens: int = 96, threads: int = 0, log=print,
+             backend: str = "ort", device: str = "cpu") -> dict:
     from dspark.runtime.generate import Generator, Request
 
     path = demo_bundle(draft, log=log)
     bundle = Bundle.open(path)
     results = {}
     for name, use_draft in (("plain", False), ("speculative", True)):
-        gen = Generator(bundle, threads=threads, use_draft=use_draft)
+        gen = Generator(bundle, backend=backend, threads=threads, use_draft=use_draft, device=device)
         request = Request(gen.tokenizer.encode(prompt), max_new_tokens=max_new_tokens)
         gen.generate([request])  # warm-up: first calls allocate buffers
         started = time.perf_counter()

@@ -70,9 +70,9 @@ def exact_law(target, params: SamplingParams) -> np.ndarray:
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8, top_k=4)], ids=["T1", "warped"])
-def test_speculative_samples_follow_target_law(small_vocab, params):
+def test_speculative_samples_follow_target_law(small_vocab, params, backend):
     target, bundle = small_vocab
-    generator = Generator(bundle)
+    generator = Generator(bundle, backend=backend)
     requests = [Request(PROMPT, max_new_tokens=4, sampling=params, seed=s, ignore_eos=True) for s in range(SAMPLES)]
     seqs = generator.generate(requests)
     counts = np.zeros(V**4)

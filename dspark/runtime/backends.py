@@ -17,7 +17,7 @@ BACKENDS = ("ort", "torch", "trt")
 DEVICES = ("cpu", "cuda")
 
 
-def check_backend(backend: str, device: str) -> None:
+def check_backend(backend: str, device: str, cuda_graphs: bool = False) -> None:
     """Refuse a backend/device pair no runner offers, naming the choices."""
     if backend not in BACKENDS:
         raise DsparkError(f"backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
@@ -28,17 +28,21 @@ def check_backend(backend: str, device: str) -> None:
         raise DsparkError("the ort backend runs on the CPU; use --backend torch or --backend trt on a CUDA device")
     if backend == "trt" and kind != "cuda":
         raise DsparkError("the trt backend runs TensorRT engines on a CUDA device; pass --device cuda")
+    if cuda_graphs and backend != "trt":
+        raise DsparkError(f"CUDA graphs per call are offered by the trt backend, not {backend}")
 
 
-def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0, device: str = "cpu") -> GraphRunner:
-    check_backend(backend, device)
+def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0, device: str = "cpu",
+                cuda_graphs: bool = False) -> GraphRunner:
+    """A runner for ``graph``; ``cuda_graphs`` (trt only) replays one captured graph per shape bucket."""
+    check_backend(backend, device, cuda_graphs)
     if backend == "ort":
         return OrtRunner(bundle, graph, threads=threads, spin=graph == "target")
     if backend == "torch":
         from dspark.runtime.torch_runner import TorchRunner
 
-        return TorchRunner(bundle, graph, device)
+        return TorchRunner(bundle, graph, device, threads)
     from dspark.runtime.trt import TrtRunner  # engines from 'dspark build' for this GPU and TensorRT version
 
     index = device.split(":")[1] if ":" in device else 0
-    return TrtRunner(bundle, graph, device=int(index))
+    return TrtRunner(bundle, graph, cuda_graphs=cuda_graphs, device=int(index))

@@ -13,6 +13,7 @@ submitted at any time (``submit``) while another thread calls ``step``; ``genera
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -111,15 +112,18 @@ class Generator:
         block_schedule: dict[int, int] | None = None,
         max_batch: int | None = None,
         device: str = "cpu",
+        cuda_graphs: bool = False,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         limits = self.bundle.limits
         self.max_batch = min(max_batch or limits["max_batch"], limits["max_batch"])
-        self.target = make_runner(self.bundle, "target", backend, threads, device)
+        runner = functools.partial(make_runner, self.bundle, backend=backend, threads=threads, device=device,
+                                   cuda_graphs=cuda_graphs)
+        self.target = runner("target")
         self.tokenizer = Tokenizer(self.bundle)
         self.eos_ids = set(self.bundle.tokenizer["eos_token_ids"])
         use_draft = use_draft and self.bundle.draft is not None
-        self.proposer = make_proposer(self.bundle, backend, threads, num_draft_tokens, device) if use_draft else None
+        self.proposer = make_proposer(self.bundle, runner, num_draft_tokens) if use_draft else None
         self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_temperatures(self.bundle)
         self.block_schedule = block_schedule
@@ -168,7 +172,7 @@ class Generator:
 
     def step(self) -> list[Sequence]:
         """Admit waiting requests into free rows, run one speculative round, retire finished rows."""
-        self._admit()
+        self.admit()
         if any(not s.done for s in self.running):
             self._round()
         finished = [s for s in self.running if s.done]
@@ -187,7 +191,9 @@ class Generator:
                 **self.scheduler.stats.to_dict()}
 
     # ------------------------------------------------------------------------------------------- the loop
-    def _admit(self) -> None:
+    def admit(self) -> None:
+        """Prefill waiting requests into free rows (``step`` does this first; alone, it readies rows to time a
+        round on)."""
         new = []
         while self.waiting and len(self.running) + len(new) < self.max_batch:
             seq = self.waiting.popleft()

@@ -86,8 +86,10 @@ def in_place_step(model, input_ids, cache_lens, query_lens, logit_index, past_k,
 class TorchRunner(GraphRunner):
     """A bundle graph computed by its PyTorch module; numpy feeds and outputs, like the other runners."""
 
-    def __init__(self, bundle: Bundle, graph: str, device: str = "cpu"):
+    def __init__(self, bundle: Bundle, graph: str, device: str = "cpu", threads: int = 0):
         self.device = torch.device(device)
+        if threads:  # process-wide in torch; small models run fastest on few threads
+            torch.set_num_threads(threads)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DsparkError("--device cuda needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is "
                               "False); use --device cpu")
@@ -101,7 +103,10 @@ class TorchRunner(GraphRunner):
         self.result_specs = [o for o in self.spec["outputs"] if not o["name"].startswith("present_")]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # broadcast views; torch wants memory it may write
+            array = array.copy()
+        return torch.from_numpy(array).to(self.device)
 
     @torch.no_grad()
     def run(self, feeds: dict[str, np.ndarray], cache=None) -> dict[str, np.ndarray]:
