@@ -142,29 +142,25 @@ def main() -> int:
 
     steps.run("ONNX Runtime greedy (the reference)", ort_greedy)
 
+    def torch_cuda(**options) -> Generator:
+        # the device step for DSpark/DFlash bundles and plain decoding; the host loop over torch runners otherwise
+        return Generator(bundle, backend="torch", device="cuda", device_step=block or not options.get("use_draft", True),
+                         **options)
+
     def torch_cuda_equivalence():
-        got = [s.generated for s in Generator(bundle, backend="torch", device="cuda").generate(requests(args.max_new_tokens))]
-        assert got == want, "the torch backend on CUDA differs from ONNX Runtime greedy"
-        return "identical"
-
-    steps.run("torch backend (cuda) greedy == ONNX Runtime greedy", torch_cuda_equivalence,
-              gpu_reason or ("" if want else "no reference tokens"))
-
-    def cuda_step_equivalence():
-        from dspark.runtime.cuda import CudaGenerator
-
         for graphs in (False, True):
-            got = CudaGenerator(bundle, cuda_graphs=graphs).generate(requests(args.max_new_tokens))
-            assert [s.generated for s in got] == want, f"CUDA step (graphs={graphs}) differs from ONNX Runtime greedy"
-        generator = CudaGenerator(bundle, cuda_graphs=True)
+            got = [s.generated for s in torch_cuda(cuda_graphs=graphs).generate(requests(args.max_new_tokens))]
+            assert got == want, f"the torch backend on CUDA (graphs={graphs}) differs from ONNX Runtime greedy"
+        if not block:
+            return "identical (host loop)"
+        generator = torch_cuda(cuda_graphs=True)
         generator.generate(requests(args.max_new_tokens))
-        captured = generator.graphs.captured()
-        assert captured == len(generator.graphs.graphs), "some CUDA-graph captures fell back to eager"
-        return {"graphs_captured": captured, "budget": generator.budget}
+        graphs = generator.device_step.graphs
+        assert graphs.captured() == len(graphs.graphs), "some CUDA-graph captures fell back to eager"
+        return {"graphs_captured": graphs.captured(), "budget": generator.device_step.budget}
 
-    steps.run("CUDA step greedy == ONNX Runtime greedy, graphs captured", cuda_step_equivalence,
-              gpu_reason or ("" if block else "the CUDA step drafts with DSpark/DFlash drafters only")
-              or ("" if want else "no reference tokens"))
+    steps.run("torch backend (cuda) greedy == ONNX Runtime greedy, graphs captured", torch_cuda_equivalence,
+              gpu_reason or ("" if want else "no reference tokens"))
 
     def time_config(label, make):
         def run():
@@ -173,21 +169,13 @@ def main() -> int:
             return f"{rate:.1f} tok/s" + (f", tau {tau:.2f}" if tau else "")
         return run
 
-    def cuda_step(**kw):
-        from dspark.runtime.cuda import CudaGenerator
-
-        return CudaGenerator(bundle, **kw)
-
     no_draft = "" if bundle.draft else "no draft in the bundle"
     configs = [("ort plain", lambda: Generator(bundle, use_draft=False), ""),
-               ("ort speculative", lambda: Generator(bundle), no_draft),
-               ("torch-cuda plain", lambda: Generator(bundle, backend="torch", device="cuda", use_draft=False), gpu_reason),
-               ("torch-cuda speculative", lambda: Generator(bundle, backend="torch", device="cuda"), gpu_reason or no_draft)]
+               ("ort speculative", lambda: Generator(bundle), no_draft)]
     for graphs in (False, True):
         tag = "graphs" if graphs else "eager"
-        configs += [(f"cuda-step plain {tag}", lambda g=graphs: cuda_step(use_draft=False, cuda_graphs=g), gpu_reason),
-                    (f"cuda-step speculative {tag}", lambda g=graphs: cuda_step(cuda_graphs=g),
-                     gpu_reason or ("" if block else "needs a DSpark/DFlash bundle")),
+        configs += [(f"torch-cuda plain {tag}", lambda g=graphs: torch_cuda(use_draft=False, cuda_graphs=g), gpu_reason),
+                    (f"torch-cuda speculative {tag}", lambda g=graphs: torch_cuda(cuda_graphs=g), gpu_reason or no_draft),
                     (f"tensorrt plain {tag}", lambda g=graphs: Generator(bundle, backend="trt", device="cuda",
                                                                           use_draft=False, cuda_graphs=g), trt_reason),
                     (f"tensorrt speculative {tag}", lambda g=graphs: Generator(bundle, backend="trt", device="cuda",

@@ -17,7 +17,7 @@ BACKENDS = ("ort", "torch", "trt")
 DEVICES = ("cpu", "cuda")
 
 
-def check_backend(backend: str, device: str, cuda_graphs: bool = False) -> None:
+def check_backend(backend: str, device: str) -> None:
     """Refuse a backend/device pair no runner offers, naming the choices."""
     if backend not in BACKENDS:
         raise DsparkError(f"backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
@@ -28,14 +28,13 @@ def check_backend(backend: str, device: str, cuda_graphs: bool = False) -> None:
         raise DsparkError("the ort backend runs on the CPU; use --backend torch or --backend trt on a CUDA device")
     if backend == "trt" and kind != "cuda":
         raise DsparkError("the trt backend runs TensorRT engines on a CUDA device; pass --device cuda")
-    if cuda_graphs and backend != "trt":
-        raise DsparkError(f"CUDA graphs per call are offered by the trt backend, not {backend}")
 
 
 def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0, device: str = "cpu",
                 cuda_graphs: bool = False) -> GraphRunner:
-    """A runner for ``graph``; ``cuda_graphs`` (trt only) replays one captured graph per shape bucket."""
-    check_backend(backend, device, cuda_graphs)
+    """A runner for ``graph``; with ``cuda_graphs`` the trt backend replays one captured graph per shape bucket
+    (the other runners capture nothing: ONNX Runtime runs on the CPU, torch runners eagerly)."""
+    check_backend(backend, device)
     if backend == "ort":
         return OrtRunner(bundle, graph, threads=threads, spin=graph == "target")
     if backend == "torch":

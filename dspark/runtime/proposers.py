@@ -168,14 +168,18 @@ class BlockProposer:
             self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
 
 
-def make_proposer(bundle: Bundle, runner, num_draft_tokens: int | None):
-    """The bundle's draft; ``runner(graph)`` makes its graph runners (``backends.make_runner`` bound to a backend)."""
-    draft = bundle.draft
-    k = num_draft_tokens or draft["num_draft_tokens"]
+def draft_length(bundle: Bundle, requested: int | None) -> int:
+    """Draft tokens per round: ``requested`` or the bundle's, refused when the verify graph cannot take it."""
+    k = requested or bundle.draft["num_draft_tokens"]
     if k + 1 > bundle.limits["max_verify_tokens"]:
         raise DsparkError(
             f"--num-draft-tokens {k} needs {k + 1}-token verify calls; this bundle was exported for at most "
             f"{bundle.limits['max_verify_tokens'] - 1} (re-export with --num-draft-tokens {k})"
         )
-    kind = DraftLMProposer if draft["method"] == "draft-lm" else BlockProposer
-    return kind(bundle, runner, k)
+    return k
+
+
+def make_proposer(bundle: Bundle, runner, num_draft_tokens: int | None):
+    """The bundle's draft; ``runner(graph)`` makes its graph runners (``backends.make_runner`` bound to a backend)."""
+    kind = DraftLMProposer if bundle.draft["method"] == "draft-lm" else BlockProposer
+    return kind(bundle, runner, draft_length(bundle, num_draft_tokens))
