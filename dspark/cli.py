@@ -80,8 +80,9 @@ def backend_options(command):
                            help="Where the graphs run: cpu, or cuda / cuda:N (torch and trt backends).")(command)
     return click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
                         help="Graph backend: ONNX Runtime on the CPU; torch (the PyTorch modules, rebuilt from the "
-                             "checkpoint folders the bundle was exported from, on --device); trt (TensorRT engines "
-                             "from 'dspark build', --device cuda).")(command)
+                             "checkpoint folders the bundle was exported from; on a CUDA device the whole round runs "
+                             "there, captured as CUDA graphs); trt (TensorRT engines from 'dspark build', --device cuda, "
+                             "CUDA graphs per shape bucket).")(command)
 
 
 DEMO_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n    '

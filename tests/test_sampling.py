@@ -42,18 +42,20 @@ def small_target(tmp_path_factory):
     target = hf_model("qwen3", V, seed=11)
     with torch.no_grad():  # a flatter law than the greedy tests use, so every cell is populated
         target.lm_head.weight.mul_(0.1)
-    return target, save_hf(target, root / "t", V), root
+    return target, save_hf(target, root / "t", V)
 
 
 @pytest.fixture(scope="module", params=["draft-lm", "dspark"])
-def small_vocab(request, small_target):
+def small_vocab(request, small_target, tmp_path_factory):
     """A bundle whose draft disagrees with the target often: a noisy draft LM or a random DSpark drafter."""
-    target, target_dir, root = small_target
+    target, target_dir = small_target
+    # a fresh folder: pytest may set this fixture up again for the other backend
+    root = tmp_path_factory.mktemp(f"b-{request.param}")
     if request.param == "draft-lm":
         draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", V)
     else:
         draft_dir = deepspec_drafter(target, target_dir, root / "dspark", "vanilla", block_size=2)
-    bundle = root / f"b-{request.param}"
+    bundle = root / "bundle"
     export_bundle(target_dir, bundle, draft_dir, ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
                                                               num_draft_tokens=2), progress=False)
     return target, bundle
