@@ -94,9 +94,11 @@ def main() -> int:
     args = parser.parse_args()
 
     steps = Steps(args.json_path)
-    bundle = steps.run("open bundle", lambda: Bundle.open(args.bundle))
-    if not isinstance(bundle, Bundle):
+    opened = []
+    steps.run("open bundle", lambda: opened.append(Bundle.open(args.bundle)) or str(args.bundle))
+    if not opened:
         return 1
+    bundle = opened[0]
     cuda = torch.cuda.is_available()
     gpu_reason = "" if cuda else "no CUDA GPU (torch.cuda.is_available() is False)"
     try:
