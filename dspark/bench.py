@@ -223,14 +223,13 @@ def call_costs(gen, rows: int, context: int, repeats: int) -> dict:
     # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
     gen.max_batch = rows
     seqs = [gen.submit(Request([1] * context, max_new_tokens=k + 2, ignore_eos=True)) for _ in range(rows)]
-    gen._admit()
+    gen.admit()
     proposer = gen.proposer
     proposer.propose(seqs, [k] * rows)
-    anchors = np.array([len(s.tokens) - 1 for s in seqs])
+    anchors = [len(s.tokens) - 1 for s in seqs]
 
     def draft_round():
-        if not hasattr(proposer, "pending"):
-            proposer.cache.lens[:] = anchors
+        proposer.rewind(anchors)
         proposer.propose(seqs, [k] * rows)
 
     try:
@@ -307,7 +306,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
               schedulers=("fixed",), threshold: float = 0.5, max_new_tokens: int = 64, temperature: float = 0.0,
               num_draft_tokens: int | None = None, repeats: int = 3, warmup: int = 1, cost_repeats: int = 20,
               threads: int = 0, seed: int = 0, peers: bool = False, cpp_host: str | Path | None = None,
-              progress: bool = True, log=print) -> dict:
+              progress: bool = True, log=print, backend: str = "ort", device: str = "cpu") -> dict:
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
     ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (fixed scheduler), timed in
@@ -339,14 +338,15 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
             raise DsparkError(f"unknown scheduler {s!r}: use fixed, threshold or sps")
 
     machine = machine_info(threads)
-    generators = {("plain", None): Generator(main, threads=threads, use_draft=False, max_batch=concurrency[-1])}
+    generators = {("plain", None): Generator(main, backend=backend, threads=threads, use_draft=False,
+                                             max_batch=concurrency[-1], device=device)}
     for m in chosen:
         if m == "plain":
             continue
         for s in schedulers:
-            generators[(m, s)] = Generator(spec_bundles[m], threads=threads, use_draft=True,
+            generators[(m, s)] = Generator(spec_bundles[m], backend=backend, threads=threads, use_draft=True,
                                            num_draft_tokens=num_draft_tokens, scheduler=s, threshold=threshold,
-                                           max_batch=concurrency[-1])
+                                           max_batch=concurrency[-1], device=device)
     if cpp_host is not None:
         from dspark.cpp_host import CppGenerator
 
@@ -422,7 +422,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
                      "methods": chosen, "schedulers": list(schedulers), "threshold": threshold,
                      "num_draft_tokens": num_draft_tokens, "repeats": repeats, "warmup": warmup,
                      "cost_repeats": cost_repeats, "threads": threads, "seed": seed, "ignore_eos": True,
-                     "cpp_host": None if cpp_host is None else str(cpp_host)},
+                     "cpp_host": None if cpp_host is None else str(cpp_host), "backend": backend, "device": device},
         "prompts": {"count": len(prompts), "domains": dict(collections.Counter(p.domain for p in prompts)),
                     "mean_prompt_tokens": mean_prompt},
         "configurations": configurations,

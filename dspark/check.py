@@ -19,6 +19,7 @@ import torch
 
 from dspark.bundle import Bundle
 from dspark.export.lint import lint_graph
+from dspark.runtime.torch_runner import in_place_step, load_module, module_problem
 
 # (atol, rtol) per output dtype: fp32 is round-off only; fp16 carries ~1e-3 relative error per op
 TOLERANCES = {"float32": (1e-4, 1e-5), "float16": (2e-2, 1e-2), "bfloat16": (1e-1, 2e-2), "int64": (0, 0), "int32": (0, 0)}
@@ -56,67 +57,41 @@ class CheckReport:
 
 
 # -------------------------------------------------------------------------------------------- torch reference
-def reference_modules(bundle: Bundle, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, str]]:
-    """{role: torch module} rebuilt from the checkpoint folders the manifest records, and {role: why not}."""
-    from dspark.graphs.checkpoint import read_config
-    from dspark.graphs.decoder import DecoderConfig, DecoderLM
-    from dspark.graphs.drafter import Drafter
-
-    dtype = dtype or {"fp32": torch.float32, "fp16": torch.float16}[bundle.manifest["dtype"]]
-    modules, missing = {}, {}
-    for role, model in bundle.manifest["models"].items():
-        source = Path(model["source"])
-        if not (source / "config.json").is_file():
-            missing[role] = f"checkpoint folder {source} is not here; no PyTorch reference"
-        elif model.get("method") in ("dspark", "dflash"):
-            target_config = DecoderConfig.from_hf(read_config(bundle.target["source"]))
-            modules[role] = Drafter.from_pretrained(source, target_config, dtype=dtype)
-        else:
-            modules[role] = DecoderLM.from_pretrained(source, tap_layers=model.get("tap_layers", ()), dtype=dtype)
-    return modules, missing
-
-
 def torch_graphs(bundle: Bundle) -> tuple[dict, dict[str, str]]:
     """{graph name: callable(**feeds) -> tuple of tensors} for every graph, and {graph: why there is none}."""
-    modules, missing = reference_modules(bundle)
     fns, skipped = {}, {}
     for role, model in bundle.manifest["models"].items():
-        module = modules.get(role)
+        problem = module_problem(bundle, role)
+        module = None if problem else load_module(bundle, role)
         for graph in model["graphs"]:
             if module is None:
-                skipped[graph] = missing[role]
+                skipped[graph] = f"{problem}; no PyTorch reference"
             elif graph == "draft_context":
                 fns[graph] = module.context_kv
             elif graph == "draft_propose":
                 fns[graph] = module.propose
             elif bundle.graph(graph).get("flavour") == "ort":
-                fns[graph] = in_place_step(module)
+                fns[graph] = present_outputs(module)
             else:
                 fns[graph] = lambda m=module, **f: tuple(t for t in m.step(**f) if t is not None)
     return fns, skipped
 
 
-def in_place_step(model):
-    """The ORT flavour's call contract (logits at ``logit_index``, K/V written into each layer's buffer at the
-    row's length) spelled with the module's own step: the reference the fused graph is compared with."""
+def present_outputs(model):
+    """The ORT flavour's contract (``in_place_step``) as a graph that is not bound in place returns it: K/V
+    buffers as present_key.i/present_value.i, with zeros past each row's new length (what ONNX Runtime leaves)."""
 
     def step(input_ids, cache_lens, query_lens, logit_index, **caches):
         layers = model.config.num_layers
-        past_k = torch.stack([caches[f"past_key.{i}"] for i in range(layers)])
-        past_v = torch.stack([caches[f"past_value.{i}"] for i in range(layers)])
-        lens = cache_lens.long()
-        positions = lens[:, None] + torch.arange(input_ids.shape[1])[None, :]
-        logits, new_k, new_v, hidden = model.step(input_ids, positions, lens, past_k, past_v)
-        # slots past a row's new length hold nothing defined (ONNX Runtime, not bound in place, leaves zeros there)
-        present_k, present_v = torch.zeros_like(past_k), torch.zeros_like(past_v)
-        for r, (start, count) in enumerate(zip(lens.tolist(), query_lens.tolist())):
-            for present, past, new in ((present_k, past_k, new_k), (present_v, past_v, new_v)):
-                present[:, r, :, :start] = past[:, r, :, :start]
-                present[:, r, :, start : start + count] = new[:, r, :, :count]
-        picked = torch.gather(logits, 1, logit_index[:, :, None].expand(-1, -1, logits.shape[-1]))
-        out = {"logits": picked, "hidden": hidden}
+        present = {kind: torch.stack([caches[f"past_{kind}.{i}"] for i in range(layers)]) for kind in ("key", "value")}
+        for r, start in enumerate(cache_lens.tolist()):
+            for buffer in present.values():
+                buffer[:, r, :, start:] = 0
+        logits, hidden = in_place_step(model, input_ids, cache_lens, query_lens, logit_index, present["key"],
+                                       present["value"])
+        out = {"logits": logits, "hidden": hidden}
         for i in range(layers):
-            out[f"present_key.{i}"], out[f"present_value.{i}"] = present_k[i], present_v[i]
+            out[f"present_key.{i}"], out[f"present_value.{i}"] = present["key"][i], present["value"][i]
         return out
 
     return step

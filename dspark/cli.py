@@ -102,6 +102,18 @@ def fetch(name):
     click.echo(str(fetch_model(name, log=lambda line: click.echo(line, err=True))))
 
 
+def backend_options(command):
+    """--backend and --device, the same on every command that runs graphs."""
+    command = click.option("--device", default="cpu", show_default=True,
+                           help="Where the graphs run: cpu, or cuda / cuda:N (torch and trt backends).")(command)
+    return click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+                        help="Graph backend: ONNX Runtime on the CPU; torch (the PyTorch modules, rebuilt from the "
+                             "checkpoint folders the bundle was exported from; on a CUDA device the whole round runs "
+                             "there, captured as CUDA graphs); trt (TensorRT engines from 'dspark build', --device cuda, "
+                             "CUDA graphs per shape bucket).")(command)
+
+
+
 def parse_block_schedule(_ctx, _param, value):
     """'1:7,4:4,16:0' -> {1: 7, 4: 4, 16: 0}."""
     if not value:
@@ -135,8 +147,9 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt (text, token_ids, finish_reason, stats), in input order.")
 @click.option("--trace", type=click.Path(path_type=Path), help="Write one JSON line per speculative round to this file.")
+@backend_options
 def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, no_draft,
-             scheduler, threshold, block_schedule, max_batch, ignore_eos, stop, threads, as_json, trace):
+             scheduler, threshold, block_schedule, max_batch, ignore_eos, stop, threads, as_json, trace, backend, device):
     """Generate completions of --prompt (streamed) or of every prompt in --prompts-file with BUNDLE_DIR."""
     from dspark.prompts import read_prompt_file
     from dspark.runtime.generate import Generator, Request
@@ -146,8 +159,9 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
         raise DsparkError("give exactly one of --prompt and --prompts-file")
     texts = [prompt] if prompt is not None else [p.text for p in read_prompt_file(prompts_file)]
     sampling = SamplingParams(temperature, top_p, top_k)  # bad input is refused before the bundle is loaded
-    generator = Generator(bundle_dir, threads=threads, use_draft=not no_draft, num_draft_tokens=num_draft_tokens,
-                          scheduler=scheduler, threshold=threshold, block_schedule=block_schedule, max_batch=max_batch)
+    generator = Generator(bundle_dir, backend=backend, threads=threads, use_draft=not no_draft,
+                          num_draft_tokens=num_draft_tokens, scheduler=scheduler, threshold=threshold,
+                          block_schedule=block_schedule, max_batch=max_batch, device=device)
     requests = [Request(generator.tokenizer.encode(t), max_new_tokens, sampling, seed + i, tuple(stop), ignore_eos)
                 for i, t in enumerate(texts)]
     stream = None if as_json or len(texts) > 1 else (lambda _i, delta: click.echo(delta, nl=False))
@@ -177,11 +191,13 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
 @click.option("--context", default=256, show_default=True, help="Cache entries per row while timing (a typical context length).")
 @click.option("--repeats", default=20, show_default=True, help="Timed calls per (rows, width) pair; the median is kept.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls per pair first.")
-def profile(bundle_dir, threads, context, repeats, warmup):
+@backend_options
+def profile(bundle_dir, threads, context, repeats, warmup, backend, device):
     """Measure target verify steps/s by rows and new tokens on this machine; store the table in BUNDLE_DIR."""
     from dspark.runtime.profile import profile_bundle
 
-    table = profile_bundle(bundle_dir, threads=threads, context=context, repeats=repeats, warmup=warmup)
+    table = profile_bundle(bundle_dir, backend, threads=threads, context=context, repeats=repeats, warmup=warmup,
+                           device=device)
     click.echo(f"steps/s on {table['device']} (rows x new tokens, context {table['context']}):")
     click.echo("rows " + "".join(f"{w:>9d}" for w in table["widths"]))
     for r, row in zip(table["rows"], table["steps_per_second"]):
@@ -195,13 +211,15 @@ def profile(bundle_dir, threads, context, repeats, warmup):
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (prompt i uses seed+i).")
-def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
+@backend_options
+def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, backend, device):
     """Fit Sequential Temperature Scaling of the confidence head on --data; store it in BUNDLE_DIR."""
     from dspark.prompts import read_prompt_file
     from dspark.runtime.calibration import calibrate_bundle
 
     prompts = [p.text for p in read_prompt_file(data)]
-    report = calibrate_bundle(bundle_dir, prompts, temperature, max_new_tokens, threads, seed)
+    report = calibrate_bundle(bundle_dir, prompts, temperature, max_new_tokens, threads, seed, backend=backend,
+                              device=device)
     click.echo(f"{report['rounds']} full-block rounds from {report['prompts']} prompts at T={temperature}")
     click.echo("position  temperature  ECE before  ECE after")
     for k, (t, b, a) in enumerate(zip(report["sts_temperatures"], report["ece_before"], report["ece_after"]), start=1):
@@ -218,11 +236,13 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed):
               help="With --model shipped: which shipped drafter to pair with the target.")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
-def demo(model, prompt, draft, max_new_tokens, threads):
+@backend_options
+def demo(model, prompt, draft, max_new_tokens, threads, backend, device):
     """Export a real model (cached), then decode one prompt plainly and speculatively, side by side."""
     from dspark.demo import run_demo
 
-    r = run_demo(prompt, model, draft, max_new_tokens, threads, log=lambda m: click.echo(m, err=True))
+    r = run_demo(prompt, model, draft, max_new_tokens, threads, log=lambda m: click.echo(m, err=True), backend=backend,
+                 device=device)
     spec = r["speculative"]
     click.echo(r["prompt"] + ("\n" if model == "smollm2" else "") + spec["text"])
     click.echo("-" * 60)
@@ -291,8 +311,10 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@backend_options
 def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurrency, methods, extra_bundles, scheduler,
-          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, cpp_host, output, no_progress):
+          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, cpp_host, output, no_progress,
+          backend, device):
     """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
     from dspark.bench import parse_int_list, parse_names, run_bench, table, write_report
     from dspark.prompts import load_prompts
@@ -302,7 +324,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                        schedulers=parse_names(scheduler) or ["fixed"], threshold=threshold,
                        max_new_tokens=max_new_tokens, temperature=temperature, num_draft_tokens=num_draft_tokens,
                        repeats=repeats, warmup=warmup, cost_repeats=cost_repeats, threads=threads, seed=seed,
-                       peers=peers, cpp_host=cpp_host, progress=not no_progress, log=lambda m: click.echo(m, err=True))
+                       peers=peers, cpp_host=cpp_host, progress=not no_progress, log=lambda m: click.echo(m, err=True),
+                       backend=backend, device=device)
     files = write_report(report, output)
     click.echo(table(report))
     plots = ", ".join(Path(p).name for p in files["plots"]) or "none (pip install matplotlib)"

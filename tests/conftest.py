@@ -97,6 +97,23 @@ def deepspec_drafter(target, target_dir: Path, folder: Path, variant: str, block
     return save_deepspec(folder, cfg, drafter)
 
 
+# every speculative-decoding test runs on each: ONNX Runtime over the exported graphs, and the torch modules
+# they were exported from (``dspark.runtime.torch_runner``) on the CPU
+BACKENDS = ("ort", "torch")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request):
+    if request.param != "torch":
+        yield request.param
+        return
+    # these models are tiny: one intra-op thread, since more only contend for the two shared cores
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -50,30 +50,30 @@ def test_manifest_records_the_drafter(block_bundle):
     assert b"target.onnx.data" in graph
 
 
-def test_greedy_equals_plain(block_bundle):
+def test_greedy_equals_plain(block_bundle, backend):
     _, path = block_bundle
-    spec, plain = Generator(path), Generator(path, use_draft=False)
+    spec, plain = Generator(path, backend=backend), Generator(path, use_draft=False, backend=backend)
     for prompt in PROMPTS:
         req = Request(prompt, max_new_tokens=40, ignore_eos=True)
         assert spec.generate([req])[0].generated == plain.generate([req])[0].generated
     # a verify prefix shorter than the block (the drafter still drafts its full block)
-    short = Generator(path, num_draft_tokens=2)
+    short = Generator(path, num_draft_tokens=2, backend=backend)
     req = Request(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
     assert short.generate([req])[0].generated == plain.generate([req])[0].generated
 
 
-def test_ragged_batch_equals_each_alone(block_bundle):
+def test_ragged_batch_equals_each_alone(block_bundle, backend):
     _, path = block_bundle
-    spec = Generator(path)
+    spec = Generator(path, backend=backend)
     requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (9, 31, 22))]
     together = spec.generate(requests)
     for req, seq in zip(requests, together):
         assert seq.generated == spec.generate([req])[0].generated
 
 
-def test_trace_records_block_and_confidence(block_bundle):
+def test_trace_records_block_and_confidence(block_bundle, backend):
     variant, path = block_bundle
-    spec = Generator(path)
+    spec = Generator(path, backend=backend)
     req = Request(PROMPTS[1], max_new_tokens=30, ignore_eos=True)
     first, second = (spec.generate([req], trace=True)[0] for _ in range(2))
     assert first.trace == second.trace
@@ -87,11 +87,11 @@ def test_trace_records_block_and_confidence(block_bundle):
     assert first.trace[0]["verify_length"] == BLOCK
 
 
-def test_sampled_run_is_reproducible(block_bundle):
+def test_sampled_run_is_reproducible(block_bundle, backend):
     from dspark.runtime.sampling import SamplingParams
 
     _, path = block_bundle
-    spec = Generator(path)
+    spec = Generator(path, backend=backend)
     req = Request(PROMPTS[0], max_new_tokens=25, sampling=SamplingParams(1.0), seed=4, ignore_eos=True)
     a, b = spec.generate([req])[0], spec.generate([req])[0]
     assert a.generated == b.generated

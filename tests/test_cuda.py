@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from dspark.errors import DsparkError
-from dspark.runtime.cuda import CudaGenerator, accept_on_device, warp, write_block
+from dspark.runtime.buckets import Buckets, Ladder
+from dspark.runtime.capture import CudaGraphs
+from dspark.runtime.cuda import accept_on_device, warp, write_block
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams, accept, probabilities
 from test_check import export_dspark_bundle
@@ -79,19 +81,103 @@ def greedy_requests():
     return [Request([5, 6, 7], max_new_tokens=10, ignore_eos=True), Request([11, 12, 13, 14, 15], max_new_tokens=7, ignore_eos=True)]
 
 
+def device_generator(bundle, **options) -> Generator:
+    """The one loop with the device step, on torch-CPU tensors (no CUDA graphs there)."""
+    return Generator(bundle, backend="torch", device="cpu", device_step=True, **options)
+
+
 def test_device_step_on_cpu_equals_ort_greedy(dspark_bundle):
     want = Generator(dspark_bundle).generate(greedy_requests(), trace=True)
-    got = CudaGenerator(dspark_bundle, device="cpu").generate(greedy_requests(), trace=True)
+    got = device_generator(dspark_bundle).generate(greedy_requests(), trace=True)
     assert [s.generated for s in got] == [s.generated for s in want]
     # the same drafts round by round: the device-side context cache and proposals match the ORT proposer's
     drafts = lambda seqs: [[r["draft_tokens"] for r in s.trace] for s in seqs]  # noqa: E731
     assert drafts(got) == drafts(want)
 
 
-def test_draft_lm_bundles_are_refused_with_the_reason(qwen3_bundle):
+class Recording:
+    """What a CUDA graph is to the helper, on the CPU: an object whose ``replay()`` runs the captured work again."""
+
+    def __init__(self, work):
+        self.replay = work
+
+
+def test_capture_fallback_and_replay_run_through_the_same_step(dspark_bundle):
+    """Recurring buckets replay their capture; a bucket whose capture failed runs eagerly on every later call
+    (it used to store None and call None.replay() the second time)."""
+    want = [s.generated for s in Generator(dspark_bundle).generate(greedy_requests())]
+    generator = device_generator(dspark_bundle)
+    step = generator.device_step
+    state = step.graphs.state
+    captures = []
+
+    def record(work):
+        captures.append(work)
+        return Recording(work)
+
+    step.graphs = CudaGraphs(record, state=state, name="test")
+    assert [s.generated for s in generator.generate(greedy_requests())] == want
+    assert step.graphs.captured() == len(captures) < sum(len(s) for s in want)  # buckets recur
+
+    def fail(_work):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    step.graphs = CudaGraphs(fail, state=state, name="test")
+    with pytest.warns(UserWarning, match="capture failed") as warned:
+        got = generator.generate(greedy_requests())
+        again = generator.generate(greedy_requests())  # the same buckets: eager, no second warning
+    assert [s.generated for s in got] == [s.generated for s in again] == want
+    assert len(warned) == len(step.graphs.graphs) and step.graphs.captured() == 0
+
+
+def test_rows_stopping_at_eos_inside_a_block_keep_the_window_large_enough(dspark_bundle):
+    """A row that stops at EOS inside an accepted block has committed the whole block on the device; the next
+    step writes past its host length, so the cache window must be sized from the device lengths."""
+    generator = device_generator(dspark_bundle)
+    step, limits = generator.device_step, generator.bundle.limits
+    # every window size is a bucket: the window is exactly what the lengths ask for, so any overrun shows
+    step.buckets = Buckets(step.buckets.batch, step.buckets.verify,
+                           Ladder("cache window", tuple(range(1, limits["max_context"] + limits["max_verify_tokens"] + 1))))
+    # hot sampling makes target and draft laws nearly uniform, so most drafts pass; half the vocabulary ends a row
+    generator.eos_ids = set(range(0, 48))
+    hot = SamplingParams(100.0)
+    stopping = [Request(list(range(1, 41)), max_new_tokens=30, sampling=hot, seed=seed) for seed in range(6)]
+    greedy = [Request([5, 6, 7], max_new_tokens=24, ignore_eos=True)]
+    seqs = generator.generate(stopping + greedy, trace=True)
+    inside = [s for s in seqs[:-1] if s.finish_reason == "stop" and s.trace and s.trace[-1]["accepted"] >= len(s.trace[-1]["emitted"])]
+    assert inside, "no row stopped at EOS with accepted drafts after it; the test lost its point"
+    ort = Generator(dspark_bundle)
+    ort.eos_ids = generator.eos_ids
+    assert seqs[-1].generated == ort.generate(greedy)[0].generated
+
+
+def test_continuous_batching_and_cancel_through_the_device_step(dspark_bundle):
+    """Rows join after prefill and leave compacted in place while others run: the same tokens as each alone."""
+    requests = [Request(list(range(1, 4 + 3 * i)), max_new_tokens=6 + 4 * i, ignore_eos=True) for i in range(5)]
+    alone = device_generator(dspark_bundle)
+    want = [alone.generate([r])[0].generated for r in requests]
+    gen = device_generator(dspark_bundle, max_batch=3)
+    seqs = [gen.submit(r) for r in requests[:2]]
+    gen.step()
+    seqs += [gen.submit(r) for r in requests[2:]]
+    doomed = gen.submit(Request([9, 9, 9], max_new_tokens=200, ignore_eos=True))
+    peak = 0
+    while gen.has_work():
+        gen.step()
+        peak = max(peak, len(gen.running))
+        if doomed in gen.running and len(doomed.generated) > 3:
+            gen.cancel(doomed)
+    assert peak == 3 and doomed.finish_reason == "cancelled"
+    assert [s.generated for s in seqs] == want
+    assert gen.device_step.rows == 0 and not gen.device_step.cache_lens.size
+
+
+def test_draft_lm_bundles_and_confidence_schedulers_are_refused_with_the_reason(qwen3_bundle, dspark_bundle):
     with pytest.raises(DsparkError, match="block drafters"):
-        CudaGenerator(qwen3_bundle, device="cpu")
-    plain = CudaGenerator(qwen3_bundle, device="cpu", use_draft=False).generate(greedy_requests())
+        device_generator(qwen3_bundle)
+    with pytest.raises(DsparkError, match="--scheduler fixed"):
+        device_generator(dspark_bundle, scheduler="sps")
+    plain = device_generator(qwen3_bundle, use_draft=False).generate(greedy_requests())
     assert [s.generated for s in plain] == [s.generated for s in Generator(qwen3_bundle, use_draft=False).generate(greedy_requests())]
 
 
@@ -99,7 +185,7 @@ def test_draft_lm_bundles_are_refused_with_the_reason(qwen3_bundle):
 def test_cuda_greedy_equals_ort_greedy(dspark_bundle):
     want = [s.generated for s in Generator(dspark_bundle).generate(greedy_requests())]
     for graphs in (False, True):
-        got = CudaGenerator(dspark_bundle, cuda_graphs=graphs).generate(greedy_requests())
+        got = Generator(dspark_bundle, backend="torch", device="cuda", cuda_graphs=graphs).generate(greedy_requests())
         assert [s.generated for s in got] == want
 
 
@@ -107,23 +193,27 @@ def test_cuda_greedy_equals_ort_greedy(dspark_bundle):
 def test_graph_replay_equals_eager(dspark_bundle):
     requests = greedy_requests() + [Request([9, 8], max_new_tokens=12, ignore_eos=True, seed=4,
                                             sampling=SamplingParams(0.9, top_k=20))]
-    eager = CudaGenerator(dspark_bundle, cuda_graphs=False).generate(requests)
+    eager = Generator(dspark_bundle, backend="torch", device="cuda", cuda_graphs=False).generate(requests)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a capture that falls back to eager would warn
-        generator = CudaGenerator(dspark_bundle, cuda_graphs=True)
+        generator = Generator(dspark_bundle, backend="torch", device="cuda", cuda_graphs=True)
         replayed = generator.generate(requests)
     assert [s.generated for s in replayed] == [s.generated for s in eager]
-    assert generator.graphs and all(g is not None for g in generator.graphs.values())
+    graphs = generator.device_step.graphs
+    assert graphs.graphs and graphs.captured() == len(graphs.graphs)
 
 
 @needs_cuda
 def test_memory_budget_refuses_with_numbers(dspark_bundle):
+    from dspark.bundle import Bundle
+    from dspark.runtime.cuda import DeviceStep
+
     with pytest.raises(DsparkError, match="GiB are free"):
-        CudaGenerator(dspark_bundle, memory_fraction=1e-9)
+        DeviceStep(Bundle.open(dspark_bundle), memory_fraction=1e-9)
 
 
 @needs_tensorrt
-def test_tensorrt_runner_matches_ort(dspark_bundle, tmp_path):
+def test_tensorrt_runner_matches_ort(qwen3_pair, tmp_path_factory, tmp_path):
     from dspark.bundle import Bundle
     from dspark.check import graph_feeds
     from dspark.export.tensorrt import build_engines
@@ -131,14 +221,15 @@ def test_tensorrt_runner_matches_ort(dspark_bundle, tmp_path):
     from dspark.runtime.trt import TrtRunner
 
     copy = tmp_path / "bundle"
-    shutil.copytree(dspark_bundle, copy)
+    shutil.copytree(export_dspark_bundle(qwen3_pair, tmp_path_factory, runtime="tensorrt"), copy)
     build_engines(copy, log=lambda _m: None)
     bundle = Bundle.open(copy)
     for name in bundle.manifest["graphs"]:
         ort = OrtRunner(bundle, name)
         for graphs in (False, True):
             trt = TrtRunner(bundle, name, cuda_graphs=graphs)
-            for feeds in graph_feeds(bundle, name):
+            # twice over: the second pass replays every bucket after others reshaped their own contexts
+            for feeds in graph_feeds(bundle, name) * 2:
                 want, got = ort.run(feeds), trt.run(feeds)
                 for out in want:
                     np.testing.assert_allclose(got[out], want[out], atol=1e-3, rtol=1e-3)

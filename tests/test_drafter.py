@@ -15,11 +15,11 @@ from safetensors.torch import save_file
 from conftest import hf_model, save_hf
 from dspark.errors import DsparkError
 from dspark.graphs.decoder import DecoderConfig
+from dspark.export.drafter import export_drafter
 from dspark.graphs.drafter import (
     Drafter,
     DrafterConfig,
     deepspec_config,
-    export_drafter,
     save_deepspec,
 )
 

@@ -42,18 +42,20 @@ def small_target(tmp_path_factory):
     target = hf_model("qwen3", V, seed=11)
     with torch.no_grad():  # a flatter law than the greedy tests use, so every cell is populated
         target.lm_head.weight.mul_(0.1)
-    return target, save_hf(target, root / "t", V), root
+    return target, save_hf(target, root / "t", V)
 
 
 @pytest.fixture(scope="module", params=["draft-lm", "dspark"])
-def small_vocab(request, small_target):
+def small_vocab(request, small_target, tmp_path_factory):
     """A bundle whose draft disagrees with the target often: a noisy draft LM or a random DSpark drafter."""
-    target, target_dir, root = small_target
+    target, target_dir = small_target
+    # a fresh folder: pytest may set this fixture up again for the other backend
+    root = tmp_path_factory.mktemp(f"b-{request.param}")
     if request.param == "draft-lm":
         draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", V)
     else:
         draft_dir = deepspec_drafter(target, target_dir, root / "dspark", "vanilla", block_size=2)
-    bundle = root / f"b-{request.param}"
+    bundle = root / "bundle"
     export_bundle(target_dir, bundle, draft_dir, ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
                                                               num_draft_tokens=2), progress=False)
     return target, bundle
@@ -70,9 +72,9 @@ def exact_law(target, params: SamplingParams) -> np.ndarray:
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8, top_k=4)], ids=["T1", "warped"])
-def test_speculative_samples_follow_target_law(small_vocab, params):
+def test_speculative_samples_follow_target_law(small_vocab, params, backend):
     target, bundle = small_vocab
-    generator = Generator(bundle)
+    generator = Generator(bundle, backend=backend)
     requests = [Request(PROMPT, max_new_tokens=4, sampling=params, seed=s, ignore_eos=True) for s in range(SAMPLES)]
     seqs = generator.generate(requests)
     counts = np.zeros(V**4)

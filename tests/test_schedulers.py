@@ -82,21 +82,21 @@ def test_sts_recovers_known_miscalibration():
 
 
 @pytest.fixture(scope="module")
-def profiled(dspark_bundle, tmp_path_factory):
+def profiled(dspark_bundle, tmp_path_factory, backend):
     copy = tmp_path_factory.mktemp("profiled") / "bundle"
     shutil.copytree(dspark_bundle, copy)
-    table = profile_bundle(copy, repeats=3, warmup=1, context=32, progress=False)
+    table = profile_bundle(copy, backend, repeats=3, warmup=1, context=32, progress=False)
     assert table["rows"] == [1, 2, 4, 8] and table["widths"] == [1, 2, 3, 4, 5, 6]
-    assert Bundle.open(copy).read_json(profile_key("ort")) == table  # recorded in the manifest, hash verified
+    assert Bundle.open(copy).read_json(profile_key(backend)) == table  # recorded in the manifest, hash verified
     return copy
 
 
 @pytest.mark.parametrize("scheduler", ["fixed", "threshold", "sps"])
-def test_greedy_output_is_unchanged_by_scheduler(profiled, scheduler):
-    plain = Generator(profiled, use_draft=False)
+def test_greedy_output_is_unchanged_by_scheduler(profiled, scheduler, backend):
+    plain = Generator(profiled, use_draft=False, backend=backend)
     requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (20, 33, 7, 25, 18, 30, 12, 9))]
     want = [s.generated for s in plain.generate(requests)]
-    gen = Generator(profiled, scheduler=scheduler, threshold=0.6)
+    gen = Generator(profiled, scheduler=scheduler, threshold=0.6, backend=backend)
     got = gen.generate(requests, trace=True)
     assert [s.generated for s in got] == want
     assert gen.scheduler.stats.fallbacks == {}
@@ -108,32 +108,32 @@ def test_greedy_output_is_unchanged_by_scheduler(profiled, scheduler):
         assert sum(verified) < sum(drafted)
 
 
-def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle):
+def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle, backend):
     req = Request(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
-    gen = Generator(dspark_bundle, scheduler="sps")  # this bundle has no profile
-    assert gen.generate([req])[0].generated == Generator(dspark_bundle, use_draft=False).generate([req])[0].generated
+    gen = Generator(dspark_bundle, scheduler="sps", backend=backend)  # this bundle has no profile
+    assert gen.generate([req])[0].generated == Generator(dspark_bundle, use_draft=False, backend=backend).generate([req])[0].generated
     assert sum(gen.scheduler.stats.fallbacks.values()) > 0
-    lm = Generator(qwen3_bundle, scheduler="threshold")  # a draft LM has no confidence head
+    lm = Generator(qwen3_bundle, scheduler="threshold", backend=backend)  # a draft LM has no confidence head
     lm.generate([req])
     assert "the drafter has no confidence head" in lm.scheduler.stats.fallbacks
 
 
-def test_zero_block_length_means_plain_decoding(dspark_bundle):
-    gen = Generator(dspark_bundle, block_schedule={1: 5, 2: 0})
+def test_zero_block_length_means_plain_decoding(dspark_bundle, backend):
+    gen = Generator(dspark_bundle, block_schedule={1: 5, 2: 0}, backend=backend)
     requests = [Request(p, max_new_tokens=15, ignore_eos=True) for p in PROMPTS[:3]]
     got = gen.generate(requests)
-    plain = Generator(dspark_bundle, use_draft=False).generate(requests)
+    plain = Generator(dspark_bundle, use_draft=False, backend=backend).generate(requests)
     assert [s.generated for s in got] == [s.generated for s in plain]
     assert all(v == 0 for s in got for v in s.verified[:5])  # three rows at once: the schedule turns drafting off
 
 
-def test_continuous_batching_equals_each_request_alone(dspark_bundle):
-    alone = Generator(dspark_bundle)
+def test_continuous_batching_equals_each_request_alone(dspark_bundle, backend):
+    alone = Generator(dspark_bundle, backend=backend)
     params = [SamplingParams(), SamplingParams(0.8, top_p=0.9)]
     requests = [Request(p, max_new_tokens=10 + 3 * i, sampling=params[i % 2], seed=i, ignore_eos=True)
                 for i, p in enumerate(PROMPTS)]
     want = [alone.generate([r])[0].generated for r in requests]
-    gen = Generator(dspark_bundle, max_batch=3)
+    gen = Generator(dspark_bundle, max_batch=3, backend=backend)
     seqs = [gen.submit(r) for r in requests[:2]]
     gen.step()
     gen.step()
@@ -148,8 +148,8 @@ def test_continuous_batching_equals_each_request_alone(dspark_bundle):
     assert [s.generated for s in seqs] == want
 
 
-def test_cancel_frees_the_row(dspark_bundle):
-    gen = Generator(dspark_bundle, max_batch=1)
+def test_cancel_frees_the_row(dspark_bundle, backend):
+    gen = Generator(dspark_bundle, max_batch=1, backend=backend)
     first = gen.submit(Request(PROMPTS[1], max_new_tokens=200, ignore_eos=True))
     second = gen.submit(Request(PROMPTS[0], max_new_tokens=5, ignore_eos=True))
     gen.step()

@@ -12,13 +12,13 @@ PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, [11, 12], list(range(1, 70))]
 
 
 @pytest.fixture(scope="module")
-def spec(qwen3_bundle):
-    return Generator(qwen3_bundle)
+def spec(qwen3_bundle, backend):
+    return Generator(qwen3_bundle, backend=backend)
 
 
 @pytest.fixture(scope="module")
-def plain(qwen3_bundle):
-    return Generator(qwen3_bundle, use_draft=False)
+def plain(qwen3_bundle, backend):
+    return Generator(qwen3_bundle, use_draft=False, backend=backend)
 
 
 def hf_greedy(model, prompt, n):
@@ -29,9 +29,9 @@ def hf_greedy(model, prompt, n):
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
-def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k):
+def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k, backend):
     target = qwen3_pair[0]
-    spec = Generator(spec.bundle, num_draft_tokens=k)
+    spec = Generator(spec.bundle, num_draft_tokens=k, backend=backend)
     accepted = proposed = 0
     for prompt in PROMPTS:
         req = Request(prompt, max_new_tokens=40, ignore_eos=True)
@@ -45,9 +45,9 @@ def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k):
     assert 0 < accepted < proposed
 
 
-def test_standard_flavour_greedy_equals_plain(qwen3_trt_bundle, plain):
+def test_standard_flavour_greedy_equals_plain(qwen3_trt_bundle, plain, backend):
     """The TensorRT flavour (K/V returned, committed by copy) decodes the same tokens through the same loop."""
-    spec = Generator(qwen3_trt_bundle)
+    spec = Generator(qwen3_trt_bundle, backend=backend)
     accepted = verified = 0
     for prompt in PROMPTS:
         req = Request(prompt, max_new_tokens=40, ignore_eos=True)
@@ -132,14 +132,14 @@ def test_stats_fields(spec):
     assert stats["tokens_per_second"] > 0 and stats["time_to_first_token_ms"] > 0
 
 
-def test_fp16_bundle_decodes_losslessly(qwen3_pair, qwen3_bundle, tmp_path):
+def test_fp16_bundle_decodes_losslessly(qwen3_pair, qwen3_bundle, tmp_path, backend):
     from dspark.export.bundle import ExportOptions, export_bundle
 
     _, target_dir, draft_dir = qwen3_pair
     export_bundle(target_dir, tmp_path / "fp16", draft_dir, ExportOptions(max_context=128, dtype="fp16"), progress=False)
     req = Request(PROMPTS[0], max_new_tokens=24, ignore_eos=True)
-    spec16 = Generator(tmp_path / "fp16").generate([req])[0]
-    assert spec16.generated == Generator(tmp_path / "fp16", use_draft=False).generate([req])[0].generated
-    fp32 = Generator(qwen3_bundle, use_draft=False).generate([req])[0].generated
+    spec16 = Generator(tmp_path / "fp16", backend=backend).generate([req])[0]
+    assert spec16.generated == Generator(tmp_path / "fp16", use_draft=False, backend=backend).generate([req])[0].generated
+    fp32 = Generator(qwen3_bundle, use_draft=False, backend=backend).generate([req])[0].generated
     # fp16 rounding may flip a near-tie late in the run; the start must agree
     assert spec16.generated[:8] == fp32[:8]

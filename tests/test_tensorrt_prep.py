@@ -12,9 +12,9 @@ from dspark.bundle import Bundle
 from dspark.cli import main
 from dspark.errors import DsparkError
 from dspark.export.lint import lint_bundle, lint_model
-from dspark.export.tensorrt import engine_dir_name, profile_shapes
+from dspark.export.tensorrt import engine_dir_name, kept_engines, profile_shapes
 from dspark.runtime.buckets import Buckets, Ladder, pad_feeds, pad_to
-from dspark.runtime.trt import check_build_info, select_profile
+from dspark.runtime.trt import Contexts, bucket_ladders, check_build_info, dim_sizes, polygraphy_trt_runner, select_profile
 
 from test_check import export_dspark_bundle
 
@@ -97,6 +97,54 @@ def test_select_profile_prefers_the_tightest():
     assert select_profile([prefill, decode], {"batch": 2, "new_tokens": 20, "cache": 40}) == 0
     with pytest.raises(DsparkError, match="fit none"):
         select_profile([prefill, decode], {"batch": 9, "new_tokens": 1, "cache": 0})
+
+
+def test_check_runner_takes_a_profile_holding_every_feed(qwen3_trt_bundle, tmp_path):
+    """The draft LM's decode profile takes 1-2 new tokens; check feeds up to 7 must go to the prefill profile
+    (they used to be refused as spanning two profiles). polygraphy loads the engine lazily, so no TensorRT here."""
+    from dspark.check import graph_feeds
+
+    bundle = Bundle.open(qwen3_trt_bundle)
+    for name in ("draft", "target"):
+        spec = bundle.graph(name)
+        feeds = graph_feeds(bundle, name)
+        runner = polygraphy_trt_runner(tmp_path / f"{name}.plan", spec, feeds)
+        chosen = list(spec["profiles"].values())[runner.optimization_profile]
+        for sizes in map(lambda f: dim_sizes(spec, f), feeds):
+            assert all(chosen[d][0] <= n <= chosen[d][2] for d, n in sizes.items()), (name, sizes, chosen)
+    assert polygraphy_trt_runner(tmp_path / "d.plan", bundle.graph("draft"), graph_feeds(bundle, "draft")).optimization_profile == 0
+
+
+def test_verify_widths_stay_on_the_decode_profile_when_padded(qwen3_trt_bundle):
+    spec = Bundle.open(qwen3_trt_bundle).graph("target")
+    ladder = bucket_ladders(spec)["new_tokens"]
+    profiles = list(spec["profiles"].values())
+    for width in range(1, 8):  # verify calls of this bundle: 1..7 tokens
+        padded = ladder.select(width)
+        assert select_profile(profiles, {"batch": 1, "new_tokens": padded, "cache": 10}) == 1, (width, padded)
+    assert ladder.select(20) == 32 and ladder.sizes[-1] == 32
+
+
+def test_each_captured_bucket_gets_its_own_context():
+    """A CUDA graph freezes its context's shapes: buckets of one profile must not share a context, while eager
+    calls share one per profile and a recurring bucket gets its context back."""
+    made = []
+    contexts = Contexts(lambda profile: made.append(profile) or object())
+    eager = contexts.get(1)
+    assert contexts.get(1) is eager and contexts.get(0) is not eager
+    small, large = contexts.get(1, (("batch", 1),)), contexts.get(1, (("batch", 2),))
+    assert len({id(eager), id(small), id(large)}) == 3
+    assert contexts.get(1, (("batch", 1),)) is small
+    assert made == [1, 0, 1, 1]
+
+
+def test_partial_build_keeps_the_other_engines():
+    previous = {"tensorrt": "10.3.0", "precision": "fp16", "strongly_typed": True, "tf32": True,
+                "engines": {"target": {"file": "target.plan"}, "draft": {"file": "draft.plan"}}}
+    info = dict(previous, engines={})
+    assert kept_engines(previous, info, ["draft"]) == {"target": {"file": "target.plan"}}
+    assert kept_engines(previous, dict(info, precision="fp32"), ["draft"]) == {}  # other settings: stale
+    assert kept_engines({}, info, ["draft"]) == {}
 
 
 def test_build_info_mismatch_says_which(tmp_path):

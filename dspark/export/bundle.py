@@ -19,13 +19,14 @@ from tqdm import tqdm
 from dspark import __version__
 from dspark.bundle import write_manifest
 from dspark.errors import DsparkError
+from dspark.export.drafter import CONTEXT_GRAPH, PROPOSE_GRAPH, export_drafter
 from dspark.export.onnx import export_graph
 from dspark.export.ort_graph import QUANT_BITS, lower_decoder
-from dspark.graphs.checkpoint import read_config
 from dspark.export.share import share_identical_tensors
+from dspark.graphs.checkpoint import read_config
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.gguf import record_gguf_sources, resolve_checkpoints
-from dspark.graphs.drafter import ARCHITECTURE, CONTEXT_GRAPH, PROPOSE_GRAPH, Drafter, DrafterConfig, export_drafter
+from dspark.graphs.drafter import ARCHITECTURE, Drafter, DrafterConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json",

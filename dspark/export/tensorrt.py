@@ -18,14 +18,10 @@ from pathlib import Path
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.runtime.trt import BUILD_INFO, ENGINES, engine_dir_name, require_tensorrt
 
-ENGINES = "engines"
-BUILD_INFO = "build.json"
 PRECISIONS = ("fp32", "fp16", "bf16")
-INSTALL_TENSORRT = (
-    "install TensorRT 10 or 11 on a machine with an NVIDIA GPU: pip install 'dspark[gpu]' "
-    "(or pip install tensorrt-cu12 / tensorrt-cu13 to match your CUDA driver)"
-)
+TIMING_CACHE = "timing.cache"
 
 
 def profile_shapes(graph: dict) -> dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
@@ -56,28 +52,6 @@ def profile_shapes(graph: dict) -> dict[str, dict[str, tuple[tuple[int, ...], tu
     return result
 
 
-def engine_dir_name(capability: tuple[int, int], trt_version: str) -> str:
-    return f"sm{capability[0]}{capability[1]}-trt{trt_version}"
-
-
-def require_tensorrt():
-    """The tensorrt module and the current GPU's (name, compute capability), or a DsparkError saying what is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise DsparkError(f"TensorRT is not installed (import tensorrt failed: {e}); {INSTALL_TENSORRT}") from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise DsparkError(
-            "no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False"
-            + ("; this torch is a CPU-only build" if torch.version.cuda is None else "")
-            + "); TensorRT engines can only be built and run on an NVIDIA GPU with a CUDA build of torch "
-            "(pip install torch --index-url https://download.pytorch.org/whl/cu128)"
-        )
-    return trt, torch.cuda.get_device_name(), torch.cuda.get_device_capability()
-
-
 def trt_major(trt) -> int:
     return int(trt.__version__.split(".")[0])
 
@@ -104,14 +78,26 @@ def build_engines(
     workspace_gb: float = 8.0,
     timing_cache: str | Path | None = None,
     graphs: list[str] | None = None,
+    tf32: bool = True,
     log=print,
 ) -> Path:
-    """Build every graph's engine into ``engines/<gpu>-trt<version>/``; returns that folder."""
+    """Build every graph's engine (or those in ``graphs``) into ``engines/<gpu>-trt<version>/``; returns that folder.
+
+    One timing cache serves every graph of the build (``timing_cache``, by default ``timing.cache`` in the engine
+    folder), so tactics timed for one graph are reused by the next and by later builds on this machine.
+    ``build.json`` keeps the entries of engines built earlier that this build does not replace. ``tf32`` lets
+    fp32 layers use TF32 tensor cores (polygraphy turns them off unless asked; fp32 engines are then several
+    times slower on recent GPUs, at about 1e-3 relative error).
+    """
     bundle = Bundle.open(bundle_dir)
     fused = [name for name, graph in bundle.manifest["graphs"].items() if graph.get("flavour") == "ort"]
     if fused:
         raise DsparkError(f"{bundle_dir}: graphs {', '.join(fused)} use ONNX Runtime's fused operators, which TensorRT "
                           "does not parse; export the bundle with --runtime tensorrt for 'dspark build'")
+    names = graphs or list(bundle.manifest["graphs"])
+    unknown = [n for n in names if n not in bundle.manifest["graphs"]]
+    if unknown:
+        raise DsparkError(f"no graph {', '.join(unknown)} in this bundle; its graphs: {', '.join(bundle.manifest['graphs'])}")
     trt, gpu, capability = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
     from polygraphy.exception import PolygraphyException
@@ -121,7 +107,8 @@ def build_engines(
     settings = precision_settings(trt, precision, bundle.manifest["dtype"])
     out = bundle.path / ENGINES / engine_dir_name(capability, trt.__version__)
     out.mkdir(parents=True, exist_ok=True)
-    names = graphs or list(bundle.manifest["graphs"])
+    timing_cache = Path(timing_cache) if timing_cache else out / TIMING_CACHE
+    previous = json.loads((out / BUILD_INFO).read_text()) if (out / BUILD_INFO).is_file() else {}
     info = {
         "tensorrt": trt.__version__,
         "cuda": __import__("torch").version.cuda,
@@ -129,11 +116,12 @@ def build_engines(
         "compute_capability": list(capability),
         "precision": precision,
         "strongly_typed": settings["strongly_typed"],
+        "tf32": tf32,
         "workspace_gb": workspace_gb,
-        "timing_cache": str(timing_cache) if timing_cache else None,
-        "timing_cache_loaded": bool(timing_cache and Path(timing_cache).is_file()),
-        "engines": {},
+        "timing_cache": str(timing_cache),
+        "timing_cache_loaded": timing_cache.is_file(),
     }
+    info["engines"] = kept_engines(previous, info, names)
     started = time.perf_counter()
     for name in names:
         graph = bundle.graph(name)
@@ -147,14 +135,16 @@ def build_engines(
         config = CreateConfig(
             profiles=profiles,
             memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))},
-            load_timing_cache=str(timing_cache) if info["timing_cache_loaded"] else None,
+            # read per graph: the previous graph of this build has just written it
+            load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+            tf32=tf32,
             **settings["flags"],
         )
         network = NetworkFromOnnxPath(str(bundle.file(graph["file"])), strongly_typed=settings["strongly_typed"])
         log(f"building {name} ({len(profiles)} profile(s): {', '.join(shapes)})")
         t0 = time.perf_counter()
         try:
-            plan = EngineBytesFromNetwork(network, config, save_timing_cache=str(timing_cache) if timing_cache else None)()
+            plan = EngineBytesFromNetwork(network, config, save_timing_cache=str(timing_cache))()
         except PolygraphyException as e:  # parser errors and failed builds are reported as critical errors
             raise DsparkError(f"TensorRT could not build {name} from {graph['file']}: {e}") from None
         file = f"{name}.plan"
@@ -165,6 +155,14 @@ def build_engines(
             "profiles": {phase: {t: [list(s) for s in v] for t, v in p.items()} for phase, p in shapes.items()},
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
-    info["build_seconds"] = round(time.perf_counter() - started, 1)
-    (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        # after every engine, so an interrupted build still lists what it finished
+        info["build_seconds"] = round(time.perf_counter() - started, 1)
+        (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def kept_engines(previous: dict, info: dict, rebuilt: list[str]) -> dict:
+    """Entries of an earlier ``build.json`` that stay valid beside this build: engines it does not rebuild, when
+    they were built with the same TensorRT, precision and TF32 setting (otherwise they are stale)."""
+    same = all(previous.get(k) == info[k] for k in ("tensorrt", "precision", "strongly_typed", "tf32"))
+    return {name: entry for name, entry in previous.get("engines", {}).items() if same and name not in rebuilt}

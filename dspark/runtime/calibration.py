@@ -15,11 +15,10 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.sampling import sigmoid
-
-CALIBRATION_FILE = "calibration.json"
+from dspark.runtime.generate import Generator, Request
+from dspark.runtime.sampling import SamplingParams, sigmoid
+from dspark.runtime.schedulers import CALIBRATION_FILE
 GRID = np.exp(np.linspace(np.log(0.25), np.log(8.0), 97))
 BINS = 20
 
@@ -56,17 +55,10 @@ def fit_sts(logits: np.ndarray, accepted: np.ndarray) -> dict:
             "rounds": int(rounds)}
 
 
-def load_temperatures(bundle: Bundle) -> np.ndarray | None:
-    data = bundle.read_json(CALIBRATION_FILE)
-    return None if data is None else np.asarray(data["sts_temperatures"], dtype=np.float64)
-
-
 def calibrate_bundle(bundle_dir, prompts: list[str], temperature: float = 0.0, max_new_tokens: int = 64,
-                     threads: int = 0, seed: int = 0, progress: bool = True) -> dict:
-    from dspark.runtime.generate import Generator, Request
-    from dspark.runtime.sampling import SamplingParams
-
-    generator = Generator(bundle_dir, threads=threads)
+                     threads: int = 0, seed: int = 0, progress: bool = True, backend: str = "ort",
+                     device: str = "cpu") -> dict:
+    generator = Generator(bundle_dir, backend=backend, threads=threads, device=device)
     draft = generator.bundle.draft
     if not draft or not draft["config"].get("enable_confidence_head"):
         raise DsparkError("this bundle's drafter has no confidence head; calibration needs a DSpark drafter")

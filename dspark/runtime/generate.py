@@ -8,11 +8,16 @@ runs share every line that decides what is emitted.
 Rows are the running sequences, compacted: a finished sequence's row is dropped and a new sequence's rows are
 appended after its prompt is prefilled on its own, so every graph call works on live rows only. Requests can be
 submitted at any time (``submit``) while another thread calls ``step``; ``generate`` is submit-all-and-drain.
+
+A round runs on the host (runners of any backend, acceptance in numpy) or, for the torch backend on a GPU, on
+the device (``cuda.DeviceStep``: drafting, verification, acceptance and KV commit in one captured step); both
+feed the same bookkeeping (``_record``), so stop conditions, streaming, stats and traces are one code.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,10 +28,11 @@ import numpy as np
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
+from dspark.runtime.profile import load_table
 from dspark.runtime.proposers import BlockProposer, Proposal, make_proposer
-from dspark.runtime.runners import make_runner
+from dspark.runtime.backends import check_backend, make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
-from dspark.runtime.schedulers import block_cap, make_scheduler
+from dspark.runtime.schedulers import block_cap, load_temperatures, make_scheduler
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
 
 
@@ -96,7 +102,12 @@ class Sequence:
 
 
 class Generator:
-    """Plain or speculative generation over a bundle's graphs, many requests at once."""
+    """Plain or speculative generation over a bundle's graphs, many requests at once.
+
+    ``backend``/``device`` pick the runners (``backends.make_runner``); ``cuda_graphs`` lets a device backend
+    replay captured graphs per shape bucket; ``device_step`` runs each round on the device (default: for the
+    torch backend on a GPU).
+    """
 
     def __init__(
         self,
@@ -109,19 +120,34 @@ class Generator:
         threshold: float = 0.5,
         block_schedule: dict[int, int] | None = None,
         max_batch: int | None = None,
+        device: str = "cpu",
+        cuda_graphs: bool = True,
+        device_step: bool | None = None,
     ):
-        from dspark.runtime.calibration import load_temperatures
-        from dspark.runtime.profile import load_table
-
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         limits = self.bundle.limits
         self.max_batch = min(max_batch or limits["max_batch"], limits["max_batch"])
-        self.target = make_runner(self.bundle, "target", backend, threads)
         self.tokenizer = Tokenizer(self.bundle)
         self.eos_ids = set(self.bundle.tokenizer["eos_token_ids"])
         use_draft = use_draft and self.bundle.draft is not None
-        self.proposer = make_proposer(self.bundle, backend, threads, num_draft_tokens) if use_draft else None
-        self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend))
+        check_backend(backend, device)
+        if device_step is None:  # the torch backend on a GPU runs the round on the device
+            device_step = backend == "torch" and device != "cpu"
+        self.device_step = None
+        self.target = self.proposer = None
+        if device_step:
+            from dspark.runtime.cuda import DeviceStep  # imports torch, which the host loop over ONNX Runtime never needs
+
+            if backend != "torch" or scheduler != "fixed":
+                raise DsparkError(f"the device step runs the torch modules and verifies whole blocks: it takes "
+                                  f"--backend torch and --scheduler fixed, not {backend} and {scheduler}")
+            self.device_step = DeviceStep(self.bundle, use_draft, num_draft_tokens, cuda_graphs, device)
+        else:
+            runner = functools.partial(make_runner, self.bundle, backend=backend, threads=threads, device=device,
+                                       cuda_graphs=cuda_graphs)
+            self.target = runner("target")
+            self.proposer = make_proposer(self.bundle, runner, num_draft_tokens) if use_draft else None
+        self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_temperatures(self.bundle)
         self.block_schedule = block_schedule
         self.cache = decoder_cache(self.bundle.target["config"], 0, self.bundle)
@@ -130,6 +156,8 @@ class Generator:
 
     @property
     def num_draft_tokens(self) -> int:
+        if self.device_step:
+            return self.device_step.k
         return self.proposer.k if self.proposer else 0
 
     # ------------------------------------------------------------------------------------------- requests
@@ -169,16 +197,19 @@ class Generator:
 
     def step(self) -> list[Sequence]:
         """Admit waiting requests into free rows, run one speculative round, retire finished rows."""
-        self._admit()
+        self.admit()
         if any(not s.done for s in self.running):
             self._round()
         finished = [s for s in self.running if s.done]
         if finished:
             keep = [r for r, s in enumerate(self.running) if not s.done]
             self.running = [self.running[r] for r in keep]
-            self.cache.keep_rows(keep)
-            if self.proposer:
-                self.proposer.keep(keep)
+            if self.device_step:
+                self.device_step.keep(keep)
+            else:
+                self.cache.keep_rows(keep)
+                if self.proposer:
+                    self.proposer.keep(keep)
             for s in finished:
                 self._finish(s)
         return finished
@@ -188,7 +219,9 @@ class Generator:
                 **self.scheduler.stats.to_dict()}
 
     # ------------------------------------------------------------------------------------------- the loop
-    def _admit(self) -> None:
+    def admit(self) -> None:
+        """Prefill waiting requests into free rows (``step`` does this first; alone, it readies rows to time a
+        round on)."""
         new = []
         while self.waiting and len(self.running) + len(new) < self.max_batch:
             seq = self.waiting.popleft()
@@ -199,12 +232,15 @@ class Generator:
         if not new:
             return
         # prefill the newcomers on their own rows: the running rows are not recomputed
-        cache = self.cache.empty_like(len(new))
-        features = [[] for _ in new] if isinstance(self.proposer, BlockProposer) else None
-        logits = feed(self.target, cache, [s.tokens for s in new], self.bundle.limits["prefill_chunk"], features)
-        self.cache.add_rows(cache)
-        if self.proposer:
-            self.proposer.add(len(new), features)
+        if self.device_step:
+            logits = self.device_step.add([s.tokens for s in new])
+        else:
+            cache = self.cache.empty_like(len(new))
+            features = [[] for _ in new] if isinstance(self.proposer, BlockProposer) else None
+            logits = feed(self.target, cache, [s.tokens for s in new], self.bundle.limits["prefill_chunk"], features)
+            self.cache.add_rows(cache)
+            if self.proposer:
+                self.proposer.add(len(new), features)
         self.running += new
         for seq, row_logits in zip(new, logits):
             params = seq.request.sampling
@@ -214,12 +250,15 @@ class Generator:
     def _round(self) -> None:
         seqs = self.running
         max_context = self.bundle.limits["max_context"]
-        anchors = [len(s.tokens) - 1 for s in seqs]
         k = block_cap(self.block_schedule, len(seqs), self.num_draft_tokens)
         caps = []
         for s in seqs:
             room = min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens)) - 1
             caps.append(0 if s.done else max(0, min(k, room)))
+        if self.device_step:
+            self._device_round(seqs, caps)
+            return
+        anchors = [len(s.tokens) - 1 for s in seqs]
         proposals = self.proposer.propose(seqs, caps) if self.proposer else [Proposal([]) for _ in seqs]
         confidences = [self._confidence(p) for p in proposals]
         lengths = self.scheduler.choose(confidences, [len(p.tokens) for p in proposals]) if self.proposer else caps
@@ -236,25 +275,40 @@ class Generator:
         if self.proposer:
             self.proposer.commit(anchors, [len(p.tokens) for p in proposals], accepted, out)
         for r, s in enumerate(seqs):
-            if not parts[r]:
-                continue
-            s.drafted.append(len(proposals[r].tokens))
-            s.verified.append(lengths[r])
-            s.accepted.append(accepted[r])
-            committed = self._emit(s, emitted[r])
-            if s.trace_rounds:
-                logits = proposals[r].confidence_logits
-                s.trace.append(
-                    {
-                        "round": len(s.accepted),
-                        "position": anchors[r],
-                        "draft_tokens": proposals[r].tokens,
-                        "confidence": None if logits is None else [float(c) for c in sigmoid(logits)],
-                        "verify_length": lengths[r],
-                        "accepted": accepted[r],
-                        "emitted": committed,
-                    }
-                )
+            if parts[r]:
+                self._record(s, proposals[r], lengths[r], accepted[r], emitted[r])
+
+    def _device_round(self, seqs: list[Sequence], caps: list[int]) -> None:
+        """The round on the device: drafts, verify, acceptance and KV commit in one (captured) step."""
+        active = [not s.done for s in seqs]
+        out = self.device_step.round(seqs, caps)
+        k = self.device_step.k
+        for r, s in enumerate(seqs):
+            if active[r]:
+                n = int(out[r, 0])
+                drafts = [int(t) for t in out[r, k + 2 : k + 2 + caps[r]]]
+                self._record(s, Proposal(drafts), caps[r], n, [int(t) for t in out[r, 1 : n + 2]])
+
+    def _record(self, seq: Sequence, proposal: Proposal, verified: int, accepted: int, emitted: list[int]) -> None:
+        """Emit a round's tokens and count it (stats, trace): the same for the host and the device round."""
+        position = len(seq.tokens) - 1
+        seq.drafted.append(len(proposal.tokens))
+        seq.verified.append(verified)
+        seq.accepted.append(accepted)
+        committed = self._emit(seq, emitted)
+        if seq.trace_rounds:
+            logits = proposal.confidence_logits
+            seq.trace.append(
+                {
+                    "round": len(seq.accepted),
+                    "position": position,
+                    "draft_tokens": proposal.tokens,
+                    "confidence": None if logits is None else [float(c) for c in sigmoid(logits)],
+                    "verify_length": verified,
+                    "accepted": accepted,
+                    "emitted": committed,
+                }
+            )
 
     def _confidence(self, proposal: Proposal) -> np.ndarray | None:
         """Per-position acceptance estimates, STS-calibrated when the bundle has temperatures."""

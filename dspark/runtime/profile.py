@@ -19,10 +19,15 @@ from tqdm import tqdm
 
 from dspark.bundle import Bundle
 from dspark.runtime.decoder import decoder_cache, run_decoder
-from dspark.runtime.runners import make_runner
+from dspark.runtime.backends import make_runner
 
 
-def device_name() -> str:
+def device_name(device: str = "cpu") -> str:
+    """A file-name-safe name of the machine a backend runs on: the CPU model and core count, or the GPU model."""
+    if device.startswith("cuda"):
+        import torch
+
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(torch.device(device)).lower()).strip("-")
     model = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -34,12 +39,12 @@ def device_name() -> str:
     return f"cpu-{slug}-{os.cpu_count()}c"
 
 
-def profile_key(backend: str) -> str:
-    return f"profiles/{backend}-{device_name()}.json"
+def profile_key(backend: str, device: str = "cpu") -> str:
+    return f"profiles/{backend}-{device_name(device)}.json"
 
 
-def load_table(bundle: Bundle, backend: str) -> dict | None:
-    return bundle.read_json(profile_key(backend))
+def load_table(bundle: Bundle, backend: str, device: str = "cpu") -> dict | None:
+    return bundle.read_json(profile_key(backend, device))
 
 
 def ladder(limit: int) -> list[int]:
@@ -51,9 +56,9 @@ def ladder(limit: int) -> list[int]:
 
 
 def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: int = 256, repeats: int = 20,
-                   warmup: int = 3, progress: bool = True) -> dict:
+                   warmup: int = 3, progress: bool = True, device: str = "cpu") -> dict:
     bundle = Bundle.open(bundle_dir)
-    runner = make_runner(bundle, "target", backend, threads)
+    runner = make_runner(bundle, "target", backend, threads, device)
     limits = bundle.limits
     rows = ladder(limits["max_batch"])
     widths = list(range(1, limits["max_verify_tokens"] + 1))
@@ -80,7 +85,7 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
             times[p].append(time.perf_counter() - start)
     table = {
         "backend": backend,
-        "device": device_name(),
+        "device": device_name(device),
         "threads": threads,
         "context": context,
         "repeats": repeats,
@@ -90,5 +95,5 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
         "steps_per_second": [[1 / statistics.median(times[(r, w)]) for w in widths] for r in rows],
         "measured_unix": int(time.time()),
     }
-    bundle.add_file(profile_key(backend), json.dumps(table, indent=2) + "\n")
+    bundle.add_file(profile_key(backend, device), json.dumps(table, indent=2) + "\n")
     return table

@@ -1,7 +1,7 @@
 """Drafts: what proposes tokens for the target to verify.
 
 Two proposers share one interface (``keep``/``add`` rows as sequences leave and join, ``propose`` up to a cap
-per row, ``commit`` what the target accepted):
+per row, ``commit`` what the target accepted, ``rewind`` to repeat a round when timing it):
 
 - ``DraftLMProposer``: a small LM with the target's tokenizer, K sequential single-token steps. Its cache may
   lag the committed tokens; each round it first catches up on what it has not read (the anchor, and the last
@@ -21,7 +21,6 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
 from dspark.runtime.kv import KVCache
-from dspark.runtime.runners import make_runner
 from dspark.runtime.sampling import probabilities, sample
 
 
@@ -37,9 +36,9 @@ class Proposal:
 
 
 class DraftLMProposer:
-    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int):
+    def __init__(self, bundle: Bundle, runner, num_draft_tokens: int):
         self.bundle = bundle
-        self.runner = make_runner(bundle, "draft", backend, threads)
+        self.runner = runner("draft")
         self.k = num_draft_tokens
         self.cache = decoder_cache(bundle.draft["config"], 0, bundle)
 
@@ -82,6 +81,10 @@ class DraftLMProposer:
         proposal.tokens.append(sample(q, seq.rng.random()))
         proposal.probs.append(q)
 
+    def rewind(self, anchors: list[int]) -> None:
+        """Forget what each row read past its anchor, so the next ``propose`` redoes the same round."""
+        self.cache.lens[:] = anchors
+
     def commit(self, anchors: list[int], drafted: list[int], accepted: list[int], _out) -> None:
         """Keep the cache rows that hold committed tokens: the anchor and the accepted drafts it has read."""
         for r, n in enumerate(drafted):
@@ -90,12 +93,10 @@ class DraftLMProposer:
 
 
 class BlockProposer:
-    wants_features = True
-
-    def __init__(self, bundle: Bundle, backend: str, threads: int, num_draft_tokens: int):
+    def __init__(self, bundle: Bundle, runner, num_draft_tokens: int):
         self.bundle = bundle
-        self.context = make_runner(bundle, "draft_context", backend, threads)
-        self.drafter = make_runner(bundle, "draft_propose", backend, threads)
+        self.context = runner("draft_context")
+        self.drafter = runner("draft_propose")
         self.config = c = bundle.draft["config"]
         self.k = num_draft_tokens
         dtype = np.float16 if bundle.manifest["dtype"] == "fp16" else np.float32
@@ -158,19 +159,27 @@ class BlockProposer:
             proposals.append(Proposal([int(t) for t in out["draft_tokens"][r, :n]], probs, conf))
         return proposals
 
+    def rewind(self, anchors: list[int]) -> None:
+        """Nothing to forget: a proposal reads the context cache without writing it."""
+
     def commit(self, anchors: list[int], drafted: list[int], accepted: list[int], out) -> None:
         """Features of the anchor and the accepted drafts become the next round's context."""
         for r in range(len(anchors)):
             self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
 
 
-def make_proposer(bundle: Bundle, backend: str, threads: int, num_draft_tokens: int | None):
-    draft = bundle.draft
-    k = num_draft_tokens or draft["num_draft_tokens"]
+def draft_length(bundle: Bundle, requested: int | None) -> int:
+    """Draft tokens per round: ``requested`` or the bundle's, refused when the verify graph cannot take it."""
+    k = requested or bundle.draft["num_draft_tokens"]
     if k + 1 > bundle.limits["max_verify_tokens"]:
         raise DsparkError(
             f"--num-draft-tokens {k} needs {k + 1}-token verify calls; this bundle was exported for at most "
             f"{bundle.limits['max_verify_tokens'] - 1} (re-export with --num-draft-tokens {k})"
         )
-    kind = DraftLMProposer if draft["method"] == "draft-lm" else BlockProposer
-    return kind(bundle, backend, threads, k)
+    return k
+
+
+def make_proposer(bundle: Bundle, runner, num_draft_tokens: int | None):
+    """The bundle's draft; ``runner(graph)`` makes its graph runners (``backends.make_runner`` bound to a backend)."""
+    kind = DraftLMProposer if bundle.draft["method"] == "draft-lm" else BlockProposer
+    return kind(bundle, runner, draft_length(bundle, num_draft_tokens))

@@ -1,4 +1,5 @@
-"""Graph runners: one small interface over ONNX Runtime (and, later, TensorRT and torch).
+"""Graph runners: one small interface over ONNX Runtime, TensorRT (``trt.py``) and torch (``torch_runner.py``);
+``backends.make_runner`` picks one.
 
 A runner takes numpy feeds by input name and returns numpy outputs by name. The ONNX Runtime runner binds
 inputs zero-copy and writes outputs into buffers it allocates once and grows on demand; returned arrays are
@@ -134,13 +135,3 @@ class OrtRunner(GraphRunner):
             outputs[spec["name"]] = out
         self.session.run_with_iobinding(self.binding)
         return outputs
-
-
-def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0) -> GraphRunner:
-    if backend == "ort":
-        return OrtRunner(bundle, graph, threads=threads, spin=graph == "target")
-    if backend == "trt":  # engines from 'dspark build' for this GPU and TensorRT version
-        from dspark.runtime.trt import TrtRunner
-
-        return TrtRunner(bundle, graph)
-    raise DsparkError(f"backend {backend!r} is not available; choose: ort, trt")

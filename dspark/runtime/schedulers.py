@@ -26,9 +26,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 
 log = logging.getLogger("dspark")
+CALIBRATION_FILE = "calibration.json"  # written by 'dspark calibrate' (calibration.py)
+
+
+def load_temperatures(bundle: Bundle) -> np.ndarray | None:
+    """The bundle's STS temperatures per draft position, or None when it was not calibrated."""
+    data = bundle.read_json(CALIBRATION_FILE)
+    return None if data is None else np.asarray(data["sts_temperatures"], dtype=np.float64)
 
 
 @dataclass

@@ -1,0 +1,142 @@
+"""The ``torch`` backend: the ``dspark/graphs`` modules run directly, on the CPU or a CUDA device, behind the
+same ``GraphRunner`` interface and input/output names as the bundle's ONNX graphs.
+
+Weights come from the checkpoint folders the manifest records (``models.<role>.source``): the modules the
+graphs were exported from, so the torch and ONNX Runtime backends compute the same functions. For a decoder
+graph of the ``ort`` flavour, this runner keeps that flavour's in-place contract on the runtime's KV cache
+(``in_place_step``): each row's new tokens' K/V are written into the cache at ``cache_lens``, and logits are
+returned only for the rows ``logit_index`` asks for.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dspark.bundle import Bundle
+from dspark.errors import DsparkError
+from dspark.runtime.runners import GraphRunner
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def module_problem(bundle: Bundle, role: str) -> str | None:
+    """Why ``role``'s PyTorch module cannot be rebuilt here, or None when it can."""
+    model = bundle.manifest["models"][role]
+    source = Path(model["source"])
+    if not (source / "config.json").is_file():
+        return f"the {role}'s checkpoint folder {source} (recorded in the manifest at export) is not here"
+    if bundle.manifest.get("quantize"):
+        return (f"the bundle's graphs are {bundle.manifest['quantize']}-quantized and the checkpoint is not, so the "
+                "two would decode differently")
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _load(kind: str, source: str, target_source: str, tap_layers: tuple, dtype: torch.dtype, device: str):
+    """One module per (checkpoint, dtype, device), shared by every runner of a process (they only read it)."""
+    from dspark.graphs.checkpoint import read_config
+    from dspark.graphs.decoder import DecoderConfig, DecoderLM
+    from dspark.graphs.drafter import Drafter
+
+    if kind == "drafter":
+        target_config = DecoderConfig.from_hf(read_config(target_source))
+        module = Drafter.from_pretrained(source, target_config, dtype=dtype)
+    else:
+        module = DecoderLM.from_pretrained(source, tap_layers=tap_layers, dtype=dtype)
+    return module.to(device).eval()
+
+
+def load_module(bundle: Bundle, role: str, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """``role``'s module (DecoderLM or Drafter) rebuilt from its checkpoint folder; a DsparkError says why not."""
+    problem = module_problem(bundle, role)
+    if problem:
+        raise DsparkError(f"the torch backend runs the PyTorch modules, but {problem}; use --backend ort")
+    model = bundle.manifest["models"][role]
+    kind = "drafter" if model.get("method") in ("dspark", "dflash") else "decoder"
+    dtype = dtype or DTYPES[bundle.manifest["dtype"]]
+    return _load(kind, model["source"], bundle.target["source"], tuple(model.get("tap_layers", ())), dtype,
+                 str(torch.device(device)))
+
+
+def graph_role(bundle: Bundle, graph: str) -> str:
+    return next(role for role, model in bundle.manifest["models"].items() if graph in model["graphs"])
+
+
+def in_place_step(model, input_ids, cache_lens, query_lens, logit_index, past_k, past_v):
+    """The ``ort`` flavour's call contract spelled with the module's own step, on torch tensors.
+
+    past_k, past_v [L, B, Hkv, S, D]: each layer's whole KV buffer; the ``query_lens[b]`` new tokens' K/V are
+    written into it in place at ``cache_lens[b]``. Returns logits [B, logit_rows, V] at ``logit_index`` and the
+    tapped features (None without taps).
+    """
+    lens = cache_lens.long()
+    positions = lens[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    logits, new_k, new_v, hidden = model.step(input_ids, positions, lens, past_k, past_v)
+    for r, (start, count) in enumerate(zip(lens.tolist(), query_lens.tolist())):
+        past_k[:, r, :, start : start + count] = new_k[:, r, :, :count]
+        past_v[:, r, :, start : start + count] = new_v[:, r, :, :count]
+    picked = torch.gather(logits, 1, logit_index.long()[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return picked, hidden
+
+
+class TorchRunner(GraphRunner):
+    """A bundle graph computed by its PyTorch module; numpy feeds and outputs, like the other runners."""
+
+    def __init__(self, bundle: Bundle, graph: str, device: str = "cpu", threads: int = 0):
+        self.device = torch.device(device)
+        if threads:  # process-wide in torch; small models run fastest on few threads
+            torch.set_num_threads(threads)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DsparkError("--device cuda needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is "
+                              "False); use --device cpu")
+        self.spec = bundle.graph(graph)
+        self.graph = graph
+        self.module = load_module(bundle, graph_role(bundle, graph), device=self.device)
+        self.input_names = [i["name"] for i in self.spec["inputs"]]
+        self.output_names = [o["name"] for o in self.spec["outputs"]]
+        self.in_place = self.spec.get("flavour") == "ort"
+        # the in-place graph's present_* outputs are the cache buffers themselves, not results
+        self.result_specs = [o for o in self.spec["outputs"] if not o["name"].startswith("present_")]
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # broadcast views; torch wants memory it may write
+            array = array.copy()
+        return torch.from_numpy(array).to(self.device)
+
+    @torch.no_grad()
+    def run(self, feeds: dict[str, np.ndarray], cache=None) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds and not (self.in_place and n.startswith("past_"))]
+        if missing:
+            raise ValueError(f"no feed for input {', '.join(missing)}")
+        t = {name: self._tensor(array) for name, array in feeds.items()}
+        if self.in_place:
+            out = self._run_in_place(t, cache)
+        elif self.graph == "draft_context":
+            out = self.module.context_kv(t["features"], t["positions"])
+        elif self.graph == "draft_propose":
+            out = self.module.propose(t["anchor"], t["start"], t["cache_lens"], t["past_k"], t["past_v"],
+                                      t["temperature"], t["noise"])
+        else:
+            out = self.module.step(t["input_ids"], t["position_ids"], t["cache_lens"], t["past_k"], t["past_v"])
+        results = [x for x in out if x is not None]
+        return {spec["name"]: value.cpu().numpy().astype(spec["dtype"], copy=False)
+                for spec, value in zip(self.result_specs, results)}
+
+    def _run_in_place(self, t: dict, cache) -> tuple:
+        if cache is None:
+            raise ValueError(f"graph {self.graph} updates its KV cache in place; pass the cache")
+        on_host = self.device.type == "cpu"
+        # on the CPU the cache's numpy buffers are shared, not copied; a device computes on a copy it writes back
+        past_k, past_v = (torch.from_numpy(cache.k), torch.from_numpy(cache.v)) if on_host else \
+            (self._tensor(cache.k), self._tensor(cache.v))
+        logits, hidden = in_place_step(self.module, t["input_ids"], t["cache_lens"], t["query_lens"],
+                                       t["logit_index"], past_k, past_v)
+        if not on_host:
+            cache.k[...] = past_k.cpu().numpy()
+            cache.v[...] = past_v.cpu().numpy()
+        return logits, hidden
