@@ -19,7 +19,7 @@ from dspark.bundle import Bundle
 from dspark.graphs.decoder import DecoderLM
 from dspark.runtime.decoder import decoder_cache, run_decoder
 from dspark.runtime.generate import Generator, Request
-from dspark.runtime.runners import make_runner
+from dspark.runtime.backends import make_runner
 from dspark.runtime.tokenizer import ChatTemplate
 
 QUESTIONS = ["What is the capital of France?", "Write a Python function that returns the n-th Fibonacci number.",

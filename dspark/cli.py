@@ -367,9 +367,10 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
               help="Autoscaling target: in-flight requests per replica (default: 2).")
 @click.option("--address", help="Ray cluster to join (as 'ray start --head' printed it, or 'auto'); default: a local Ray instance.")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray instance (default: all); not with --address.")
+@backend_options
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
           no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level,
-          replicas, min_replicas, max_replicas, target_ongoing_requests, address, num_cpus):
+          replicas, min_replicas, max_replicas, target_ongoing_requests, address, num_cpus, backend, device):
     """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics).
 
     With --replicas or --min/--max-replicas, the same API is served by many replicas on Ray Serve (a local Ray
@@ -391,7 +392,8 @@ def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, sch
     options = dict(model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                    scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
                    threads=threads, chat_template=template, shutdown_timeout=shutdown_timeout,
-                   keep_alive_timeout=keep_alive_timeout, max_request_bytes=max_request_bytes, log_level=log_level)
+                   keep_alive_timeout=keep_alive_timeout, max_request_bytes=max_request_bytes, log_level=log_level,
+                   backend=backend, device=device)
     if not cluster:
         if address or num_cpus or target_ongoing_requests is not None:
             raise DsparkError("--address, --num-cpus and --target-ongoing-requests apply to replicas: add --replicas N "

@@ -48,8 +48,6 @@ def test_generate_cli_takes_a_backend(qwen3_bundle):
         outputs[backend] = json.loads(result.output.strip().splitlines()[-1])["token_ids"]
     assert outputs["torch"] == outputs["ort"] and len(outputs["ort"]) == 12
     for command in ("generate", "serve", "bench", "profile", "calibrate", "demo"):
-        if command == "serve":
-            continue  # dspark/serve takes the backend once serve() forwards it (see the report to the lead)
         help_text = runner.invoke(main, [command, "--help"]).output
         assert "--backend [ort|torch|trt]" in help_text and "--device" in help_text, command
 
@@ -77,3 +75,14 @@ def test_torch_backend_without_the_checkpoint_says_which_folder(qwen3_bundle, tm
     with pytest.raises(DsparkError, match=f"draft's checkpoint folder {tmp_path / 'moved-away'}.*use --backend ort"):
         Generator(copy, backend="torch")
     Generator(copy, backend="torch", use_draft=False)  # the target's folder is still there
+
+
+def test_serve_on_the_torch_backend(qwen3_bundle):
+    """`dspark serve --backend torch`: 16 concurrent greedy requests (half streamed) equal the Generator's output."""
+    import httpx
+
+    from conftest import check_sixteen_concurrent_greedy, cli_server
+
+    with cli_server(qwen3_bundle, "--backend", "torch", "--threads", "1") as (_process, url):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            check_sixteen_concurrent_greedy(client, qwen3_bundle)

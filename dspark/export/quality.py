@@ -37,7 +37,7 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def graph_perplexity(bundle: Bundle, ids: list[int]) -> float:
     from dspark.runtime.decoder import commit, decoder_cache, run_decoder
-    from dspark.runtime.runners import make_runner
+    from dspark.runtime.backends import make_runner
 
     runner = make_runner(bundle, "target")
     cache = decoder_cache(bundle.target["config"], 1, bundle)
