@@ -6,7 +6,8 @@ For each pair (ours, theirs) at one precision it measures, interleaved so machin
   theirs is their model.onnx in an ONNX Runtime session with the same options, past K/V bound once.
 - plain decode tokens/s: ``dspark``'s Generator (no draft) and onnxruntime-genai's own generate loop on the same
   chat prompt, --new-tokens greedy tokens; decode rate = (tokens - 1) / (time of the last - time of the first).
-- host time per plain step: our decode time per token minus our T(1) graph time (what the loop adds).
+- host time per plain step: decode time per token minus the graph's own T(1) timed back to back in the same
+  process (what each loop adds around its graph). Each decode run is a fresh process.
 - with --ops, an ONNX Runtime profile of one T(1) call of each graph: ms per op type per step.
 
     python bench/graph_peers.py --pair fp32 BUNDLE GENAI_DIR --pair int4 BUNDLE GENAI_DIR [--output report.json]
@@ -23,6 +24,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,6 +129,41 @@ def our_decode(ours: Ours, prompt_ids: list[int], tokens: int) -> float:
     return (tokens - 1) / (timed(tokens) - timed(1))
 
 
+def decode_in_subprocess(who: str, path: Path, bundle_dir: Path, args) -> dict:
+    command = [sys.executable, __file__, "--decode-one", who, str(path), str(bundle_dir), "--new-tokens",
+               str(args.new_tokens), "--threads", str(args.threads), "--context", str(args.context)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def decode_one(who: str, path: Path, bundle_dir: Path, tokens: int, threads: int, context: int) -> dict:
+    """One system's plain decode rate in this (fresh) process, after a warm-up run, and the host time per step:
+    ms per decoded token minus the median of back-to-back T(1) calls at the run's mean context."""
+    from dspark.runtime.tokenizer import Tokenizer
+
+    prompt_ids = Tokenizer(Bundle.open(bundle_dir, verify=False)).encode(PROMPT)
+    context = len(prompt_ids) + tokens // 2
+    if who == "theirs":
+        import onnxruntime_genai as og
+
+        model = og.Model(str(path))
+        their_decode(path, prompt_ids, 8, model)
+        rate = their_decode(path, prompt_ids, tokens, model)
+        del model
+        system = Theirs(path, threads, context)
+    else:
+        system = Ours(path, threads, context)
+        our_decode(system, prompt_ids, 8)
+        rate = our_decode(system, prompt_ids, tokens)
+    times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        system.call(1)
+        times.append(time.perf_counter() - started)
+    t1 = 1000 * statistics.median(times[5:])
+    return {"tok_s": rate, "t1_back_to_back_ms": t1, "host_ms": 1000 / rate - t1}
+
+
 def their_perplexity(theirs: Theirs, ids: list[int]) -> float:
     """Their graph on the held-out text our export scores itself on (one call, empty past)."""
     from dspark.export.quality import _nll
@@ -168,7 +206,7 @@ def profile_ops(make_session, feed_call, calls: int = 20) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "BUNDLE", "GENAI_DIR"), required=True,
+    parser.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "BUNDLE", "GENAI_DIR"),
                         help="a precision label, our bundle and onnxruntime-genai's model folder for the same checkpoint")
     parser.add_argument("--context", type=int, default=128, help="cache length for the T(n) calls")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per width (median kept)")
@@ -177,7 +215,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op threads")
     parser.add_argument("--ops", action="store_true", help="add an ONNX Runtime op-type profile of each graph's T(1)")
     parser.add_argument("--output", type=Path, help="write the report as JSON here")
+    parser.add_argument("--decode-one", nargs=3, metavar=("WHO", "PATH", "BUNDLE"), help=argparse.SUPPRESS)
+    if "--decode-one" in sys.argv:  # a child process timing one decode run (see decode_in_subprocess)
+        args, _ = parser.parse_known_args()
+        who, path, bundle = args.decode_one
+        print(json.dumps(decode_one(who, Path(path), Path(bundle), args.new_tokens, args.threads, args.context)))
+        return
     args = parser.parse_args()
+    if not args.pair:
+        parser.error("give at least one --pair LABEL BUNDLE GENAI_DIR")
 
     import onnxruntime_genai as og
 
@@ -188,17 +234,14 @@ def main() -> None:
         bundle_dir, genai_dir = Path(bundle_dir), Path(genai_dir)
         ours, theirs = Ours(bundle_dir, args.threads, args.context), Theirs(genai_dir, args.threads, args.context)
         costs = step_costs(ours, theirs, args.repeats)
-        prompt_ids = ours.generator.tokenizer.encode(PROMPT)
-        model = og.Model(str(genai_dir))
+        # each decode run in a process of its own, so no other session's threads or caches are around
         decode = {"ours": [], "theirs": []}
         for run in range(args.decode_runs):
             for who in (("ours", "theirs") if run % 2 else ("theirs", "ours")):
-                if who == "ours":
-                    decode[who].append(our_decode(ours, prompt_ids, args.new_tokens))
-                else:
-                    decode[who].append(their_decode(genai_dir, prompt_ids, args.new_tokens, model))
-        del model
-        rates = {who: statistics.median(v) for who, v in decode.items()}
+                decode[who].append(decode_in_subprocess(who, bundle_dir if who == "ours" else genai_dir, bundle_dir, args))
+        rates = {who: statistics.median(r["tok_s"] for r in runs) for who, runs in decode.items()}
+        back_to_back = {who: statistics.median(r["t1_back_to_back_ms"] for r in runs) for who, runs in decode.items()}
+        host = {who: statistics.median(r["host_ms"] for r in runs) for who, runs in decode.items()}
         from dspark.export.quality import heldout_text
 
         quality = ours.generator.bundle.manifest.get("quality")
@@ -209,11 +252,12 @@ def main() -> None:
             "t_ms": costs,
             "t_ratio": {who: {n: costs[who][n] / costs[who][1] for n in WIDTHS} for who in costs},
             "decode_tok_s": rates,
-            "host_ms_per_plain_step": 1000 / rates["ours"] - costs["ours"][1],
+            "t1_back_to_back_ms": back_to_back,
+            "host_ms_per_plain_step": host,
         }
         if args.ops:
             entry["ops_ms_per_call"] = {
-                "ours": profile_ops(lambda: _profiled_ours(bundle_dir, args.threads), lambda s: _call_ours(s, args.context)),
+                "ours": profile_ops(lambda: _profiled_ours(bundle_dir, args.threads), lambda s: _call_ours(s, bundle_dir, args.context)),
                 "theirs": profile_ops(lambda: session(theirs.file, args.threads, profile=True),
                                       lambda s: _call_theirs(s, theirs)),
             }
@@ -229,13 +273,21 @@ def _profiled_ours(bundle_dir: Path, threads: int) -> ort.InferenceSession:
     return session(bundle.file(bundle.graph("target")["file"]), threads, profile=True)
 
 
-def _call_ours(sess: ort.InferenceSession, context: int) -> None:
-    feeds = {"input_ids": np.full((1, 1), 7, np.int64), "cache_lens": np.array([context], np.int32),
-             "query_lens": np.array([1], np.int32), "logit_index": np.zeros((1, 1), np.int64)}
-    for i in sess.get_inputs():
-        if i.name.startswith("past_"):
-            feeds[i.name] = np.zeros((1, i.shape[1], context + 1, i.shape[3]), np.float32)
-    sess.run(["logits"], feeds)
+def _call_ours(sess: ort.InferenceSession, bundle_dir: Path, context: int) -> None:
+    """One T(1) call of our graph in either flavour, with plain session.run feeds."""
+    c = Bundle.open(bundle_dir, verify=False).target["config"]
+    kv = (1, c["num_kv_heads"], context + 1, c["head_dim"])
+    feeds = {"input_ids": np.full((1, 1), 7, np.int64)}
+    names = {i.name for i in sess.get_inputs()}
+    if "query_lens" in names:  # ort flavour: in-place buffers per layer
+        feeds.update(cache_lens=np.array([context], np.int32), query_lens=np.array([1], np.int32),
+                     logit_index=np.zeros((1, 1), np.int64))
+        feeds.update({n: np.zeros(kv, np.float32) for n in names if n.startswith("past_")})
+    else:  # standard flavour: the cache window for every layer
+        window = (c["num_layers"], 1, c["num_kv_heads"], context, c["head_dim"])
+        feeds.update(position_ids=np.array([[context]]), cache_lens=np.array([context]),
+                     past_k=np.zeros(window, np.float32), past_v=np.zeros(window, np.float32))
+    sess.run(None, feeds)
 
 
 def _call_theirs(sess: ort.InferenceSession, theirs: Theirs) -> None:
@@ -252,10 +304,14 @@ def print_pair(label: str, entry: dict) -> None:
     for who in ("ours", "theirs"):
         cells = "".join(f"{entry['t_ms'][who][n]:9.2f} ({entry['t_ratio'][who][n]:4.2f})" for n in WIDTHS)
         print(f"  {who:6s}{cells}")
-    print(f"  held-out perplexity: ours {entry['perplexity']['ours']}, theirs {entry['perplexity']['theirs']:.4f}")
+    print(f"  held-out perplexity: ours {entry['perplexity']['ours']} (fp32 is the unquantized model), "
+          f"theirs {entry['perplexity']['theirs']:.4f}")
     rates = entry["decode_tok_s"]
     print(f"  plain decode tok/s: ours {rates['ours']:.1f}, theirs {rates['theirs']:.1f} "
-          f"({rates['ours'] / rates['theirs']:.2f}x); host per plain step {entry['host_ms_per_plain_step']:.2f} ms")
+          f"({rates['ours'] / rates['theirs']:.2f}x)")
+    for who in ("ours", "theirs"):
+        print(f"  {who}: T(1) back to back {entry['t1_back_to_back_ms'][who]:.2f} ms, decode "
+              f"{1000 / rates[who]:.2f} ms/token, host per plain step {entry['host_ms_per_plain_step'][who]:.2f} ms")
     for who, ops in entry.get("ops_ms_per_call", {}).items():
         top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:8])
         print(f"  ops {who}: {sum(ops.values()):.2f} ms/call: {top}")
