@@ -240,3 +240,20 @@ def check_sixteen_concurrent_greedy(client, bundle: Path) -> None:
     with ThreadPoolExecutor(16) as pool:
         texts = list(pool.map(one, range(16)))
     assert texts == [s.text for s in refs]
+
+
+def assert_speculative_equals_plain(spec, plain, prompts, max_new_tokens: int) -> list[list[int]]:
+    """Each prompt alone: the speculative tokens equal the plain ones, and over all prompts drafts were both
+    accepted and rejected (so rollback was exercised). Returns the tokens per prompt."""
+    from dspark.runtime.generate import Request
+
+    outputs, accepted, verified = [], 0, 0
+    for prompt in prompts:
+        request = Request(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+        got = spec.generate([request])[0]
+        assert got.generated == plain.generate([request])[0].generated, f"prompt {prompt[:5]}"
+        assert len(got.generated) == max_new_tokens
+        outputs.append(got.generated)
+        accepted, verified = accepted + sum(got.accepted), verified + sum(got.verified)
+    assert 0 < accepted < verified
+    return outputs

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VOCAB, hf_model, save_hf
+from conftest import VOCAB, assert_speculative_equals_plain, hf_model, save_hf
 from dspark.bundle import Bundle
 from dspark.cli import main
 from dspark.export.bundle import ExportOptions, export_bundle
@@ -31,13 +31,7 @@ def quantized(request, qwen3_pair, tmp_path_factory):
 def test_speculative_equals_plain_of_the_same_bundle(quantized):
     _, bundle = quantized
     spec, plain = Generator(bundle), Generator(bundle, use_draft=False)
-    accepted = verified = 0
-    for prompt in PROMPTS:
-        req = Request(prompt, max_new_tokens=32, ignore_eos=True)
-        got = spec.generate([req])[0]
-        assert got.generated == plain.generate([req])[0].generated
-        accepted, verified = accepted + sum(got.accepted), verified + sum(got.verified)
-    assert 0 < accepted < verified
+    assert_speculative_equals_plain(spec, plain, PROMPTS, 32)
     # a ragged batch decodes as each request alone
     together = spec.generate([Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (9, 21, 14))])
     for p, n, seq in zip(PROMPTS, (9, 21, 14), together):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_speculative_equals_plain
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams
 
@@ -32,29 +33,14 @@ def hf_greedy(model, prompt, n):
 def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k, backend):
     target = qwen3_pair[0]
     spec = Generator(spec.bundle, num_draft_tokens=k, backend=backend)
-    accepted = proposed = 0
-    for prompt in PROMPTS:
-        req = Request(prompt, max_new_tokens=40, ignore_eos=True)
-        got = spec.generate([req])[0]
-        want = plain.generate([req])[0].generated
-        assert got.generated == want, f"K={k} prompt={prompt[:5]}"
-        assert want == hf_greedy(target, prompt, 40)
-        assert len(got.generated) == 40
-        accepted, proposed = accepted + sum(got.accepted), proposed + sum(got.verified)
-    # the pair is a real test of rollback: drafts are accepted and rejected
-    assert 0 < accepted < proposed
+    outputs = assert_speculative_equals_plain(spec, plain, PROMPTS, 40)
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output == hf_greedy(target, prompt, 40)
 
 
 def test_standard_flavour_greedy_equals_plain(qwen3_trt_bundle, plain, backend):
     """The TensorRT flavour (K/V returned, committed by copy) decodes the same tokens through the same loop."""
-    spec = Generator(qwen3_trt_bundle, backend=backend)
-    accepted = verified = 0
-    for prompt in PROMPTS:
-        req = Request(prompt, max_new_tokens=40, ignore_eos=True)
-        got = spec.generate([req])[0]
-        assert got.generated == plain.generate([req])[0].generated
-        accepted, verified = accepted + sum(got.accepted), verified + sum(got.verified)
-    assert 0 < accepted < verified
+    assert_speculative_equals_plain(Generator(qwen3_trt_bundle, backend=backend), plain, PROMPTS, 40)
 
 
 def test_full_acceptance_rounds_happen(spec):
