@@ -43,6 +43,17 @@ def test_standard_flavour_greedy_equals_plain(qwen3_trt_bundle, plain, backend):
     assert_speculative_equals_plain(Generator(qwen3_trt_bundle, backend=backend), plain, PROMPTS, 40)
 
 
+def test_rows_without_draft_work_beside_others(qwen3_bundle, plain, backend):
+    """Requests admitted together where some have no room to draft (one token to go) decode as plain does: a draft
+    row with nothing cached and nothing to feed rides along in the draft call (it used to fail as seqlens -1)."""
+    spec = Generator(qwen3_bundle, backend=backend)
+    requests = [Request([5, 6, 7], max_new_tokens=1, ignore_eos=True), Request([8, 9, 10, 11], max_new_tokens=20, ignore_eos=True),
+                Request([3] * 9, max_new_tokens=2, ignore_eos=True)]
+    got, want = spec.generate(requests), plain.generate(requests)
+    assert [s.generated for s in got] == [s.generated for s in want]
+    assert [len(s.generated) for s in got] == [1, 20, 2]
+
+
 def test_full_acceptance_rounds_happen(spec):
     seq = spec.generate([Request(PROMPTS[0], max_new_tokens=60, ignore_eos=True)], trace=True)[0]
     assert any(r["accepted"] == r["verify_length"] for r in seq.trace)

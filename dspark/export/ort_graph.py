@@ -125,8 +125,12 @@ class _Lowering:
         g, c, m = self.g, self.c, self.m
         body = m.model
         ids = "input_ids"
-        # rows' cache state, in the int32 GroupQueryAttention reads
-        seqlens_k = g.op1("Sub", [g.op1("Add", ["cache_lens", "query_lens"]), g.const("one_i32", np.array(1, np.int32))])
+        # rows' cache state, in the int32 GroupQueryAttention reads: tokens after the step minus one, floored at 0
+        # for a row that has nothing cached and nothing new (a draft row joining with no token to draft), which
+        # GroupQueryAttention would otherwise refuse as -1; such a row writes nothing and its outputs are unused
+        seqlens_k = g.op1("Max", [g.op1("Sub", [g.op1("Add", ["cache_lens", "query_lens"]),
+                                                g.const("one_i32", np.array(1, np.int32))]),
+                                  g.const("zero_i32", np.array(0, np.int32))])
         # total_sequence_length: the buffer capacity (an upper bound once query_seqlens is fed)
         capacity = g.op1("Cast", [g.op1("Gather", [g.op1("Shape", ["past_key.0"]), g.const("axis2", np.array(2, np.int64))],
                                         axis=0)], to=TensorProto.INT32)
