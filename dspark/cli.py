@@ -48,7 +48,9 @@ _register_training_commands()
 @click.option("--max-batch", default=8, show_default=True, help="Largest number of rows (sequences) one graph call takes.")
 @click.option("--max-context", default=2048, show_default=True, help="Longest sequence (prompt + output) the bundle serves.")
 @click.option("--prefill-chunk", default=256, show_default=True, help="Prompt tokens fed per prefill call.")
-@click.option("--num-draft-tokens", default=4, show_default=True, help="Draft tokens K per round (the verify graph takes K+1).")
+@click.option("--num-draft-tokens", type=click.IntRange(min=1),
+              help="A draft LM's tokens K per round (the verify graph takes K+1; default 4). A DSpark/DFlash drafter "
+                   "drafts its own block size; giving another K for one is refused.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Weight and activation type of the graphs.")
 @click.option("--runtime", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
               help="Graph flavour: 'ort' uses ONNX Runtime's fused operators (attention updating the KV cache in place; "

@@ -72,7 +72,8 @@ def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) 
     for folder in (target_dir, draft_dir):
         if not (folder / "config.json").is_file():
             raise DsparkError(f"the shipped model {folder} is missing; run dspark demo from a full checkout of the repository")
-    options = ExportOptions(max_batch=4, max_context=1024, prefill_chunk=128, num_draft_tokens=4)
+    options = ExportOptions(max_batch=4, max_context=1024, prefill_chunk=128,
+                            num_draft_tokens=4 if draft == "draft-lm" else None)
     return cached_export(f"demo-{draft}-{checkpoint_digest(target_dir, draft_dir)}-{__version__}", "the shipped pair",
                          target_dir, draft_dir, options, log)
 

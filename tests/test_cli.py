@@ -143,6 +143,10 @@ def test_export_dspark_drafter_from_the_cli(qwen3_pair, tmp_path):
     code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "b", "--max-context", 64)
     assert code == 0, out
     assert "dspark" in out and "block=3" in out
+    # a draft length that cannot apply to a block drafter is refused, not ignored
+    code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "c", "--num-draft-tokens", 2)
+    assert_one_line_error(code, out, "--num-draft-tokens applies to a draft LM", "block of 3")
+    assert not (tmp_path / "c").exists()
 
 
 # ------------------------------------------------------------------------------------------- careless input (issue 16)

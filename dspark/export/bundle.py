@@ -39,6 +39,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DRAFT_LM_TOKENS = 4  # default draft length K of a draft LM
 # graph flavour per runtime: ONNX Runtime's fused operators, or standard ONNX operators TensorRT's parser takes
 RUNTIMES = {"ort": "ort", "tensorrt": "standard"}
 KV_AXES = ["layer", "batch", "kv_head", "position", "head_dim"]
@@ -50,7 +51,7 @@ class ExportOptions:
     max_context: int = 2048
     prefill_chunk: int = 256
     dtype: str = "fp32"
-    num_draft_tokens: int = 4
+    num_draft_tokens: int | None = None  # a draft LM's K (default 4); a block drafter drafts its own block size
     runtime: str = "ort"
     quantize: str | None = None
     draft_quantize: str | None = None  # a draft LM's own weights (e.g. the target itself in int4 as its draft)
@@ -71,7 +72,7 @@ class ExportOptions:
                 "TensorRT export fp32 or fp16 and choose the engine precision with 'dspark build --precision'"
             )
         for name in ("max_batch", "max_context", "prefill_chunk", "num_draft_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DsparkError(f"{name.replace('_', '-')} must be at least 1")
         self.prefill_chunk = min(self.prefill_chunk, self.max_context)
 
@@ -289,7 +290,11 @@ def export_bundle(
     if options.draft_quantize and method != "draft-lm":
         raise DsparkError("--draft-quantize applies to a draft LM; " + (
             f"a {method} drafter's graphs are exported as they are" if method else "give one with --draft"))
-    num_draft = draft_config.block_size if block else options.num_draft_tokens
+    if block and options.num_draft_tokens not in (None, draft_config.block_size):
+        raise DsparkError(
+            f"--num-draft-tokens applies to a draft LM; this {method} drafter drafts its block of "
+            f"{draft_config.block_size} tokens (verify fewer with 'dspark generate --num-draft-tokens N')")
+    num_draft = draft_config.block_size if block else (options.num_draft_tokens or DRAFT_LM_TOKENS)
     verify_tokens = num_draft + 1 if method else 1
     taps = draft_config.target_layer_ids if block else ()
 
