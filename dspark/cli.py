@@ -5,6 +5,8 @@ Exit codes: 0 success, 1 a check or run that failed, 2 bad input (a ``DsparkErro
 
 from __future__ import annotations
 
+import functools
+
 import json
 import sys
 from pathlib import Path
@@ -105,14 +107,24 @@ def fetch(name):
 
 
 def backend_options(command):
-    """--backend and --device, the same on every command that runs graphs."""
-    command = click.option("--device", default="cpu", show_default=True,
-                           help="Where the graphs run: cpu, or cuda / cuda:N (torch and trt backends).")(command)
+    """--backend and --device, the same on every command that runs graphs; with ONNX Runtime the command's sessions
+    share one thread pool (``share_thread_pool``: a speculative round alternates between sessions)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        if kwargs.get("backend") == "ort":
+            from dspark.runtime.runners import share_thread_pool
+
+            share_thread_pool(kwargs.get("threads") or 0)
+        return command(*args, **kwargs)
+
+    run = click.option("--device", default="cpu", show_default=True,
+                       help="Where the graphs run: cpu, or cuda / cuda:N (torch and trt backends).")(run)
     return click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
                         help="Graph backend: ONNX Runtime on the CPU; torch (the PyTorch modules, rebuilt from the "
                              "checkpoint folders the bundle was exported from; on a CUDA device the whole round runs "
                              "there, captured as CUDA graphs); trt (TensorRT engines from 'dspark build', --device cuda, "
-                             "CUDA graphs per shape bucket).")(command)
+                             "CUDA graphs per shape bucket).")(run)
 
 
 

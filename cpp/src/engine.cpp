@@ -33,7 +33,7 @@ struct Engine::Impl {
         bundle(dir, o.verify_sha256),
         tokenizer(Tokenizer::from_file(bundle.file("tokenizer.json"))),
         eos(bundle.eos_ids.begin(), bundle.eos_ids.end()),
-        target(make_decoder(make_runner(bundle, "target", o, true), bundle.graph("target"))),
+        target(make_decoder(make_runner(bundle, "target", o), bundle.graph("target"))),
         cache(decoder_cache(bundle.target, 0, bundle)) {
     if (o.max_batch < 0) throw Error("max-batch must be positive, got " + std::to_string(o.max_batch));
     if (o.num_draft_tokens < 0)

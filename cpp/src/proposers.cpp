@@ -23,7 +23,7 @@ class DraftLMProposer : public Proposer {
  public:
   DraftLMProposer(const Bundle& bundle, const Options& options, int num_draft_tokens)
       : bundle_(bundle),
-        decoder_(make_decoder(make_runner(bundle, "draft", options, false), bundle.graph("draft"))),
+        decoder_(make_decoder(make_runner(bundle, "draft", options), bundle.graph("draft"))),
         cache_(decoder_cache(bundle.draft, 0, bundle)) {
     k = num_draft_tokens;
   }
@@ -91,8 +91,8 @@ class BlockProposer : public Proposer {
       : bundle_(bundle),
         context_spec_(bundle.graph("draft_context")),
         propose_spec_(bundle.graph("draft_propose")),
-        context_(make_runner(bundle, "draft_context", options, false)),
-        drafter_(make_runner(bundle, "draft_propose", options, false)),
+        context_(make_runner(bundle, "draft_context", options)),
+        drafter_(make_runner(bundle, "draft_propose", options)),
         cache_(decoder_cache(bundle.draft, 0, bundle)) {
     k = num_draft_tokens;
     width_ = std::stoi(context_spec_.input("features")->shape.back());

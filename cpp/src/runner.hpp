@@ -40,8 +40,7 @@ class GraphRunner {
   virtual Feeds run(const Feeds& feeds, const Feeds& bound = {}) = 0;
 };
 
-// `spin`: let idle intra-op threads spin (the target only: draft sessions that spin steal its cores)
-std::unique_ptr<GraphRunner> make_runner(const Bundle& bundle, const std::string& graph, const Options& options, bool spin);
+std::unique_ptr<GraphRunner> make_runner(const Bundle& bundle, const std::string& graph, const Options& options);
 
 // float view of a float32 or float16 output (converted into `scratch` when it is float16)
 const float* as_float(const TensorView& t, std::vector<float>& scratch);

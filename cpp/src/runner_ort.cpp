@@ -36,9 +36,18 @@ DType from_ort(ONNXTensorElementDataType t) {
   }
 }
 
-Ort::Env& env() {
+// One environment for the process, with one intra-op thread pool that every session shares (sized by the first
+// runner's --threads; 0: ONNX Runtime's default). A speculative round alternates between the draft's and the
+// target's sessions: with a pool each, the idle pool either spins and takes the cores from the busy one or sleeps
+// and pays a wake-up on every draft call (the Python runtime measured 43.0 -> 53.7 tok/s on SmolLM2 with one pool).
+Ort::Env& env(int threads) {
   // errors reach the caller as exceptions carrying ONNX Runtime's message; its own log would repeat them
-  static Ort::Env e(ORT_LOGGING_LEVEL_FATAL, "dspark");
+  static Ort::Env e = [threads] {
+    Ort::ThreadingOptions pool;
+    if (threads > 0) pool.SetGlobalIntraOpNumThreads(threads);
+    pool.SetGlobalInterOpNumThreads(1);
+    return Ort::Env(pool, ORT_LOGGING_LEVEL_FATAL, "dspark");
+  }();
   return e;
 }
 
@@ -53,15 +62,13 @@ std::string one_line(const char* what) {
 
 class OrtRunner : public GraphRunner {
  public:
-  OrtRunner(const Bundle& bundle, const GraphSpec& spec, const Options& options, bool spin)
+  OrtRunner(const Bundle& bundle, const GraphSpec& spec, const Options& options)
       : spec_(spec), memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
-    env();  // providers log through the environment: it must exist before they are appended
+    env(options.threads);  // providers log through the environment: it must exist before they are appended
     Ort::SessionOptions so;
-    so.SetIntraOpNumThreads(options.threads);
-    so.SetInterOpNumThreads(1);
+    so.DisablePerSessionThreads();  // the environment's shared pool runs every session
     so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     so.SetLogSeverityLevel(3);
-    if (!spin) so.AddConfigEntry("session.intra_op.allow_spinning", "0");
     const std::string& p = options.provider;
     try {
       if (p == "cuda") {
@@ -81,7 +88,7 @@ class OrtRunner : public GraphRunner {
     }
     std::string path = bundle.file(spec.file);
     try {
-      session_ = std::make_unique<Ort::Session>(env(), path.c_str(), so);
+      session_ = std::make_unique<Ort::Session>(env(options.threads), path.c_str(), so);
     } catch (const Ort::Exception& e) {
       throw Error("ONNX Runtime cannot load " + path + ": " + one_line(e.what()));
     }
@@ -201,10 +208,9 @@ const float* as_float(const TensorView& t, std::vector<float>& scratch) {
   return scratch.data();
 }
 
-std::unique_ptr<GraphRunner> make_runner(const Bundle& bundle, const std::string& graph, const Options& options,
-                                         bool spin) {
+std::unique_ptr<GraphRunner> make_runner(const Bundle& bundle, const std::string& graph, const Options& options) {
   const GraphSpec& spec = bundle.graph(graph);
-  if (options.backend == "ort") return std::make_unique<OrtRunner>(bundle, spec, options, spin);
+  if (options.backend == "ort") return std::make_unique<OrtRunner>(bundle, spec, options);
   if (options.backend == "trt") {
 #ifdef DSPARK_WITH_TENSORRT
     return make_trt_runner(bundle, spec, options);
