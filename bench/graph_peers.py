@@ -147,8 +147,8 @@ def decode_one(who: str, path: Path, bundle_dir: Path, tokens: int, threads: int
         import onnxruntime_genai as og
 
         model = og.Model(str(path))
-        their_decode(path, prompt_ids, 8, model)
-        rate = their_decode(path, prompt_ids, tokens, model)
+        their_decode(model, prompt_ids, 8)
+        rate = their_decode(model, prompt_ids, tokens)
         del model
         system = Theirs(path, threads, context)
     else:
@@ -166,20 +166,20 @@ def decode_one(who: str, path: Path, bundle_dir: Path, tokens: int, threads: int
 
 def their_perplexity(theirs: Theirs, ids: list[int]) -> float:
     """Their graph on the held-out text our export scores itself on (one call, empty past)."""
-    from dspark.export.quality import _nll
+    from dspark.export.quality import nll
 
     feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
     for layer in range(theirs.layers):
         for names in ("past_key_names", "past_value_names"):
             feeds[theirs.names[names] % layer] = np.zeros((1, theirs.heads, 0, theirs.dim), np.float32)
     logits = theirs.session.run(["logits"], feeds)[0][0]
-    return float(np.exp(_nll(logits[:-1], np.array(ids[1:])) / (len(ids) - 1)))
+    return float(np.exp(nll(logits[:-1], np.array(ids[1:])) / (len(ids) - 1)))
 
 
-def their_decode(folder: Path, prompt_ids: list[int], tokens: int, model=None) -> float:
+def their_decode(model, prompt_ids: list[int], tokens: int) -> float:
+    """onnxruntime-genai's own greedy loop on ``model`` (an ``og.Model``): tokens per second after the first."""
     import onnxruntime_genai as og
 
-    model = model or og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + tokens, do_sample=False, min_length=len(prompt_ids) + tokens)
     generator = og.Generator(model, params)

@@ -46,7 +46,8 @@ ONNX_TO_NUMPY = {
 }
 
 
-def _specs(values) -> list[TensorSpec]:
+def io_specs(values) -> list[TensorSpec]:
+    """Name, dtype and shape (named dimensions as names) of graph inputs or outputs."""
     specs = []
     for v in values:
         t = v.type.tensor_type
@@ -100,7 +101,7 @@ def export_graph(
         )
         program.save(str(raw))
         model = onnx.load(str(raw))
-    inputs, outputs = _specs(model.graph.input), _specs(model.graph.output)
+    inputs, outputs = io_specs(model.graph.input), io_specs(model.graph.output)
     for spec in inputs:
         for axis, dim in dynamic.get(spec.name, {}).items():
             if spec.shape[axis] != dim:

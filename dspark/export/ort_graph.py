@@ -27,7 +27,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dspark.errors import DsparkError
-from dspark.export.onnx import ONNX_TO_NUMPY, TensorSpec
+from dspark.export.onnx import io_specs
 from dspark.graphs.decoder import DecoderLM
 
 OPSET = 21
@@ -279,9 +279,4 @@ def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize
                     location=path.name + ".data", size_threshold=1024)
     # no onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain, unknown to
     # the checker; ONNX Runtime validates the graph when a session loads it
-
-    def specs(values):
-        return [TensorSpec(v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type],
-                           tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
-
-    return specs(onnx_model.graph.input), specs(onnx_model.graph.output)
+    return io_specs(onnx_model.graph.input), io_specs(onnx_model.graph.output)

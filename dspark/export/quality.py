@@ -27,7 +27,7 @@ def heldout_text() -> tuple[str, str]:
     return path.read_text(), f"Python {sys.version.split()[0]} standard library {path.name}"
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+def nll(logits: np.ndarray, targets: np.ndarray) -> float:
     """Sum of -log p(target) over rows of fp32 logits."""
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
@@ -47,14 +47,14 @@ def graph_perplexity(bundle: Bundle, ids: list[int]) -> float:
         out = run_decoder(runner, cache, [chunk])
         commit(cache, out, [len(chunk)])
         targets = np.array(ids[start + 1 : start + len(chunk) + 1])
-        total += _nll(out["logits"][0, : len(targets)], targets)
+        total += nll(out["logits"][0, : len(targets)], targets)
     return float(np.exp(total / (len(ids) - 1)))
 
 
 def model_perplexity(model: DecoderLM, ids: list[int]) -> float:
     with torch.no_grad():
         logits = model.float()(torch.tensor([ids]))[0, :-1].numpy()
-    return float(np.exp(_nll(logits, np.array(ids[1:])) / (len(ids) - 1)))
+    return float(np.exp(nll(logits, np.array(ids[1:])) / (len(ids) - 1)))
 
 
 def measure(bundle: Bundle, model: DecoderLM, encode) -> dict:

@@ -93,10 +93,10 @@ class OrtRunner(GraphRunner):
         self.binding = self.session.io_binding()
         self.arenas: dict[str, np.ndarray] = {}
         # in-place KV pairs (the ORT graph flavour): past_key.i is bound to the same memory as present_key.i
-        self.kv_pairs = [(f"past_{kind}.{i}", f"present_{kind}.{i}", kind)
+        self.kv_pairs = [(f"past_{kind}.{i}", f"present_{kind}.{i}", kind, i)
                          for i in range(sum(1 for n in self.input_names if n.startswith("past_key.")))
                          for kind in ("key", "value")]
-        in_place = {out for _, out, _ in self.kv_pairs}
+        in_place = {out for _, out, _, _ in self.kv_pairs}
         self.result_specs = [o for o in self.spec["outputs"] if o["name"] not in in_place]
         self.bound: dict[tuple[str, str], tuple] = {}  # (in|out, name) -> (address, shape, dtype) bound now
         self.staged: dict[str, np.ndarray] = {}
@@ -147,8 +147,8 @@ class OrtRunner(GraphRunner):
         key = (cache.k.ctypes.data, cache.v.ctypes.data, cache.k.shape, cache.k.dtype)
         if self.bound.get(("cache", "")) == key:
             return
-        for past, present, kind in self.kv_pairs:
-            layer = (cache.k if kind == "key" else cache.v)[int(past.rsplit(".", 1)[1])]
+        for past, present, kind, i in self.kv_pairs:
+            layer = (cache.k if kind == "key" else cache.v)[i]
             self.binding.bind_input(past, "cpu", 0, layer.dtype, layer.shape, layer.ctypes.data)
             self.binding.bind_output(present, "cpu", 0, layer.dtype, layer.shape, layer.ctypes.data)
         self.bound[("cache", "")] = key
