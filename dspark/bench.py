@@ -24,6 +24,11 @@ How it is measured:
   T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for c
   rows, all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). The gap between the
   measured and the ideal speed-up is runtime overhead (sampling, acceptance, cache bookkeeping, Python).
+- where a round's time goes: ``round_ms`` = wall time x c / rounds (exact at c = 1; a round serves every row in
+  flight), split into ``draft_ms`` and ``verify_ms`` (the call costs) and ``host_ms``, the rest: sampling,
+  acceptance, bookkeeping and Python around the graph calls. ``of_ideal`` = speed-up / ideal speed-up.
+- a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
+  draft length by how many rows are in flight; 0 turns drafting off there.
 """
 
 from __future__ import annotations
@@ -306,7 +311,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
               schedulers=("fixed",), threshold: float = 0.5, max_new_tokens: int = 64, temperature: float = 0.0,
               num_draft_tokens: int | None = None, repeats: int = 3, warmup: int = 1, cost_repeats: int = 20,
               threads: int = 0, seed: int = 0, peers: bool = False, cpp_host: str | Path | None = None,
-              progress: bool = True, log=print, backend: str = "ort", device: str = "cpu") -> dict:
+              block_schedule: dict[int, int] | None = None, progress: bool = True, log=print, backend: str = "ort",
+              device: str = "cpu") -> dict:
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
     ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (fixed scheduler), timed in
@@ -346,7 +352,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         for s in schedulers:
             generators[(m, s)] = Generator(spec_bundles[m], backend=backend, threads=threads, use_draft=True,
                                            num_draft_tokens=num_draft_tokens, scheduler=s, threshold=threshold,
-                                           max_batch=concurrency[-1], device=device)
+                                           block_schedule=block_schedule, max_batch=concurrency[-1], device=device)
     if cpp_host is not None:
         from dspark.cpp_host import CppGenerator
 
@@ -400,6 +406,10 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         row["call_costs_ms"] = costs[config.name]
         c = costs[config.name]
         row["ideal_speedup"] = row["mean_accepted_length"] * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
+        rounds = sum(len(s.accepted) for s in config.runs[0].seqs)
+        row["round_ms"] = 1000 * statistics.median(r.wall_s for r in config.runs) * config.concurrency / rounds
+        row["draft_ms"], row["verify_ms"] = c["t_draft_ms"], c["t_verify_ms"]
+        row["host_ms"] = row["round_ms"] - c["t_draft_ms"] - c["t_verify_ms"]
         if config.method in ("plain", "cpp-plain"):
             row["ideal_speedup"] = 1.0  # τ = 1, no draft, T_verify = T(1)
             plain_rate[(config.method, config.concurrency)] = row["tokens_per_second"]
@@ -410,6 +420,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     for config, row in rows:
         baseline = "cpp-plain" if config.method.startswith("cpp-") else "plain"
         row["speedup"] = row["tokens_per_second"] / plain_rate[(baseline, config.concurrency)]
+        row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
         row["matches_plain"] = (None if temperature != 0 else
                                 [s.generated for s in config.runs[0].seqs] == plain_tokens[config.concurrency])
         configurations.append(row)
@@ -422,7 +433,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
                      "methods": chosen, "schedulers": list(schedulers), "threshold": threshold,
                      "num_draft_tokens": num_draft_tokens, "repeats": repeats, "warmup": warmup,
                      "cost_repeats": cost_repeats, "threads": threads, "seed": seed, "ignore_eos": True,
-                     "cpp_host": None if cpp_host is None else str(cpp_host), "backend": backend, "device": device},
+                     "cpp_host": None if cpp_host is None else str(cpp_host), "backend": backend, "device": device,
+                     "block_schedule": block_schedule},
         "prompts": {"count": len(prompts), "domains": dict(collections.Counter(p.domain for p in prompts)),
                     "mean_prompt_tokens": mean_prompt},
         "configurations": configurations,
@@ -465,6 +477,9 @@ def definitions() -> dict:
         "tokens_per_second": "generated tokens of all requests / wall time of the run; median over repeats",
         "speedup": "tokens_per_second / plain tokens_per_second at the same concurrency (cpp-* methods: over cpp-plain)",
         "ideal_speedup": "mean_accepted_length * T(1) / (T_draft + T_verify), call costs at this concurrency",
+        "of_ideal": "speedup / ideal_speedup",
+        "round_ms": "wall time x concurrency / rounds (exact at c = 1)",
+        "host_ms": "round_ms - draft_ms - verify_ms: sampling, acceptance, bookkeeping, Python",
         "ttft_ms": "submit to first token (prefill and any wait for a free row); median over requests",
         "itl_p50_ms/itl_p99_ms": "percentiles of the gaps between successive tokens of a request; tokens of one "
                                  "round share its timestamp, so speculative ITL is bursty (many zero gaps)",
@@ -482,15 +497,16 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def table(report: dict) -> str:
-    head = (f"{'method':<10} {'sched':<9} {'c':>3} {'tok/s':>9} {'speedup':>8} {'ideal':>7} {'tau':>6} "
-            f"{'ttft ms':>9} {'itl p50':>8} {'itl p99':>8} {'ver/acc':>8}  acceptance by position")
+    head = (f"{'method':<10} {'sched':<9} {'c':>3} {'tok/s':>9} {'speedup':>8} {'ideal':>7} {'of id':>6} {'tau':>6} "
+            f"{'round ms = draft + verify + host':>33} {'ttft ms':>9} {'itl p50':>8}  acceptance by position")
     lines = [head, "-" * len(head)]
     for r in report["configurations"]:
         acc = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
+        split = f"{r['round_ms']:.2f} = {r['draft_ms']:.2f} + {r['verify_ms']:.2f} + {r['host_ms']:.2f}"
         lines.append(f"{r['method']:<10} {r['scheduler'] or '-':<9} {r['concurrency']:>3} "
                      f"{r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x "
-                     f"{r['mean_accepted_length']:>6.2f} {r['ttft_ms']:>9.1f} {r['itl_p50_ms']:>8.2f} "
-                     f"{r['itl_p99_ms']:>8.2f} {r['verify_tokens_per_accepted']:>8.2f}  {acc}")
+                     f"{r['of_ideal']:>6.2f} {r['mean_accepted_length']:>6.2f} {split:>33} {r['ttft_ms']:>9.1f} "
+                     f"{r['itl_p50_ms']:>8.2f}  {acc}")
     peers = report.get("peers")
     if peers:
         lines.append("")
@@ -511,14 +527,15 @@ def markdown(report: dict, plots: list[str]) -> str:
            f"Bundle `{report['bundle']}`" + (f" (+ {', '.join(report['extra_bundles'])})" if report["extra_bundles"] else "")
            + f"; {report['prompts']['count']} prompts {report['prompts']['domains']}, {s['max_new_tokens']} new tokens "
            f"each, temperature {s['temperature']}, {s['repeats']} repeats after {s['warmup']} warm-up passes.", "",
-           "| method | scheduler | c | tok/s | speed-up | ideal | τ | TTFT ms | ITL p50 ms | ITL p99 ms | verify/acc | "
-           "acceptance by position |", "|" + "---|" * 12]
+           "| method | scheduler | c | tok/s | speed-up | ideal | of ideal | τ | round ms | draft ms | verify ms | "
+           "host ms | TTFT ms | ITL p50 ms | ITL p99 ms | acceptance by position |", "|" + "---|" * 16]
     for r in report["configurations"]:
         acc = ", ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
         out.append(f"| {r['method']} | {r['scheduler'] or '-'} | {r['concurrency']} | {r['tokens_per_second']:.1f} | "
-                   f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['mean_accepted_length']:.2f} | "
-                   f"{r['ttft_ms']:.1f} | {r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | "
-                   f"{r['verify_tokens_per_accepted']:.2f} | {acc} |")
+                   f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['of_ideal']:.2f} | "
+                   f"{r['mean_accepted_length']:.2f} | {r['round_ms']:.2f} | {r['draft_ms']:.2f} | "
+                   f"{r['verify_ms']:.2f} | {r['host_ms']:.2f} | {r['ttft_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
+                   f"{r['itl_p99_ms']:.2f} | {acc} |")
     out += ["", "Call costs (ms, median) behind the ideal speed-up:", "",
             "| method | scheduler | c | T(1) | T_verify | T_draft |", "|" + "---|" * 6]
     for r in report["configurations"]:

@@ -33,9 +33,14 @@ def main():
 
 
 def _register_training_commands() -> None:
-    from dspark.train.commands import train_draft_command, train_target_command, train_tokenizer_command
+    from dspark.train.commands import (
+        make_data_command,
+        train_draft_command,
+        train_target_command,
+        train_tokenizer_command,
+    )
 
-    for command in (train_tokenizer_command, train_target_command, train_draft_command):
+    for command in (train_tokenizer_command, train_target_command, train_draft_command, make_data_command):
         main.add_command(command)
 
 
@@ -322,13 +327,16 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--peers", is_flag=True, help="Also time Hugging Face transformers assisted generation (bench/peers/hf_assisted.py).")
 @click.option("--cpp-host", type=click.Path(path_type=Path),
               help="A built C++ host library (build/cpp/libdspark.so): adds its methods as cpp-plain, cpp-<draft>.")
+@click.option("--block-schedule", callback=parse_block_schedule,
+              help="Draft length by number of running requests for every speculative method, e.g. 1:7,4:4,16:0 "
+                   "(0 turns speculation off there; the C++ host ignores it).")
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @backend_options
 def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurrency, methods, extra_bundles, scheduler,
-          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, cpp_host, output, no_progress,
-          backend, device):
+          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, cpp_host, block_schedule,
+          output, no_progress, backend, device):
     """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
     from dspark.bench import parse_int_list, parse_names, run_bench, table, write_report
     from dspark.prompts import load_prompts
@@ -338,8 +346,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                        schedulers=parse_names(scheduler) or ["fixed"], threshold=threshold,
                        max_new_tokens=max_new_tokens, temperature=temperature, num_draft_tokens=num_draft_tokens,
                        repeats=repeats, warmup=warmup, cost_repeats=cost_repeats, threads=threads, seed=seed,
-                       peers=peers, cpp_host=cpp_host, progress=not no_progress, log=lambda m: click.echo(m, err=True),
-                       backend=backend, device=device)
+                       peers=peers, cpp_host=cpp_host, block_schedule=block_schedule, progress=not no_progress,
+                       log=lambda m: click.echo(m, err=True), backend=backend, device=device)
     files = write_report(report, output)
     click.echo(table(report))
     plots = ", ".join(Path(p).name for p in files["plots"]) or "none (pip install matplotlib)"

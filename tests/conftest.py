@@ -80,20 +80,30 @@ def noisy_copy(model, scale: float, seed: int):
 
 VOCAB = 96
 # DeepSpec drafter variants: (markov_rank, markov_head_type, confidence head)
-VARIANTS = {"vanilla": (8, "vanilla", True), "gated": (8, "gated", True), "rnn": (8, "rnn", True), "dflash": (0, None, False)}
+VARIANTS = {"vanilla": (8, "vanilla", True), "gated": (8, "gated", True), "rnn": (8, "rnn", True), "dflash": (0, None, False),
+            "reduced": (8, "vanilla", True)}
+
+
+def reduced_vocab(vocab: int) -> list[int]:
+    """The draft vocabulary of the ``reduced`` variant: the odd ids, largest first (not sorted, not a prefix)."""
+    return list(range(vocab - 1, 0, -2))
 
 
 def deepspec_drafter(target, target_dir: Path, folder: Path, variant: str, block_size: int) -> Path:
-    """A DeepSpec-layout drafter with random trainable weights and the target's embedding and LM head."""
+    """A DeepSpec-layout drafter with random trainable weights and the target's embedding and LM head; the
+    ``reduced`` variant predicts over half the vocabulary only (``reduced_vocab``)."""
     from dspark.graphs.decoder import DecoderConfig
     from dspark.graphs.drafter import Drafter, DrafterConfig, deepspec_config, save_deepspec
 
     rank, kind, confidence = VARIANTS[variant]
     target_cfg = json.loads((target_dir / "config.json").read_text())
     vocab = target_cfg["vocab_size"]
-    cfg = deepspec_config(target_cfg, block_size, 2, [0, 1], vocab - 1, rank, kind, confidence)
+    subset = torch.tensor(reduced_vocab(vocab)) if variant == "reduced" else None
+    cfg = deepspec_config(target_cfg, block_size, 2, [0, 1], vocab - 1, rank, kind, confidence,
+                          draft_vocab_size=0 if subset is None else len(subset))
     config = DrafterConfig.from_hf(cfg, DecoderConfig.from_hf(target_cfg))
-    drafter = Drafter.random(config, target.model.embed_tokens.weight, target.lm_head.weight, seed=5)
+    drafter = Drafter.random(config, target.model.embed_tokens.weight, target.lm_head.weight, seed=5,
+                             draft_vocab=subset)
     return save_deepspec(folder, cfg, drafter)
 
 

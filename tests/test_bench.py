@@ -70,6 +70,10 @@ def test_bench_report_is_complete_and_consistent(qwen3_bundle, tmp_path):
             assert 1 <= len(r["acceptance_by_position"]) <= k
             assert r["verify_tokens_per_accepted"] >= 1
             assert c["t_draft_ms"] > 0 and c["t_verify_ms"] > 0
+        # where a round's time goes: the call costs and the rest
+        assert r["round_ms"] == pytest.approx(r["draft_ms"] + r["verify_ms"] + r["host_ms"])
+        assert r["round_ms"] == pytest.approx(1000 * r["wall_s_runs"][0] * r["concurrency"] / r["rounds"])
+        assert r["of_ideal"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
 
     peers = report["peers"]
     assert peers["status"] == "ok", peers
@@ -84,6 +88,20 @@ def test_bench_report_is_complete_and_consistent(qwen3_bundle, tmp_path):
     assert len(report["plots"]) == 3
     for name in report["plots"]:
         assert (out / name).read_bytes()[:8] == PNG
+
+
+def test_bench_block_schedule_turns_drafting_off_where_asked(qwen3_bundle, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\nw9 w10\n")
+    code, text = run("bench", qwen3_bundle, "--prompts", prompts, "--max-new-tokens", 12,
+                     "--concurrency", "1,2", "--block-schedule", "1:3,2:0", "--repeats", 1, "--warmup", 0,
+                     "--cost-repeats", 2, "--threads", 1, "--output", tmp_path / "r", "--no-progress")
+    assert code == 0, text
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["settings"]["block_schedule"] == {"1": 3, "2": 0}
+    rows = {(r["method"], r["concurrency"]): r for r in report["configurations"]}
+    assert rows[("draft-lm", 2)]["mean_accepted_length"] == 1.0  # two rows in flight: no drafts
+    assert 1 < rows[("draft-lm", 1)]["mean_accepted_length"] <= 4 and rows[("draft-lm", 1)]["num_draft_tokens"] == 6
 
 
 def test_bench_refuses_concurrency_above_max_batch(qwen3_bundle, tmp_path):

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import VARIANTS, VOCAB, deepspec_drafter
+from conftest import VARIANTS, VOCAB, deepspec_drafter, reduced_vocab
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
+from dspark.runtime.sampling import SamplingParams
 
 BLOCK = 5
 PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, list(range(1, 70))]
@@ -44,8 +45,11 @@ def test_manifest_records_the_drafter(block_bundle):
     assert bundle.limits["max_verify_tokens"] == BLOCK + 1
     hidden = next(o for o in bundle.graph("target")["outputs"] if o["name"] == "hidden")
     assert hidden["shape"] == ["batch", "new_tokens", 2 * 64]
-    # the drafter's embedding and LM head are the target's: stored once, in the target's data file
-    assert draft["shared_tensors"]["draft_propose.onnx"] == 2 * VOCAB * 64 * 4
+    # the drafter's embedding and LM head are the target's: stored once, in the target's data file (a reduced
+    # vocabulary's head is a subset of the target's rows: stored with the drafter)
+    shared = 1 if variant == "reduced" else 2
+    assert draft["shared_tensors"]["draft_propose.onnx"] == shared * VOCAB * 64 * 4
+    assert draft["config"].get("draft_vocab_size", 0) == (VOCAB // 2 if variant == "reduced" else 0)
     graph = bundle.file("draft_propose.onnx").read_bytes()
     assert b"target.onnx.data" in graph
 
@@ -60,6 +64,19 @@ def test_greedy_equals_plain(block_bundle, backend):
     short = Generator(path, num_draft_tokens=2, backend=backend)
     req = Request(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
     assert short.generate([req])[0].generated == plain.generate([req])[0].generated
+
+
+def test_reduced_vocabulary_drafts_only_inside_it(block_bundle):
+    variant, path = block_bundle
+    if variant != "reduced":
+        pytest.skip("the reduced-vocabulary drafter only")
+    allowed = set(reduced_vocab(VOCAB))
+    for params in (SamplingParams(), SamplingParams(1.0)):
+        seq = Generator(path).generate([Request(PROMPTS[1], max_new_tokens=30, sampling=params, ignore_eos=True)],
+                                       trace=True)[0]
+        drafted = [t for r in seq.trace for t in r["draft_tokens"]]
+        assert drafted and set(drafted) <= allowed
+        assert any(t not in allowed for t in seq.generated) or params.greedy  # the target still writes any token
 
 
 def test_ragged_batch_equals_each_alone(block_bundle, backend):

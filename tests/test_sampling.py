@@ -45,16 +45,18 @@ def small_target(tmp_path_factory):
     return target, save_hf(target, root / "t", V)
 
 
-@pytest.fixture(scope="module", params=["draft-lm", "dspark"])
+@pytest.fixture(scope="module", params=["draft-lm", "dspark", "reduced"])
 def small_vocab(request, small_target, tmp_path_factory):
-    """A bundle whose draft disagrees with the target often: a noisy draft LM or a random DSpark drafter."""
+    """A bundle whose draft disagrees with the target often: a noisy draft LM, a random DSpark drafter, or one
+    that drafts over half the vocabulary only (its law is zero on the other half)."""
     target, target_dir = small_target
     # a fresh folder: pytest may set this fixture up again for the other backend
     root = tmp_path_factory.mktemp(f"b-{request.param}")
     if request.param == "draft-lm":
         draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", V)
     else:
-        draft_dir = deepspec_drafter(target, target_dir, root / "dspark", "vanilla", block_size=2)
+        variant = "reduced" if request.param == "reduced" else "vanilla"
+        draft_dir = deepspec_drafter(target, target_dir, root / "dspark", variant, block_size=2)
     bundle = root / "bundle"
     export_bundle(target_dir, bundle, draft_dir, ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
                                                               num_draft_tokens=2), progress=False)

@@ -91,12 +91,16 @@ def test_target_pass_matches_step(setup):
     torch.testing.assert_close(tapped.lm_head(hidden), logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method,head", [("dspark", "vanilla"), ("dspark", "gated"), ("dspark", "rnn"),
-                                         ("dflash", "vanilla")])
-def test_training_forward_equals_inference(setup, method, head):
-    """All anchors of a sequence in one masked forward == context_kv + propose for each anchor alone."""
+@pytest.mark.parametrize("method,head,reduced", [("dspark", "vanilla", 0), ("dspark", "gated", 0), ("dspark", "rnn", 0),
+                                                 ("dflash", "vanilla", 0), ("dspark", "vanilla", VOCAB // 3),
+                                                 ("dflash", "vanilla", VOCAB // 3)])
+def test_training_forward_equals_inference(setup, method, head, reduced):
+    """All anchors of a sequence in one masked forward == context_kv + propose for each anchor alone (also with a
+    reduced draft vocabulary, whose laws the training loop keeps over the subset and inference over all ids)."""
     target_dir, _, target = setup
-    task = BlockTask(method, config_for(target_dir, method, markov_head=head), target, ARGS)
+    vocab = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))[:reduced] if reduced else None
+    config = config_for(target_dir, method, markov_head=head, draft_vocab=reduced or None)
+    task = BlockTask(method, config, target, ARGS, vocab)
     drafter = task.model.eval()
     with torch.no_grad():
         if method == "dspark":  # a non-zero Markov bias, so teacher forcing is exercised
@@ -114,19 +118,25 @@ def test_training_forward_equals_inference(setup, method, head):
                 tokens, q, conf = drafter.propose(anchor, at, at, k, v, torch.zeros(1), torch.zeros(1, BLOCK))
                 # teacher-forced with the drafted tokens: the training logits are the inference logits
                 logits, z = block_logits(drafter, h[b:b + 1, j], anchor, tokens[:, :-1])
-                torch.testing.assert_close(torch.softmax(logits, -1), q, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(drafter.target_law(torch.softmax(logits, -1)), q, atol=1e-5, rtol=1e-5)
                 if z is not None:
                     torch.testing.assert_close(z, conf, atol=1e-5, rtol=1e-5)
                 greedy, _ = block_logits(drafter, h[b:b + 1, j], anchor)
-                assert torch.equal(greedy.argmax(-1), tokens)
+                assert torch.equal(drafter.to_target(greedy.argmax(-1)), tokens)
+                if reduced:
+                    assert set(tokens.flatten().tolist()) <= set(vocab.tolist())
+                    assert q.shape[-1] == VOCAB and float(q[..., drafter.to_target(torch.arange(reduced))].sum()) \
+                        == pytest.approx(BLOCK, abs=1e-4)
 
 
-@pytest.mark.parametrize("method", ["dspark", "dflash", "draft-lm"])
+@pytest.mark.parametrize("method", ["dspark", "dflash", "draft-lm", "dspark-reduced"])
 def test_train_and_checkpoint(setup, tmp_path, method):
     """Each kind trains (held-out loss falls) and its checkpoint loads the way export loads it, holding the
     trained weights."""
     target_dir, data, target = setup
     out = train_kind(setup, tmp_path, method)
+    reduced = method == "dspark-reduced"
+    method = method.removesuffix("-reduced")
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 10, 20, 30]
     assert log[-1]["heldout_loss"] < 0.8 * log[0]["heldout_loss"], log
@@ -143,19 +153,26 @@ def test_train_and_checkpoint(setup, tmp_path, method):
         assert config.block_size == BLOCK and config.target_layer_ids == tuple(TAPS)
         assert config.markov_rank == (8 if method == "dspark" else 0)
         assert config.enable_confidence_head == (method == "dspark")
-        assert torch.equal(loaded.lm_head.weight, target.lm_head.weight)  # the frozen copies
+        if reduced:  # the most frequent training tokens, most frequent first; the head is their target rows
+            counts = np.bincount(np.load(data / "train.npy"), minlength=VOCAB)
+            assert config.draft_vocab_size == VOCAB // 2
+            assert counts[loaded.draft_vocab].tolist() == sorted(counts, reverse=True)[: VOCAB // 2]
+            assert torch.equal(loaded.lm_head.weight, target.lm_head.weight[loaded.draft_vocab])
+        else:
+            assert torch.equal(loaded.lm_head.weight, target.lm_head.weight)  # the frozen copies
     dtype = torch.float16 if method == "draft-lm" else torch.float32  # block drafters: the target's dtype
     for name, tensor in state.items():
         assert torch.equal(loaded.state_dict()[name], tensor.to(dtype).float()), name
 
 
-@pytest.mark.parametrize("method", ["dspark"])  # ~30 s per export; dflash/draft-lm export: test_block_drafters, test_speculative
+# ~30 s per export; dflash/draft-lm export: test_block_drafters, test_speculative
+@pytest.mark.parametrize("method", ["dspark", "dspark-reduced"])
 def test_trained_drafter_exports_and_is_lossless(setup, tmp_path, method):
     target_dir, _, _ = setup
     out = train_kind(setup, tmp_path, method)
     bundle = tmp_path / "bundle"
     export_bundle(target_dir, bundle, out, ExportOptions(max_batch=2, max_context=128, prefill_chunk=32), progress=False)
-    assert Bundle.open(bundle).draft["method"] == method
+    assert Bundle.open(bundle).draft["method"] == "dspark"
     spec, plain = Generator(bundle), Generator(bundle, use_draft=False)
     for prompt in ([5, 6, 7, 8, 9], list(range(2, 40))):
         req = Request(prompt, max_new_tokens=8, ignore_eos=True)
@@ -165,10 +182,13 @@ def test_trained_drafter_exports_and_is_lossless(setup, tmp_path, method):
 
 
 def train_kind(setup, tmp_path, method):
+    """Train ``method`` for 30 steps (``dspark-reduced``: dspark over the half of the vocabulary seen most)."""
     target_dir, data, _ = setup
     if method == "draft-lm":
         config = method_config(target_dir, method, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                head_dim=8, intermediate_size=64)
+    elif method == "dspark-reduced":
+        method, config = "dspark", config_for(target_dir, "dspark", draft_vocab=VOCAB // 2)
     else:
         config = config_for(target_dir, method)
     out = tmp_path / "draft"

@@ -58,6 +58,12 @@ class DrafterConfig:
     rope: dict = field(default_factory=dict)
     attention_bias: bool = False
     num_target_layers: int = 0
+    draft_vocab_size: int = 0  # > 0: the drafter predicts over that many target tokens only (its ``draft_vocab``)
+
+    @property
+    def head_size(self) -> int:
+        """Rows of the LM head and the Markov head's output: the draft vocabulary, or the target's."""
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def method(self) -> str:
@@ -131,6 +137,7 @@ class DrafterConfig:
             rope=rope_parameters(cfg, where),
             attention_bias=bool(cfg.get("attention_bias", False)),
             num_target_layers=int(cfg.get("num_target_layers", target.num_layers) or target.num_layers),
+            draft_vocab_size=int(cfg.get("draft_vocab_size", 0) or 0),
         )
         config.validate(target, where)
         return config
@@ -167,6 +174,9 @@ class DrafterConfig:
                 )
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise DsparkError(f"{where}: mask_token_id {self.mask_token_id} is outside the vocabulary 0..{self.vocab_size - 1}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise DsparkError(f"{where}: draft_vocab_size {self.draft_vocab_size} is outside 1..{self.vocab_size} "
+                              "(0 or absent: the whole vocabulary)")
         if self.markov_rank < 0:
             raise DsparkError(f"{where}: markov_rank is {self.markov_rank}; it must be >= 0")
         if self.markov_rank > 0 and self.markov_head_type not in MARKOV_HEAD_TYPES:
@@ -186,6 +196,7 @@ def deepspec_config(
     confidence: bool,
     confidence_with_markov: bool = True,
     num_anchors: int = 512,
+    draft_vocab_size: int = 0,
 ) -> dict:
     """A draft ``config.json`` the way DeepSpec's ``build_draft_config`` writes it (spec §2.2)."""
     cfg = copy.deepcopy(target_cfg)
@@ -204,6 +215,9 @@ def deepspec_config(
     cfg.pop("markov_head_type", None)
     if markov_rank > 0:
         cfg["markov_head_type"] = markov_head_type or "vanilla"
+    cfg.pop("draft_vocab_size", None)
+    if draft_vocab_size:
+        cfg["draft_vocab_size"] = draft_vocab_size
     cfg["tie_word_embeddings"] = False
     cfg["layer_types"] = ["full_attention"] * num_layers
     return cfg
@@ -223,12 +237,15 @@ class DraftLayer(DecoderLayer):
 
 
 class MarkovHead(nn.Module):
-    def __init__(self, kind: str, vocab: int, rank: int, hidden: int):
+    """``inputs`` rows of W1 (one per previous token: a draft-vocabulary index, plus one row shared by every token
+    outside a reduced vocabulary) and ``outputs`` columns of W2 (the draft vocabulary)."""
+
+    def __init__(self, kind: str, inputs: int, outputs: int, rank: int, hidden: int):
         super().__init__()
         self.kind = kind
         self.rank = rank
-        self.markov_w1 = nn.Embedding(vocab, rank)
-        self.markov_w2 = nn.Linear(rank, vocab, bias=False)
+        self.markov_w1 = nn.Embedding(inputs, rank)
+        self.markov_w2 = nn.Linear(rank, outputs, bias=False)
         if kind == "gated":
             self.gate_proj = nn.Linear(hidden + rank, rank)
         elif kind == "rnn":
@@ -271,7 +288,13 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Te
 
 
 class Drafter(nn.Module):
-    """DeepSpec's Qwen3 DSpark/DFlash drafter with the checkpoint's tensor names."""
+    """DeepSpec's Qwen3 DSpark/DFlash drafter with the checkpoint's tensor names.
+
+    With a reduced draft vocabulary (``draft_vocab_size`` N > 0, as EAGLE-3 and FR-Spec do) the LM head is the
+    target head's rows for the N token ids in ``draft_vocab`` (a checkpoint tensor, most frequent first), W2 of the
+    Markov head has N outputs and W1 N + 1 rows (the last for any previous token outside the subset). Drafted
+    indices are mapped to target ids inside the graph, and the draft law is returned over the whole target
+    vocabulary, zero outside the subset, so verification is unchanged and sampling stays exact."""
 
     def __init__(self, c: DrafterConfig):
         super().__init__()
@@ -282,12 +305,38 @@ class Drafter(nn.Module):
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.layers = nn.ModuleList(DraftLayer(lc) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.hidden_size, c.head_size, bias=False)
+        if c.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(c.draft_vocab_size))
+            self.register_buffer("vocab_index", torch.full((c.vocab_size,), c.draft_vocab_size), persistent=False)
         if c.markov_rank > 0:
-            self.markov_head = MarkovHead(c.markov_head_type, c.vocab_size, c.markov_rank, c.hidden_size)
+            inputs = c.head_size + (1 if c.draft_vocab_size else 0)
+            self.markov_head = MarkovHead(c.markov_head_type, inputs, c.head_size, c.markov_rank, c.hidden_size)
         if c.enable_confidence_head:
             self.confidence_head = ConfidenceHead(c.hidden_size + (c.markov_rank if c.confidence_uses_markov else 0))
         self.rotary_emb = Rotary(c.rope, c.head_dim)
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """The target ids the drafter predicts over (reduced vocabulary only), and their inverse map."""
+        with torch.no_grad():
+            self.draft_vocab.copy_(ids)
+            self.vocab_index.fill_(self.config.draft_vocab_size)
+            self.vocab_index[ids] = torch.arange(len(ids), dtype=self.vocab_index.dtype)
+
+    def to_target(self, index: torch.Tensor) -> torch.Tensor:
+        """Target token ids of draft-vocabulary indices."""
+        return self.draft_vocab[index] if self.config.draft_vocab_size else index
+
+    def markov_input(self, token: torch.Tensor) -> torch.Tensor:
+        """The W1 row of a previous target token."""
+        return self.vocab_index[token] if self.config.draft_vocab_size else token
+
+    def target_law(self, probs: torch.Tensor) -> torch.Tensor:
+        """A law over the draft vocabulary [..., N] as a law over the target vocabulary [..., V] (zero elsewhere)."""
+        if not self.config.draft_vocab_size:
+            return probs
+        full = probs.new_zeros(*probs.shape[:-1], self.config.vocab_size)
+        return full.scatter(-1, self.draft_vocab.expand(*probs.shape[:-1], -1), probs)
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -302,6 +351,12 @@ class Drafter(nn.Module):
         model = model.to_empty(device="cpu").to(dtype)
         model.rotary_emb.inv_freq = inverse_frequencies(config.rope, config.head_dim)
         reader = WeightReader(folder)
+        if config.draft_vocab_size:
+            ids = reader.get("draft_vocab", (config.draft_vocab_size,)).long()
+            if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size or len(set(ids.tolist())) != len(ids):
+                raise DsparkError(f"{folder}: draft_vocab must hold {config.draft_vocab_size} distinct target ids "
+                                  f"in 0..{config.vocab_size - 1}")
+            model.set_draft_vocab(ids)
         aliased = tuple(name for name in FROZEN if name not in reader)
         if aliased:
             if target_dir is None:
@@ -310,9 +365,9 @@ class Drafter(nn.Module):
             with torch.no_grad():
                 model.embed_tokens.weight.copy_(target_reader.get("model.embed_tokens.weight"))
                 head = "lm_head.weight" if "lm_head.weight" in target_reader else "model.embed_tokens.weight"
-                model.lm_head.weight.copy_(target_reader.get(head))
+                model.lm_head.weight.copy_(target_reader.get(head)[model.to_target(torch.arange(config.head_size))])
         load_module_weights(model, reader, skip=aliased)
-        extra = [n for n in reader.unused() if not n.endswith("rotary_emb.inv_freq")]
+        extra = [n for n in reader.unused() if not n.endswith("rotary_emb.inv_freq") and n != "draft_vocab"]
         if extra:
             raise DsparkError(
                 f"{folder}: tensors {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} are not expected by "
@@ -329,11 +384,17 @@ class Drafter(nn.Module):
         target_lm_head: torch.Tensor,
         seed: int = 0,
         norm_noise: float = 0.1,
+        draft_vocab: torch.Tensor | None = None,
     ) -> "Drafter":
         """Random trainable weights (unit-gain linear layers, norms near 1) and copies of the target's embedding
-        and LM head (frozen in training, as DeepSpec does)."""
+        and LM head (frozen in training, as DeepSpec does); with a reduced vocabulary, ``draft_vocab`` (target ids,
+        most frequent first) picks the head's rows."""
         gen = torch.Generator().manual_seed(seed)
         model = cls(config)
+        if config.draft_vocab_size:
+            if draft_vocab is None or len(draft_vocab) != config.draft_vocab_size:
+                raise DsparkError(f"a drafter with draft_vocab_size {config.draft_vocab_size} needs that many draft_vocab ids")
+            model.set_draft_vocab(draft_vocab)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in ("embed_tokens.weight", "lm_head.weight"):
@@ -347,7 +408,7 @@ class Drafter(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
             model.embed_tokens.weight.copy_(target_embed)
-            model.lm_head.weight.copy_(target_lm_head)
+            model.lm_head.weight.copy_(target_lm_head[model.to_target(torch.arange(config.head_size))])
         model.embed_tokens.weight.requires_grad_(False)
         model.lm_head.weight.requires_grad_(False)
         return model.eval()
@@ -387,29 +448,29 @@ class Drafter(nn.Module):
         h = self.block_hidden(anchor, start, cache_lens, past_k, past_v)
         base = self.lm_head(h).float()
         if c.markov_rank == 0:
-            tokens, probs = sample_rows(base, temperature, noise)
+            index, probs = sample_rows(base, temperature, noise)
             if c.enable_confidence_head:
                 conf = self.confidence_head.proj(h).squeeze(-1).float()
             else:
                 conf = torch.zeros_like(base[..., 0])
-            return tokens, probs, conf
+            return self.to_target(index), self.target_law(probs), conf
         head = self.markov_head
-        prev = anchor
         state = torch.zeros(h.shape[0], c.markov_rank, dtype=h.dtype, device=h.device) if head.kind == "rnn" else None
         tokens, probs, confs = [], [], []
+        prev = self.markov_input(anchor)
         for k in range(c.block_size):
             e = head.markov_w1(prev).to(h.dtype)
             hk = h[:, k]
             bias, state = head.step(e, hk, state)
-            token, q = sample_rows(base[:, k] + bias.float(), temperature, noise[:, k])
+            index, q = sample_rows(base[:, k] + bias.float(), temperature, noise[:, k])
             if c.enable_confidence_head:
                 feats = torch.cat([hk, e], dim=-1) if c.confidence_uses_markov else hk
                 confs.append(self.confidence_head.proj(feats).squeeze(-1).float())
-            tokens.append(token)
+            tokens.append(index)
             probs.append(q)
-            prev = token
+            prev = index  # a drafted index is its own W1 row
         conf = torch.stack(confs, 1) if confs else torch.zeros_like(base[..., 0])
-        return torch.stack(tokens, 1), torch.stack(probs, 1), conf
+        return self.to_target(torch.stack(tokens, 1)), self.target_law(torch.stack(probs, 1)), conf
 
 
 # -------------------------------------------------------------------------------------------------- files

@@ -14,16 +14,44 @@ from dspark.errors import DsparkError
 
 
 class KVCache:
+    """``k``/``v`` are views of the first ``rows`` rows of preallocated buffers: rows leave and join without
+    copying the others (a leaving row's slot is filled by moving a later row down; a joining row is written after
+    the last one), so continuous batching does not copy the whole cache each time a request starts or ends. For a
+    given layer, the rows of the view are contiguous (layer is the outer axis), which is what in-place graphs bind.
+    """
+
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype, max_len: int, capacity: int = 64):
         self.max_len = max_len
-        self.shape = (layers, rows, kv_heads, min(capacity, max_len), head_dim)
-        self.k = np.zeros(self.shape, dtype=dtype)
-        self.v = np.zeros(self.shape, dtype=dtype)
+        shape = (layers, rows, kv_heads, min(capacity, max_len), head_dim)
+        self._k = np.zeros(shape, dtype=dtype)
+        self._v = np.zeros(shape, dtype=dtype)
         self.lens = np.zeros(rows, dtype=np.int64)
 
     @property
+    def rows(self) -> int:
+        return len(self.lens)
+
+    @property
+    def k(self) -> np.ndarray:
+        return self._k[:, : self.rows]
+
+    @property
+    def v(self) -> np.ndarray:
+        return self._v[:, : self.rows]
+
+    @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self._k.shape[3]
+
+    def _reallocate(self, rows: int, positions: int) -> None:
+        """New buffers of ``rows`` x ``positions``, holding the live rows' contents."""
+        n, old = self.rows, self._k.shape[3]
+        for name in ("_k", "_v"):
+            buffer = getattr(self, name)
+            new = np.zeros(buffer.shape[:1] + (rows,) + buffer.shape[2:3] + (positions,) + buffer.shape[4:],
+                           dtype=buffer.dtype)
+            new[:, :n, :, : min(old, positions)] = buffer[:, :n, :, :positions]
+            setattr(self, name, new)
 
     def reserve(self, length: int, padded: int = 0) -> None:
         """Make room for ``length`` positions in every row, and buffer capacity for ``padded`` (an in-place graph
@@ -31,35 +59,34 @@ class KVCache:
         if length > self.max_len:
             raise DsparkError(f"sequence needs {length} positions but the bundle's max context is {self.max_len}")
         needed = max(length, padded)
-        if needed <= self.capacity:
-            return
-        capacity = max(needed, min(self.max_len, 2 * self.capacity))
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = np.zeros(old.shape[:3] + (capacity, old.shape[4]), dtype=old.dtype)
-            new[:, :, :, : old.shape[3]] = old
-            setattr(self, name, new)
+        if needed > self.capacity:
+            self._reallocate(self._k.shape[1], max(needed, min(self.max_len, 2 * self.capacity)))
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Drop every row not listed (finished sequences); one copy of the remaining rows."""
-        if rows == list(range(len(self.lens))):
+        """Keep the listed rows (in that order, ascending), dropping the others: only rows that change slot move."""
+        if rows == list(range(self.rows)):
             return
-        self.k, self.v, self.lens = self.k[:, rows].copy(), self.v[:, rows].copy(), self.lens[rows].copy()
+        for slot, row in enumerate(rows):
+            if row != slot:
+                self._k[:, slot] = self._k[:, row]
+                self._v[:, slot] = self._v[:, row]
+        self.lens = self.lens[rows].copy()
 
     def add_rows(self, other: "KVCache") -> None:
         """Append ``other``'s rows (freshly prefilled sequences) after this cache's rows."""
+        n, m = self.rows, other.rows
         capacity = max(self.capacity, other.capacity)
-        parts_k, parts_v = [], []
-        for cache in (self, other):
-            pad = [(0, 0)] * 3 + [(0, capacity - cache.capacity), (0, 0)]
-            parts_k.append(np.pad(cache.k, pad))
-            parts_v.append(np.pad(cache.v, pad))
-        self.k, self.v = np.concatenate(parts_k, axis=1), np.concatenate(parts_v, axis=1)
+        if n + m > self._k.shape[1] or capacity > self.capacity:
+            self._reallocate(max(n + m, 2 * self._k.shape[1]) if n + m > self._k.shape[1] else self._k.shape[1],
+                             capacity)
+        width = other.capacity
+        self._k[:, n : n + m, :, :width] = other.k
+        self._v[:, n : n + m, :, :width] = other.v
         self.lens = np.concatenate([self.lens, other.lens])
 
     def empty_like(self, rows: int) -> "KVCache":
-        layers, _, heads, _, dim = self.k.shape
-        return KVCache(layers, rows, heads, dim, self.k.dtype, self.max_len)
+        layers, _, heads, _, dim = self._k.shape
+        return KVCache(layers, rows, heads, dim, self._k.dtype, self.max_len)
 
     def advance(self, counts) -> None:
         """Count the first ``counts[r]`` positions past each row's length, already written by an in-place graph."""

@@ -100,6 +100,7 @@ class OrtRunner(GraphRunner):
         self.result_specs = [o for o in self.spec["outputs"] if o["name"] not in in_place]
         self.bound: dict[tuple[str, str], tuple] = {}  # (in|out, name) -> (address, shape, dtype) bound now
         self.staged: dict[str, np.ndarray] = {}
+        self.held: dict[str, np.ndarray] = {}  # large inputs bound where they are, kept alive until the next call
         self.dim_sources: dict[str, tuple[str, int]] = {}
         for spec in self.spec["inputs"]:
             for axis, dim in enumerate(spec["shape"]):
@@ -133,7 +134,9 @@ class OrtRunner(GraphRunner):
     def _feed(self, name: str, array: np.ndarray) -> None:
         """Small per-call inputs are copied into a buffer bound once per shape; large ones are bound where they are."""
         if array.size > STAGE_LIMIT:
-            self._bind("in", name, np.ascontiguousarray(array))
+            # bound by address: a contiguous copy (of a cache view with rows to spare) must outlive the call
+            self.held[name] = np.ascontiguousarray(array)
+            self._bind("in", name, self.held[name])
             return
         staged = self.staged.get(name)
         if staged is None or staged.shape != array.shape or staged.dtype != array.dtype:

@@ -59,6 +59,10 @@ class ChatTemplate:
         return cls(tokenizer, source) if isinstance(source, str) and source else None
 
     def ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)  # the template writes the specials
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text, ending with the assistant's turn opened."""
         config = self.tokenizer.config
         try:
             text = self.template.render(messages=messages, add_generation_prompt=True,
@@ -68,7 +72,7 @@ class ChatTemplate:
             raise
         except Exception as e:
             raise DsparkError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes the specials
+        return text
 
 
 def _token_text(value) -> str:

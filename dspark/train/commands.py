@@ -66,6 +66,39 @@ def _evaluation_options(evaluated: str, eval_windows: int, saved: str):
     )
 
 
+@click.command("make-data")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Data folder: responses.jsonl (appended as answers finish; a rerun resumes), then train.npy, "
+                   "heldout.npy, heldout_prompts.jsonl and stats.json for 'dspark train-draft' and 'dspark bench'.")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Longest answer, in tokens.")
+@click.option("--held-out", "held_out", default=48, show_default=True,
+              help="Held-out prompts answered first (kept out of train.npy; their prompts go to heldout_prompts.jsonl).")
+@click.option("--limit", type=int, default=None, help="Answer at most this many training prompts (default: all).")
+@click.option("--minutes", type=float, default=None,
+              help="Stop submitting new prompts after this much wall time in this call (running ones finish).")
+@click.option("--max-batch", type=int, default=None, help="Requests decoded together (default: the bundle's max_batch).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--stdlib", "root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Source folder the code prompts are derived from (default: this Python's standard library).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def make_data_command(bundle_dir, output, max_new_tokens, held_out, limit, minutes, max_batch, threads, root,
+                      no_progress):
+    """Answer instruction prompts with BUNDLE_DIR's target (greedy, batched) and write drafter training data.
+
+    The prompts come from this machine: Python standard-library functions and modules (write / explain / use) and
+    general questions; held-out prompts share no source file or topic with training ones."""
+    from dspark.runtime.runners import share_thread_pool
+    from dspark.train.selfdata import generate_responses, write_tokens
+
+    share_thread_pool(threads)
+    generate_responses(bundle_dir, output, max_new_tokens=max_new_tokens, held_out=held_out, limit=limit,
+                       minutes=minutes, max_batch=max_batch, threads=threads, root=root,
+                       progress=not no_progress, log=click.echo)
+    write_tokens(output, log=click.echo)
+    click.echo(f"saved {Path(output)}")
+
+
 @click.command("train-target")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder written by train-tokenizer (train.npy, heldout.npy, tokenizer files).")
@@ -147,6 +180,10 @@ def _layer_list(_ctx, _param, value):
                    "features (default: DeepSpec's spread, e.g. 1,3,5 for an 8-layer target).")
 @click.option("--mask-token-id", type=int, default=None,
               help="dspark/dflash: mask token id (default: <|mask|> from the target's tokenizer.json).")
+@click.option("--draft-vocab", default=0, show_default=True,
+              help="dspark/dflash: predict over only the N most frequent tokens of the training data (a reduced draft "
+                   "vocabulary: a smaller LM head and Markov head; the draft law is zero elsewhere, so decoding stays "
+                   "exact); 0 keeps the target's whole vocabulary.")
 @click.option("--anchors-per-seq", default=32, show_default=True,
               help="dspark/dflash: anchor blocks sampled per training sequence.")
 @click.option("--hidden-size", type=int, default=None, help="draft-lm: model width (default 256).")
@@ -161,7 +198,7 @@ def _layer_list(_ctx, _param, value):
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
                         warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
-                        target_layers, mask_token_id, anchors_per_seq, hidden_size, heads, kv_heads, head_dim,
+                        target_layers, mask_token_id, draft_vocab, anchors_per_seq, hidden_size, heads, kv_heads, head_dim,
                         intermediate_size, eval_every, eval_windows, save_minutes, frozen_copies, no_progress):
     """Train a drafter for the frozen target in TARGET_DIR (resuming from OUTPUT/train_state.pt when present)."""
     from dspark.train.draft import DraftArgs, method_config, train_draft
@@ -170,7 +207,8 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
         num_layers = 4 if method == "draft-lm" else 2
     config = method_config(target_dir, method, block_size=block_size, num_layers=num_layers,
                            target_layers=target_layers, mask_token_id=mask_token_id, markov_rank=markov_rank,
-                           markov_head=markov_head, num_anchors=anchors_per_seq, hidden_size=hidden_size,
+                           markov_head=markov_head, num_anchors=anchors_per_seq, draft_vocab=draft_vocab or None,
+                           hidden_size=hidden_size,
                            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                            intermediate_size=intermediate_size)
     args = DraftArgs(seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,

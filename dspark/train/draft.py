@@ -127,6 +127,13 @@ def target_digest(target_dir: Path) -> str:
     return "+".join(file_digest(p) for p in sorted(target_dir.glob("*.safetensors")))
 
 
+def frequent_tokens(tokens: np.ndarray, count: int) -> torch.Tensor:
+    """The ``count`` most frequent ids of ``tokens``, most frequent first (ties: lower id first)."""
+    counts = np.bincount(np.asarray(tokens), minlength=count)
+    order = np.lexsort((np.arange(len(counts)), -counts))[:count]
+    return torch.from_numpy(order.astype(np.int64))
+
+
 def sample_anchors(seed: int, step: int, batch: int, seq_len: int, block: int, count: int) -> torch.Tensor:
     """Sorted distinct anchor positions [batch, count] in 1..seq_len-block, a pure function of (seed, step).
 
@@ -189,7 +196,7 @@ def block_logits(drafter: Drafter, h: torch.Tensor, anchor_tokens: torch.Tensor,
         conf = drafter.confidence_head.proj(h).squeeze(-1).float() if c.enable_confidence_head else None
         return base, conf
     head = drafter.markov_head
-    prev = anchor_tokens
+    prev = drafter.markov_input(anchor_tokens)
     state = h.new_zeros(*h.shape[:-2], c.markov_rank) if head.kind == "rnn" else None
     logits, confs = [], []
     for k in range(c.block_size):
@@ -202,7 +209,7 @@ def block_logits(drafter: Drafter, h: torch.Tensor, anchor_tokens: torch.Tensor,
             feats = torch.cat([hk, e], dim=-1) if c.confidence_uses_markov else hk
             confs.append(drafter.confidence_head.proj(feats).squeeze(-1).float())
         if k + 1 < c.block_size:
-            prev = teacher[..., k] if teacher is not None else lk.argmax(-1)
+            prev = drafter.markov_input(teacher[..., k]) if teacher is not None else lk.argmax(-1)
     return torch.stack(logits, -2), (torch.stack(confs, -1) if confs else None)
 
 
@@ -221,18 +228,33 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx).reshape(b, a, blk, -1)
 
 
-def block_loss(logits, conf, truth, target_logits, args: DraftArgs, method: str):
-    """(loss, parts): weighted means over slots, w_k = exp(-k / loss_decay), DeepSpec's normalisation."""
+def law_distance(drafter: Drafter, logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """||q - p||_1 between the draft law q = softmax(logits) (over the draft vocabulary, zero outside it) and the
+    target's p, over the whole target vocabulary: 1 - 1/2 of it is the acceptance probability at T = 1."""
+    p = torch.softmax(target_logits.float(), -1)
+    q = torch.softmax(logits, -1)
+    if not drafter.config.draft_vocab_size:
+        return (q - p).abs().sum(-1)
+    inside = p[..., drafter.draft_vocab]
+    return (q - inside).abs().sum(-1) + (1 - inside.sum(-1)).clamp(min=0)
+
+
+def block_loss(drafter: Drafter, logits, conf, truth, target_logits, args: DraftArgs, method: str):
+    """(loss, parts): weighted means over slots, w_k = exp(-k / loss_decay), DeepSpec's normalisation. With a
+    reduced vocabulary, a true token outside it adds no cross-entropy (nothing can predict it) but still counts in
+    the law distance."""
     blk = logits.shape[-2]
     w = torch.exp(-torch.arange(blk, dtype=torch.float32, device=logits.device) / args.loss_decay)
     w = w.expand(truth.shape)
     wsum = w.sum()
-    ce = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), truth.reshape(-1), reduction="none")
+    labels = drafter.markov_input(truth)
+    labels = labels.masked_fill(labels == drafter.config.head_size, -100)  # -100: cross_entropy's ignore_index
+    ce = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
           .reshape(truth.shape) * w).sum() / wsum
     parts = {"ce": ce.item()}
     if method == "dflash":
         return ce, parts
-    l1 = (torch.softmax(logits, -1) - torch.softmax(target_logits.float(), -1)).abs().sum(-1)
+    l1 = law_distance(drafter, logits, target_logits)
     tv = (l1 * w).sum() / wsum
     loss = args.ce_weight * ce + args.tv_weight * tv
     parts["tv"] = tv.item()
@@ -247,15 +269,16 @@ def block_loss(logits, conf, truth, target_logits, args: DraftArgs, method: str)
 class BlockTask:
     """A DSpark or DFlash drafter trained on the frozen target's features."""
 
-    def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs):
+    def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
+                 draft_vocab: torch.Tensor | None = None):
         self.method, self.config, self.target, self.args = method, config, target, args
         self.dconfig = DrafterConfig.from_hf(config, target.config)
         self.taps = self.dconfig.target_layer_ids
-        self.model = self._init(args.seed)
+        self.model = self._init(args.seed, draft_vocab)
 
-    def _init(self, seed: int) -> Drafter:
+    def _init(self, seed: int, vocab: torch.Tensor | None) -> Drafter:
         model = Drafter.random(self.dconfig, self.target.model.embed_tokens.weight, self.target.lm_head.weight,
-                               seed=seed, norm_noise=0.0)
+                               seed=seed, norm_noise=0.0, draft_vocab=vocab)
         if self.dconfig.markov_rank > 0:
             with torch.no_grad():  # start with no Markov bias (L = U); W1 gets gradients once W2 moves
                 model.markov_head.markov_w2.weight.zero_()
@@ -268,6 +291,10 @@ class BlockTask:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or set(missing) != set(FROZEN):
             raise DsparkError(f"train_state.pt does not match the drafter (missing {missing}, unexpected {unexpected})")
+        if self.dconfig.draft_vocab_size:  # the vocabulary the run started with, whatever the data holds now
+            self.model.set_draft_vocab(self.model.draft_vocab.clone())
+            with torch.no_grad():
+                self.model.lm_head.weight.copy_(self.target.lm_head.weight[self.model.draft_vocab])
 
     def _forward(self, window: torch.Tensor, anchors: torch.Tensor):
         n = window.shape[1] - 1
@@ -288,7 +315,7 @@ class BlockTask:
         h, truth, target_logits = self._forward(window, anchors)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, conf = block_logits(self.model, h, window.gather(1, anchors), truth[..., :-1])
-        return block_loss(logits, conf, truth, target_logits, a, self.method)
+        return block_loss(self.model, logits, conf, truth, target_logits, a, self.method)
 
     @torch.no_grad()
     def evaluate(self, windows: torch.Tensor) -> dict:
@@ -305,11 +332,12 @@ class BlockTask:
                 anchor_tokens = window.gather(1, anchors)
                 logits, conf = block_logits(self.model, h, anchor_tokens, truth[..., :-1])
                 greedy, _ = block_logits(self.model, h, anchor_tokens)
-            losses.append(block_loss(logits, conf, truth, target_logits, a, self.method)[0].item() * len(window))
-            hit = (greedy.argmax(-1) == target_logits.argmax(-1)).float().cumprod(-1)
+            losses.append(block_loss(self.model, logits, conf, truth, target_logits, a, self.method)[0].item()
+                          * len(window))
+            hit = (self.model.to_target(greedy.argmax(-1)) == target_logits.argmax(-1)).float().cumprod(-1)
             taus.append((1 + hit.sum(-1)).reshape(-1))
             accept_k.append(hit.reshape(-1, blk))
-            c = 1 - 0.5 * (torch.softmax(greedy, -1) - torch.softmax(target_logits, -1)).abs().sum(-1)
+            c = 1 - 0.5 * law_distance(self.model, greedy, target_logits)
             taus_t1.append((1 + c.clamp(0, 1).cumprod(-1).sum(-1)).reshape(-1))
         self.model.train(was)
         return {"heldout_loss": round(sum(losses) / len(windows), 4),
@@ -378,7 +406,7 @@ class DraftLMTask:
 # -------------------------------------------------------------------------------------------------- configs
 def block_config(target_cfg: dict, method: str, block_size: int = 7, num_layers: int = 2,
                  target_layers: list[int] | None = None, mask_token_id: int | None = None, markov_rank: int = 256,
-                 markov_head: str = "vanilla", num_anchors: int = 32) -> dict:
+                 markov_head: str = "vanilla", num_anchors: int = 32, draft_vocab: int = 0) -> dict:
     """The drafter's config.json (DeepSpec layout) for ``dspark`` (Markov head + confidence) or ``dflash``."""
     if mask_token_id is None:
         raise DsparkError("the target's tokenizer.json has no <|mask|> token; pass --mask-token-id")
@@ -388,7 +416,7 @@ def block_config(target_cfg: dict, method: str, block_size: int = 7, num_layers:
     dspark = method == "dspark"
     return deepspec_config(target_cfg, block_size, num_layers, layers, mask_token_id,
                            markov_rank if dspark else 0, markov_head if dspark else None, confidence=dspark,
-                           num_anchors=num_anchors)
+                           num_anchors=num_anchors, draft_vocab_size=draft_vocab)
 
 
 def draft_lm_config(target_cfg: dict, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
@@ -431,7 +459,11 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
             "continuing against the current target")
     target = load_target(target_dir)
     train_tokens, held_tokens = read_tokens(data, target.config.vocab_size)
-    task = (DraftLMTask if method == "draft-lm" else BlockTask)(method, config, target, args)
+    if method == "draft-lm":
+        task = DraftLMTask(method, config, target, args)
+    else:
+        size = int(config.get("draft_vocab_size", 0) or 0)
+        task = BlockTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None)
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
                f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "
@@ -455,5 +487,6 @@ def method_config(target_dir: str | Path, method: str, **options) -> dict:
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if "mask_token_id" not in given:
         given["mask_token_id"] = read_mask_token_id(target_dir)
-    keys = ("block_size", "num_layers", "target_layers", "mask_token_id", "markov_rank", "markov_head", "num_anchors")
+    keys = ("block_size", "num_layers", "target_layers", "mask_token_id", "markov_rank", "markov_head", "num_anchors",
+            "draft_vocab")
     return block_config(target_cfg, method, **{k: given[k] for k in keys if k in given})
