@@ -215,3 +215,35 @@ def test_resume_continues(setup, tmp_path):
         torch.testing.assert_close(resumed["model"][name], tensor, atol=1e-6, rtol=1e-5)
     with pytest.raises(Exception, match="different method or drafter config"):
         train_draft(target_dir, data, out, "dflash", config_for(target_dir, "dflash"), ARGS, steps=12, **QUIET)
+
+
+def test_feature_cache_runs_each_document_from_its_start(setup, tmp_path):
+    """The cached features of a document are the target's own for that document alone; training from the cache
+    learns (held-out loss falls) and resumes reading the same cache."""
+    target_dir, data, target = setup
+    cached = tmp_path / "data"
+    cached.mkdir()
+    for name in ("train.npy", "heldout.npy"):
+        (cached / name).write_bytes((data / name).read_bytes())
+    tokens = np.load(cached / "train.npy")
+    np.save(cached / "train_docs.npy", np.arange(0, len(tokens), 64))  # 20 sequences of 64 tokens
+    config = config_for(target_dir, "dspark")
+    out = tmp_path / "draft"
+    rec = train_draft(target_dir, cached, out, "dspark", config, ARGS, steps=30, threads=1, cache_features=True,
+                      **QUIET)
+    folders = list(cached.glob("features-*"))
+    assert len(folders) == 1
+    assert sorted(p.name for p in folders[0].iterdir()) == ["features.npy", "hidden.npy", "lse.npy"]
+    features, hidden, lse = (np.load(folders[0] / f"{name}.npy") for name in ("features", "hidden", "lse"))
+    with torch.no_grad():
+        want_hidden, want = target_pass(target, torch.from_numpy(tokens[64:128].astype(np.int64))[None], tuple(TAPS))
+        want_lse = torch.logsumexp(target.lm_head(want_hidden[0]), -1)
+    # computed in bfloat16 and stored in float16: close to the float32 forward, not equal
+    np.testing.assert_allclose(features[64:128], want[0].numpy(), atol=0.1, rtol=0.03)
+    np.testing.assert_allclose(hidden[64:128], want_hidden[0].numpy(), atol=0.1, rtol=0.03)
+    np.testing.assert_allclose(lse[64:128], want_lse.numpy(), atol=0.1, rtol=0.01)
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert rec["step"] == 30 and log[-1]["heldout_loss"] < 0.8 * log[0]["heldout_loss"], log
+    rec = train_draft(target_dir, cached, out, "dspark", config, ARGS, steps=34, threads=1, cache_features=True,
+                      **QUIET)
+    assert rec["step"] == 34

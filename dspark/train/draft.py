@@ -47,6 +47,7 @@ from dspark.errors import DsparkError
 from dspark.graphs.checkpoint import WeightReader, read_config
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.drafter import MARKOV_HEAD_TYPES, Drafter, DrafterConfig, deepspec_config, save_deepspec
+from dspark.train.features import FeatureCache, feature_cache
 from dspark.train.target import (
     TrainArgs,
     batch_at,
@@ -59,6 +60,7 @@ from dspark.train.target import (
     run_training,
     target_pass,
     train_forward,
+    window_starts,
 )
 
 METHODS = ("draft-lm", "dspark", "dflash")
@@ -228,18 +230,28 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx).reshape(b, a, blk, -1)
 
 
-def law_distance(drafter: Drafter, logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+@dataclass
+class TargetLaw:
+    """The target's law at block slots, as much of it as the loss needs: its logits over the draft vocabulary
+    ``sub`` [..., N] and its log-normaliser over the whole vocabulary ``lse`` [...] (so the mass outside the draft
+    vocabulary is known without a [..., V] tensor), and its greedy token where it was computed in full."""
+
+    sub: torch.Tensor
+    lse: torch.Tensor
+    argmax: torch.Tensor | None = None
+
+    def inside(self) -> torch.Tensor:
+        return torch.exp(self.sub - self.lse[..., None])
+
+
+def law_distance(logits: torch.Tensor, law: TargetLaw) -> torch.Tensor:
     """||q - p||_1 between the draft law q = softmax(logits) (over the draft vocabulary, zero outside it) and the
     target's p, over the whole target vocabulary: 1 - 1/2 of it is the acceptance probability at T = 1."""
-    p = torch.softmax(target_logits.float(), -1)
-    q = torch.softmax(logits, -1)
-    if not drafter.config.draft_vocab_size:
-        return (q - p).abs().sum(-1)
-    inside = p[..., drafter.draft_vocab]
-    return (q - inside).abs().sum(-1) + (1 - inside.sum(-1)).clamp(min=0)
+    inside = law.inside()
+    return (torch.softmax(logits, -1) - inside).abs().sum(-1) + (1 - inside.sum(-1)).clamp(min=0)
 
 
-def block_loss(drafter: Drafter, logits, conf, truth, target_logits, args: DraftArgs, method: str):
+def block_loss(drafter: Drafter, logits, conf, truth, target: TargetLaw, args: DraftArgs, method: str):
     """(loss, parts): weighted means over slots, w_k = exp(-k / loss_decay), DeepSpec's normalisation. With a
     reduced vocabulary, a true token outside it adds no cross-entropy (nothing can predict it) but still counts in
     the law distance."""
@@ -254,7 +266,7 @@ def block_loss(drafter: Drafter, logits, conf, truth, target_logits, args: Draft
     parts = {"ce": ce.item()}
     if method == "dflash":
         return ce, parts
-    l1 = law_distance(drafter, logits, target_logits)
+    l1 = law_distance(logits, target)
     tv = (l1 * w).sum() / wsum
     loss = args.ce_weight * ce + args.tv_weight * tv
     parts["tv"] = tv.item()
@@ -270,8 +282,9 @@ class BlockTask:
     """A DSpark or DFlash drafter trained on the frozen target's features."""
 
     def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
-                 draft_vocab: torch.Tensor | None = None):
+                 draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None):
         self.method, self.config, self.target, self.args = method, config, target, args
+        self.cache = cache  # the target's features of the train windows, computed once (None: every step)
         self.dconfig = DrafterConfig.from_hf(config, target.config)
         self.taps = self.dconfig.target_layer_ids
         self.model = self._init(args.seed, draft_vocab)
@@ -296,26 +309,36 @@ class BlockTask:
             with torch.no_grad():
                 self.model.lm_head.weight.copy_(self.target.lm_head.weight[self.model.draft_vocab])
 
-    def _forward(self, window: torch.Tensor, anchors: torch.Tensor):
+    def _forward(self, window: torch.Tensor, anchors: torch.Tensor, cached=None):
+        """Block hidden states, true tokens and the target's law at the block slots. ``cached`` (hidden, features,
+        log-normalisers) of the window's first n positions replaces the target's forward; then only the draft
+        vocabulary's logits are computed (the drafter's frozen head is those rows of the target's)."""
         n = window.shape[1] - 1
         blk = self.dconfig.block_size
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with torch.no_grad():
-                hidden, features = target_pass(self.target, window[:, :n], self.taps)
+                hidden, features, lse = cached or (*target_pass(self.target, window[:, :n], self.taps), None)
                 truth, positions = block_targets(window, anchors, blk)
-                target_logits = self.target.lm_head(gather_positions(hidden, positions)).float()
+                at = gather_positions(hidden, positions)
+                if lse is not None:
+                    law = TargetLaw(self.model.lm_head(at).float(), lse.gather(1, positions.flatten(1)).view_as(truth))
+                else:
+                    full = self.target.lm_head(at).float()
+                    sub = full[..., self.model.draft_vocab] if self.dconfig.draft_vocab_size else full
+                    law = TargetLaw(sub, torch.logsumexp(full, -1), full.argmax(-1))
             h = drafter_forward(self.model, features, window, anchors)
-        return h, truth, target_logits
+        return h, truth, law
 
     def loss(self, step: int, train_tokens: np.ndarray):
         a = self.args
         x, y = batch_at(train_tokens, step, a)
         window = torch.cat([x, y[:, -1:]], dim=1)
         anchors = sample_anchors(a.seed, step, a.batch_size, a.seq_len, self.dconfig.block_size, a.anchors_per_seq)
-        h, truth, target_logits = self._forward(window, anchors)
+        cached = self.cache.windows(window_starts(len(train_tokens), step, a), a.seq_len) if self.cache else None
+        h, truth, law = self._forward(window, anchors, cached)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, conf = block_logits(self.model, h, window.gather(1, anchors), truth[..., :-1])
-        return block_loss(self.model, logits, conf, truth, target_logits, a, self.method)
+        return block_loss(self.model, logits, conf, truth, law, a, self.method)
 
     @torch.no_grad()
     def evaluate(self, windows: torch.Tensor) -> dict:
@@ -327,17 +350,17 @@ class BlockTask:
         losses, taus, taus_t1, accept_k = [], [], [], []
         for i in range(0, len(windows), a.batch_size):
             window, anchors = windows[i:i + a.batch_size], anchors_all[i:i + a.batch_size]
-            h, truth, target_logits = self._forward(window, anchors)
+            h, truth, law = self._forward(window, anchors)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 anchor_tokens = window.gather(1, anchors)
                 logits, conf = block_logits(self.model, h, anchor_tokens, truth[..., :-1])
                 greedy, _ = block_logits(self.model, h, anchor_tokens)
-            losses.append(block_loss(self.model, logits, conf, truth, target_logits, a, self.method)[0].item()
+            losses.append(block_loss(self.model, logits, conf, truth, law, a, self.method)[0].item()
                           * len(window))
-            hit = (self.model.to_target(greedy.argmax(-1)) == target_logits.argmax(-1)).float().cumprod(-1)
+            hit = (self.model.to_target(greedy.argmax(-1)) == law.argmax).float().cumprod(-1)
             taus.append((1 + hit.sum(-1)).reshape(-1))
             accept_k.append(hit.reshape(-1, blk))
-            c = 1 - 0.5 * law_distance(self.model, greedy, target_logits)
+            c = 1 - 0.5 * law_distance(greedy, law)
             taus_t1.append((1 + c.clamp(0, 1).cumprod(-1).sum(-1)).reshape(-1))
         self.model.train(was)
         return {"heldout_loss": round(sum(losses) / len(windows), 4),
@@ -438,12 +461,13 @@ def draft_lm_config(target_cfg: dict, hidden_size: int = 256, num_layers: int = 
 def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, method: str, config: dict,
                 args: DraftArgs, *, minutes: float | None = None, steps: int | None = None,
                 threads: int | None = None, save_minutes: float = 5.0, eval_every: int = 100,
-                progress: bool = True, log=None) -> dict:
+                progress: bool = True, log=None, cache_features: bool = False) -> dict:
     """Train (or resume) a drafter until ``steps`` total steps or ``minutes`` of wall time in this call.
 
     ``config`` is the drafter's config.json (``block_config`` or ``draft_lm_config``). Without ``steps`` and
     ``minutes``, trains to ``args.schedule_steps``. Writes the inference checkpoint into ``output`` at every save.
-    Returns the last log record."""
+    With ``cache_features`` a block drafter reads the target's features of the train windows from a cache built once
+    (``dspark.train.features``) instead of running the target every step. Returns the last log record."""
     if method not in METHODS:
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     log = log or default_log
@@ -463,7 +487,9 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
         task = DraftLMTask(method, config, target, args)
     else:
         size = int(config.get("draft_vocab_size", 0) or 0)
-        task = BlockTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None)
+        taps = DrafterConfig.from_hf(config, target.config).target_layer_ids
+        cache = feature_cache(target, taps, train_tokens, data, digest, progress, log) if cache_features else None
+        task = BlockTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache)
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
                f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "

@@ -230,6 +230,8 @@ def write_tokens(output: str | Path, log=print) -> dict:
             raise DsparkError(f"{output}: no {name} answers yet")
         ids = np.concatenate([np.asarray(d, dtype=np.uint32) for d in parts[held]])
         np.save(output / f"{name}.npy", ids)
+        # where each document starts: the feature cache runs every document from its own start
+        np.save(output / f"{name}_docs.npy", np.cumsum([0] + [len(d) for d in parts[held][:-1]]).astype(np.int64))
         stats[name] = {"documents": len(parts[held]), "tokens": int(ids.size)}
     with (output / "heldout_prompts.jsonl").open("w") as f:
         for p in prompts:

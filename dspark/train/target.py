@@ -118,10 +118,14 @@ def make_optimizer(model: torch.nn.Module, a: TrainArgs) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def window_starts(count: int, step: int, a: TrainArgs) -> np.ndarray:
+    """Where the windows of one step start in a token array of ``count`` tokens: a pure function of (seed, step)."""
+    return np.random.default_rng([a.seed, step]).integers(0, count - a.seq_len - 1, size=a.batch_size)
+
+
 def batch_at(tokens: np.ndarray, step: int, a: TrainArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets [B, seq_len] for one step: random windows, a pure function of (seed, step)."""
-    rng = np.random.default_rng([a.seed, step])
-    starts = rng.integers(0, len(tokens) - a.seq_len - 1, size=a.batch_size)
+    """Inputs and next-token targets [B, seq_len] for one step: the windows at ``window_starts``."""
+    starts = window_starts(len(tokens), step, a)
     w = torch.from_numpy(np.stack([tokens[s:s + a.seq_len + 1] for s in starts]).astype(np.int64))
     return w[:, :-1], w[:, 1:]
 

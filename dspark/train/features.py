@@ -1,0 +1,116 @@
+"""The frozen target's features of a training set, computed once and read back by every epoch.
+
+Training a block drafter needs, at every step, the target's tapped layer outputs (the drafter's context) and its
+final hidden states (its logits, for the distillation loss). On a CPU the target's forward is most of a step, and
+it is the same every epoch, so ``dspark train-draft --feature-cache`` computes it once per training set: each
+document of ``train.npy`` (``train_docs.npy`` gives their starts; without it, fixed chunks) is run alone from its
+start, as decoding runs it, and the rows are stored as float16 in ``features.npy`` [tokens, taps x d] and
+``hidden.npy`` [tokens, d], with the log-normaliser of the target's logits at each token in ``lse.npy`` (float32:
+the loss then needs the target's logits over the draft vocabulary only), under
+``DATA/features-<target digest>-<taps>/``. Building resumes where it stopped (``progress.json`` counts the batches
+written into the ``.partial`` arrays).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dspark.graphs.decoder import DecoderLM
+from dspark.train.target import target_pass
+
+CHUNK = 1024  # document length assumed when the data has no document starts
+BATCH_TOKENS = 8192  # padded tokens per target forward
+
+
+@dataclass
+class FeatureCache:
+    features: np.ndarray  # [tokens, taps x d] float16
+    hidden: np.ndarray  # [tokens, d] float16, after the final norm
+    lse: np.ndarray  # [tokens] float32: log-sum-exp of the target's logits (the normaliser of its law)
+
+    def windows(self, starts, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states [b, length, d], features [b, length, taps x d] (float32, ``target_pass``'s order) and
+        log-normalisers [b, length] of the windows at ``starts``."""
+        arrays = [np.stack([a[s:s + length] for s in starts]).astype(np.float32)
+                  for a in (self.hidden, self.features, self.lse)]
+        return tuple(torch.from_numpy(a) for a in arrays)
+
+
+def document_spans(data: Path, total: int) -> list[tuple[int, int]]:
+    starts_path = data / "train_docs.npy"
+    starts = np.load(starts_path).tolist() if starts_path.is_file() else list(range(0, total, CHUNK))
+    ends = starts[1:] + [total]
+    spans = []
+    for s, e in zip(starts, ends):  # a very long document is cut into chunks
+        spans += [(a, min(a + CHUNK, e)) for a in range(s, e, CHUNK)]
+    return spans
+
+
+def _batches(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Documents of similar length together (little padding), at most BATCH_TOKENS padded tokens a batch."""
+    ordered = sorted(spans, key=lambda se: se[1] - se[0])
+    batches, current = [], []
+    for span in ordered:
+        longest = max([span[1] - span[0]] + [e - s for s, e in current])
+        if current and longest * (len(current) + 1) > BATCH_TOKENS:
+            batches.append(current)
+            current = []
+        current.append(span)
+    return batches + ([current] if current else [])
+
+
+def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, data: Path, digest: str,
+                  progress: bool = True, log=print) -> FeatureCache:
+    """The cache for ``target`` (``digest`` names its weights) and ``taps`` over ``data``'s train tokens, built
+    now if it is missing or incomplete."""
+    from tqdm import tqdm
+
+    folder = data / f"features-{digest[:16]}-{'_'.join(map(str, taps))}"
+    paths = {name: folder / f"{name}.npy" for name in ("features", "hidden", "lse")}
+    if all(p.is_file() for p in paths.values()):
+        arrays = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
+        if all(len(a) == len(tokens) for a in arrays.values()):
+            return FeatureCache(**arrays)
+        log(f"{folder}: built for another train.npy; rebuilding")
+        for p in paths.values():
+            p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    d = target.config.hidden_size
+    shapes = {"features": (len(tokens), len(taps) * d), "hidden": (len(tokens), d), "lse": (len(tokens),)}
+    dtypes = {"features": np.float16, "hidden": np.float16, "lse": np.float32}
+    partial = {name: folder / f"{name}.partial.npy" for name in paths}
+    marker = folder / "progress.json"
+    done = json.loads(marker.read_text())["batches"] if marker.is_file() and all(p.is_file() for p in partial.values()) else 0
+    arrays = {name: (np.load(partial[name], mmap_mode="r+") if done else
+                     np.lib.format.open_memmap(partial[name], mode="w+", dtype=dtypes[name], shape=shapes[name]))
+              for name in paths}
+    batches = _batches(document_spans(data, len(tokens)))
+    log(f"target features: {len(tokens)} tokens in {len(batches)} batches into {folder}"
+        + (f" (resuming at batch {done})" if done else ""))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in tqdm(range(done, len(batches)), initial=done, total=len(batches), desc="target features",
+                      unit="batch", disable=not progress):
+            batch = batches[i]
+            width = max(e - s for s, e in batch)
+            ids = np.zeros((len(batch), width), dtype=np.int64)  # right-padded: causal, so padding changes nothing
+            for r, (s, e) in enumerate(batch):
+                ids[r, : e - s] = tokens[s:e]
+            hidden, features = target_pass(target, torch.from_numpy(ids), taps)
+            for r, (s, e) in enumerate(batch):
+                arrays["features"][s:e] = features[r, : e - s].float().numpy()
+                arrays["hidden"][s:e] = hidden[r, : e - s].float().numpy()
+                arrays["lse"][s:e] = torch.logsumexp(target.lm_head(hidden[r, : e - s]).float(), -1).numpy()
+            if i % 16 == 15 or i + 1 == len(batches):
+                for a in arrays.values():
+                    a.flush()
+                marker.write_text(json.dumps({"batches": i + 1}))
+    for name in paths:
+        del arrays[name]
+        partial[name].rename(paths[name])
+    marker.unlink()
+    return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
