@@ -171,9 +171,9 @@ def test_a_negative_seed_is_a_usage_error(qwen3_bundle):
 
 @pytest.mark.parametrize("manifest,words", [
     ("[]", ["schema version None"]),
-    ('{"schema_version": 1, "dtype": "fp32", "files": {}, "graphs": {}, "models": {}, "tokenizer": {}}',
+    ('{"schema_version": 2, "dtype": "fp32", "files": {}, "graphs": {}, "models": {}, "tokenizer": {}}',
      ["'limits' is missing"]),
-    ('{"schema_version": 1, "dtype": "fp32", "files": {}, "graphs": {}, "models": {"target": {"config": {}}}, '
+    ('{"schema_version": 2, "dtype": "fp32", "files": {}, "graphs": {}, "models": {"target": {"config": {}}}, '
      '"tokenizer": {}, "limits": {"max_batch": "8"}}', ["'limits.max_batch' must be an integer"]),
     ("[" * 100000, ["not valid JSON"]),
     (b"\xff\xfe{}", ["not valid JSON"]),
