@@ -142,7 +142,7 @@ def test_export_dspark_drafter_from_the_cli(qwen3_pair, tmp_path):
     draft_dir = deepspec_drafter(target, target_dir, tmp_path / "dspark", "vanilla", block_size=3)
     code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "b", "--max-context", 64)
     assert code == 0, out
-    assert "dspark" in out and "block=3" in out
+    assert "dspark" in out and "draft_length=3" in out
     # a draft length that cannot apply to a block drafter is refused, not ignored
     code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "c", "--num-draft-tokens", 2)
     assert_one_line_error(code, out, "--num-draft-tokens applies to a draft LM", "block of 3")
