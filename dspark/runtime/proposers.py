@@ -133,11 +133,11 @@ class BlockProposer:
         if not any(caps):
             return [Proposal([], None, np.zeros(0) if has_head else None) for _ in seqs]
         self._flush_context()
-        block = self.draft.draft_length  # the graph drafts the whole block; each row keeps its cap
-        noise = np.zeros((len(seqs), block), dtype=np.float32)
+        # the graph drafts the bundle's whole draft length; each row keeps its cap
+        noise = np.zeros((len(seqs), self.draft.draft_length), dtype=np.float32)
         for r, s in enumerate(seqs):
             if caps[r] and not s.request.sampling.greedy:
-                noise[r] = s.rng.random(block)
+                noise[r] = s.rng.random(noise.shape[1])
         out = self.drafter.run(
             {
                 "anchor": np.array([s.tokens[-1] for s in seqs], dtype=np.int64),
