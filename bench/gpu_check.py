@@ -107,9 +107,9 @@ def main() -> int:
         trt_reason = "" if cuda else "TensorRT is installed but no CUDA GPU is visible"
     except ImportError:
         trt_reason = "TensorRT is not installed (pip install 'dspark[gpu]')"
-    if not trt_reason and any(g.get("flavour") == "ort" for g in bundle.manifest["graphs"].values()):
+    if not trt_reason and any(g.in_place for g in bundle.graphs.values()):
         trt_reason = "the bundle has the ONNX Runtime graph flavour; export it with --runtime tensorrt for TensorRT"
-    block = bundle.draft is not None and bundle.draft["method"] in ("dspark", "dflash")
+    block = bundle.draft is not None and bundle.draft.block
 
     def build():
         from dspark.export.tensorrt import build_engines
@@ -118,7 +118,7 @@ def main() -> int:
         folder, _ = usable_engine_dir(bundle)
         if folder is not None and not args.rebuild:
             built = json.loads((folder / BUILD_INFO).read_text())["engines"]
-            missing = [g for g in bundle.manifest["graphs"] if g not in built or not (folder / built[g]["file"]).is_file()]
+            missing = [g for g in bundle.graphs if g not in built or not (folder / built[g]["file"]).is_file()]
             if not missing:
                 return f"reused {folder}"
             return f"built {', '.join(missing)} into " + str(build_engines(bundle.path, workspace_gb=args.workspace,

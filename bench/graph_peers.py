@@ -57,11 +57,11 @@ class Ours:
     def __init__(self, bundle_dir: Path, threads: int, context: int):
         self.generator = Generator(bundle_dir, use_draft=False, threads=threads)
         bundle = self.generator.bundle
-        self.cache = decoder_cache(bundle.target["config"], 1, bundle)
+        self.cache = decoder_cache(bundle.target.config, 1, bundle)
         self.cache.reserve(context + max(WIDTHS), context + max(WIDTHS))
         self.cache.lens[:] = context
-        self.vocab = bundle.target["config"]["vocab_size"]
-        self.file = bundle.file(bundle.graph("target")["file"])
+        self.vocab = bundle.target.config.vocab_size
+        self.file = bundle.file(bundle.graph("target").file)
 
     def call(self, n: int) -> None:
         run_decoder(self.generator.target, self.cache, [[7] * n])  # nothing committed: the context stays
@@ -244,7 +244,7 @@ def main() -> None:
         host = {who: statistics.median(r["host_ms"] for r in runs) for who, runs in decode.items()}
         from dspark.export.quality import heldout_text
 
-        quality = ours.generator.bundle.manifest.get("quality")
+        quality = ours.generator.bundle.read_json("quality.json")
         heldout = ours.generator.tokenizer.encode(heldout_text()[0])[: quality["tokens"] if quality else 1024]
         entry = {
             "perplexity": {"ours": quality["perplexity"] if quality else None,
@@ -270,13 +270,13 @@ def main() -> None:
 
 def _profiled_ours(bundle_dir: Path, threads: int) -> ort.InferenceSession:
     bundle = Bundle.open(bundle_dir, verify=False)
-    return session(bundle.file(bundle.graph("target")["file"]), threads, profile=True)
+    return session(bundle.file(bundle.graph("target").file), threads, profile=True)
 
 
 def _call_ours(sess: ort.InferenceSession, bundle_dir: Path, context: int) -> None:
     """One T(1) call of our graph in either flavour, with plain session.run feeds."""
-    c = Bundle.open(bundle_dir, verify=False).target["config"]
-    kv = (1, c["num_kv_heads"], context + 1, c["head_dim"])
+    c = Bundle.open(bundle_dir, verify=False).target.config
+    kv = (1, c.num_kv_heads, context + 1, c.head_dim)
     feeds = {"input_ids": np.full((1, 1), 7, np.int64)}
     names = {i.name for i in sess.get_inputs()}
     if "query_lens" in names:  # ort flavour: in-place buffers per layer

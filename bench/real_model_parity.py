@@ -35,7 +35,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     bundle = Bundle.open(args.bundle)
-    source = bundle.target["source"]
+    source = bundle.target.source
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     exact = DecoderLM.from_pretrained(source, dtype=torch.float64)
     gen = Generator(bundle, use_draft=False)
@@ -51,7 +51,7 @@ def main() -> None:
                                         min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
         theirs = theirs[0, len(ids):].tolist()
         full = ids + theirs
-        out = run_decoder(runner, decoder_cache(bundle.target["config"], 1, bundle), [full])["logits"][0, : len(full)]
+        out = run_decoder(runner, decoder_cache(bundle.target.config, 1, bundle), [full])["logits"][0, : len(full)]
         with torch.no_grad():
             ref = reference(torch.tensor([full])).logits[0].numpy()
             ref64 = exact(torch.tensor([full]))[0].numpy()

@@ -183,7 +183,7 @@ def summarize(config: Configuration) -> dict:
         "method": config.method,
         "scheduler": config.scheduler,
         "concurrency": config.concurrency,
-        "num_draft_tokens": config.generator.num_draft_tokens,
+        "num_draft_tokens": config.generator.draft_length,
         "requests": len(config.runs[0].seqs),
         "generated_tokens": sum(len(s.generated) for s in config.runs[0].seqs),
         "tokens_per_second": statistics.median(rates),
@@ -211,31 +211,32 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def call_costs(gen, rows: int, context: int, repeats: int) -> dict:
-    """Median ms of a target call with ``rows`` rows of 1 and of K+1 tokens, and of one draft round for ``rows``."""
+    """Median ms of a target call with ``rows`` rows of 1 and of draft_length + 1 tokens, and of one draft round
+    for ``rows``."""
     from dspark.runtime.decoder import decoder_cache, run_decoder
     from dspark.runtime.generate import Request
 
-    bundle, k = gen.bundle, gen.num_draft_tokens
-    context = max(1, min(context, bundle.limits["max_context"] - k - 2))
-    cache = decoder_cache(bundle.target["config"], rows, bundle)
-    cache.reserve(context + k + 1)
+    bundle, draft_length = gen.bundle, gen.draft_length
+    context = max(1, min(context, bundle.limits.max_context - draft_length - 2))
+    cache = decoder_cache(bundle.target.config, rows, bundle)
+    cache.reserve(context + draft_length + 1)
     cache.lens[:] = context
     costs = {"context": context, "t1_ms": median_ms(lambda: run_decoder(gen.target, cache, [[1]] * rows), repeats)}
     if not gen.proposer:
         costs.update(t_verify_ms=costs["t1_ms"], t_draft_ms=0.0)
         return costs
-    costs["t_verify_ms"] = median_ms(lambda: run_decoder(gen.target, cache, [[1] * (k + 1)] * rows), repeats)
+    costs["t_verify_ms"] = median_ms(lambda: run_decoder(gen.target, cache, [[1] * (draft_length + 1)] * rows), repeats)
     # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
     gen.max_batch = rows
-    seqs = [gen.submit(Request([1] * context, max_new_tokens=k + 2, ignore_eos=True)) for _ in range(rows)]
+    seqs = [gen.submit(Request([1] * context, max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
     gen.admit()
     proposer = gen.proposer
-    proposer.propose(seqs, [k] * rows)
+    proposer.propose(seqs, [draft_length] * rows)
     anchors = [len(s.tokens) - 1 for s in seqs]
 
     def draft_round():
         proposer.rewind(anchors)
-        proposer.propose(seqs, [k] * rows)
+        proposer.propose(seqs, [draft_length] * rows)
 
     try:
         costs["t_draft_ms"] = median_ms(draft_round, repeats)
@@ -275,7 +276,7 @@ def peer_module():
 
 
 def run_peers(bundles: dict, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-              num_draft_tokens: int | None, threads: int, repeats: int, log) -> dict:
+              draft_length: int | None, threads: int, repeats: int, log) -> dict:
     if temperature != 0:
         return {"status": "skipped", "reason": "the peer comparison is greedy; run with --temperature 0"}
     lm = [(m, b) for m, b in bundles.items() if m == "draft-lm"]
@@ -286,7 +287,7 @@ def run_peers(bundles: dict, prompt_ids: list[list[int]], max_new_tokens: int, t
     module = peer_module()
     if module is None:
         return {"status": "skipped", "reason": "bench/peers/hf_assisted.py not found (it ships with the source tree)"}
-    return module.run_peer(lm[0][1].path, prompt_ids, max_new_tokens, num_draft_tokens, threads=threads,
+    return module.run_peer(lm[0][1].path, prompt_ids, max_new_tokens, draft_length, threads=threads,
                            repeats=repeats, log=log)
 
 
@@ -296,11 +297,11 @@ def open_bundles(bundle_dir, extra_bundles=()) -> tuple[Bundle, dict[str, Bundle
     main = Bundle.open(bundle_dir)
     methods: dict[str, Bundle] = {}
     for b in [main] + [Bundle.open(p) for p in extra_bundles]:
-        if b.target["config"] != main.target["config"] or b.manifest["dtype"] != main.manifest["dtype"]:
+        if b.target.raw_config != main.target.raw_config or b.dtype != main.dtype:
             raise DsparkError(f"{b.path} has a different target than {main.path}; bench compares drafts of one target")
         if b.draft is None:
             continue
-        method = b.draft["method"]
+        method = b.draft.method
         if method in methods:
             raise DsparkError(f"two bundles have a {method} draft ({methods[method].path}, {b.path}); give one")
         methods[method] = b
@@ -336,9 +337,9 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     concurrency = sorted(set(concurrency))
     for m in chosen:
         b = main if m == "plain" else spec_bundles[m]
-        if concurrency[-1] > b.limits["max_batch"]:
+        if concurrency[-1] > b.limits.max_batch:
             raise DsparkError(f"--concurrency {concurrency[-1]} exceeds the bundle's max_batch "
-                              f"{b.limits['max_batch']} ({b.path}); re-export with --max-batch {concurrency[-1]}")
+                              f"{b.limits.max_batch} ({b.path}); re-export with --max-batch {concurrency[-1]}")
     for s in schedulers:
         if s not in ("fixed", "threshold", "sps"):
             raise DsparkError(f"unknown scheduler {s!r}: use fixed, threshold or sps")
@@ -428,7 +429,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     report = {
         "bundle": str(main.path),
         "extra_bundles": [str(p) for p in extra_bundles],
-        "target_source": main.target.get("source"),
+        "target_source": main.target.source,
         "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "concurrency": concurrency,
                      "methods": chosen, "schedulers": list(schedulers), "threshold": threshold,
                      "num_draft_tokens": num_draft_tokens, "repeats": repeats, "warmup": warmup,
@@ -469,7 +470,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
 def tokenizer_fallback(bundle: Bundle) -> int:
     """A prompt that tokenizes to nothing starts from the BOS (or EOS) token."""
     tok = bundle.tokenizer
-    return tok.get("bos_token_id") if tok.get("bos_token_id") is not None else tok["eos_token_ids"][0]
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_ids[0]
 
 
 def definitions() -> dict:

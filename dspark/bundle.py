@@ -4,6 +4,12 @@ The manifest is the contract with other runtimes (a C++ host reads nothing else)
 named dynamic dimensions and their ranges, TensorRT profile shapes per phase, the KV layout the runtime owns,
 the draft method and its settings, stop tokens, and the sha256 of every file. Opening a bundle checks that
 the files on disk are the ones the manifest names. This module needs neither torch nor onnx.
+
+The manifest is read here and nowhere else: ``Bundle.open`` checks every field the runtimes use and turns it into
+frozen dataclasses (``Limits``, ``GraphSpec``, ``TargetEntry``, ``DraftEntry``, ``TokenizerInfo``); a field missing
+or of the wrong type refuses the bundle with one line naming it. The draft length (tokens drafted per round: a
+draft LM's K, a DSpark/DFlash drafter's block) is stored once, as ``models.draft.draft_length``; a block drafter's
+exported config leaves out its ``block_size``, which is that same number. Schema 1 stored it twice.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 
 from dspark.errors import DsparkError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the draft length stored once, as models.draft.draft_length
 MANIFEST = "manifest.json"
 
 
@@ -35,10 +41,245 @@ def file_records(folder: Path) -> dict[str, dict]:
     return records
 
 
+class ManifestProblem(Exception):
+    """What is missing or mistyped in a manifest, as one line naming the field."""
+
+
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer", bool: "true or false"}
+_REQUIRED = object()
+
+
+def _checked(value, kind: type, where: str):
+    # bool is an int to Python, never to the manifest
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ManifestProblem(f"'{where}' must be {JSON_KINDS[kind]}, not {json.dumps(value)[:40]}")
+    return value
+
+
+class _Fields:
+    """One JSON object of the manifest, read field by field; anything wrong names its dotted path."""
+
+    def __init__(self, value, where: str):
+        self.value, self.where = _checked(value, dict, where or "manifest"), where
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kind: type, default=_REQUIRED):
+        """The field, of ``kind``; ``default`` when it is missing or null, and then it may be."""
+        value = self.value.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ManifestProblem(f"'{self.path(key)}' is missing")
+            return default
+        return _checked(value, kind, self.path(key))
+
+    def count(self, key: str) -> int:
+        value = self.get(key, int)
+        if value < 1:
+            raise ManifestProblem(f"'{self.path(key)}' must be at least 1, got {value}")
+        return value
+
+    def ints(self, key: str, default=_REQUIRED) -> tuple[int, ...]:
+        items = self.get(key, list, default)
+        return tuple(_checked(v, int, f"{self.path(key)}[{i}]") for i, v in enumerate(items))
+
+    def strs(self, key: str) -> tuple[str, ...]:
+        return tuple(_checked(v, str, f"{self.path(key)}[{i}]") for i, v in enumerate(self.get(key, list)))
+
+    def fields(self, key: str) -> "_Fields":
+        return _Fields(self.get(key, dict), self.path(key))
+
+    def optional(self, key: str) -> "_Fields | None":
+        """The object at ``key``, or None when it is missing or null."""
+        return None if self.value.get(key) is None else self.fields(key)
+
+    def members(self, key: str, default=_REQUIRED) -> dict[str, "_Fields"]:
+        return {name: _Fields(value, f"{self.path(key)}.{name}") for name, value in self.get(key, dict, default).items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest calls the graphs were exported for."""
+
+    max_batch: int
+    max_context: int
+    prefill_chunk: int
+    max_verify_tokens: int  # target tokens one verify call takes: the anchor and at most max_verify_tokens - 1 drafts
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Limits":
+        return cls(*(f.count(name) for name in ("max_batch", "max_context", "prefill_chunk", "max_verify_tokens")))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64
+    shape: tuple  # ints for static sizes, names for dynamic ones
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def read(cls, value, where: str) -> "TensorSpec":
+        f = _Fields(value, where)
+        shape = f.get("shape", list)
+        for i, d in enumerate(shape):
+            if not isinstance(d, (int, str)) or isinstance(d, bool):
+                raise ManifestProblem(f"'{f.path('shape')}[{i}]' must be a size or a dimension name, not {json.dumps(d)[:40]}")
+        return cls(f.get("name", str), f.get("dtype", str), tuple(shape))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph: its file, I/O, named dimensions' ranges and TensorRT profiles."""
+
+    name: str
+    file: str
+    flavour: str  # "ort": fused operators writing the KV cache in place; "standard": plain ONNX for TensorRT
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, tuple[int, int]]  # dimension name -> (min, max)
+    profiles: dict[str, dict[str, tuple[int, int, int]]]  # phase -> dimension name -> (min, opt, max)
+
+    @property
+    def in_place(self) -> bool:
+        return self.flavour == "ort"
+
+    @classmethod
+    def read(cls, name: str, f: _Fields) -> "GraphSpec":
+        specs = {key: tuple(TensorSpec.read(v, f"{f.path(key)}[{i}]") for i, v in enumerate(f.get(key, list)))
+                 for key in ("inputs", "outputs")}
+        dims = {dim: _numbers(value, 2, f"{f.path('dims')}.{dim}") for dim, value in f.get("dims", dict, {}).items()}
+        profiles = {phase: {dim: _numbers(value, 3, p.path(dim)) for dim, value in p.value.items()}
+                    for phase, p in f.members("profiles", {}).items()}
+        return cls(name, f.get("file", str), f.get("flavour", str, "standard"), specs["inputs"], specs["outputs"],
+                   dims, profiles)
+
+
+def _numbers(value, count: int, where: str) -> tuple[int, ...]:
+    """A range of ``count`` ints: (min, max) or (min, opt, max)."""
+    items = _checked(value, list, where)
+    if len(items) != count:
+        raise ManifestProblem(f"'{where}' must hold {count} integers, not {json.dumps(items)[:40]}")
+    return tuple(_checked(v, int, f"{where}[{i}]") for i, v in enumerate(items))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The sizes of a model every runtime reads (the caches it allocates, the logits it expects)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+    @classmethod
+    def read(cls, f: _Fields) -> "ModelConfig":
+        return cls(*(f.count(name) for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
+                                                 "vocab_size")))
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    """The GGUF file a model was converted from (dequantized to fp32 before export)."""
+
+    file: str
+    sha256: str
+    tensor_types: dict[str, int]  # GGML tensor type name -> how many tensors have it
+
+    @classmethod
+    def read(cls, f: _Fields | None) -> "GgufSource | None":
+        return None if f is None else cls(f.get("file", str), f.get("sha256", str), f.get("tensor_types", dict))
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    source: str  # the checkpoint folder it was exported from
+    config: ModelConfig
+    raw_config: dict  # the whole exported config (the checkpoint's settings as dspark read them)
+    graphs: tuple[str, ...]
+    tap_layers: tuple[int, ...]  # layers whose hidden states the target graph returns for a block drafter
+    gguf: GgufSource | None
+
+    @classmethod
+    def read(cls, f: _Fields) -> "TargetEntry":
+        config = f.fields("config")
+        return cls(f.get("source", str), ModelConfig.read(config), config.value, f.strs("graphs"),
+                   f.ints("tap_layers", ()), GgufSource.read(f.optional("gguf")))
+
+
+DRAFT_METHODS = ("draft-lm", "dspark", "dflash")
+
+
+@dataclass(frozen=True)
+class DraftEntry:
+    method: str  # one of DRAFT_METHODS
+    source: str
+    config: ModelConfig
+    raw_config: dict
+    graphs: tuple[str, ...]
+    draft_length: int  # tokens drafted per round: a draft LM's K, a block drafter's block
+    target_layer_ids: tuple[int, ...]  # block drafters: the target layers whose features they read
+    confidence_head: bool  # block drafters: a confidence logit per drafted token
+    gguf: GgufSource | None
+
+    @property
+    def block(self) -> bool:
+        return self.method != "draft-lm"
+
+    @classmethod
+    def read(cls, f: _Fields) -> "DraftEntry":
+        method = f.get("method", str)
+        if method not in DRAFT_METHODS:
+            raise ManifestProblem(f"'{f.path('method')}' must be one of {', '.join(DRAFT_METHODS)}, not {method!r}")
+        config = f.fields("config")
+        block = method != "draft-lm"
+        return cls(method, f.get("source", str), ModelConfig.read(config), config.value, f.strs("graphs"),
+                   f.count("draft_length"), config.ints("target_layer_ids") if block else (),
+                   config.get("enable_confidence_head", bool) if block else False, GgufSource.read(f.optional("gguf")))
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    files: tuple[str, ...]
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    pad_token_id: int | None
+    has_chat_template: bool
+
+    @classmethod
+    def read(cls, f: _Fields) -> "TokenizerInfo":
+        return cls(f.strs("files"), f.ints("eos_token_ids"), f.get("bos_token_id", int, None),
+                   f.get("pad_token_id", int, None), f.get("has_chat_template", bool, False))
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    bytes: int
+    sha256: str
+
+
 @dataclass
 class Bundle:
+    """An opened bundle: the manifest's fields, typed and checked once, as attributes.
+
+    ``manifest`` keeps the JSON as read, for what writes it back (``add_file``) or hands it on whole.
+    """
+
     path: Path
     manifest: dict
+    dtype: str  # "fp32" or "fp16": the graphs' float tensors and the KV caches
+    quantize: str | None  # the target's weight quantization (int4, int8) or None
+    limits: Limits
+    graphs: dict[str, GraphSpec]
+    target: TargetEntry
+    draft: DraftEntry | None
+    tokenizer: TokenizerInfo
+    files: dict[str, FileRecord]
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
@@ -59,24 +300,44 @@ class Bundle:
             raise DsparkError(
                 f"{path}: manifest schema version {version} is not the {SCHEMA_VERSION} this dspark reads; re-export it"
             )
-        problem = manifest_problem(manifest)
-        if problem:
-            raise DsparkError(f"{manifest_path} is not a dspark manifest: {problem}; re-export the bundle")
-        bundle = cls(path, manifest)
+        try:
+            bundle = cls.read(path, manifest)
+        except ManifestProblem as e:
+            raise DsparkError(f"{manifest_path} is not a dspark manifest: {e}; re-export the bundle") from None
         if verify:
             bundle.verify()
         return bundle
 
+    @classmethod
+    def read(cls, path: Path, manifest: dict) -> "Bundle":
+        """The typed bundle of a manifest; ManifestProblem names the first field missing or mistyped."""
+        m = _Fields(manifest, "")
+        # the sections first, so a manifest missing one says so before any field inside another
+        dtype = m.get("dtype", str)
+        sections = {key: m.fields(key) for key in ("files", "graphs", "models", "tokenizer", "limits")}
+        limits = Limits.read(sections["limits"])
+        target = TargetEntry.read(sections["models"].fields("target"))
+        tokenizer = TokenizerInfo.read(sections["tokenizer"])
+        files = {}
+        for rel, record in sections["files"].value.items():
+            if not (isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)):
+                raise ManifestProblem(f"files['{rel}'] needs 'bytes' and 'sha256'")
+            files[rel] = FileRecord(record["bytes"], record["sha256"])
+        graphs = {name: GraphSpec.read(name, g) for name, g in m.members("graphs").items()}
+        draft = sections["models"].optional("draft")
+        draft = None if draft is None else DraftEntry.read(draft)
+        return cls(path, manifest, dtype, m.get("quantize", str, None), limits, graphs, target, draft, tokenizer, files)
+
     def verify(self) -> None:
         """Refuse the bundle when a file the manifest names is missing, resized or changed."""
         problems = []
-        for rel, record in self.manifest["files"].items():
+        for rel, record in self.files.items():
             file = self.path / rel
             if not file.is_file():
                 problems.append(f"{rel} is missing")
-            elif file.stat().st_size != record["bytes"]:
-                problems.append(f"{rel} has {file.stat().st_size} bytes, the manifest says {record['bytes']}")
-            elif sha256_file(file) != record["sha256"]:
+            elif file.stat().st_size != record.bytes:
+                problems.append(f"{rel} has {file.stat().st_size} bytes, the manifest says {record.bytes}")
+            elif sha256_file(file) != record.sha256:
                 problems.append(f"{rel} has changed (sha256 differs from the manifest)")
         if problems:
             raise DsparkError(f"bundle {self.path} does not match its manifest: " + "; ".join(problems) + "; re-export it")
@@ -86,70 +347,25 @@ class Bundle:
         path = self.path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, text)
-        self.manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        self.files[rel] = FileRecord(path.stat().st_size, sha256_file(path))
+        self.manifest["files"][rel] = {"bytes": self.files[rel].bytes, "sha256": self.files[rel].sha256}
         _atomic_write(self.path / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
         return path
 
     def read_json(self, rel: str) -> dict | None:
         """A JSON file the manifest lists (verified on open), or None when the bundle has none."""
-        return json.loads((self.path / rel).read_text()) if rel in self.manifest["files"] else None
+        return json.loads((self.path / rel).read_text()) if rel in self.files else None
 
     def file(self, rel: str) -> Path:
         return self.path / rel
 
-    def graph(self, name: str) -> dict:
-        return self.manifest["graphs"][name]
+    def graph(self, name: str) -> GraphSpec:
+        return self.graphs[name]
 
     @property
-    def limits(self) -> dict:
-        return self.manifest["limits"]
-
-    @property
-    def target(self) -> dict:
-        return self.manifest["models"]["target"]
-
-    @property
-    def draft(self) -> dict | None:
-        return self.manifest["models"].get("draft")
-
-    @property
-    def tokenizer(self) -> dict:
-        return self.manifest["tokenizer"]
-
-
-JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer"}
-# What every runtime reads from a manifest before it touches a graph: (dotted path, type), ints positive.
-REQUIRED = [
-    ("dtype", str), ("files", dict), ("graphs", dict), ("models", dict), ("tokenizer", dict), ("limits", dict),
-    *((f"limits.{k}", int) for k in ("max_batch", "max_context", "prefill_chunk", "max_verify_tokens")),
-    ("models.target", dict), ("models.target.config", dict),
-    *((f"models.target.config.{k}", int) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size")),
-    ("tokenizer.eos_token_ids", list),
-]
-
-
-def manifest_problem(manifest: dict) -> str | None:
-    """What is missing or mistyped in a manifest (one line), or None when runtimes can read it."""
-    for dotted, kind in REQUIRED:
-        value = manifest
-        for key in dotted.split("."):
-            if not isinstance(value, dict) or key not in value:
-                return f"'{dotted}' is missing"
-            value = value[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"'{dotted}' must be {JSON_KINDS[kind]}, not {json.dumps(value)[:40]}"
-        if kind is int and value < 1:
-            return f"'{dotted}' must be at least 1, got {value}"
-    for rel, record in manifest["files"].items():
-        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)):
-            return f"files['{rel}'] needs 'bytes' and 'sha256'"
-    for name, graph in manifest["graphs"].items():
-        if not (isinstance(graph, dict) and isinstance(graph.get("file"), str)):
-            return f"graphs['{name}'] needs a 'file'"
-    draft = manifest["models"].get("draft")
-    if draft is not None and not (isinstance(draft, dict) and isinstance(draft.get("config"), dict)):
-        return "'models.draft' needs a 'config'"
-    return None
+    def models(self) -> dict[str, TargetEntry | DraftEntry]:
+        """The target, and the draft when the bundle has one, by role."""
+        return {"target": self.target} | ({"draft": self.draft} if self.draft else {})
 
 
 def _atomic_write(path: Path, text: str) -> None:

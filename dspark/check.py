@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dspark.bundle import Bundle
+from dspark.bundle import Bundle, GraphSpec
 from dspark.export.lint import lint_graph
 from dspark.runtime.torch_runner import in_place_step, load_module, module_problem
 
@@ -60,17 +60,17 @@ class CheckReport:
 def torch_graphs(bundle: Bundle) -> tuple[dict, dict[str, str]]:
     """{graph name: callable(**feeds) -> tuple of tensors} for every graph, and {graph: why there is none}."""
     fns, skipped = {}, {}
-    for role, model in bundle.manifest["models"].items():
+    for role, model in bundle.models.items():
         problem = module_problem(bundle, role)
         module = None if problem else load_module(bundle, role)
-        for graph in model["graphs"]:
+        for graph in model.graphs:
             if module is None:
                 skipped[graph] = f"{problem}; no PyTorch reference"
             elif graph == "draft_context":
                 fns[graph] = module.context_kv
             elif graph == "draft_propose":
                 fns[graph] = module.propose
-            elif bundle.graph(graph).get("flavour") == "ort":
+            elif bundle.graph(graph).in_place:
                 fns[graph] = present_outputs(module)
             else:
                 fns[graph] = lambda m=module, **f: tuple(t for t in m.step(**f) if t is not None)
@@ -97,7 +97,7 @@ def present_outputs(model):
     return step
 
 
-def torch_runner(name: str, fn, spec: dict):
+def torch_runner(name: str, fn, spec: GraphSpec):
     """A polygraphy runner around a torch callable (polygraphy's PytRunner needs CUDA; cpu-measurements §3)."""
     import time
 
@@ -110,8 +110,8 @@ def torch_runner(name: str, fn, spec: dict):
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
-            for i in spec["inputs"]:
-                meta.add(i["name"], np.dtype(i["dtype"]), [d if isinstance(d, int) else -1 for d in i["shape"]])
+            for i in spec.inputs:
+                meta.add(i.name, np.dtype(i.dtype), [d if isinstance(d, int) else -1 for d in i.shape])
             return meta
 
         def infer_impl(self, feed_dict):
@@ -120,8 +120,8 @@ def torch_runner(name: str, fn, spec: dict):
                 out = fn(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()})
             self.inference_time = time.perf_counter() - started  # polygraphy 0.53: set it, return only the dict
             if isinstance(out, dict):
-                return {o["name"]: out[o["name"]].numpy() for o in spec["outputs"]}
-            return {o["name"]: t.numpy() for o, t in zip(spec["outputs"], out)}
+                return {o.name: out[o.name].numpy() for o in spec.outputs}
+            return {o.name: t.numpy() for o, t in zip(spec.outputs, out)}
 
     return TorchRunner()
 
@@ -133,23 +133,23 @@ def graph_feeds(bundle: Bundle, name: str, seed: int = 0) -> list[dict[str, np.n
     Cache entries past each row's length hold noise, so a masking bug shows as a mismatch.
     """
     spec = bundle.graph(name)
-    dims = spec["dims"]
+    dims = spec.dims
     rng = np.random.default_rng(seed)
-    shapes = {i["name"]: i["shape"] for i in spec["inputs"]}
-    dtypes = {i["name"]: np.dtype(i["dtype"]) for i in spec["inputs"]}
+    shapes = {i.name: i.shape for i in spec.inputs}
+    dtypes = {i.name: np.dtype(i.dtype) for i in spec.inputs}
     batch_max = dims["batch"][1]
     cache_max = dims.get("cache", [0, 0])[1]
     if "new_tokens" in dims:
         width = dims["new_tokens"][1]
-        corners = [(1, min(5, width), 0), (min(3, batch_max), min(bundle.limits["max_verify_tokens"], width), min(16, cache_max)),
+        corners = [(1, min(5, width), 0), (min(3, batch_max), min(bundle.limits.max_verify_tokens, width), min(16, cache_max)),
                    (min(2, batch_max), 1, min(8, cache_max))]
     elif "context" in dims:
         corners = [(1, min(5, dims["context"][1]), 0), (min(3, batch_max), min(2, dims["context"][1]), 0)]
     else:
         corners = [(1, 0, min(6, cache_max)), (min(3, batch_max), 0, min(16, cache_max))]
-    vocab = bundle.target["config"]["vocab_size"]
+    vocab = bundle.target.config.vocab_size
     feeds = []
-    in_place = spec.get("flavour") == "ort"
+    in_place = spec.in_place
     for b, n, s in corners:
         lens = rng.integers(0, s + 1, size=b)
         lens[0] = s
@@ -193,13 +193,13 @@ def compare_graph(bundle: Bundle, name: str, fn, engine: Path | None) -> list[Ro
         SimpleCompareFunc = CompareFunc.simple
 
     spec = bundle.graph(name)
-    runners = [torch_runner("torch", fn, spec), OnnxrtRunner(SessionFromOnnx(str(bundle.file(spec["file"]))), name="onnxruntime")]
+    runners = [torch_runner("torch", fn, spec), OnnxrtRunner(SessionFromOnnx(str(bundle.file(spec.file))), name="onnxruntime")]
     feeds = graph_feeds(bundle, name)
     if engine is not None:
         from dspark.runtime.trt import polygraphy_trt_runner
 
         runners.append(polygraphy_trt_runner(engine, spec, feeds))
-    tolerances = {o["name"]: TOLERANCES[o["dtype"]] for o in spec["outputs"]}
+    tolerances = {o.name: TOLERANCES[o.dtype] for o in spec.outputs}
     compare = SimpleCompareFunc(atol={k: v[0] for k, v in tolerances.items()}, rtol={k: v[1] for k, v in tolerances.items()})
     from polygraphy.logger import G_LOGGER
 
@@ -236,8 +236,8 @@ def greedy_equivalence(bundle: Bundle, max_new_tokens: int = 24) -> Row:
         if a.generated == b.generated:
             continue
         i = next((k for k, (x, y) in enumerate(zip(a.generated, b.generated)) if x != y), min(len(a.generated), len(b.generated)))
-        cache = decoder_cache(bundle.target["config"], 1, bundle)
-        logits = feed(plain.target, cache, [request.prompt_ids + a.generated[:i]], bundle.limits["prefill_chunk"])[0]
+        cache = decoder_cache(bundle.target.config, 1, bundle)
+        logits = feed(plain.target, cache, [request.prompt_ids + a.generated[:i]], bundle.limits.prefill_chunk)[0]
         top2 = np.sort(logits.astype(np.float64))[-2:]
         return Row("greedy spec == plain", "target", "FAIL",
                    f"prompt {request.prompt_ids}: first divergence at token {i} (plain {a.generated[i] if i < len(a.generated) else None}, "
@@ -256,7 +256,7 @@ def check_bundle(bundle_dir: str | Path, engines: bool = True, max_new_tokens: i
         from dspark.runtime.trt import usable_engine_dir
 
         engine_dir, why_no_engines = usable_engine_dir(bundle)
-    for name in bundle.manifest["graphs"]:
+    for name in bundle.graphs:
         if name in skipped:
             report.add("torch vs onnxruntime", name, "skip", skipped[name])
         else:
@@ -265,8 +265,8 @@ def check_bundle(bundle_dir: str | Path, engines: bool = True, max_new_tokens: i
         if engine_dir is None:
             report.add("tensorrt", name, "skip", why_no_engines)
     report.rows.append(greedy_equivalence(bundle, max_new_tokens))
-    for name in bundle.manifest["graphs"]:
-        if bundle.graph(name).get("flavour") == "ort":
+    for name, graph in bundle.graphs.items():
+        if graph.in_place:
             report.add("tensorrt lint", name, "skip", "ONNX Runtime flavour (fused contrib operators); export with "
                        "--runtime tensorrt for TensorRT")
             continue

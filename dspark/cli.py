@@ -9,6 +9,7 @@ import functools
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -77,23 +78,26 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
     TARGET_DIR is a Hugging Face checkpoint folder or a .gguf file (llama, qwen2, qwen3; dequantized to fp32
     once and cached by its sha256, see `dspark fetch`).
     """
+    from dspark.bundle import Bundle
     from dspark.export.bundle import ExportOptions, export_bundle
 
     options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize,
                             draft_quantize)
-    manifest = export_bundle(target_dir, output, draft_dir, options, force=force)
-    size = sum(f["bytes"] for f in manifest["files"].values())
+    started = time.perf_counter()
+    export_bundle(target_dir, output, draft_dir, options, force=force)
+    seconds = time.perf_counter() - started
+    bundle = Bundle.open(output, verify=False)  # just written: the summary needs the fields, not the hashes
+    size = sum(f.bytes for f in bundle.files.values())
     click.echo(f"bundle: {output}")
-    for name, model in manifest["models"].items():
-        c = model["config"]
-        kind = model.get("method", "target")
-        block = f" block={c['block_size']}" if "block_size" in c else ""
-        click.echo(f"  {name:7s} {kind:9s} layers={c['num_layers']} d={c['hidden_size']} vocab={c['vocab_size']}{block}")
-        if "gguf" in model:
-            types = ", ".join(f"{n} {t}" for t, n in model["gguf"]["tensor_types"].items())
-            click.echo(f"          from {model['gguf']['file']} ({types}; dequantized to fp32)")
-    click.echo(f"  graphs: {', '.join(manifest['graphs'])}; files: {len(manifest['files'])}, {size / 1e6:.1f} MB; "
-               f"{manifest['export_seconds']} s")
+    for name, model in bundle.models.items():
+        c = model.config
+        kind = model.method if name == "draft" else "target"
+        length = f" draft_length={model.draft_length}" if name == "draft" else ""
+        click.echo(f"  {name:7s} {kind:9s} layers={c.num_layers} d={c.hidden_size} vocab={c.vocab_size}{length}")
+        if model.gguf:
+            types = ", ".join(f"{n} {t}" for t, n in model.gguf.tensor_types.items())
+            click.echo(f"          from {model.gguf.file} ({types}; dequantized to fp32)")
+    click.echo(f"  graphs: {', '.join(bundle.graphs)}; files: {len(bundle.files)}, {size / 1e6:.1f} MB; {seconds:.1f} s")
 
 
 @main.command()

@@ -128,7 +128,7 @@ class CppGenerator:
         if not self.engine:
             raise DsparkError(self.lib.dspark_last_error().decode())
         self.running: dict[int, CppSequence] = {}
-        self._max_batch = max_batch or self.bundle.limits["max_batch"]
+        self._max_batch = max_batch or self.bundle.limits.max_batch
 
     def close(self) -> None:
         if self.engine:
@@ -139,7 +139,7 @@ class CppGenerator:
         self.close()
 
     @property
-    def num_draft_tokens(self) -> int:
+    def draft_length(self) -> int:
         return self.lib.dspark_num_draft_tokens(self.engine)
 
     @property

@@ -22,17 +22,17 @@ from dspark.runtime.generate import Generator
 def test_torch_runner_keeps_the_flavours_cache_contract(qwen3_bundle, qwen3_trt_bundle, flavour):
     """Prefill then a ragged verify call: logits and the K/V the cache ends up holding match ONNX Runtime's."""
     bundle = Bundle.open(qwen3_bundle if flavour == "ort" else qwen3_trt_bundle)
-    assert bundle.graph("target").get("flavour", "standard") == flavour
+    assert bundle.graph("target").flavour == flavour
     results = {}
     for backend in ("ort", "torch"):
         runner = make_runner(bundle, "target", backend)
-        cache = decoder_cache(bundle.target["config"], 2, bundle)
+        cache = decoder_cache(bundle.target.config, 2, bundle)
         last = feed(runner, cache, [[5, 6, 7, 8], list(range(1, 40))], chunk=16)
         out = run_decoder(runner, cache, [[9, 10, 11], [12]])
         lens = cache.lens.copy()
         filled = [cache.k[:, r, :, : lens[r]].copy() for r in range(2)]
         results[backend] = (np.stack(last), out["logits"][0, :3].copy(), out["logits"][1, :1].copy(), filled)
-        assert set(out) == {o["name"] for o in bundle.graph("target")["outputs"] if not o["name"].startswith("present_")}
+        assert set(out) == {o.name for o in bundle.graph("target").outputs if not o.name.startswith("present_")}
     for want, got in zip(results["ort"], results["torch"]):
         for a, b in zip(want, got):
             np.testing.assert_allclose(b, a, atol=2e-4, rtol=1e-4)

@@ -36,20 +36,21 @@ def test_manifest_records_the_drafter(block_bundle):
     bundle = Bundle.open(path)
     draft = bundle.draft
     rank, kind, confidence = VARIANTS[variant]
-    assert draft["method"] == ("dflash" if variant == "dflash" else "dspark")
-    assert draft["config"]["block_size"] == BLOCK and draft["num_draft_tokens"] == BLOCK
-    assert draft["config"]["target_layer_ids"] == [0, 1] and draft["config"]["mask_token_id"] == VOCAB - 1
-    assert draft["config"]["markov_rank"] == rank and draft["config"]["markov_head_type"] == kind
-    assert draft["config"]["enable_confidence_head"] == confidence
-    assert bundle.target["tap_layers"] == [0, 1]
-    assert bundle.limits["max_verify_tokens"] == BLOCK + 1
-    hidden = next(o for o in bundle.graph("target")["outputs"] if o["name"] == "hidden")
-    assert hidden["shape"] == ["batch", "new_tokens", 2 * 64]
+    assert draft.method == ("dflash" if variant == "dflash" else "dspark") and draft.block
+    # the block size is the draft length, stored once
+    assert draft.draft_length == BLOCK and "block_size" not in draft.raw_config
+    assert draft.target_layer_ids == (0, 1) and draft.raw_config["mask_token_id"] == VOCAB - 1
+    assert draft.raw_config["markov_rank"] == rank and draft.raw_config["markov_head_type"] == kind
+    assert draft.confidence_head == confidence
+    assert bundle.target.tap_layers == (0, 1)
+    assert bundle.limits.max_verify_tokens == BLOCK + 1
+    hidden = next(o for o in bundle.graph("target").outputs if o.name == "hidden")
+    assert hidden.shape == ("batch", "new_tokens", 2 * 64)
     # the drafter's embedding and LM head are the target's: stored once, in the target's data file (a reduced
     # vocabulary's head is a subset of the target's rows: stored with the drafter)
     shared = 1 if variant == "reduced" else 2
-    assert draft["shared_tensors"]["draft_propose.onnx"] == shared * VOCAB * 64 * 4
-    assert draft["config"].get("draft_vocab_size", 0) == (VOCAB // 2 if variant == "reduced" else 0)
+    assert bundle.manifest["models"]["draft"]["shared_tensors"]["draft_propose.onnx"] == shared * VOCAB * 64 * 4
+    assert draft.raw_config.get("draft_vocab_size", 0) == (VOCAB // 2 if variant == "reduced" else 0)
     graph = bundle.file("draft_propose.onnx").read_bytes()
     assert b"target.onnx.data" in graph
 

@@ -142,7 +142,7 @@ def test_export_dspark_drafter_from_the_cli(qwen3_pair, tmp_path):
     draft_dir = deepspec_drafter(target, target_dir, tmp_path / "dspark", "vanilla", block_size=3)
     code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "b", "--max-context", 64)
     assert code == 0, out
-    assert "dspark" in out and "block=3" in out
+    assert "dspark" in out and "draft_length=3" in out
     # a draft length that cannot apply to a block drafter is refused, not ignored
     code, out = run("export", target_dir, "--draft", draft_dir, "--output", tmp_path / "c", "--num-draft-tokens", 2)
     assert_one_line_error(code, out, "--num-draft-tokens applies to a draft LM", "block of 3")
@@ -171,9 +171,9 @@ def test_a_negative_seed_is_a_usage_error(qwen3_bundle):
 
 @pytest.mark.parametrize("manifest,words", [
     ("[]", ["schema version None"]),
-    ('{"schema_version": 1, "dtype": "fp32", "files": {}, "graphs": {}, "models": {}, "tokenizer": {}}',
+    ('{"schema_version": 2, "dtype": "fp32", "files": {}, "graphs": {}, "models": {}, "tokenizer": {}}',
      ["'limits' is missing"]),
-    ('{"schema_version": 1, "dtype": "fp32", "files": {}, "graphs": {}, "models": {"target": {"config": {}}}, '
+    ('{"schema_version": 2, "dtype": "fp32", "files": {}, "graphs": {}, "models": {"target": {"config": {}}}, '
      '"tokenizer": {}, "limits": {"max_batch": "8"}}', ["'limits.max_batch' must be an integer"]),
     ("[" * 100000, ["not valid JSON"]),
     (b"\xff\xfe{}", ["not valid JSON"]),

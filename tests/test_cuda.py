@@ -137,7 +137,7 @@ def test_rows_stopping_at_eos_inside_a_block_keep_the_window_large_enough(dspark
     step, limits = generator.device_step, generator.bundle.limits
     # every window size is a bucket: the window is exactly what the lengths ask for, so any overrun shows
     step.buckets = Buckets(step.buckets.batch, step.buckets.verify,
-                           Ladder("cache window", tuple(range(1, limits["max_context"] + limits["max_verify_tokens"] + 1))))
+                           Ladder("cache window", tuple(range(1, limits.max_context + limits.max_verify_tokens + 1))))
     # hot sampling makes target and draft laws nearly uniform, so most drafts pass; half the vocabulary ends a row
     generator.eos_ids = set(range(0, 48))
     hot = SamplingParams(100.0)
@@ -224,7 +224,7 @@ def test_tensorrt_runner_matches_ort(qwen3_pair, tmp_path_factory, tmp_path):
     shutil.copytree(export_dspark_bundle(qwen3_pair, tmp_path_factory, runtime="tensorrt"), copy)
     build_engines(copy, log=lambda _m: None)
     bundle = Bundle.open(copy)
-    for name in bundle.manifest["graphs"]:
+    for name in bundle.graphs:
         ort = OrtRunner(bundle, name)
         for graphs in (False, True):
             trt = TrtRunner(bundle, name, cuda_graphs=graphs)

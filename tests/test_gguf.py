@@ -173,7 +173,7 @@ def test_greedy_output_and_logits_match_transformers(exported):
         expected = hf_greedy(model, ids, 12)
         assert ids + seq.generated == expected
         assert len(set(seq.generated)) > 1  # a real continuation, not one repeated token
-        out = run_decoder(runner, decoder_cache(bundle.target["config"], 1, bundle), [expected])
+        out = run_decoder(runner, decoder_cache(bundle.target.config, 1, bundle), [expected])
         with torch.no_grad():
             reference = model(torch.tensor([expected])).logits[0].numpy()
         # plus 5e-5 relative: these sharp random models reach |logit| ~ 20, where two correct fp32 computations

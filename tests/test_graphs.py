@@ -38,7 +38,7 @@ def test_ragged_prefill_then_ragged_steps(exported):
     model, bundle = exported
     runner = OrtRunner(bundle, "target")
     rng = np.random.default_rng(0)
-    cache = decoder_cache(bundle.target["config"], 3, bundle)
+    cache = decoder_cache(bundle.target.config, 3, bundle)
     cache.reserve(64)
     # garbage everywhere: entries past each row's length must have no effect
     cache.k[:] = rng.normal(0, 3, cache.k.shape)
@@ -66,7 +66,7 @@ def test_new_keys_match_transformers_cache(exported):
     model, bundle = exported
     runner = OrtRunner(bundle, "target")
     ids = [3, 9, 27, 81 % VOCAB, 5, 6, 7]
-    cache = decoder_cache(bundle.target["config"], 1, bundle)
+    cache = decoder_cache(bundle.target.config, 1, bundle)
     commit(cache, run_decoder(runner, cache, [ids]), [len(ids)])
     with torch.no_grad():
         hf_cache = model(torch.tensor([ids]), use_cache=True).past_key_values
@@ -78,15 +78,15 @@ def test_new_keys_match_transformers_cache(exported):
 def test_manifest_records_dynamic_dims(exported):
     _, bundle = exported
     graph = bundle.graph("target")
-    shapes = {spec["name"]: spec["shape"] for spec in graph["inputs"] + graph["outputs"]}
-    assert shapes["input_ids"] == ["batch", "new_tokens"]
-    if graph["flavour"] == "ort":
-        assert shapes["past_key.0"] == shapes["present_key.0"] == ["batch", 2, "cache", 16]
-        assert shapes["logits"] == ["batch", "logit_rows", VOCAB]
-        assert graph["dims"] == {"batch": [1, 8], "new_tokens": [1, 16], "logit_rows": [1, 16], "cache": [1, 80]}
+    shapes = {spec.name: spec.shape for spec in graph.inputs + graph.outputs}
+    assert shapes["input_ids"] == ("batch", "new_tokens")
+    if graph.flavour == "ort":
+        assert shapes["past_key.0"] == shapes["present_key.0"] == ("batch", 2, "cache", 16)
+        assert shapes["logits"] == ("batch", "logit_rows", VOCAB)
+        assert graph.dims == {"batch": (1, 8), "new_tokens": (1, 16), "logit_rows": (1, 16), "cache": (1, 80)}
         return
     assert shapes["past_k"][1] == "batch" and shapes["past_k"][3] == "cache"
-    assert shapes["logits"] == ["batch", "new_tokens", VOCAB]
+    assert shapes["logits"] == ("batch", "new_tokens", VOCAB)
     assert shapes["new_k"][3] == "new_tokens"
-    assert graph["dims"] == {"batch": [1, 8], "new_tokens": [1, 16], "cache": [0, 64]}
-    assert set(graph["profiles"]) == {"prefill", "decode"}
+    assert graph.dims == {"batch": (1, 8), "new_tokens": (1, 16), "cache": (0, 64)}
+    assert set(graph.profiles) == {"prefill", "decode"}

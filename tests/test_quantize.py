@@ -42,7 +42,7 @@ def test_quality_is_recorded(quantized):
     kind, bundle = quantized
     b = Bundle.open(bundle)
     quality = json.loads((bundle / "quality.json").read_text())
-    assert b.manifest["quality"] == quality and b.manifest["quantize"] == kind
+    assert b.manifest["quality"] == quality and b.quantize == kind
     ppl = quality["perplexity"]
     assert set(ppl) == {"fp32", kind} and quality["tokens"] > 100
     assert all(np.isfinite(v) and v > 1 for v in ppl.values())

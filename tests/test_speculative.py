@@ -96,7 +96,7 @@ def test_stops_on_eos_inside_accepted_drafts(spec, plain):
         got = spec.generate([Request(PROMPTS[0], max_new_tokens=40)])[0]
         want = plain.generate([Request(PROMPTS[0], max_new_tokens=40)])[0]
     finally:
-        spec.eos_ids = plain.eos_ids = set(spec.bundle.tokenizer["eos_token_ids"])
+        spec.eos_ids = plain.eos_ids = set(spec.bundle.tokenizer.eos_token_ids)
     cut = free.index(stop_token) + 1
     assert got.generated == want.generated == free[:cut]
     assert got.finish_reason == "stop"

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from dspark.bundle import Bundle
+from dspark.bundle import Bundle, GraphSpec, TensorSpec
 from dspark.cli import main
 from dspark.errors import DsparkError
 from dspark.export.lint import lint_bundle, lint_model
@@ -48,13 +48,14 @@ def test_profile_shapes_cover_drafter_graphs(dspark_bundle):
 
 
 def test_profile_errors_name_the_problem():
-    graph = {"file": "g.onnx", "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", "n"]}],
-             "profiles": {"decode": {"batch": [1, 1, 4]}}}
+    def graph(decode: dict) -> GraphSpec:
+        return GraphSpec("g", "g.onnx", "standard", (TensorSpec("x", "float32", ("batch", "n")),), (), {},
+                         {"decode": decode})
+
     with pytest.raises(DsparkError, match="no range for dimension n of input x"):
-        profile_shapes(graph)
-    graph["profiles"]["decode"]["n"] = [4, 2, 8]
+        profile_shapes(graph({"batch": (1, 1, 4)}))
     with pytest.raises(DsparkError, match="out of order"):
-        profile_shapes(graph)
+        profile_shapes(graph({"batch": (1, 1, 4), "n": (4, 2, 8)}))
 
 
 def test_ladder_selects_smallest_bucket_and_caps_at_the_range():
@@ -76,8 +77,9 @@ def test_bundle_buckets(qwen3_trt_bundle):
 
 
 def test_padding_keeps_positions_consecutive_and_rows_empty():
-    specs = [{"name": "input_ids", "shape": ["batch", "new_tokens"]}, {"name": "position_ids", "shape": ["batch", "new_tokens"]},
-             {"name": "cache_lens", "shape": ["batch"]}, {"name": "past_k", "shape": [2, "batch", 1, "cache", 3]}]
+    specs = (TensorSpec("input_ids", "int64", ("batch", "new_tokens")),
+             TensorSpec("position_ids", "int64", ("batch", "new_tokens")), TensorSpec("cache_lens", "int64", ("batch",)),
+             TensorSpec("past_k", "float32", (2, "batch", 1, "cache", 3)))
     feeds = {"input_ids": np.array([[7, 8, 9]]), "position_ids": np.array([[4, 5, 6]]), "cache_lens": np.array([4]),
              "past_k": np.ones((2, 1, 1, 5, 3), np.float32)}
     padded = pad_feeds(feeds, specs, {"batch": 2, "new_tokens": 4, "cache": 8})
@@ -109,7 +111,7 @@ def test_check_runner_takes_a_profile_holding_every_feed(qwen3_trt_bundle, tmp_p
         spec = bundle.graph(name)
         feeds = graph_feeds(bundle, name)
         runner = polygraphy_trt_runner(tmp_path / f"{name}.plan", spec, feeds)
-        chosen = list(spec["profiles"].values())[runner.optimization_profile]
+        chosen = list(spec.profiles.values())[runner.optimization_profile]
         for sizes in map(lambda f: dim_sizes(spec, f), feeds):
             assert all(chosen[d][0] <= n <= chosen[d][2] for d, n in sizes.items()), (name, sizes, chosen)
     assert polygraphy_trt_runner(tmp_path / "d.plan", bundle.graph("draft"), graph_feeds(bundle, "draft")).optimization_profile == 0
@@ -118,7 +120,7 @@ def test_check_runner_takes_a_profile_holding_every_feed(qwen3_trt_bundle, tmp_p
 def test_verify_widths_stay_on_the_decode_profile_when_padded(qwen3_trt_bundle):
     spec = Bundle.open(qwen3_trt_bundle).graph("target")
     ladder = bucket_ladders(spec)["new_tokens"]
-    profiles = list(spec["profiles"].values())
+    profiles = list(spec.profiles.values())
     for width in range(1, 8):  # verify calls of this bundle: 1..7 tokens
         padded = ladder.select(width)
         assert select_profile(profiles, {"batch": 1, "new_tokens": padded, "cache": 10}) == 1, (width, padded)

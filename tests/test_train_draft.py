@@ -172,7 +172,7 @@ def test_trained_drafter_exports_and_is_lossless(setup, tmp_path, method):
     out = train_kind(setup, tmp_path, method)
     bundle = tmp_path / "bundle"
     export_bundle(target_dir, bundle, out, ExportOptions(max_batch=2, max_context=128, prefill_chunk=32), progress=False)
-    assert Bundle.open(bundle).draft["method"] == "dspark"
+    assert Bundle.open(bundle).draft.method == "dspark"
     spec, plain = Generator(bundle), Generator(bundle, use_draft=False)
     for prompt in ([5, 6, 7, 8, 9], list(range(2, 40))):
         req = Request(prompt, max_new_tokens=8, ignore_eos=True)

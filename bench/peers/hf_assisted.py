@@ -36,8 +36,8 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
 
     bundle = Bundle.open(bundle_dir, verify=False)
     draft = bundle.draft
-    if draft is None or draft["method"] != "draft-lm":
-        method = draft["method"] if draft else "none"
+    if draft is None or draft.method != "draft-lm":
+        method = draft.method if draft else "none"
         return skipped(f"bundle draft is {method}, not draft-lm: DSpark/DFlash drafters draft a block from the "
                        "target's hidden features, which transformers' assistant_model cannot express")
     try:
@@ -45,21 +45,21 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
         import transformers
     except ImportError as e:
         return skipped(f"transformers is not installed ({e}); pip install transformers")
-    sources = {name: bundle.manifest["models"][name].get("source") for name in ("target", "draft")}
+    sources = {name: model.source for name, model in bundle.models.items()}
     missing = [f"{name} {src}" for name, src in sources.items() if not src or not (Path(src) / "config.json").is_file()]
     if missing:
         return skipped(f"checkpoint folder not found: {', '.join(missing)}")
 
     if threads:
         torch.set_num_threads(threads)
-    dtype = torch.float16 if bundle.manifest["dtype"] == "fp16" else torch.float32
+    dtype = torch.float16 if bundle.dtype == "fp16" else torch.float32
     load = lambda src: transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()  # noqa: E731
     target, assistant = load(sources["target"]), load(sources["draft"])
-    k = num_assistant_tokens or draft["num_draft_tokens"]
+    draft_length = num_assistant_tokens or draft.draft_length
     never = max(target.config.vocab_size, assistant.config.vocab_size)
-    pad = bundle.tokenizer.get("pad_token_id")
+    pad = bundle.tokenizer.pad_token_id
     if pad is None:
-        pad = bundle.tokenizer["eos_token_ids"][0]
+        pad = bundle.tokenizer.eos_token_ids[0]
 
     def one(ids: list[int], assisted: bool) -> tuple[int, float, list[int]]:
         x = torch.tensor([ids], dtype=torch.long)
@@ -68,7 +68,7 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
         kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
                       eos_token_id=never, pad_token_id=pad)
         if assisted:
-            kwargs.update(assistant_model=assistant, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
+            kwargs.update(assistant_model=assistant, num_assistant_tokens=draft_length, num_assistant_tokens_schedule="constant")
         with torch.inference_mode():
             start = time.perf_counter()
             out = target.generate(x, **kwargs)
@@ -103,7 +103,7 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
         "torch_threads": torch.get_num_threads(),
         "target_source": sources["target"],
         "draft_source": sources["draft"],
-        "num_assistant_tokens": k,
+        "num_assistant_tokens": draft_length,
         "num_assistant_tokens_schedule": "constant",
         "concurrency": 1,
         "requests": len(prompt_ids),

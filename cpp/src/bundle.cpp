@@ -154,11 +154,10 @@ Bundle::Bundle(const std::string& folder, bool verify_sha256) : dir(folder) {
     if (d && !d->is_null()) {
       has_draft = true;
       draft_method = d->at("method").str("method");
-      draft_num_tokens = static_cast<int>(d->at("num_draft_tokens").integer("num_draft_tokens"));
+      draft_length = static_cast<int>(d->at("draft_length").integer("draft_length"));
       const auto& c = d->at("config");
       draft = model_config(c);
       if (draft_method != "draft-lm") {
-        block_size = static_cast<int>(c.at("block_size").integer("block_size"));
         confidence_head = c.at("enable_confidence_head").boolean("enable_confidence_head");
         target_layer_ids = int_list(c.at("target_layer_ids"), "target_layer_ids");
       }

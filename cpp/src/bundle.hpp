@@ -10,7 +10,7 @@
 
 namespace dspark {
 
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;  // 2: the draft length stored once, as models.draft.draft_length
 
 struct TensorSpec {
   std::string name, dtype;
@@ -42,9 +42,8 @@ class Bundle {
   ModelConfig target, draft;
   bool has_draft = false;
   std::string draft_method;  // "draft-lm", "dspark", "dflash"
-  int draft_num_tokens = 0;
+  int draft_length = 0;  // tokens drafted per round: a draft LM's K, a block drafter's block
   // block drafters
-  int block_size = 0;
   bool confidence_head = false;
   std::vector<int64_t> target_layer_ids, tap_layers;
   std::vector<int64_t> eos_ids;

@@ -118,7 +118,8 @@ class BlockProposer : public Proposer {
     for (auto& p : proposals) p.has_confidence = bundle_.confidence_head;
     if (*std::max_element(caps.begin(), caps.end()) == 0) return proposals;
     flush_context();
-    int rows = static_cast<int>(seqs.size()), block = bundle_.block_size;
+    // the graph drafts the bundle's whole block; each row keeps its cap
+    int rows = static_cast<int>(seqs.size()), block = bundle_.draft_length;
     std::vector<double> noise(static_cast<size_t>(rows) * block, 0.0), temperature(rows);
     std::vector<int64_t> anchor(rows), start(rows);
     for (int r = 0; r < rows; ++r) {
@@ -211,7 +212,7 @@ class BlockProposer : public Proposer {
 }  // namespace
 
 std::unique_ptr<Proposer> make_proposer(const Bundle& bundle, const Options& options) {
-  int k = options.num_draft_tokens ? options.num_draft_tokens : bundle.draft_num_tokens;
+  int k = options.num_draft_tokens ? options.num_draft_tokens : bundle.draft_length;
   if (k + 1 > bundle.max_verify_tokens)
     throw Error("--num-draft-tokens " + std::to_string(k) + " needs " + std::to_string(k + 1) +
                 "-token verify calls; this bundle was exported for at most " +

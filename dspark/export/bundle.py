@@ -39,7 +39,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-DRAFT_LM_TOKENS = 4  # default draft length K of a draft LM
+DRAFT_LM_TOKENS = 4  # default draft length of a draft LM
 # graph flavour per runtime: ONNX Runtime's fused operators, or standard ONNX operators TensorRT's parser takes
 RUNTIMES = {"ort": "ort", "tensorrt": "standard"}
 KV_AXES = ["layer", "batch", "kv_head", "position", "head_dim"]
@@ -51,7 +51,7 @@ class ExportOptions:
     max_context: int = 2048
     prefill_chunk: int = 256
     dtype: str = "fp32"
-    num_draft_tokens: int | None = None  # a draft LM's K (default 4); a block drafter drafts its own block size
+    num_draft_tokens: int | None = None  # --num-draft-tokens: a draft LM's draft length (default 4); a block drafter drafts its block
     runtime: str = "ort"
     quantize: str | None = None
     draft_quantize: str | None = None  # a draft LM's own weights (e.g. the target itself in int4 as its draft)
@@ -294,8 +294,8 @@ def export_bundle(
         raise DsparkError(
             f"--num-draft-tokens applies to a draft LM; this {method} drafter drafts its block of "
             f"{draft_config.block_size} tokens (verify fewer with 'dspark generate --num-draft-tokens N')")
-    num_draft = draft_config.block_size if block else (options.num_draft_tokens or DRAFT_LM_TOKENS)
-    verify_tokens = num_draft + 1 if method else 1
+    draft_length = draft_config.block_size if block else (options.num_draft_tokens or DRAFT_LM_TOKENS)
+    verify_tokens = draft_length + 1 if method else 1
     taps = draft_config.target_layer_ids if block else ()
 
     dtype = DTYPES[options.dtype]
@@ -306,7 +306,6 @@ def export_bundle(
         tmp.mkdir()
     except OSError as e:
         raise DsparkError(f"cannot create the bundle beside {output}: {e.strerror}; choose an --output you can write") from None
-    started = time.perf_counter()
     steps = ["target graph"] + (["draft graphs"] if method else []) + ["tokenizer and manifest"]
     bar = tqdm(steps, desc="export", disable=not progress, unit="step")
     try:
@@ -330,12 +329,14 @@ def export_bundle(
                 shared = {}
                 del model
             graphs.update(draft_graphs)
+            # the draft length is stored once: a block drafter's block_size is it (see dspark.bundle)
+            config = {k: v for k, v in asdict(draft_config).items() if k != "block_size"}
             models["draft"] = {
                 "method": method,
                 "source": str(draft_dir),
-                "config": asdict(draft_config),
+                "config": config,
                 "graphs": list(draft_graphs),
-                "num_draft_tokens": num_draft,
+                "draft_length": draft_length,
                 "shared_tensors": shared,
             }
             bar.update()
@@ -383,5 +384,4 @@ def export_bundle(
     if output.exists():
         shutil.rmtree(output)
     tmp.rename(output)
-    manifest["export_seconds"] = round(time.perf_counter() - started, 1)
     return manifest

@@ -160,12 +160,12 @@ def lint_graph(bundle: Bundle, name: str) -> LintReport:
     from dspark.export.tensorrt import profile_shapes
 
     entry = bundle.graph(name)
-    model = onnx.load(str(bundle.file(entry["file"])), load_external_data=False)
-    report = lint_model(model, name, set(entry["dims"]))
+    model = onnx.load(str(bundle.file(entry.file)), load_external_data=False)
+    report = lint_model(model, name, set(entry.dims))
     declared = {v.name for v in model.graph.input}
-    for spec in entry["inputs"]:
-        if spec["name"] not in declared:
-            report.errors.append(Finding(f"input {spec['name']}", "manifest", "the manifest names an input the graph lacks"))
+    for spec in entry.inputs:
+        if spec.name not in declared:
+            report.errors.append(Finding(f"input {spec.name}", "manifest", "the manifest names an input the graph lacks"))
     try:
         profile_shapes(entry)
     except DsparkError as e:
@@ -175,4 +175,4 @@ def lint_graph(bundle: Bundle, name: str) -> LintReport:
 
 def lint_bundle(bundle: Bundle | str | Path) -> list[LintReport]:
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    return [lint_graph(bundle, name) for name in bundle.manifest["graphs"]]
+    return [lint_graph(bundle, name) for name in bundle.graphs]

@@ -13,27 +13,17 @@ import io
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
 
+from dspark.bundle import TensorSpec
 from dspark.errors import DsparkError
 
 OPSET = 20
 # torch.export needs an upper bound for a named dimension; the real ranges live in the manifest
 DIM_CEILING = 1 << 20
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: float32, float16, int64
-    shape: tuple  # ints for static sizes, names for dynamic ones
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 ONNX_TO_NUMPY = {

@@ -40,8 +40,8 @@ def graph_perplexity(bundle: Bundle, ids: list[int]) -> float:
     from dspark.runtime.backends import make_runner
 
     runner = make_runner(bundle, "target")
-    cache = decoder_cache(bundle.target["config"], 1, bundle)
-    total, step = 0.0, bundle.limits["prefill_chunk"]
+    cache = decoder_cache(bundle.target.config, 1, bundle)
+    total, step = 0.0, bundle.limits.prefill_chunk
     for start in range(0, len(ids) - 1, step):
         chunk = ids[start : start + step]
         out = run_decoder(runner, cache, [chunk])
@@ -60,8 +60,8 @@ def model_perplexity(model: DecoderLM, ids: list[int]) -> float:
 def measure(bundle: Bundle, model: DecoderLM, encode) -> dict:
     """{"text", "tokens", "perplexity": {"fp32": ..., "<quantized>": ...}} for the bundle's target."""
     text, source = heldout_text()
-    ids = encode(text)[: min(TOKENS, bundle.limits["max_context"])]
-    label = bundle.manifest.get("quantize") or bundle.manifest["dtype"]
+    ids = encode(text)[: min(TOKENS, bundle.limits.max_context)]
+    label = bundle.quantize or bundle.dtype
     return {
         "text": source,
         "tokens": len(ids),

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from dspark.bundle import Bundle
+from dspark.bundle import Bundle, GraphSpec
 from dspark.errors import DsparkError
 from dspark.runtime.trt import BUILD_INFO, ENGINES, engine_dir_name, require_tensorrt
 
@@ -24,29 +24,29 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 TIMING_CACHE = "timing.cache"
 
 
-def profile_shapes(graph: dict) -> dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+def profile_shapes(graph: GraphSpec) -> dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
     """{phase: {input: (min, opt, max)}} for every input with a named (dynamic) dimension.
 
     Static dimensions keep their size in all three shapes; a named one takes the phase's [min, opt, max].
     """
     result = {}
-    for phase, ranges in graph["profiles"].items():
+    for phase, ranges in graph.profiles.items():
         for dim, (low, opt, high) in ranges.items():
             if not low <= opt <= high:
-                raise DsparkError(f"{graph['file']}: profile {phase} has {dim} min/opt/max {low}/{opt}/{high} out of order")
+                raise DsparkError(f"{graph.file}: profile {phase} has {dim} min/opt/max {low}/{opt}/{high} out of order")
         shapes = {}
-        for spec in graph["inputs"]:
-            named = [d for d in spec["shape"] if isinstance(d, str)]
+        for spec in graph.inputs:
+            named = [d for d in spec.shape if isinstance(d, str)]
             if not named:
                 continue
             missing = [d for d in named if d not in ranges]
             if missing:
                 raise DsparkError(
-                    f"{graph['file']}: profile {phase} gives no range for dimension {', '.join(missing)} of input "
-                    f"{spec['name']}; re-export the bundle"
+                    f"{graph.file}: profile {phase} gives no range for dimension {', '.join(missing)} of input "
+                    f"{spec.name}; re-export the bundle"
                 )
-            shapes[spec["name"]] = tuple(
-                tuple(ranges[d][i] if isinstance(d, str) else d for d in spec["shape"]) for i in range(3)
+            shapes[spec.name] = tuple(
+                tuple(ranges[d][i] if isinstance(d, str) else d for d in spec.shape) for i in range(3)
             )
         result[phase] = shapes
     return result
@@ -90,21 +90,21 @@ def build_engines(
     times slower on recent GPUs, at about 1e-3 relative error).
     """
     bundle = Bundle.open(bundle_dir)
-    fused = [name for name, graph in bundle.manifest["graphs"].items() if graph.get("flavour") == "ort"]
+    fused = [name for name, graph in bundle.graphs.items() if graph.in_place]
     if fused:
         raise DsparkError(f"{bundle_dir}: graphs {', '.join(fused)} use ONNX Runtime's fused operators, which TensorRT "
                           "does not parse; export the bundle with --runtime tensorrt for 'dspark build'")
-    names = graphs or list(bundle.manifest["graphs"])
-    unknown = [n for n in names if n not in bundle.manifest["graphs"]]
+    names = graphs or list(bundle.graphs)
+    unknown = [n for n in names if n not in bundle.graphs]
     if unknown:
-        raise DsparkError(f"no graph {', '.join(unknown)} in this bundle; its graphs: {', '.join(bundle.manifest['graphs'])}")
+        raise DsparkError(f"no graph {', '.join(unknown)} in this bundle; its graphs: {', '.join(bundle.graphs)}")
     trt, gpu, capability = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
     from polygraphy.exception import PolygraphyException
     from polygraphy.util import save_file
 
-    precision = precision or bundle.manifest["dtype"]
-    settings = precision_settings(trt, precision, bundle.manifest["dtype"])
+    precision = precision or bundle.dtype
+    settings = precision_settings(trt, precision, bundle.dtype)
     out = bundle.path / ENGINES / engine_dir_name(capability, trt.__version__)
     out.mkdir(parents=True, exist_ok=True)
     timing_cache = Path(timing_cache) if timing_cache else out / TIMING_CACHE
@@ -140,18 +140,18 @@ def build_engines(
             tf32=tf32,
             **settings["flags"],
         )
-        network = NetworkFromOnnxPath(str(bundle.file(graph["file"])), strongly_typed=settings["strongly_typed"])
+        network = NetworkFromOnnxPath(str(bundle.file(graph.file)), strongly_typed=settings["strongly_typed"])
         log(f"building {name} ({len(profiles)} profile(s): {', '.join(shapes)})")
         t0 = time.perf_counter()
         try:
             plan = EngineBytesFromNetwork(network, config, save_timing_cache=str(timing_cache))()
         except PolygraphyException as e:  # parser errors and failed builds are reported as critical errors
-            raise DsparkError(f"TensorRT could not build {name} from {graph['file']}: {e}") from None
+            raise DsparkError(f"TensorRT could not build {name} from {graph.file}: {e}") from None
         file = f"{name}.plan"
         save_file(plan, str(out / file), description=f"{name} engine")  # IHostMemory exposes the buffer protocol
         info["engines"][name] = {
             "file": file,
-            "onnx": graph["file"],
+            "onnx": graph.file,
             "profiles": {phase: {t: [list(s) for s in v] for t, v in p.items()} for phase, p in shapes.items()},
             "build_seconds": round(time.perf_counter() - t0, 1),
         }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dspark.bundle import Bundle
+from dspark.bundle import Bundle, TensorSpec
 from dspark.errors import DsparkError
 
 
@@ -54,12 +54,12 @@ class Buckets:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "Buckets":
         limits = bundle.limits
-        dims = bundle.graph("target")["dims"]
+        dims = bundle.graph("target").dims
         # the window must also hold the verify block written past the longest row
         return cls(
-            Ladder.powers_of_two("batch", dims["batch"][0], limits["max_batch"]),
-            Ladder.powers_of_two("verify length", 1, limits["max_verify_tokens"]),
-            Ladder.powers_of_two("cache window", 1, limits["max_context"] + limits["max_verify_tokens"]),
+            Ladder.powers_of_two("batch", dims["batch"][0], limits.max_batch),
+            Ladder.powers_of_two("verify length", 1, limits.max_verify_tokens),
+            Ladder.powers_of_two("cache window", 1, limits.max_context + limits.max_verify_tokens),
         )
 
     def select(self, batch: int, verify: int, cache: int) -> tuple[int, int, int]:
@@ -81,7 +81,7 @@ def pad_to(array: np.ndarray, axis: int, size: int, value=0) -> np.ndarray:
     return np.pad(array, widths, constant_values=value)
 
 
-def pad_feeds(feeds: dict[str, np.ndarray], specs: list[dict], sizes: dict[str, int]) -> dict[str, np.ndarray]:
+def pad_feeds(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], sizes: dict[str, int]) -> dict[str, np.ndarray]:
     """Pad every named dimension of ``feeds`` (manifest input specs) to ``sizes[dim]``.
 
     Padded positions continue each row's positions and padded rows get zeros (cache length 0), which keeps
@@ -89,14 +89,14 @@ def pad_feeds(feeds: dict[str, np.ndarray], specs: list[dict], sizes: dict[str, 
     """
     padded = {}
     for spec in specs:
-        array = feeds[spec["name"]]
+        array = feeds[spec.name]
         # trailing axes first, so padded batch rows are all zeros rather than continued positions
-        for axis, dim in reversed(list(enumerate(spec["shape"]))):
+        for axis, dim in reversed(list(enumerate(spec.shape))):
             if isinstance(dim, str) and dim in sizes:
-                if spec["name"] in ("position_ids", "positions") and axis == 1 and array.shape[1]:
+                if spec.name in ("position_ids", "positions") and axis == 1 and array.shape[1]:
                     tail = array[:, -1:] + np.arange(1, sizes[dim] - array.shape[1] + 1, dtype=array.dtype)
                     array = np.concatenate([array, tail], axis=1)
                 else:
                     array = pad_to(array, axis, sizes[dim])
-        padded[spec["name"]] = array
+        padded[spec.name] = array
     return padded

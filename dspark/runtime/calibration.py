@@ -37,12 +37,12 @@ def ece(pred: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
 
 def fit_sts(logits: np.ndarray, accepted: np.ndarray) -> dict:
     """logits [rounds, B] raw confidence logits of full-block rounds; accepted [rounds] drafts accepted."""
-    rounds, block = logits.shape
-    temps = np.ones(block)
+    rounds, draft_length = logits.shape
+    temps = np.ones(draft_length)
     before, after = [], []
     survival_raw = np.ones(rounds)
     survival_fit = np.ones(rounds)
-    for k in range(block):
+    for k in range(draft_length):
         labels = (accepted >= k + 1).astype(np.float64)
         raw = survival_raw * sigmoid(logits[:, k])
         before.append(ece(raw, labels))
@@ -60,22 +60,22 @@ def calibrate_bundle(bundle_dir, prompts: list[str], temperature: float = 0.0, m
                      device: str = "cpu") -> dict:
     generator = Generator(bundle_dir, backend=backend, threads=threads, device=device)
     draft = generator.bundle.draft
-    if not draft or not draft["config"].get("enable_confidence_head"):
+    if not draft or not draft.confidence_head:
         raise DsparkError("this bundle's drafter has no confidence head; calibration needs a DSpark drafter")
-    block = generator.num_draft_tokens
+    draft_length = generator.draft_length
     logits, accepted = [], []
     requests = [Request(generator.tokenizer.encode(p), max_new_tokens, SamplingParams(temperature), seed=seed + i,
                         ignore_eos=True) for i, p in enumerate(prompts)]
     for req in tqdm(requests, desc="calibrate", disable=not progress, unit="prompt"):
         seq = generator.generate([req], trace=True)[0]
         for row in seq.trace:
-            if row["verify_length"] == block:
+            if row["verify_length"] == draft_length:
                 c = np.clip(np.asarray(row["confidence"], dtype=np.float64), 1e-12, 1 - 1e-12)
                 logits.append(np.log(c / (1 - c)))
                 accepted.append(row["accepted"])
     if not logits:
         raise DsparkError("no full-block rounds were observed; give more prompts or a larger --max-new-tokens")
     report = fit_sts(np.stack(logits), np.asarray(accepted))
-    report.update(temperature_T=temperature, prompts=len(prompts), block_size=block)
+    report.update(temperature_T=temperature, prompts=len(prompts), draft_length=draft_length)
     generator.bundle.add_file(CALIBRATION_FILE, json.dumps(report, indent=2) + "\n")
     return report

@@ -32,7 +32,7 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.buckets import Buckets
 from dspark.runtime.capture import CudaGraphs, cuda_capture
-from dspark.runtime.proposers import draft_length
+from dspark.runtime.proposers import choose_draft_length
 from dspark.runtime.torch_runner import load_module, module_problem
 
 
@@ -109,7 +109,7 @@ class DeviceStep:
     """Device buffers and the speculative round for ``Generator`` (``device_step=True``), one row per running
     sequence in the generator's order."""
 
-    def __init__(self, bundle: Bundle, use_draft: bool = True, num_draft_tokens: int | None = None,
+    def __init__(self, bundle: Bundle, use_draft: bool = True, draft_length: int | None = None,
                  cuda_graphs: bool = True, device: str = "cuda", memory_fraction: float = 0.9):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -117,16 +117,16 @@ class DeviceStep:
                               "is False); use --device cpu")
         self.bundle = bundle
         draft = bundle.draft if use_draft else None
-        if draft is not None and draft["method"] not in ("dspark", "dflash"):
+        if draft is not None and not draft.block:
             raise DsparkError(f"the device step drafts with DSpark/DFlash block drafters; this bundle's draft is "
-                              f"{draft['method']} (use --backend ort, or --no-draft)")
+                              f"{draft.method} (use --backend ort, or --no-draft)")
         for role in ["target"] + (["draft"] if draft else []):
             problem = module_problem(bundle, role)
             if problem:
                 raise DsparkError(f"the device step runs the PyTorch modules, but {problem}")
         self.step_fn = load_module(bundle, "target", device=self.device)
         self.drafter = load_module(bundle, "draft", device=self.device) if draft else None
-        self.k = draft_length(bundle, num_draft_tokens) if draft else 0
+        self.draft_length = choose_draft_length(bundle, draft_length) if draft else 0
         self.buckets = Buckets.from_bundle(bundle)
         self._allocate(memory_fraction)
         self.rows = 0  # live rows
@@ -145,18 +145,18 @@ class DeviceStep:
     # -------------------------------------------------------------------------------------- buffers
     def _allocate(self, memory_fraction: float) -> None:
         """Caches and step buffers at the largest bucket, once; refuse up front when they cannot fit."""
-        cfg, limits = self.bundle.target["config"], self.bundle.limits
+        cfg, limits = self.bundle.target.config, self.bundle.limits
         dtype = self.step_fn.lm_head.weight.dtype
-        rows, window, width = self.buckets.batch.sizes[-1], self.buckets.cache.sizes[-1], self.k + 1
-        shapes = [(cfg["num_layers"], rows, cfg["num_kv_heads"], window, cfg["head_dim"])] * 2
+        rows, window, width = self.buckets.batch.sizes[-1], self.buckets.cache.sizes[-1], self.draft_length + 1
+        shapes = [(cfg.num_layers, rows, cfg.num_kv_heads, window, cfg.head_dim)] * 2
         if self.drafter is not None:
             c = self.drafter.config
             shapes += [(c.num_layers, rows, c.num_kv_heads, window, c.head_dim)] * 2
         element = torch.tensor([], dtype=dtype).element_size()
         cache_bytes = sum(int(np.prod(s)) for s in shapes) * element
         # activations of one step at the largest bucket, float64 acceptance included, with 2x headroom for graphs
-        vocab = cfg["vocab_size"]
-        step_bytes = 2 * rows * width * (vocab * (4 + 8 * 3) + limits["max_context"] * cfg["num_heads"] * 4)
+        vocab = cfg.vocab_size
+        step_bytes = 2 * rows * width * (vocab * (4 + 8 * 3) + limits.max_context * cfg.num_heads * 4)
         free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (np.inf, np.inf)
         need = cache_bytes + step_bytes
         if need > memory_fraction * free:
@@ -177,14 +177,14 @@ class DeviceStep:
         self.temperature = zeros(rows, torch.float32)
         self.top_p = torch.ones(rows, dtype=torch.float64, device=self.device)
         self.top_k = long(rows)
-        self.noise = zeros((rows, max(self.k, 1)), torch.float32)
+        self.noise = zeros((rows, max(self.draft_length, 1)), torch.float32)
         self.uniforms = zeros((rows, width + 1), torch.float64)  # the rng's doubles, unrounded
-        self.out = long(rows, 2 * width)  # accepted count, emitted tokens (K+1), the K drafts
+        self.out = long(rows, 2 * width)  # accepted count, emitted tokens (draft_length + 1), the drafts
 
     # -------------------------------------------------------------------------------------- the step
     def _step(self, rows: int, window: int, sampling: bool) -> None:
         """One speculative iteration on the first ``rows`` rows and ``window`` cache positions; device only."""
-        k, width = self.k, self.k + 1
+        draft_length, width = self.draft_length, self.draft_length + 1
         sl = slice(0, rows)
         tk, tv = self.tk[:, sl, :, :window], self.tv[:, sl, :, :window]
         lens, anchor, active = self.lens[sl], self.anchor[sl], self.active[sl]
@@ -196,7 +196,7 @@ class DeviceStep:
             write_block(dv, cv, dlens)
             dlens += self.pending[sl]
             drafts, q, _ = self.drafter.propose(anchor, lens, dlens, dk, dv, self.temperature[sl], self.noise[sl])
-            drafts, q = drafts[:, :k], q[:, :k]
+            drafts, q = drafts[:, :draft_length], q[:, :draft_length]
         else:
             drafts = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
             q = torch.zeros((rows, 0, 1), device=self.device)
@@ -212,7 +212,7 @@ class DeviceStep:
             self.features[sl].copy_(hidden.to(self.features.dtype))
             self.pending[sl].copy_(count)
         anchor.copy_(torch.where(active > 0, token, anchor))
-        emitted = torch.where(steps[:, :k] < n[:, None], drafts, torch.zeros_like(drafts))
+        emitted = torch.where(steps[:, :draft_length] < n[:, None], drafts, torch.zeros_like(drafts))
         emitted = torch.cat([emitted, torch.zeros_like(n)[:, None]], 1).scatter(1, n[:, None], token[:, None])
         self.out[sl].copy_(torch.cat([n[:, None], emitted, drafts], 1))
 
@@ -228,7 +228,7 @@ class DeviceStep:
         if stop > self.buckets.batch.sizes[-1]:
             raise DsparkError(f"{stop} rows exceed the bundle's max_batch {self.buckets.batch.sizes[-1]}")
         rows = slice(start, stop)
-        chunk = self.bundle.limits["prefill_chunk"]
+        chunk = self.bundle.limits.prefill_chunk
         last = [None] * len(prompts)
         with self._on_stream():
             for t in (self.lens, self.dlens, self.pending):
@@ -284,12 +284,13 @@ class DeviceStep:
     @torch.no_grad()
     def round(self, seqs, lengths: list[int]) -> np.ndarray:
         """One speculative round over the running ``seqs`` (done ones ride along inactive), verifying up to
-        ``lengths[r]`` drafts per row. Returns [rows, 2k+2]: accepted count, the k+1 emitted tokens, the k drafts."""
-        width = self.k + 1
+        ``lengths[r]`` drafts per row. Returns [rows, 2 * draft_length + 2]: accepted count, the draft_length + 1
+        emitted tokens, the drafts."""
+        width = self.draft_length + 1
         rows = self.buckets.batch.select(len(seqs))
         host = np.zeros((4, rows), dtype=np.int64)  # anchor, active, verify lengths, top_k
         temps, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float64)
-        noise = np.zeros((rows, max(self.k, 1)), np.float32)
+        noise = np.zeros((rows, max(self.draft_length, 1)), np.float32)
         uniforms = np.zeros((rows, width + 1), np.float64)
         for r, s in enumerate(seqs):
             if s.done:
@@ -298,7 +299,7 @@ class DeviceStep:
             host[:, r] = (s.tokens[-1], 1, lengths[r], params.top_k)
             temps[r], top_p[r] = params.temperature, params.top_p
             if not params.greedy:
-                noise[r, : self.k] = s.rng.random(self.k)
+                noise[r, : self.draft_length] = s.rng.random(self.draft_length)
                 uniforms[r] = s.rng.random(width + 1)
         sampling = bool((temps > 0).any())
         # a row that stopped at EOS inside a block has committed the whole accepted block on the device, past

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark.bundle import Bundle
+from dspark.bundle import Bundle, ModelConfig
 from dspark.runtime.kv import KVCache
 from dspark.runtime.runners import GraphRunner
 
 
-def decoder_cache(config: dict, rows: int, bundle: Bundle) -> KVCache:
-    dtype = np.float16 if bundle.manifest["dtype"] == "fp16" else np.float32
-    return KVCache(
-        config["num_layers"], rows, config["num_kv_heads"], config["head_dim"], dtype, bundle.limits["max_context"]
-    )
+def cache_dtype(bundle: Bundle) -> type:
+    return np.float16 if bundle.dtype == "fp16" else np.float32
 
 
-def in_place(runner: GraphRunner) -> bool:
-    return runner.spec.get("flavour") == "ort"
+def decoder_cache(config: ModelConfig, rows: int, bundle: Bundle) -> KVCache:
+    return KVCache(config.num_layers, rows, config.num_kv_heads, config.head_dim, cache_dtype(bundle),
+                   bundle.limits.max_context)
 
 
 def run_decoder(runner: GraphRunner, cache: KVCache, parts: list[list[int]], last_only: bool = False) -> dict:
@@ -38,7 +36,7 @@ def run_decoder(runner: GraphRunner, cache: KVCache, parts: list[list[int]], las
     ids = np.zeros((rows, width), dtype=np.int64)
     for r, part in enumerate(parts):
         ids[r, : len(part)] = part
-    if in_place(runner):
+    if runner.spec.in_place:
         # every row's padded chunk is written at its length, so each needs room for the whole width
         cache.reserve(int((cache.lens + counts).max(initial=0)), int(cache.lens.max(initial=0)) + width)
         index = np.maximum(counts - 1, 0)[:, None] if last_only else np.broadcast_to(np.arange(width), (rows, width))

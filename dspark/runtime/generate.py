@@ -126,9 +126,9 @@ class Generator:
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         limits = self.bundle.limits
-        self.max_batch = min(max_batch or limits["max_batch"], limits["max_batch"])
+        self.max_batch = min(max_batch or limits.max_batch, limits.max_batch)
         self.tokenizer = Tokenizer(self.bundle)
-        self.eos_ids = set(self.bundle.tokenizer["eos_token_ids"])
+        self.eos_ids = set(self.bundle.tokenizer.eos_token_ids)
         use_draft = use_draft and self.bundle.draft is not None
         check_backend(backend, device)
         if device_step is None:  # the torch backend on a GPU runs the round on the device
@@ -150,20 +150,21 @@ class Generator:
         self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_temperatures(self.bundle)
         self.block_schedule = block_schedule
-        self.cache = decoder_cache(self.bundle.target["config"], 0, self.bundle)
+        self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle)
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
 
     @property
-    def num_draft_tokens(self) -> int:
+    def draft_length(self) -> int:
+        """Draft tokens per round (0: plain decoding)."""
         if self.device_step:
-            return self.device_step.k
-        return self.proposer.k if self.proposer else 0
+            return self.device_step.draft_length
+        return self.proposer.draft_length if self.proposer else 0
 
     # ------------------------------------------------------------------------------------------- requests
     def submit(self, request: Request, trace: bool = False, on_text: Callable[[str], None] | None = None) -> Sequence:
         """Queue a request; it joins the running batch at the next step with a free row."""
-        check_prompt(request.prompt_ids, self.bundle.limits["max_context"])
+        check_prompt(request.prompt_ids, self.bundle.limits.max_context)
         if request.max_new_tokens < 1:
             raise DsparkError(f"max-new-tokens must be at least 1, got {request.max_new_tokens}")
         seq = Sequence(
@@ -237,7 +238,7 @@ class Generator:
         else:
             cache = self.cache.empty_like(len(new))
             features = [[] for _ in new] if isinstance(self.proposer, BlockProposer) else None
-            logits = feed(self.target, cache, [s.tokens for s in new], self.bundle.limits["prefill_chunk"], features)
+            logits = feed(self.target, cache, [s.tokens for s in new], self.bundle.limits.prefill_chunk, features)
             self.cache.add_rows(cache)
             if self.proposer:
                 self.proposer.add(len(new), features)
@@ -249,12 +250,12 @@ class Generator:
 
     def _round(self) -> None:
         seqs = self.running
-        max_context = self.bundle.limits["max_context"]
-        k = block_cap(self.block_schedule, len(seqs), self.num_draft_tokens)
+        max_context = self.bundle.limits.max_context
+        draft_length = block_cap(self.block_schedule, len(seqs), self.draft_length)
         caps = []
         for s in seqs:
             room = min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens)) - 1
-            caps.append(0 if s.done else max(0, min(k, room)))
+            caps.append(0 if s.done else max(0, min(draft_length, room)))
         if self.device_step:
             self._device_round(seqs, caps)
             return
@@ -282,11 +283,11 @@ class Generator:
         """The round on the device: drafts, verify, acceptance and KV commit in one (captured) step."""
         active = [not s.done for s in seqs]
         out = self.device_step.round(seqs, caps)
-        k = self.device_step.k
+        first = self.device_step.draft_length + 2  # out[r]: accepted count, the emitted tokens, then the drafts
         for r, s in enumerate(seqs):
             if active[r]:
                 n = int(out[r, 0])
-                drafts = [int(t) for t in out[r, k + 2 : k + 2 + caps[r]]]
+                drafts = [int(t) for t in out[r, first : first + caps[r]]]
                 self._record(s, Proposal(drafts), caps[r], n, [int(t) for t in out[r, 1 : n + 2]])
 
     def _record(self, seq: Sequence, proposal: Proposal, verified: int, accepted: int, emitted: list[int]) -> None:
@@ -330,7 +331,7 @@ class Generator:
                 seq.first_token_at = time.perf_counter()
             if token in self.eos_ids and not seq.request.ignore_eos:
                 seq.finish_reason = "stop"
-            elif len(seq.generated) >= seq.request.max_new_tokens or len(seq.tokens) >= self.bundle.limits["max_context"]:
+            elif len(seq.generated) >= seq.request.max_new_tokens or len(seq.tokens) >= self.bundle.limits.max_context:
                 seq.finish_reason = "length"
             if seq.done:
                 break

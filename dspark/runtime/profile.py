@@ -60,17 +60,17 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
     bundle = Bundle.open(bundle_dir)
     runner = make_runner(bundle, "target", backend, threads, device)
     limits = bundle.limits
-    rows = ladder(limits["max_batch"])
-    widths = list(range(1, limits["max_verify_tokens"] + 1))
-    context = min(context, limits["max_context"] - widths[-1])
+    rows = ladder(limits.max_batch)
+    widths = list(range(1, limits.max_verify_tokens + 1))
+    context = min(context, limits.max_context - widths[-1])
     caches = {}
     for r in rows:
-        cache = decoder_cache(bundle.target["config"], r, bundle)
+        cache = decoder_cache(bundle.target.config, r, bundle)
         cache.reserve(context + widths[-1])
         cache.lens[:] = context
         caches[r] = cache
     pairs = [(r, w) for r in rows for w in widths]
-    vocab = bundle.target["config"]["vocab_size"]
+    vocab = bundle.target.config.vocab_size
     rng = np.random.default_rng(0)
     calls = {p: (lambda r=p[0], w=p[1]: run_decoder(runner, caches[r], [list(rng.integers(0, vocab, w)) for _ in range(r)]))
              for p in pairs}

@@ -3,7 +3,7 @@
 Two proposers share one interface (``keep``/``add`` rows as sequences leave and join, ``propose`` up to a cap
 per row, ``commit`` what the target accepted, ``rewind`` to repeat a round when timing it):
 
-- ``DraftLMProposer``: a small LM with the target's tokenizer, K sequential single-token steps. Its cache may
+- ``DraftLMProposer``: a small LM with the target's tokenizer, one sequential single-token step per draft token. Its cache may
   lag the committed tokens; each round it first catches up on what it has not read (the anchor, and the last
   draft when every draft was accepted) and rolls back rows it drafted that the target rejected.
 - ``BlockProposer``: a DSpark or DFlash drafter. One call drafts the whole block from the target's tapped
@@ -20,7 +20,6 @@ import numpy as np
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
-from dspark.runtime.kv import KVCache
 from dspark.runtime.sampling import probabilities, sample
 
 
@@ -36,11 +35,11 @@ class Proposal:
 
 
 class DraftLMProposer:
-    def __init__(self, bundle: Bundle, runner, num_draft_tokens: int):
+    def __init__(self, bundle: Bundle, runner, draft_length: int):
         self.bundle = bundle
         self.runner = runner("draft")
-        self.k = num_draft_tokens
-        self.cache = decoder_cache(bundle.draft["config"], 0, bundle)
+        self.draft_length = draft_length
+        self.cache = decoder_cache(bundle.draft.config, 0, bundle)
 
     def keep(self, rows: list[int]) -> None:
         self.cache.keep_rows(rows)
@@ -49,7 +48,7 @@ class DraftLMProposer:
         self.cache.add_rows(self.cache.empty_like(count))
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
-        cache, chunk = self.cache, self.bundle.limits["prefill_chunk"]
+        cache, chunk = self.cache, self.bundle.limits.prefill_chunk
         if not any(caps):
             return [Proposal([]) for _ in seqs]
         proposals = [Proposal([], None if s.request.sampling.greedy else []) for s in seqs]
@@ -93,14 +92,13 @@ class DraftLMProposer:
 
 
 class BlockProposer:
-    def __init__(self, bundle: Bundle, runner, num_draft_tokens: int):
+    def __init__(self, bundle: Bundle, runner, draft_length: int):
         self.bundle = bundle
         self.context = runner("draft_context")
         self.drafter = runner("draft_propose")
-        self.config = c = bundle.draft["config"]
-        self.k = num_draft_tokens
-        dtype = np.float16 if bundle.manifest["dtype"] == "fp16" else np.float32
-        self.cache = KVCache(c["num_layers"], 0, c["num_kv_heads"], c["head_dim"], dtype, bundle.limits["max_context"])
+        self.draft = bundle.draft
+        self.draft_length = draft_length
+        self.cache = decoder_cache(self.draft.config, 0, bundle)
         self.pending: list[list[np.ndarray]] = []  # per row: target feature rows not yet in the context cache
 
     def keep(self, rows: list[int]) -> None:
@@ -114,8 +112,8 @@ class BlockProposer:
     def _flush_context(self) -> None:
         """Turn pending feature rows into context K/V at each row's next positions."""
         rows = [np.concatenate(p) if p else None for p in self.pending]
-        chunk = self.bundle.graph("draft_context")["dims"]["context"][1]
-        width = self.config["hidden_size"] * len(self.config["target_layer_ids"])
+        chunk = self.bundle.graph("draft_context").dims["context"][1]
+        width = self.draft.config.hidden_size * len(self.draft.target_layer_ids)
         offset = 0
         while any(r is not None and len(r) > offset for r in rows):
             parts = [r[offset : offset + chunk] if r is not None else r for r in rows]
@@ -131,15 +129,15 @@ class BlockProposer:
         self.pending = [[] for _ in rows]
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
-        has_head = self.config["enable_confidence_head"]
+        has_head = self.draft.confidence_head
         if not any(caps):
             return [Proposal([], None, np.zeros(0) if has_head else None) for _ in seqs]
         self._flush_context()
-        block = self.config["block_size"]
-        noise = np.zeros((len(seqs), block), dtype=np.float32)
+        # the graph drafts the bundle's whole draft length; each row keeps its cap
+        noise = np.zeros((len(seqs), self.draft.draft_length), dtype=np.float32)
         for r, s in enumerate(seqs):
             if caps[r] and not s.request.sampling.greedy:
-                noise[r] = s.rng.random(block)
+                noise[r] = s.rng.random(noise.shape[1])
         out = self.drafter.run(
             {
                 "anchor": np.array([s.tokens[-1] for s in seqs], dtype=np.int64),
@@ -168,18 +166,19 @@ class BlockProposer:
             self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
 
 
-def draft_length(bundle: Bundle, requested: int | None) -> int:
+def choose_draft_length(bundle: Bundle, requested: int | None) -> int:
     """Draft tokens per round: ``requested`` or the bundle's, refused when the verify graph cannot take it."""
-    k = requested or bundle.draft["num_draft_tokens"]
-    if k + 1 > bundle.limits["max_verify_tokens"]:
+    draft_length = requested or bundle.draft.draft_length
+    if draft_length + 1 > bundle.limits.max_verify_tokens:
         raise DsparkError(
-            f"--num-draft-tokens {k} needs {k + 1}-token verify calls; this bundle was exported for at most "
-            f"{bundle.limits['max_verify_tokens'] - 1} (re-export with --num-draft-tokens {k})"
+            f"--num-draft-tokens {draft_length} needs {draft_length + 1}-token verify calls; this bundle was exported "
+            f"for at most {bundle.limits.max_verify_tokens - 1} (re-export with --num-draft-tokens {draft_length})"
         )
-    return k
+    return draft_length
 
 
-def make_proposer(bundle: Bundle, runner, num_draft_tokens: int | None):
-    """The bundle's draft; ``runner(graph)`` makes its graph runners (``backends.make_runner`` bound to a backend)."""
-    kind = DraftLMProposer if bundle.draft["method"] == "draft-lm" else BlockProposer
-    return kind(bundle, runner, draft_length(bundle, num_draft_tokens))
+def make_proposer(bundle: Bundle, runner, draft_length: int | None):
+    """The bundle's draft drafting ``draft_length`` tokens a round (None: the bundle's); ``runner(graph)`` makes its
+    graph runners (``backends.make_runner`` bound to a backend)."""
+    kind = BlockProposer if bundle.draft.block else DraftLMProposer
+    return kind(bundle, runner, choose_draft_length(bundle, draft_length))

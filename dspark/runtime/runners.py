@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark.bundle import Bundle
+from dspark.bundle import Bundle, TensorSpec
 from dspark.errors import DsparkError
 
 
@@ -83,13 +83,13 @@ class OrtRunner(GraphRunner):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        path = str(bundle.file(self.spec["file"]))
+        path = str(bundle.file(self.spec.file))
         try:
             self.session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
             raise DsparkError(f"ONNX Runtime cannot load {path}: {e}") from None
-        self.input_names = [i["name"] for i in self.spec["inputs"]]
-        self.output_names = [o["name"] for o in self.spec["outputs"]]
+        self.input_names = [i.name for i in self.spec.inputs]
+        self.output_names = [o.name for o in self.spec.outputs]
         self.binding = self.session.io_binding()
         self.arenas: dict[str, np.ndarray] = {}
         # in-place KV pairs (the ORT graph flavour): past_key.i is bound to the same memory as present_key.i
@@ -97,15 +97,15 @@ class OrtRunner(GraphRunner):
                          for i in range(sum(1 for n in self.input_names if n.startswith("past_key.")))
                          for kind in ("key", "value")]
         in_place = {out for _, out, _, _ in self.kv_pairs}
-        self.result_specs = [o for o in self.spec["outputs"] if o["name"] not in in_place]
+        self.result_specs = [o for o in self.spec.outputs if o.name not in in_place]
         self.bound: dict[tuple[str, str], tuple] = {}  # (in|out, name) -> (address, shape, dtype) bound now
         self.staged: dict[str, np.ndarray] = {}
         self.held: dict[str, np.ndarray] = {}  # large inputs bound where they are, kept alive until the next call
         self.dim_sources: dict[str, tuple[str, int]] = {}
-        for spec in self.spec["inputs"]:
-            for axis, dim in enumerate(spec["shape"]):
+        for spec in self.spec.inputs:
+            for axis, dim in enumerate(spec.shape):
                 if isinstance(dim, str):
-                    self.dim_sources.setdefault(dim, (spec["name"], axis))
+                    self.dim_sources.setdefault(dim, (spec.name, axis))
 
     def _symbols(self, feeds: dict[str, np.ndarray], cache) -> dict[str, int]:
         """Sizes of the named dimensions, read from the first input that carries each (ONNX Runtime checks the rest)."""
@@ -115,12 +115,12 @@ class OrtRunner(GraphRunner):
             symbols[dim] = (cache.k[0] if array is None else array).shape[axis]
         return symbols
 
-    def _output_buffer(self, spec: dict, shape: tuple[int, ...]) -> np.ndarray:
+    def _output_buffer(self, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
         size = int(np.prod(shape))
-        arena = self.arenas.get(spec["name"])
+        arena = self.arenas.get(spec.name)
         if arena is None or arena.size < size:
-            arena = np.empty(max(size, 2 * (arena.size if arena is not None else 0)), dtype=spec["dtype"])
-            self.arenas[spec["name"]] = arena
+            arena = np.empty(max(size, 2 * (arena.size if arena is not None else 0)), dtype=spec.dtype)
+            self.arenas[spec.name] = arena
         return arena[:size].reshape(shape)
 
     def _bind(self, kind: str, name: str, array: np.ndarray) -> None:
@@ -165,8 +165,8 @@ class OrtRunner(GraphRunner):
             self._bind_cache(cache)
         outputs = {}
         for spec in self.result_specs:
-            out = self._output_buffer(spec, resolve_shape(spec["shape"], symbols))
-            self._bind("out", spec["name"], out)
-            outputs[spec["name"]] = out
+            out = self._output_buffer(spec, resolve_shape(spec.shape, symbols))
+            self._bind("out", spec.name, out)
+            outputs[spec.name] = out
         self.session.run_with_iobinding(self.binding)
         return outputs

@@ -25,12 +25,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 def module_problem(bundle: Bundle, role: str) -> str | None:
     """Why ``role``'s PyTorch module cannot be rebuilt here, or None when it can."""
-    model = bundle.manifest["models"][role]
-    source = Path(model["source"])
+    source = Path(bundle.models[role].source)
     if not (source / "config.json").is_file():
         return f"the {role}'s checkpoint folder {source} (recorded in the manifest at export) is not here"
-    if bundle.manifest.get("quantize"):
-        return (f"the bundle's graphs are {bundle.manifest['quantize']}-quantized and the checkpoint is not, so the "
+    if bundle.quantize:
+        return (f"the bundle's graphs are {bundle.quantize}-quantized and the checkpoint is not, so the "
                 "two would decode differently")
     return None
 
@@ -55,15 +54,15 @@ def load_module(bundle: Bundle, role: str, dtype: torch.dtype | None = None, dev
     problem = module_problem(bundle, role)
     if problem:
         raise DsparkError(f"the torch backend runs the PyTorch modules, but {problem}; use --backend ort")
-    model = bundle.manifest["models"][role]
-    kind = "drafter" if model.get("method") in ("dspark", "dflash") else "decoder"
-    dtype = dtype or DTYPES[bundle.manifest["dtype"]]
-    return _load(kind, model["source"], bundle.target["source"], tuple(model.get("tap_layers", ())), dtype,
-                 str(torch.device(device)))
+    model = bundle.models[role]
+    kind = "drafter" if role == "draft" and bundle.draft.block else "decoder"
+    dtype = dtype or DTYPES[bundle.dtype]
+    taps = bundle.target.tap_layers if role == "target" else ()
+    return _load(kind, model.source, bundle.target.source, taps, dtype, str(torch.device(device)))
 
 
 def graph_role(bundle: Bundle, graph: str) -> str:
-    return next(role for role, model in bundle.manifest["models"].items() if graph in model["graphs"])
+    return next(role for role, model in bundle.models.items() if graph in model.graphs)
 
 
 def in_place_step(model, input_ids, cache_lens, query_lens, logit_index, past_k, past_v):
@@ -96,11 +95,11 @@ class TorchRunner(GraphRunner):
         self.spec = bundle.graph(graph)
         self.graph = graph
         self.module = load_module(bundle, graph_role(bundle, graph), device=self.device)
-        self.input_names = [i["name"] for i in self.spec["inputs"]]
-        self.output_names = [o["name"] for o in self.spec["outputs"]]
-        self.in_place = self.spec.get("flavour") == "ort"
+        self.input_names = [i.name for i in self.spec.inputs]
+        self.output_names = [o.name for o in self.spec.outputs]
+        self.in_place = self.spec.in_place
         # the in-place graph's present_* outputs are the cache buffers themselves, not results
-        self.result_specs = [o for o in self.spec["outputs"] if not o["name"].startswith("present_")]
+        self.result_specs = [o for o in self.spec.outputs if not o.name.startswith("present_")]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         array = np.ascontiguousarray(array)
@@ -124,7 +123,7 @@ class TorchRunner(GraphRunner):
         else:
             out = self.module.step(t["input_ids"], t["position_ids"], t["cache_lens"], t["past_k"], t["past_v"])
         results = [x for x in out if x is not None]
-        return {spec["name"]: value.cpu().numpy().astype(spec["dtype"], copy=False)
+        return {spec.name: value.cpu().numpy().astype(spec.dtype, copy=False)
                 for spec, value in zip(self.result_specs, results)}
 
     def _run_in_place(self, t: dict, cache) -> tuple:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dspark.bundle import Bundle
+from dspark.bundle import Bundle, GraphSpec
 from dspark.errors import DsparkError
 from dspark.runtime.buckets import Ladder, pad_feeds
 from dspark.runtime.capture import CudaGraphs, cuda_capture
@@ -99,27 +99,27 @@ def select_profile(profiles: list[dict[str, list[int]]], sizes: dict[str, int]) 
     return min(fitting)[1]
 
 
-def dim_sizes(spec: dict, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+def dim_sizes(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
     """Named dimension -> size, read from the feeds of a manifest graph."""
     sizes = {}
-    for i in spec["inputs"]:
-        for dim, size in zip(i["shape"], feeds[i["name"]].shape):
+    for i in spec.inputs:
+        for dim, size in zip(i.shape, feeds[i.name].shape):
             if isinstance(dim, str) and sizes.setdefault(dim, size) != size:
-                raise ValueError(f"dimension {dim} is {sizes[dim]} in one input and {size} in {i['name']}")
+                raise ValueError(f"dimension {dim} is {sizes[dim]} in one input and {size} in {i.name}")
     return sizes
 
 
-def feeds_profile(spec: dict, feeds: list[dict[str, np.ndarray]]) -> int:
+def feeds_profile(spec: GraphSpec, feeds: list[dict[str, np.ndarray]]) -> int:
     """The tightest profile of a manifest graph that holds every feed's shapes (one polygraphy run uses one)."""
     sizes = [dim_sizes(spec, f) for f in feeds]
-    profiles = list(spec["profiles"].values())
+    profiles = list(spec.profiles.values())
     fitting = [i for i, r in enumerate(profiles) if all(r[d][0] <= s[d] <= r[d][2] for s in sizes for d in s)]
     if not fitting:
-        raise DsparkError(f"no optimization profile of {spec['file']} holds every check feed ({sizes}); re-export the bundle")
+        raise DsparkError(f"no optimization profile of {spec.file} holds every check feed ({sizes}); re-export the bundle")
     return min(fitting, key=lambda i: sum(profiles[i][d][2] - profiles[i][d][0] for d in sizes[0]))
 
 
-def polygraphy_trt_runner(engine: Path, spec: dict, feeds: list[dict[str, np.ndarray]]):
+def polygraphy_trt_runner(engine: Path, spec: GraphSpec, feeds: list[dict[str, np.ndarray]]):
     """polygraphy's TrtRunner on the profile that holds every feed (for ``dspark check``)."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -128,13 +128,13 @@ def polygraphy_trt_runner(engine: Path, spec: dict, feeds: list[dict[str, np.nda
                      optimization_profile=feeds_profile(spec, feeds))
 
 
-def bucket_ladders(spec: dict) -> dict[str, Ladder]:
+def bucket_ladders(spec: GraphSpec) -> dict[str, Ladder]:
     """Per dynamic dimension: powers of two, plus every profile's maximum for it, so padding never carries a
     call past the profile it fits (a 5-token verify call stays on the decode profile instead of padding to 8)."""
     ladders = {}
-    for dim, (low, high) in spec["dims"].items():
+    for dim, (low, high) in spec.dims.items():
         base = Ladder.powers_of_two(dim, low, high)
-        stops = {r[dim][2] for r in spec["profiles"].values() if dim in r}
+        stops = {r[dim][2] for r in spec.profiles.values() if dim in r}
         ladders[dim] = Ladder(dim, tuple(sorted(set(base.sizes) | stops)))
     return ladders
 
@@ -168,17 +168,17 @@ class TrtRunner(GraphRunner):
         self.torch = torch
         self.trt = trt
         self.spec = bundle.graph(graph)
-        if self.spec.get("flavour") == "ort":
+        if self.spec.in_place:
             raise DsparkError(f"graph {graph} uses ONNX Runtime's fused operators; export the bundle with --runtime "
                               "tensorrt for the trt backend")
-        self.input_names = [i["name"] for i in self.spec["inputs"]]
-        self.output_names = [o["name"] for o in self.spec["outputs"]]
+        self.input_names = [i.name for i in self.spec.inputs]
+        self.output_names = [o.name for o in self.spec.outputs]
         info = json.loads((folder / BUILD_INFO).read_text())["engines"][graph]
         self.device = torch.device("cuda", device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         # profile index i is the i-th phase in the manifest, the order build_engines added them
-        self.ranges = list(self.spec["profiles"].values())
+        self.ranges = list(self.spec.profiles.values())
         with torch.cuda.device(self.device):  # engines must load under the device they run on (tensorrt-notes §3)
             self.engine = self.runtime.deserialize_cuda_engine((folder / info["file"]).read_bytes())
             if self.engine is None:
@@ -191,7 +191,7 @@ class TrtRunner(GraphRunner):
         self.contexts = Contexts(self._new_context)
         self.ladders = bucket_ladders(self.spec)
         capture = cuda_capture(self.device, self.stream) if cuda_graphs else None
-        self.graphs = CudaGraphs(capture, synchronize=self.stream.synchronize, name=self.spec["file"])
+        self.graphs = CudaGraphs(capture, synchronize=self.stream.synchronize, name=self.spec.file)
 
     def _allocate(self) -> None:
         """One device buffer per I/O tensor at the largest shape of any profile (bound to each new context)."""
@@ -200,25 +200,25 @@ class TrtRunner(GraphRunner):
                  trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
         largest = {d: max(r[d][2] for r in self.ranges) for d in self.ranges[0]}
         self.buffers = {}
-        for spec in self.spec["inputs"] + self.spec["outputs"]:
-            name = spec["name"]
-            numel = max(1, int(np.prod(resolve_shape(spec["shape"], largest))))
+        for spec in self.spec.inputs + self.spec.outputs:
+            name = spec.name
+            numel = max(1, int(np.prod(resolve_shape(spec.shape, largest))))
             self.buffers[name] = torch.empty(numel, dtype=types[self.engine.get_tensor_dtype(name)], device=self.device)
 
     def _new_context(self, profile: int):
         context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
-            raise DsparkError(f"TensorRT could not create an execution context for {self.spec['file']}; see the log above")
+            raise DsparkError(f"TensorRT could not create an execution context for {self.spec.file}; see the log above")
         if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1 takes the size with the address
             context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         else:
             context.device_memory = self.scratch.data_ptr()
         if not context.set_optimization_profile_async(profile, self.stream.cuda_stream):
-            raise DsparkError(f"TensorRT refused optimization profile {profile} of {self.spec['file']}")
+            raise DsparkError(f"TensorRT refused optimization profile {profile} of {self.spec.file}")
         self.stream.synchronize()
         for name, buffer in self.buffers.items():
             if not context.set_tensor_address(name, buffer.data_ptr()):
-                raise DsparkError(f"TensorRT refused the address of {name} in {self.spec['file']}")
+                raise DsparkError(f"TensorRT refused the address of {name} in {self.spec.file}")
         return context
 
     def run(self, feeds: dict[str, np.ndarray], cache=None) -> dict[str, np.ndarray]:
@@ -226,30 +226,30 @@ class TrtRunner(GraphRunner):
         real = dim_sizes(self.spec, feeds)
         sizes = {d: self.ladders[d].select(s) for d, s in real.items()} if self.graphs.enabled else real
         if self.graphs.enabled:
-            feeds = pad_feeds(feeds, self.spec["inputs"], sizes)
+            feeds = pad_feeds(feeds, self.spec.inputs, sizes)
         index = select_profile(self.ranges, sizes)
         bucket = tuple(sorted(sizes.items())) if self.graphs.enabled else None
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             context = self.contexts.get(index, bucket)
-            for spec in self.spec["inputs"]:
-                array = np.ascontiguousarray(feeds[spec["name"]])
-                view = self.buffers[spec["name"]][: array.size].view(array.shape)
+            for spec in self.spec.inputs:
+                array = np.ascontiguousarray(feeds[spec.name])
+                view = self.buffers[spec.name][: array.size].view(array.shape)
                 view.copy_(torch.from_numpy(array))
-                if not context.set_input_shape(spec["name"], array.shape):
-                    raise DsparkError(f"TensorRT rejected shape {array.shape} for {spec['name']}")
+                if not context.set_input_shape(spec.name, array.shape):
+                    raise DsparkError(f"TensorRT rejected shape {array.shape} for {spec.name}")
             self.graphs.run((index, bucket), lambda: self._execute(context))
             outputs = {}
-            for spec in self.spec["outputs"]:
-                shape = tuple(context.get_tensor_shape(spec["name"]))
-                out = self.buffers[spec["name"]][: int(np.prod(shape))].view(shape)
+            for spec in self.spec.outputs:
+                shape = tuple(context.get_tensor_shape(spec.name))
+                out = self.buffers[spec.name][: int(np.prod(shape))].view(shape)
                 # padded dims go back to their real sizes
-                cut = tuple(slice(0, real[d]) if isinstance(d, str) else slice(None) for d in spec["shape"])
-                outputs[spec["name"]] = out[cut].cpu().numpy()
+                cut = tuple(slice(0, real[d]) if isinstance(d, str) else slice(None) for d in spec.shape)
+                outputs[spec.name] = out[cut].cpu().numpy()
         return outputs
 
     def _execute(self, context) -> None:
         if not context.execute_async_v3(self.stream.cuda_stream):
-            raise DsparkError(f"TensorRT refused to run {self.spec['file']}; see the log above")
+            raise DsparkError(f"TensorRT refused to run {self.spec.file}; see the log above")
 
     def device_memory_bytes(self) -> int:
         """The shared engine scratch (counted once, however many contexts use it) plus the I/O buffers."""

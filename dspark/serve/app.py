@@ -100,8 +100,8 @@ class Api:
                  max_request_bytes: int):
         self.generator, self.engine, self.model_name, self.api_key = generator, engine, model_name, api_key
         self.template, self.max_request_bytes = template, max_request_bytes
-        self.max_context = generator.bundle.limits["max_context"]
-        self.vocab_size = generator.bundle.target["config"]["vocab_size"]
+        self.max_context = generator.bundle.limits.max_context
+        self.vocab_size = generator.bundle.target.config.vocab_size
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------------------------- input
@@ -342,7 +342,7 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
     model_name = model_name or Path(generator.bundle.path).name
     metrics = ServerMetrics(generator, model_name)
     engine = Engine(generator, max_queue=max_queue, on_finish=metrics.request_finished)
-    max_context = generator.bundle.limits["max_context"]
+    max_context = generator.bundle.limits.max_context
     api = Api(generator, engine, model_name, api_key, ChatTemplate.load(generator.tokenizer, chat_template),
               max_request_bytes or default_request_bytes(max_context))
 

@@ -397,8 +397,8 @@ def application(bundle_dir: str | Path, cluster: ClusterOptions, *, model_name: 
     request body bound its replicas enforce."""
     bundle = Bundle.open(bundle_dir, verify=False)  # each replica verifies the files when it opens the bundle
     actor_options, threads = replica_resources(threads, cluster.most_replicas)
-    rows = min(max_batch or bundle.limits["max_batch"], bundle.limits["max_batch"])
-    max_request_bytes = max_request_bytes or default_request_bytes(bundle.limits["max_context"])
+    rows = min(max_batch or bundle.limits.max_batch, bundle.limits.max_batch)
+    max_request_bytes = max_request_bytes or default_request_bytes(bundle.limits.max_context)
     deployment = Replica.options(
         name="Replica", ray_actor_options=actor_options,
         # above the engine's own capacity, so a full replica answers its own 429 (with Retry-After) instead of

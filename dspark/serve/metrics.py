@@ -25,7 +25,7 @@ class ServerMetrics:
     def __init__(self, generator: Generator, model_name: str):
         self.registry = r = CollectorRegistry()
         self.model = model_name
-        self.speculative = generator.num_draft_tokens > 0
+        self.speculative = generator.draft_length > 0
         m = {"model_name": model_name}
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", ["model_name"], registry=r).labels(**m)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a free row.", ["model_name"], registry=r).labels(**m)
@@ -49,7 +49,7 @@ class ServerMetrics:
                                     ["model_name"], registry=r).labels(**m)
         self.per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted by position (0-based).",
                                ["model_name", "position"], registry=r)
-        for k in range(generator.num_draft_tokens):
+        for k in range(generator.draft_length):
             self.per_pos.labels(model_name=model_name, position=str(k))
         self.http_requests = Counter("dspark:http_requests", "HTTP requests by route and status code.",
                                      ["method", "route", "status"], registry=r)
