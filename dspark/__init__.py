@@ -1,3 +1,3 @@
 """dspark: lossless speculative decoding over exported ONNX / TensorRT graphs."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -67,10 +67,12 @@ def test_greedy_equals_plain(block_bundle, backend):
     assert short.generate([req])[0].generated == plain.generate([req])[0].generated
 
 
-def test_reduced_vocabulary_drafts_only_inside_it(block_bundle):
-    variant, path = block_bundle
-    if variant != "reduced":
-        pytest.skip("the reduced-vocabulary drafter only")
+def test_reduced_vocabulary_drafts_only_inside_it(qwen3_pair, tmp_path):
+    target, target_dir, _ = qwen3_pair
+    draft_dir = make_drafter(target, target_dir, tmp_path / "draft", "reduced")
+    path = tmp_path / "bundle"
+    export_bundle(target_dir, path, draft_dir, ExportOptions(max_batch=1, max_context=128, prefill_chunk=32),
+                  progress=False)
     allowed = set(reduced_vocab(VOCAB))
     for params in (SamplingParams(), SamplingParams(1.0)):
         seq = Generator(path).generate([Request(PROMPTS[1], max_new_tokens=30, sampling=params, ignore_eos=True)],
@@ -149,3 +151,22 @@ def test_drafter_without_frozen_copies_loads_beside_its_target(qwen3_pair, tmp_p
     slim = Drafter.from_pretrained(slim_dir, target_config, target_dir=target_dir)
     for (name, a), (_, b) in zip(full.state_dict().items(), slim.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_quantized_drafter_is_still_lossless(qwen3_pair, tmp_path):
+    """--draft-quantize on a DSpark drafter: its products become MatMulNBits, the output stays the target's."""
+    import onnx
+
+    target, target_dir, _ = qwen3_pair
+    draft_dir = make_drafter(target, target_dir, tmp_path / "draft", "reduced")
+    path = tmp_path / "bundle"
+    export_bundle(target_dir, path, draft_dir, ExportOptions(max_batch=2, max_context=128, prefill_chunk=32,
+                                                            draft_quantize="int4"), progress=False)
+    for graph in ("draft_propose.onnx", "draft_context.onnx"):
+        ops = [n.op_type for n in onnx.load(path / graph, load_external_data=False).graph.node]
+        assert "MatMulNBits" in ops, graph
+    spec, plain = Generator(path), Generator(path, use_draft=False)
+    for prompt in PROMPTS:
+        req = Request(prompt, max_new_tokens=30, ignore_eos=True)
+        got = spec.generate([req])[0]
+        assert got.generated == plain.generate([req])[0].generated and got.accepted

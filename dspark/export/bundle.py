@@ -208,7 +208,7 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
                           out: Path, options: ExportOptions, dtype) -> dict:
     """draft_context and draft_propose graph entries for a DSpark/DFlash drafter."""
     drafter = Drafter.from_pretrained(draft_dir, target_config, dtype=dtype, target_dir=target_dir)
-    specs = export_drafter(drafter, out)
+    specs = export_drafter(drafter, out, options.draft_quantize)
     batch = [1, 1, options.max_batch]
     context_max = max(options.prefill_chunk, config.block_size + 1)
     cache = [0, min(512, options.max_context), options.max_context]
@@ -287,9 +287,8 @@ def export_bundle(
     target_config = DecoderConfig.from_hf(target_cfg, where=f"{target_dir}/config.json")
     method, draft_config = load_draft(Path(draft_dir), target_dir, target_config) if draft_dir else (None, None)
     block = method in ("dspark", "dflash")
-    if options.draft_quantize and method != "draft-lm":
-        raise DsparkError("--draft-quantize applies to a draft LM; " + (
-            f"a {method} drafter's graphs are exported as they are" if method else "give one with --draft"))
+    if options.draft_quantize and not method:
+        raise DsparkError("--draft-quantize quantizes the draft's weights; give one with --draft")
     if block and options.num_draft_tokens not in (None, draft_config.block_size):
         raise DsparkError(
             f"--num-draft-tokens applies to a draft LM; this {method} drafter drafts its block of "

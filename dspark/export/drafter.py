@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dspark.export.onnx import export_graph
+from dspark.export.ort_graph import quantize_matmuls
 from dspark.graphs.drafter import Drafter
 
 
@@ -33,8 +34,10 @@ CONTEXT_GRAPH = "draft_context.onnx"
 PROPOSE_GRAPH = "draft_propose.onnx"
 
 
-def export_drafter(drafter: Drafter, folder: str | Path) -> dict:
+def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = None) -> dict:
     """Export ``draft_context.onnx`` and ``draft_propose.onnx`` into ``folder``; returns {file: (inputs, outputs)}.
+    ``quantize`` ("int4"/"int8") stores the products' weights block-quantized (MatMulNBits), as the target's are
+    with ``--quantize``; embeddings stay as they are (they are the target's, shared with its graph).
 
     draft_context: features [batch, context, m*d], positions [batch, context] int64
         -> ctx_k, ctx_v [L_d, batch, Hkv, context, D]
@@ -55,6 +58,7 @@ def export_drafter(drafter: Drafter, folder: str | Path) -> dict:
         "features": torch.randn(batch, context, c.feature_size, generator=gen).to(dtype),
         "positions": torch.arange(context).repeat(batch, 1),
     }
+    rewrite = None if quantize is None else (lambda model: quantize_matmuls(model, quantize))
     results = {}
     results[CONTEXT_GRAPH] = export_graph(
         _ContextGraph(drafter),
@@ -62,6 +66,7 @@ def export_drafter(drafter: Drafter, folder: str | Path) -> dict:
         {"features": {0: "batch", 1: "context"}, "positions": {0: "batch", 1: "context"}},
         ["ctx_k", "ctx_v"],
         folder / CONTEXT_GRAPH,
+        rewrite,
     )
     kv_shape = (c.num_layers, batch, c.num_kv_heads, cache, c.head_dim)
     propose_example = {
@@ -87,5 +92,6 @@ def export_drafter(drafter: Drafter, folder: str | Path) -> dict:
         },
         ["draft_tokens", "draft_probs", "confidence_logits"],
         folder / PROPOSE_GRAPH,
+        rewrite,
     )
     return results

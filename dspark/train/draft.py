@@ -369,9 +369,10 @@ class BlockTask:
                 "accept_at_k": [round(v, 3) for v in torch.cat(accept_k).mean(0).tolist()]}
 
     def save(self, output: Path, target_dir: Path) -> None:
-        # in the target's storage dtype, so the frozen embedding / LM head stay bit-identical to the target's
-        save_deepspec(output, self.config, copy.deepcopy(self.model).to(stored_dtype(target_dir)),
-                      frozen_copies=self.args.frozen_copies)
+        # with the frozen copies: in the target's storage dtype, so they stay bit-identical to the target's tensors;
+        # without them only trained weights are stored, and float16 halves the file (training ran in bfloat16)
+        dtype = stored_dtype(target_dir) if self.args.frozen_copies else torch.float16
+        save_deepspec(output, self.config, copy.deepcopy(self.model).to(dtype), frozen_copies=self.args.frozen_copies)
 
 
 # -------------------------------------------------------------------------------------------------- draft LM
