@@ -24,8 +24,9 @@ How it is measured:
   T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for c
   rows, all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). The gap between the
   measured and the ideal speed-up is runtime overhead (sampling, acceptance, cache bookkeeping, Python).
-- where a round's time goes: ``round_ms`` = wall time x c / rounds (exact at c = 1; a round serves every row in
-  flight), split into ``draft_ms`` and ``verify_ms`` (the call costs) and ``host_ms``, the rest: sampling,
+- where a round's time goes: ``round_ms`` = decoding time x c / rounds, decoding time being the wall time less
+  every request's time to first token (its prefill; exact at c = 1, where requests run one after the other; a
+  round serves every row in flight), split into ``draft_ms`` and ``verify_ms`` (the call costs) and ``host_ms``, the rest: sampling,
   acceptance, bookkeeping and Python around the graph calls. ``of_ideal`` = speed-up / ideal speed-up.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
   draft length by how many rows are in flight; 0 turns drafting off there.
@@ -408,7 +409,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         c = costs[config.name]
         row["ideal_speedup"] = row["mean_accepted_length"] * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
         rounds = sum(len(s.accepted) for s in config.runs[0].seqs)
-        row["round_ms"] = 1000 * statistics.median(r.wall_s for r in config.runs) * config.concurrency / rounds
+        decoding = [r.wall_s - sum(s.first_token_at - s.submitted for s in r.seqs) for r in config.runs]
+        row["round_ms"] = 1000 * statistics.median(decoding) * config.concurrency / rounds
         row["draft_ms"], row["verify_ms"] = c["t_draft_ms"], c["t_verify_ms"]
         row["host_ms"] = row["round_ms"] - c["t_draft_ms"] - c["t_verify_ms"]
         if config.method in ("plain", "cpp-plain"):
@@ -479,7 +481,7 @@ def definitions() -> dict:
         "speedup": "tokens_per_second / plain tokens_per_second at the same concurrency (cpp-* methods: over cpp-plain)",
         "ideal_speedup": "mean_accepted_length * T(1) / (T_draft + T_verify), call costs at this concurrency",
         "of_ideal": "speedup / ideal_speedup",
-        "round_ms": "wall time x concurrency / rounds (exact at c = 1)",
+        "round_ms": "(wall time - sum of times to first token) x concurrency / rounds (exact at c = 1)",
         "host_ms": "round_ms - draft_ms - verify_ms: sampling, acceptance, bookkeeping, Python",
         "ttft_ms": "submit to first token (prefill and any wait for a free row); median over requests",
         "itl_p50_ms/itl_p99_ms": "percentiles of the gaps between successive tokens of a request; tokens of one "
