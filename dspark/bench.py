@@ -409,7 +409,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         c = costs[config.name]
         row["ideal_speedup"] = row["mean_accepted_length"] * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
         rounds = sum(len(s.accepted) for s in config.runs[0].seqs)
-        decoding = [r.wall_s - sum(s.first_token_at - s.submitted for s in r.seqs) for r in config.runs]
+        decoding = [r.wall_s - sum(s.stats()["time_to_first_token_ms"] for s in r.seqs) / 1000 for r in config.runs]
         row["round_ms"] = 1000 * statistics.median(decoding) * config.concurrency / rounds
         row["draft_ms"], row["verify_ms"] = c["t_draft_ms"], c["t_verify_ms"]
         row["host_ms"] = row["round_ms"] - c["t_draft_ms"] - c["t_verify_ms"]
