@@ -75,10 +75,10 @@ class KVCache:
     def add_rows(self, other: "KVCache") -> None:
         """Append ``other``'s rows (freshly prefilled sequences) after this cache's rows."""
         n, m = self.rows, other.rows
-        capacity = max(self.capacity, other.capacity)
-        if n + m > self._k.shape[1] or capacity > self.capacity:
-            self._reallocate(max(n + m, 2 * self._k.shape[1]) if n + m > self._k.shape[1] else self._k.shape[1],
-                             capacity)
+        # rows grow to what is running, never past it: the batch is capped, so this happens a few times at most
+        rows, capacity = max(n + m, self._k.shape[1]), max(self.capacity, other.capacity)
+        if (rows, capacity) != (self._k.shape[1], self.capacity):
+            self._reallocate(rows, capacity)
         width = other.capacity
         self._k[:, n : n + m, :, :width] = other.k
         self._v[:, n : n + m, :, :width] = other.v

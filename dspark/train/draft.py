@@ -61,6 +61,7 @@ from dspark.train.target import (
     target_pass,
     train_forward,
     window_starts,
+    windows_at,
 )
 
 METHODS = ("draft-lm", "dspark", "dflash")
@@ -331,10 +332,10 @@ class BlockTask:
 
     def loss(self, step: int, train_tokens: np.ndarray):
         a = self.args
-        x, y = batch_at(train_tokens, step, a)
-        window = torch.cat([x, y[:, -1:]], dim=1)
+        starts = window_starts(len(train_tokens), step, a)  # the windows batch_at draws, seq_len + 1 tokens each
+        window = windows_at(train_tokens, starts, a.seq_len + 1)
         anchors = sample_anchors(a.seed, step, a.batch_size, a.seq_len, self.dconfig.block_size, a.anchors_per_seq)
-        cached = self.cache.windows(window_starts(len(train_tokens), step, a), a.seq_len) if self.cache else None
+        cached = self.cache.windows(starts, a.seq_len) if self.cache else None
         h, truth, law = self._forward(window, anchors, cached)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, conf = block_logits(self.model, h, window.gather(1, anchors), truth[..., :-1])
@@ -487,9 +488,10 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     if method == "draft-lm":
         task = DraftLMTask(method, config, target, args)
     else:
-        size = int(config.get("draft_vocab_size", 0) or 0)
-        taps = DrafterConfig.from_hf(config, target.config).target_layer_ids
-        cache = feature_cache(target, taps, train_tokens, data, digest, progress, log) if cache_features else None
+        dconfig = DrafterConfig.from_hf(config, target.config)
+        size = dconfig.draft_vocab_size
+        cache = (feature_cache(target, dconfig.target_layer_ids, train_tokens, data, digest, progress, log)
+                 if cache_features else None)
         task = BlockTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache)
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "

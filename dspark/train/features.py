@@ -55,9 +55,8 @@ def _batches(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     """Documents of similar length together (little padding), at most BATCH_TOKENS padded tokens a batch."""
     ordered = sorted(spans, key=lambda se: se[1] - se[0])
     batches, current = [], []
-    for span in ordered:
-        longest = max([span[1] - span[0]] + [e - s for s, e in current])
-        if current and longest * (len(current) + 1) > BATCH_TOKENS:
+    for span in ordered:  # ascending: the newest span is the longest of its batch
+        if current and (span[1] - span[0]) * (len(current) + 1) > BATCH_TOKENS:
             batches.append(current)
             current = []
         current.append(span)

@@ -123,10 +123,14 @@ def window_starts(count: int, step: int, a: TrainArgs) -> np.ndarray:
     return np.random.default_rng([a.seed, step]).integers(0, count - a.seq_len - 1, size=a.batch_size)
 
 
+def windows_at(tokens: np.ndarray, starts, length: int) -> torch.Tensor:
+    """The token windows [len(starts), length] (int64) beginning at ``starts``."""
+    return torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
+
+
 def batch_at(tokens: np.ndarray, step: int, a: TrainArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets [B, seq_len] for one step: the windows at ``window_starts``."""
-    starts = window_starts(len(tokens), step, a)
-    w = torch.from_numpy(np.stack([tokens[s:s + a.seq_len + 1] for s in starts]).astype(np.int64))
+    w = windows_at(tokens, window_starts(len(tokens), step, a), a.seq_len + 1)
     return w[:, :-1], w[:, 1:]
 
 
@@ -137,8 +141,7 @@ def eval_windows(tokens: np.ndarray, a: TrainArgs) -> torch.Tensor:
     hi = len(tokens) - a.seq_len - 1
     if hi <= 0:
         raise DsparkError(f"held-out set has {len(tokens)} tokens, fewer than seq_len {a.seq_len} + 1")
-    starts = np.sort(rng.integers(0, hi, size=n))
-    return torch.from_numpy(np.stack([tokens[s:s + a.seq_len + 1] for s in starts]).astype(np.int64))
+    return windows_at(tokens, np.sort(rng.integers(0, hi, size=n)), a.seq_len + 1)
 
 
 def target_pass(target: DecoderLM, ids: torch.Tensor, taps: tuple[int, ...] = ()):
