@@ -11,6 +11,7 @@ import torch
 
 from conftest import VOCAB, hf_model, save_hf
 from dspark.bundle import Bundle
+from dspark.errors import DsparkError
 from dspark.export.bundle import ExportOptions, export_bundle, load_draft
 from dspark.graphs.decoder import DecoderLM
 from dspark.graphs.drafter import Drafter
@@ -22,6 +23,7 @@ from dspark.train.draft import (
     default_target_layers,
     drafter_forward,
     method_config,
+    read_answer_masks,
     read_mask_token_id,
     target_pass,
     train_draft,
@@ -247,3 +249,24 @@ def test_feature_cache_runs_each_document_from_its_start(setup, tmp_path):
     rec = train_draft(target_dir, cached, out, "dspark", config, ARGS, steps=34, threads=1, cache_features=True,
                       **QUIET)
     assert rec["step"] == 34
+
+
+def test_answer_masks_steer_anchors(setup, tmp_path):
+    """With make-data's answer masks a block drafter trains on blocks that start in the answers; a mask that does
+    not match its token array is refused."""
+    target_dir, data, _ = setup
+    masked = tmp_path / "data"
+    masked.mkdir()
+    for name in ("train", "heldout"):
+        tokens = np.load(data / f"{name}.npy")
+        np.save(masked / f"{name}.npy", tokens)
+        np.save(masked / f"{name}_answers.npy", np.arange(len(tokens)) % 64 >= 16)  # a 16-token "prompt" each
+    train_tokens, held_tokens = np.load(masked / "train.npy"), np.load(masked / "heldout.npy")
+    train_mask, held_mask = read_answer_masks(masked, train_tokens, held_tokens)
+    assert train_mask.sum() == 3 * len(train_tokens) // 4
+    config = config_for(target_dir, "dspark")
+    rec = train_draft(target_dir, masked, tmp_path / "draft", "dspark", config, ARGS, steps=10, threads=1, **QUIET)
+    assert rec["step"] == 10 and rec["tau"] >= 1.0
+    np.save(masked / "heldout_answers.npy", np.ones(3, dtype=bool))
+    with pytest.raises(DsparkError, match="heldout_answers.npy has 3 entries"):
+        read_answer_masks(masked, train_tokens, held_tokens)

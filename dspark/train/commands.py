@@ -70,7 +70,7 @@ def _evaluation_options(evaluated: str, eval_windows: int, saved: str):
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Data folder: responses.jsonl (appended as answers finish; a rerun resumes), then train.npy, "
-                   "heldout.npy, heldout_prompts.jsonl and stats.json for 'dspark train-draft' and 'dspark bench'.")
+                   "heldout.npy, their answer masks, heldout_prompts.jsonl and stats.json for 'dspark train-draft' and 'dspark bench'.")
 @click.option("--max-new-tokens", default=256, show_default=True, help="Longest answer, in tokens.")
 @click.option("--held-out", "held_out", default=48, show_default=True,
               help="Held-out prompts answered first (kept out of train.npy; their prompts go to heldout_prompts.jsonl).")
@@ -160,7 +160,9 @@ def _layer_list(_ctx, _param, value):
               help="draft-lm: a small Qwen3 LM distilled by KL; dspark: block drafter with Markov and confidence "
                    "heads (CE + TV + confidence loss); dflash: block drafter, CE only.")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder with train.npy and heldout.npy token arrays (written by train-tokenizer).")
+              help="Folder with train.npy and heldout.npy token arrays (written by train-tokenizer or make-data; "
+                   "with make-data's train_answers.npy/heldout_answers.npy, block drafters anchor their blocks on "
+                   "the target's answers only).")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Drafter checkpoint folder (loadable by 'dspark export TARGET --draft OUTPUT') plus "
                    "train_state.pt and training_log.jsonl; resumed if present.")

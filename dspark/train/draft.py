@@ -52,6 +52,7 @@ from dspark.train.target import (
     TrainArgs,
     batch_at,
     default_log,
+    eval_starts,
     export_hf,
     init_model,
     qwen3_config,
@@ -137,17 +138,42 @@ def frequent_tokens(tokens: np.ndarray, count: int) -> torch.Tensor:
     return torch.from_numpy(order.astype(np.int64))
 
 
-def sample_anchors(seed: int, step: int, batch: int, seq_len: int, block: int, count: int) -> torch.Tensor:
+def sample_anchors(seed: int, step: int, batch: int, seq_len: int, block: int, count: int,
+                   answers: np.ndarray | None = None) -> torch.Tensor:
     """Sorted distinct anchor positions [batch, count] in 1..seq_len-block, a pure function of (seed, step).
 
-    Every anchor has a non-empty context (positions < s) and a full block of targets inside the window."""
+    Every anchor has a non-empty context (positions < s) and a full block of targets inside the window. With
+    ``answers`` ([batch, >= seq_len] bool, True where the window's token is one the target wrote) anchors are drawn
+    among those whose first target x_{s+1} is an answer token (where drafting happens at inference); a window with
+    fewer of them than ``count`` fills up with other positions."""
     hi = seq_len - block
     if hi < 1:
         raise DsparkError(f"--seq-len {seq_len} is too short for block size {block}")
     count = min(count, hi)
     rng = np.random.default_rng([seed, step, 1])
-    rows = [np.sort(rng.choice(hi, size=count, replace=False)) + 1 for _ in range(batch)]
-    return torch.from_numpy(np.stack(rows).astype(np.int64))
+    rows = []
+    for r in range(batch):
+        if answers is None:
+            rows.append(rng.choice(hi, size=count, replace=False) + 1)
+            continue
+        preferred = np.asarray(answers[r][2:hi + 2], dtype=bool)  # anchor s = i + 1 predicts first x_{i + 2}
+        order = rng.permutation(hi)
+        picked = np.concatenate([order[preferred[order]], order[~preferred[order]]])[:count]
+        rows.append(picked + 1)
+    return torch.from_numpy(np.sort(np.stack(rows), axis=1).astype(np.int64))
+
+
+def read_answer_masks(data: Path, train_tokens: np.ndarray, held_tokens: np.ndarray):
+    """(train, held-out) masks of the tokens the target wrote (``dspark make-data`` writes them), or (None, None)
+    for data without them (every position may then anchor a block)."""
+    paths = [data / "train_answers.npy", data / "heldout_answers.npy"]
+    if not all(p.is_file() for p in paths):
+        return None, None
+    masks = [np.load(p, mmap_mode="r") for p in paths]
+    for mask, tokens, path in zip(masks, (train_tokens, held_tokens), paths):
+        if len(mask) != len(tokens):
+            raise DsparkError(f"{path} has {len(mask)} entries for {len(tokens)} tokens; rerun 'dspark make-data'")
+    return masks[0], masks[1]
 
 
 # -------------------------------------------------------------------------------------------------- block drafters
@@ -283,9 +309,11 @@ class BlockTask:
     """A DSpark or DFlash drafter trained on the frozen target's features."""
 
     def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
-                 draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None):
+                 draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None,
+                 answers: tuple[np.ndarray | None, np.ndarray | None] = (None, None)):
         self.method, self.config, self.target, self.args = method, config, target, args
         self.cache = cache  # the target's features of the train windows, computed once (None: every step)
+        self.answers = answers  # (train, held-out) masks of target-written tokens: anchors go there
         self.dconfig = DrafterConfig.from_hf(config, target.config)
         self.taps = self.dconfig.target_layer_ids
         self.model = self._init(args.seed, draft_vocab)
@@ -334,7 +362,9 @@ class BlockTask:
         a = self.args
         starts = window_starts(len(train_tokens), step, a)  # the windows batch_at draws, seq_len + 1 tokens each
         window = windows_at(train_tokens, starts, a.seq_len + 1)
-        anchors = sample_anchors(a.seed, step, a.batch_size, a.seq_len, self.dconfig.block_size, a.anchors_per_seq)
+        answers = self.answers[0]
+        anchors = sample_anchors(a.seed, step, a.batch_size, a.seq_len, self.dconfig.block_size, a.anchors_per_seq,
+                                 None if answers is None else windows_at(answers, starts, a.seq_len + 1).numpy())
         cached = self.cache.windows(starts, a.seq_len) if self.cache else None
         h, truth, law = self._forward(window, anchors, cached)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -347,7 +377,9 @@ class BlockTask:
         was = self.model.training
         self.model.eval()
         n = windows.shape[1] - 1
-        anchors_all = sample_anchors(a.seed, 2**31, len(windows), n, blk, a.anchors_per_seq)
+        held = self.answers[1]  # the windows are eval_windows(held-out tokens): their starts are eval_starts'
+        answers = None if held is None else windows_at(held, eval_starts(len(held), a), n + 1).numpy()
+        anchors_all = sample_anchors(a.seed, 2**31, len(windows), n, blk, a.anchors_per_seq, answers)
         losses, taus, taus_t1, accept_k = [], [], [], []
         for i in range(0, len(windows), a.batch_size):
             window, anchors = windows[i:i + a.batch_size], anchors_all[i:i + a.batch_size]
@@ -492,7 +524,8 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
         size = dconfig.draft_vocab_size
         cache = (feature_cache(target, dconfig.target_layer_ids, train_tokens, data, digest, progress, log)
                  if cache_features else None)
-        task = BlockTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache)
+        task = BlockTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache,
+                         read_answer_masks(data, train_tokens, held_tokens))
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
                f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "

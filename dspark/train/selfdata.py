@@ -6,15 +6,17 @@ batched generation over a bundle of that target (an int4 bundle is fast and answ
 
 Prompts are derived from material on this machine (``instruction_prompts``):
 
-- the Python standard library: for each public function with a docstring, one of "write this function", "explain
-  this code" or "show how to use it" (chosen by a hash of its name), and for each module a request to explain it;
+- the Python standard library: for each public function with a docstring, "write this function", "explain this
+  code" and "show how to use it", and for each module a request to explain it;
 - general questions: a fixed list of topics crossed with a few question forms.
 
 Held-out prompts never share a source with training prompts: stdlib prompts are split by the hash of their file
 (the corpus split, ``corpus.held_out``), general ones by the hash of their topic. Answers are appended to
 ``responses.jsonl`` as they finish, so an interrupted run resumes where it stopped; ``write_tokens`` turns the
 answers into ``train.npy`` / ``heldout.npy`` (rendered prompt + answer + end of turn, one document after
-another), the arrays ``dspark train-draft`` reads, and ``heldout_prompts.jsonl`` for ``dspark bench --prompts``.
+another) with ``*_answers.npy`` masks of the answer tokens (drafter training anchors its blocks there, where
+drafting happens), the arrays ``dspark train-draft`` reads, and ``heldout_prompts.jsonl`` for ``dspark bench
+--prompts``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ QUESTION_FORMS = (
     "Give me three questions and answers about {topic}.",
     "What are common misconceptions about {topic}?",
     "Summarize the key ideas of {topic} in a few bullet points.",
+    "Write a short story that teaches something about {topic}.",
+    "What is the history of {topic}?",
+    "How would you teach {topic} to a beginner? Give a step-by-step plan.",
+    "What are the pros and cons of {topic}?",
+    "Write a quiz with five multiple-choice questions about {topic}, with the answers.",
+    "Explain {topic} to an expert in one detailed paragraph.",
 )
 
 CODE_FORMS = ("write", "explain", "use")
@@ -102,17 +110,21 @@ def _code_prompts(module: str, relpath: str, text: str, held: bool) -> list[Inst
         if not doc:
             continue
         name = f"{module}.{node.name}"
-        form = CODE_FORMS[int(_hashed(name) * len(CODE_FORMS))]
-        if form == "write":
-            args = ast.unparse(node.args)
-            message = (f"Write a Python function `{node.name}({args})` that does the following: "
-                       f"{_first_sentence(doc)}")
-        elif form == "explain":
-            source = lines[node.lineno - 1 : min(node.end_lineno, node.lineno - 1 + MAX_SOURCE_LINES)]
-            message = "Explain what this Python function does:\n\n```python\n" + "\n".join(source) + "\n```"
-        else:
-            message = f"How do I use `{name}` in Python? Show a short example."
-        out.append(Instruction(f"function:{name}", message, "code", held))
+        # the form a hash of the name picks keeps the bare id: answers written when only that form was asked are
+        # still recognised by a resumed run
+        first = int(_hashed(name) * len(CODE_FORMS))
+        for k in range(len(CODE_FORMS)):
+            form = CODE_FORMS[(first + k) % len(CODE_FORMS)]
+            if form == "write":
+                args = ast.unparse(node.args)
+                message = (f"Write a Python function `{node.name}({args})` that does the following: "
+                           f"{_first_sentence(doc)}")
+            elif form == "explain":
+                source = lines[node.lineno - 1 : min(node.end_lineno, node.lineno - 1 + MAX_SOURCE_LINES)]
+                message = "Explain what this Python function does:\n\n```python\n" + "\n".join(source) + "\n```"
+            else:
+                message = f"How do I use `{name}` in Python? Show a short example."
+            out.append(Instruction(f"function:{name}" + (f":{form}" if k else ""), message, "code", held))
     return out
 
 
@@ -210,18 +222,22 @@ def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_to
 
 
 def write_tokens(output: str | Path, log=print) -> dict:
-    """``train.npy`` / ``heldout.npy`` (uint32 ids: rendered prompt then answer, one document after another) and
+    """``train.npy`` / ``heldout.npy`` (uint32 ids: rendered prompt then answer, one document after another), their
+    ``*_answers.npy`` (bool: the token is the target's), ``*_docs.npy`` (document starts) and
     ``heldout_prompts.jsonl`` (the held-out prompts as rendered text) from ``responses.jsonl``."""
     output = Path(output)
     done = read_responses(output)
     if not done:
         raise DsparkError(f"{output}/{RESPONSES} holds no answers yet; run the generation first")
     parts: dict[bool, list[list[int]]] = {False: [], True: []}
+    written: dict[bool, list[np.ndarray]] = {False: [], True: []}
     prompts = []
     for record in sorted(done.values(), key=lambda r: _hashed(r["id"])):
         # an answer that stopped itself ends with the end-of-turn token; a cut one just ends (the next document
         # starts with the template's turn marker either way)
         parts[record["held_out"]].append(record["prompt_ids"] + record["response_ids"])
+        written[record["held_out"]].append(np.repeat([False, True], [len(record["prompt_ids"]),
+                                                                     len(record["response_ids"])]))
         if record["held_out"]:
             prompts.append({"prompt": record["prompt"], "domain": record["domain"], "id": record["id"]})
     stats = {}
@@ -230,6 +246,7 @@ def write_tokens(output: str | Path, log=print) -> dict:
             raise DsparkError(f"{output}: no {name} answers yet")
         ids = np.concatenate([np.asarray(d, dtype=np.uint32) for d in parts[held]])
         np.save(output / f"{name}.npy", ids)
+        np.save(output / f"{name}_answers.npy", np.concatenate(written[held]))
         # where each document starts: the feature cache runs every document from its own start
         np.save(output / f"{name}_docs.npy", np.cumsum([0] + [len(d) for d in parts[held][:-1]]).astype(np.int64))
         stats[name] = {"documents": len(parts[held]), "tokens": int(ids.size)}

@@ -134,14 +134,19 @@ def batch_at(tokens: np.ndarray, step: int, a: TrainArgs) -> tuple[torch.Tensor,
     return w[:, :-1], w[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, a: TrainArgs) -> torch.Tensor:
-    """The fixed held-out windows [N, seq_len + 1] (the same for every evaluation of a run)."""
-    n = min(a.eval_windows, max(1, (len(tokens) - 1) // a.seq_len))
+def eval_starts(count: int, a: TrainArgs) -> np.ndarray:
+    """Where the fixed held-out windows start in a token array of ``count`` tokens (the same every evaluation)."""
+    n = min(a.eval_windows, max(1, (count - 1) // a.seq_len))
     rng = np.random.default_rng([a.seed, 2**31])
-    hi = len(tokens) - a.seq_len - 1
+    hi = count - a.seq_len - 1
     if hi <= 0:
-        raise DsparkError(f"held-out set has {len(tokens)} tokens, fewer than seq_len {a.seq_len} + 1")
-    return windows_at(tokens, np.sort(rng.integers(0, hi, size=n)), a.seq_len + 1)
+        raise DsparkError(f"held-out set has {count} tokens, fewer than seq_len {a.seq_len} + 1")
+    return np.sort(rng.integers(0, hi, size=n))
+
+
+def eval_windows(tokens: np.ndarray, a: TrainArgs) -> torch.Tensor:
+    """The fixed held-out windows [N, seq_len + 1] at ``eval_starts``."""
+    return windows_at(tokens, eval_starts(len(tokens), a), a.seq_len + 1)
 
 
 def target_pass(target: DecoderLM, ids: torch.Tensor, taps: tuple[int, ...] = ()):
