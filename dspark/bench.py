@@ -29,7 +29,8 @@ How it is measured:
   round serves every row in flight), split into ``draft_ms`` and ``verify_ms`` (the call costs) and ``host_ms``, the rest: sampling,
   acceptance, bookkeeping and Python around the graph calls. ``of_ideal`` = speed-up / ideal speed-up.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
-  draft length by how many rows are in flight; 0 turns drafting off there.
+  draft length by how many rows are in flight; 0 turns drafting off there; ``auto`` learns it per method as it
+  runs (each generator has its own).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import numpy as np
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.prompts import Prompt
+from dspark.runtime.schedulers import make_block_schedule
 
 REPORT_FIELDS = ("method", "scheduler", "concurrency", "tokens_per_second", "ttft_ms", "itl_p50_ms", "itl_p99_ms",
                  "mean_accepted_length", "acceptance_by_position", "verify_tokens_per_accepted", "speedup",
@@ -313,7 +315,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
               schedulers=("fixed",), threshold: float = 0.5, max_new_tokens: int = 64, temperature: float = 0.0,
               num_draft_tokens: int | None = None, repeats: int = 3, warmup: int = 1, cost_repeats: int = 20,
               threads: int = 0, seed: int = 0, peers: bool = False, cpp_host: str | Path | None = None,
-              block_schedule: dict[int, int] | None = None, progress: bool = True, log=print, backend: str = "ort",
+              block_schedule: dict[int, int] | str | None = None, progress: bool = True, log=print, backend: str = "ort",
               device: str = "cpu") -> dict:
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
@@ -437,7 +439,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
                      "num_draft_tokens": num_draft_tokens, "repeats": repeats, "warmup": warmup,
                      "cost_repeats": cost_repeats, "threads": threads, "seed": seed, "ignore_eos": True,
                      "cpp_host": None if cpp_host is None else str(cpp_host), "backend": backend, "device": device,
-                     "block_schedule": block_schedule},
+                     "block_schedule": block_schedule and make_block_schedule(block_schedule).describe()},
         "prompts": {"count": len(prompts), "domains": dict(collections.Counter(p.domain for p in prompts)),
                     "mean_prompt_tokens": mean_prompt},
         "configurations": configurations,

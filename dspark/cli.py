@@ -139,13 +139,14 @@ def backend_options(command):
 
 
 def parse_block_schedule(_ctx, _param, value):
-    """'1:7,4:4,16:0' -> {1: 7, 4: 4, 16: 0}."""
-    if not value:
-        return None
+    """Checks 'auto' or '1:7,4:4,16:0'; each generator builds its own schedule from it (an adaptive one learns)."""
+    from dspark.runtime.schedulers import make_block_schedule
+
     try:
-        return {int(k): int(v) for k, v in (item.split(":") for item in value.split(","))}
-    except ValueError:
-        raise click.BadParameter("use BATCH:LENGTH pairs separated by commas, for example 1:7,4:4,16:0") from None
+        make_block_schedule(value or None)
+    except DsparkError as e:
+        raise click.BadParameter(str(e)) from None
+    return value or None
 
 
 @main.command()
@@ -164,7 +165,9 @@ def parse_block_schedule(_ctx, _param, value):
               help="How many draft tokens to verify: all, up to the first confidence below --threshold, or paper Algorithm 1 over the profiled table.")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
 @click.option("--block-schedule", callback=parse_block_schedule,
-              help="Draft length by number of running requests, e.g. 1:7,4:4,16:0 (0 turns speculation off).")
+              help="Draft length by number of running requests, e.g. 1:7,4:4,16:0 (0 turns speculation off), or "
+                   "auto: draft at a batch size only while drafting rounds there emit more tokens/s than plain ones "
+                   "(measured as it runs).")
 @click.option("--max-batch", type=int, help="Most requests running at once (default and ceiling: the bundle's).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not included in the output.")
@@ -336,7 +339,8 @@ def check(bundle_dir, max_new_tokens, no_engines):
               help="A built C++ host library (build/cpp/libdspark.so): adds its methods as cpp-plain, cpp-<draft>.")
 @click.option("--block-schedule", callback=parse_block_schedule,
               help="Draft length by number of running requests for every speculative method, e.g. 1:7,4:4,16:0 "
-                   "(0 turns speculation off there; the C++ host ignores it).")
+                   "(0 turns speculation off there), or auto (learned per run from measured tokens/s); the C++ "
+                   "host ignores it.")
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -373,6 +377,9 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
               help="How many draft tokens to verify per round (see 'dspark generate').")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's).")
+@click.option("--block-schedule", callback=parse_block_schedule,
+              help="Draft length by number of running requests (see 'dspark generate'); auto drafts only at the "
+                   "batch sizes where drafting has measured faster than plain decoding on this server.")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
@@ -398,7 +405,7 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray instance (default: all); not with --address.")
 @backend_options
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
-          no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level,
+          block_schedule, no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level,
           replicas, min_replicas, max_replicas, target_ongoing_requests, address, num_cpus, backend, device):
     """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics).
 
@@ -420,7 +427,7 @@ def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, sch
         raise DsparkError(f"--chat-template {chat_template_file} is not UTF-8 text") from None
     options = dict(model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                    scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
-                   threads=threads, chat_template=template, shutdown_timeout=shutdown_timeout,
+                   block_schedule=block_schedule, threads=threads, chat_template=template, shutdown_timeout=shutdown_timeout,
                    keep_alive_timeout=keep_alive_timeout, max_request_bytes=max_request_bytes, log_level=log_level,
                    backend=backend, device=device)
     if not cluster:

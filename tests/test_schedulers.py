@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from dspark.bundle import Bundle
+from dspark.errors import DsparkError
 from dspark.runtime.calibration import ece, fit_sts
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.profile import profile_bundle, profile_key
 from dspark.runtime.sampling import SamplingParams, accept
-from dspark.runtime.schedulers import StepsPerSecond, block_cap, sps_lengths
+from dspark.runtime.schedulers import StepsPerSecond, make_block_schedule, sps_lengths
 
 PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, [11, 12], list(range(1, 60)), [7, 7, 2], [9] * 13, [4, 8, 15, 16, 23, 42], [1]]
 
@@ -56,9 +57,42 @@ def test_sps_admits_by_survival_and_stops_at_first_drop():
 
 
 def test_block_schedule():
-    schedule = {1: 5, 4: 2, 8: 0}
-    assert [block_cap(schedule, n, 5) for n in (1, 3, 4, 7, 8, 16)] == [5, 5, 2, 2, 0, 0]
-    assert block_cap(None, 9, 4) == 4
+    fixed = make_block_schedule("1:5,4:2,8:0")
+    assert [fixed.cap(n, 5) for n in (1, 3, 4, 7, 8, 16)] == [5, 5, 2, 2, 0, 0]
+    assert fixed.cap(1, 3) == 3  # never above the proposer's length
+    assert make_block_schedule({8: 0, 1: 5, 4: 2}).describe() == {1: 5, 4: 2, 8: 0}
+    assert make_block_schedule(None) is None
+    for bad in ("1:x", "0:3", "2:-1", "4", "fast"):
+        with pytest.raises(DsparkError, match="block schedule"):
+            make_block_schedule(bad)
+
+
+def test_auto_block_schedule_drafts_where_drafting_measured_faster():
+    auto = make_block_schedule("auto")
+    assert auto.describe() == "auto"
+
+    def run(rows, rounds, drafting_rate, plain_rate):
+        caps = []
+        for _ in range(rounds):
+            cap = auto.cap(rows, 7)
+            caps.append(cap)
+            auto.observe(rows, cap > 0, drafting_rate if cap else plain_rate, 1.0)
+        return caps
+
+    one = run(1, 52, 300, 100)  # one row: drafting pays
+    assert one[:2] == [7, 0]  # each mode measured once first
+    assert one[2:26] == [7] * 24 and one[26] == 0  # then the faster one, with a probe of the other every 25 rounds
+    assert one.count(0) == 3
+    four = run(4, 52, 80, 120)  # 4-7 rows: plain is faster, drafting is only probed
+    assert four[:2] == [7, 0] and four.count(7) == 3
+    assert run(5, 10, 80, 120) == [0] * 10  # same bucket as 4
+    assert run(1, 3, 300, 100) == [7] * 3  # buckets keep their own state
+    slow_start = make_block_schedule("auto")
+    slow_start.observe(2, True, 1, 1.0)  # one slow first drafting round (warm-up) ...
+    for _ in range(3):
+        slow_start.observe(2, True, 300, 1.0)
+    slow_start.observe(2, False, 100, 1.0)
+    assert slow_start.cap(2, 7) == 7  # ... does not decide: the median of the last rounds does
 
 
 def test_sts_recovers_known_miscalibration():
@@ -116,6 +150,15 @@ def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle, 
     lm = Generator(qwen3_bundle, scheduler="threshold", backend=backend)  # a draft LM has no confidence head
     lm.generate([req])
     assert "the drafter has no confidence head" in lm.scheduler.stats.fallbacks
+
+
+def test_auto_block_schedule_is_lossless(dspark_bundle, backend):
+    requests = [Request(p, max_new_tokens=15, ignore_eos=True) for p in PROMPTS[:3]]
+    gen = Generator(dspark_bundle, block_schedule="auto", backend=backend)
+    got = gen.generate(requests)
+    plain = Generator(dspark_bundle, use_draft=False, backend=backend).generate(requests)
+    assert [s.generated for s in got] == [s.generated for s in plain]
+    assert got[0].verified[0] > 0 and got[0].verified[1] == 0  # it measured both modes
 
 
 def test_zero_block_length_means_plain_decoding(dspark_bundle, backend):

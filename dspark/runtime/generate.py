@@ -32,7 +32,7 @@ from dspark.runtime.profile import load_table
 from dspark.runtime.proposers import BlockProposer, Proposal, make_proposer
 from dspark.runtime.backends import check_backend, make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
-from dspark.runtime.schedulers import block_cap, load_temperatures, make_scheduler
+from dspark.runtime.schedulers import BlockSchedule, load_temperatures, make_block_schedule, make_scheduler
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
 
 
@@ -118,7 +118,7 @@ class Generator:
         num_draft_tokens: int | None = None,
         scheduler: str = "fixed",
         threshold: float = 0.5,
-        block_schedule: dict[int, int] | None = None,
+        block_schedule: BlockSchedule | dict[int, int] | str | None = None,
         max_batch: int | None = None,
         device: str = "cpu",
         cuda_graphs: bool = True,
@@ -149,7 +149,7 @@ class Generator:
             self.proposer = make_proposer(self.bundle, runner, num_draft_tokens) if use_draft else None
         self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_temperatures(self.bundle)
-        self.block_schedule = block_schedule
+        self.block_schedule = make_block_schedule(block_schedule)
         self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle)
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -251,14 +251,19 @@ class Generator:
     def _round(self) -> None:
         seqs = self.running
         max_context = self.bundle.limits.max_context
-        draft_length = block_cap(self.block_schedule, len(seqs), self.draft_length)
+        schedule = self.block_schedule
+        draft_length = schedule.cap(len(seqs), self.draft_length) if schedule else self.draft_length
         caps = []
         for s in seqs:
             room = min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens)) - 1
             caps.append(0 if s.done else max(0, min(draft_length, room)))
-        if self.device_step:
-            self._device_round(seqs, caps)
-            return
+        start = time.perf_counter()
+        emitted = self._device_round(seqs, caps) if self.device_step else self._host_round(seqs, caps)
+        if schedule:
+            schedule.observe(len(seqs), draft_length > 0, emitted, time.perf_counter() - start)
+
+    def _host_round(self, seqs: list[Sequence], caps: list[int]) -> int:
+        """Propose, schedule, verify, accept and commit on the host; returns the number of tokens emitted."""
         anchors = [len(s.tokens) - 1 for s in seqs]
         proposals = self.proposer.propose(seqs, caps) if self.proposer else [Proposal([]) for _ in seqs]
         confidences = [self._confidence(p) for p in proposals]
@@ -278,17 +283,21 @@ class Generator:
         for r, s in enumerate(seqs):
             if parts[r]:
                 self._record(s, proposals[r], lengths[r], accepted[r], emitted[r])
+        return sum(len(e) for e in emitted)
 
-    def _device_round(self, seqs: list[Sequence], caps: list[int]) -> None:
+    def _device_round(self, seqs: list[Sequence], caps: list[int]) -> int:
         """The round on the device: drafts, verify, acceptance and KV commit in one (captured) step."""
         active = [not s.done for s in seqs]
         out = self.device_step.round(seqs, caps)
         first = self.device_step.draft_length + 2  # out[r]: accepted count, the emitted tokens, then the drafts
+        emitted = 0
         for r, s in enumerate(seqs):
             if active[r]:
                 n = int(out[r, 0])
                 drafts = [int(t) for t in out[r, first : first + caps[r]]]
                 self._record(s, Proposal(drafts), caps[r], n, [int(t) for t in out[r, 1 : n + 2]])
+                emitted += n + 1
+        return emitted
 
     def _record(self, seq: Sequence, proposal: Proposal, verified: int, accepted: int, emitted: list[int]) -> None:
         """Emit a round's tokens and count it (stats, trace): the same for the host and the device round."""

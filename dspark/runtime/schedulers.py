@@ -13,13 +13,14 @@ before k only (spec §6.2), never on the token at k itself, so the output law st
   not by the sum of lengths the paper's packed batches use.
 
 A batch-size -> block-length schedule caps the proposal length by the number of active rows (0 = plain
-decoding). Without confidences (no confidence head) or, for ``sps``, without a profiled table, a scheduler
+decoding); ``auto`` learns it while running, from measured tokens per second of drafting and of plain rounds. Without confidences (no confidence head) or, for ``sps``, without a profiled table, a scheduler
 falls back to ``fixed``: it says so once in the log and counts it.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import math
 from dataclasses import dataclass, field
@@ -181,13 +182,81 @@ def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = T
     return chosen
 
 
-def block_cap(schedule: dict[int, int] | None, active_rows: int, default: int) -> int:
-    """Draft length for a batch of ``active_rows`` from a {batch size: block length} schedule (0 = plain)."""
-    if not schedule:
-        return default
-    sizes = sorted(schedule)
-    i = bisect.bisect_right(sizes, active_rows) - 1
-    return min(default, schedule[sizes[max(i, 0)]])
+class BlockSchedule:
+    """Draft length by number of running rows, from a {rows: length} table (0 = plain decoding there)."""
+
+    def __init__(self, table: dict[int, int]):
+        if not table or any(k < 1 or v < 0 for k, v in table.items()):
+            raise DsparkError(f"block schedule {table}: give BATCH:LENGTH pairs with BATCH >= 1 and LENGTH >= 0")
+        self.table = dict(sorted(table.items()))
+
+    def cap(self, rows: int, default: int) -> int:
+        """Draft length for a round over ``rows`` running rows (``default``: the proposer's)."""
+        sizes = list(self.table)
+        i = bisect.bisect_right(sizes, rows) - 1
+        return min(default, self.table[sizes[max(i, 0)]])
+
+    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """A round's outcome (a fixed table learns nothing from it)."""
+
+    def describe(self):
+        return self.table
+
+
+class AdaptiveBlockSchedule(BlockSchedule):
+    """``auto``: drafts at a batch size only while drafting rounds there have emitted more tokens per second than
+    plain rounds, both measured on this run (so the drafter's cost, the verify width and the acceptance all count,
+    on this machine, for this traffic). Every ``probe_every`` rounds it tries the other mode once, so a changed
+    regime is noticed. A decision depends on past rounds only, never on the current round's draft, so output
+    stays lossless. Batch sizes are bucketed by powers of two (1, 2-3, 4-7, ...)."""
+
+    window = 5  # rounds per (bucket, mode) whose median rate counts: one slow first call does not decide
+
+    def __init__(self, probe_every: int = 24):
+        self.probe_every = probe_every
+        self.rates: dict[tuple[int, bool], collections.deque] = {}
+        self.since_probe: dict[int, int] = {}
+
+    def rate(self, rows: int, drafted: bool) -> float | None:
+        seen = self.rates.get((rows.bit_length(), drafted))
+        return float(np.median(seen)) if seen else None
+
+    def cap(self, rows: int, default: int) -> int:
+        drafting, plain = self.rate(rows, True), self.rate(rows, False)
+        if drafting is None:
+            return default
+        if plain is None:
+            return 0
+        bucket = rows.bit_length()
+        best = default if drafting >= plain else 0
+        if self.since_probe.get(bucket, 0) >= self.probe_every:
+            self.since_probe[bucket] = 0
+            return default - best  # the other mode, once
+        self.since_probe[bucket] = self.since_probe.get(bucket, 0) + 1
+        return best
+
+    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        if seconds > 0:
+            key = (rows.bit_length(), drafted)
+            self.rates.setdefault(key, collections.deque(maxlen=self.window)).append(tokens / seconds)
+
+    def describe(self):
+        return "auto"
+
+
+def make_block_schedule(value: dict[int, int] | str | BlockSchedule | None) -> BlockSchedule | None:
+    """A block schedule from ``auto``, ``'1:7,4:4,16:0'``, a {rows: length} dict, or None (always draft)."""
+    if value is None or isinstance(value, BlockSchedule):
+        return value
+    if isinstance(value, dict):
+        return BlockSchedule(value)
+    if value.strip() == "auto":
+        return AdaptiveBlockSchedule()
+    try:
+        return BlockSchedule({int(k): int(v) for k, v in (item.split(":") for item in value.split(","))})
+    except ValueError:
+        raise DsparkError(f"block schedule {value!r}: use auto or BATCH:LENGTH pairs separated by commas, for "
+                          "example 1:7,4:4,16:0") from None
 
 
 def make_scheduler(name: str, threshold: float = 0.5, table: dict | None = None) -> Scheduler:
