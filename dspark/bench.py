@@ -22,12 +22,14 @@ How it is measured:
 - verify tokens per accepted token: target tokens verified (K' drafts + 1) per emitted token.
 - ideal speed-up: τ × T(1) / (T_draft + T_verify) from call costs measured in this process at concurrency c:
   T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for c
-  rows, all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). The gap between the
-  measured and the ideal speed-up is runtime overhead (sampling, acceptance, cache bookkeeping, Python).
-- where a round's time goes: ``round_ms`` = decoding time x c / rounds, decoding time being the wall time less
-  every request's time to first token (its prefill; exact at c = 1, where requests run one after the other; a
-  round serves every row in flight), split into ``draft_ms`` and ``verify_ms`` (the call costs) and ``host_ms``, the rest: sampling,
-  acceptance, bookkeeping and Python around the graph calls. ``of_ideal`` = speed-up / ideal speed-up.
+  rows, all on a cache filled to the mean prompt length + max_new_tokens/2 (medians), each call repeated alone.
+- where a round's time goes, measured inside the timed runs (the generator's ``RoundClock``): ``round_ms`` per
+  round (prefill excluded), of it ``draft_ms`` (the proposer's calls), ``verify_ms`` (the target's call) and
+  ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. A call inside the loop
+  can cost more than the same call repeated alone (the draft's and the target's weights evict each other from
+  the CPU caches), so the gap between the measured and the ideal speed-up (``of_ideal`` = speed-up / ideal) is
+  ``host_ms`` plus that difference, both shown. The C++ host has no clock: its ``round_ms`` is the wall time
+  less every request's time to first token, x c / rounds, split with the call costs.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
   draft length by how many rows are in flight; 0 turns drafting off there; ``auto`` learns it per method as it
   runs (each generator has its own).
@@ -113,6 +115,7 @@ class Run:
     wall_s: float
     seqs: list
     stamps: list[list[float]]  # per request: time of each generated token
+    clock: object = None  # the generator's RoundClock over this run (None: the C++ host has none)
 
 
 @dataclass
@@ -135,6 +138,8 @@ def run_closed_loop(gen, requests: list, concurrency: int) -> Run:
     if gen.has_work():
         raise DsparkError("the engine still has work from a previous run")
     gen.max_batch = concurrency
+    if hasattr(gen, "clock"):
+        gen.clock = type(gen.clock)()
     pending = collections.deque(requests)
     inflight: dict[int, tuple] = {}  # id(seq) -> (seq, index)
     seqs, stamps, counts = [None] * len(requests), [[] for _ in requests], [0] * len(requests)
@@ -163,7 +168,7 @@ def run_closed_loop(gen, requests: list, concurrency: int) -> Run:
             if seq.done:
                 del inflight[key]
         top_up()
-    return Run(time.perf_counter() - start, seqs, stamps)
+    return Run(time.perf_counter() - start, seqs, stamps, getattr(gen, "clock", None))
 
 
 def summarize(config: Configuration) -> dict:
@@ -410,11 +415,18 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         row["call_costs_ms"] = costs[config.name]
         c = costs[config.name]
         row["ideal_speedup"] = row["mean_accepted_length"] * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
-        rounds = sum(len(s.accepted) for s in config.runs[0].seqs)
-        decoding = [r.wall_s - sum(s.stats()["time_to_first_token_ms"] for s in r.seqs) / 1000 for r in config.runs]
-        row["round_ms"] = 1000 * statistics.median(decoding) * config.concurrency / rounds
-        row["draft_ms"], row["verify_ms"] = c["t_draft_ms"], c["t_verify_ms"]
-        row["host_ms"] = row["round_ms"] - c["t_draft_ms"] - c["t_verify_ms"]
+        clocks = [r.clock for r in config.runs if r.clock is not None and r.clock.rounds]
+        if clocks:
+            per_round = lambda field: 1000 * statistics.median(getattr(k, field) / k.rounds for k in clocks)  # noqa: E731
+            row["round_ms"], row["draft_ms"], row["verify_ms"] = (per_round(f) for f in ("round_s", "draft_s",
+                                                                                          "verify_s"))
+        else:
+            rounds = sum(len(s.accepted) for s in config.runs[0].seqs)
+            decoding = [r.wall_s - sum(s.stats()["time_to_first_token_ms"] for s in r.seqs) / 1000
+                        for r in config.runs]
+            row["round_ms"] = 1000 * statistics.median(decoding) * config.concurrency / rounds
+            row["draft_ms"], row["verify_ms"] = c["t_draft_ms"], c["t_verify_ms"]
+        row["host_ms"] = row["round_ms"] - row["draft_ms"] - row["verify_ms"]
         if config.method in ("plain", "cpp-plain"):
             row["ideal_speedup"] = 1.0  # τ = 1, no draft, T_verify = T(1)
             plain_rate[(config.method, config.concurrency)] = row["tokens_per_second"]
@@ -483,7 +495,10 @@ def definitions() -> dict:
         "speedup": "tokens_per_second / plain tokens_per_second at the same concurrency (cpp-* methods: over cpp-plain)",
         "ideal_speedup": "mean_accepted_length * T(1) / (T_draft + T_verify), call costs at this concurrency",
         "of_ideal": "speedup / ideal_speedup",
-        "round_ms": "(wall time - sum of times to first token) x concurrency / rounds (exact at c = 1)",
+        "round_ms": "a round's time measured in the runs, prefill excluded (C++ host: (wall time - sum of times to "
+                    "first token) x concurrency / rounds)",
+        "draft_ms/verify_ms": "of a round, the proposer's calls and the target's verify call, measured in the runs "
+                              "(call_costs_ms: the same calls repeated alone)",
         "host_ms": "round_ms - draft_ms - verify_ms: sampling, acceptance, bookkeeping, Python",
         "ttft_ms": "submit to first token (prefill and any wait for a free row); median over requests",
         "itl_p50_ms/itl_p99_ms": "percentiles of the gaps between successive tokens of a request; tokens of one "

@@ -101,6 +101,17 @@ class Sequence:
         }
 
 
+@dataclass
+class RoundClock:
+    """Where the rounds' time went, summed since it was made: the round (caps to commit, prefill excluded), and of
+    it the proposer's calls and the target's verify call (host rounds; a device round counts as a whole)."""
+
+    rounds: int = 0
+    round_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
 class Generator:
     """Plain or speculative generation over a bundle's graphs, many requests at once.
 
@@ -151,6 +162,7 @@ class Generator:
         self.calibration = load_temperatures(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
         self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle)
+        self.clock = RoundClock()  # replace it to start counting afresh
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
 
@@ -259,18 +271,28 @@ class Generator:
             caps.append(0 if s.done else max(0, min(draft_length, room)))
         start = time.perf_counter()
         emitted = self._device_round(seqs, caps) if self.device_step else self._host_round(seqs, caps)
+        seconds = time.perf_counter() - start
+        self.clock.rounds += 1
+        self.clock.round_s += seconds
         if schedule:
-            schedule.observe(len(seqs), draft_length > 0, emitted, time.perf_counter() - start)
+            schedule.observe(len(seqs), draft_length > 0, emitted, seconds)
 
     def _host_round(self, seqs: list[Sequence], caps: list[int]) -> int:
         """Propose, schedule, verify, accept and commit on the host; returns the number of tokens emitted."""
         anchors = [len(s.tokens) - 1 for s in seqs]
-        proposals = self.proposer.propose(seqs, caps) if self.proposer else [Proposal([]) for _ in seqs]
+        if self.proposer:
+            drafting = time.perf_counter()
+            proposals = self.proposer.propose(seqs, caps)
+            self.clock.draft_s += time.perf_counter() - drafting
+        else:
+            proposals = [Proposal([]) for _ in seqs]
         confidences = [self._confidence(p) for p in proposals]
         lengths = self.scheduler.choose(confidences, [len(p.tokens) for p in proposals]) if self.proposer else caps
         verified = [p.truncated(n) for p, n in zip(proposals, lengths)]
         parts = [[] if s.done else [s.tokens[-1]] + v.tokens for s, v in zip(seqs, verified)]
+        verifying = time.perf_counter()
         out = run_decoder(self.target, self.cache, parts)
+        self.clock.verify_s += time.perf_counter() - verifying
         accepted, emitted = [0] * len(seqs), [[] for _ in seqs]
         for r, s in enumerate(seqs):
             if parts[r]:
