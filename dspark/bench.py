@@ -272,34 +272,73 @@ def machine_info(threads: int) -> dict:
     return info
 
 
-def peer_module():
-    """``bench/peers/hf_assisted.py`` from the source tree, or None when this install has no source tree."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "peers" / "hf_assisted.py"
+def peer_module(name: str):
+    """``bench/peers/<name>.py`` from the source tree, or None when this install has no source tree."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "peers" / f"{name}.py"
     if not path.is_file():
         return None
-    spec = importlib.util.spec_from_file_location("dspark_bench_peer_hf_assisted", path)
+    spec = importlib.util.spec_from_file_location(f"dspark_bench_peer_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def run_peers(bundles: dict, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-              draft_length: int | None, threads: int, repeats: int, log) -> dict:
+def same_greedy_tokens(ours: list[list[int]], theirs: list[list[int]], stop_ids) -> bool:
+    """Whether a peer wrote our tokens for every request, up to our first end-of-sequence token: dspark ignores it
+    and writes on, while peers that run to length hold it back (onnxruntime-genai's min_length, llama.cpp's
+    --ignore-eos), so the two runs part there by design."""
+    def cut(tokens: list[int]) -> list[int]:
+        ends = [i for i, t in enumerate(tokens) if t in stop_ids]
+        return tokens[: ends[0]] if ends else tokens
+
+    return len(theirs) <= len(ours) and all(cut(a) == b[: len(cut(a))] for a, b in zip(ours, theirs))
+
+
+@dataclass
+class PeerOptions:
+    """Which peers ``dspark bench --peers`` runs besides transformers (always tried): onnxruntime-genai on a model
+    its builder made (``genai_model``), llama.cpp from a folder of its binaries (``llama_cpp``) on ``llama_gguf``
+    (default: the bundle's target when it was exported from a GGUF file), speculative with ``llama_draft_gguf``."""
+
+    genai_model: Path | None = None
+    llama_cpp: Path | None = None
+    llama_gguf: Path | None = None
+    llama_draft_gguf: Path | None = None
+
+
+def run_peers(main: Bundle, spec_bundles: dict, prompt_ids: list[list[int]], max_new_tokens: int,
+              temperature: float, draft_length: int | None, threads: int, repeats: int, options: PeerOptions,
+              log) -> dict[str, dict]:
+    """Each peer's report (status ok / skipped / failed with a reason), same prompts, one request at a time."""
     if temperature != 0:
-        return {"status": "skipped", "reason": "the peer comparison is greedy; run with --temperature 0"}
-    lm = [(m, b) for m, b in bundles.items() if m == "draft-lm"]
-    if not lm:
-        return {"status": "skipped", "reason": "no draft-lm method: DSpark and DFlash drafters draft a block from "
-                "the target's hidden features in one call, which transformers' assistant_model (a causal LM "
-                "drafting token by token) cannot express"}
-    module = peer_module()
-    if module is None:
-        return {"status": "skipped", "reason": "bench/peers/hf_assisted.py not found (it ships with the source tree)"}
-    return module.run_peer(lm[0][1].path, prompt_ids, max_new_tokens, draft_length, threads=threads,
-                           repeats=repeats, log=log)
+        return {"all": {"status": "skipped", "reason": "the peer comparison is greedy; run with --temperature 0"}}
+    lm = next((b for m, b in spec_bundles.items() if m == "draft-lm"), main)  # assisted generation needs a draft LM
+    calls = {"transformers": ("hf_assisted", lambda m: m.run_peer(lm.path, prompt_ids, max_new_tokens, draft_length,
+                                                                  threads=threads, repeats=repeats, log=log))}
+    if options.genai_model:
+        calls["onnxruntime-genai"] = ("ort_genai", lambda m: m.run_peer(options.genai_model, prompt_ids,
+                                                                         max_new_tokens, threads, repeats, log=log))
+    if options.llama_cpp:
+        source = main.target.source or ""
+        gguf = options.llama_gguf or (Path(source) if source.endswith(".gguf") else None)
+        calls["llama.cpp"] = ("llama_cpp", lambda m: m.run_peer(options.llama_cpp, gguf, prompt_ids, max_new_tokens,
+                                                                threads, repeats, draft=options.llama_draft_gguf,
+                                                                log=log))
+    results = {}
+    for name, (file, call) in calls.items():
+        log(f"peers: {name} ...")
+        module = peer_module(file)
+        if module is None:
+            results[name] = {"status": "skipped", "reason": f"bench/peers/{file}.py not found (it ships with the "
+                                                            "source tree)"}
+            continue
+        try:
+            results[name] = call(module)
+        except Exception as e:  # an optional comparison: report it, keep our own results
+            results[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    return results
 
 
-# ------------------------------------------------------------------------------------------------ the benchmark
 def open_bundles(bundle_dir, extra_bundles=()) -> tuple[Bundle, dict[str, Bundle]]:
     """The main bundle and every speculative method by name; extra bundles must share the main target."""
     main = Bundle.open(bundle_dir)
@@ -320,8 +359,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
               schedulers=("fixed",), threshold: float = 0.5, max_new_tokens: int = 64, temperature: float = 0.0,
               num_draft_tokens: int | None = None, repeats: int = 3, warmup: int = 1, cost_repeats: int = 20,
               threads: int = 0, seed: int = 0, peers: bool = False, cpp_host: str | Path | None = None,
-              block_schedule: dict[int, int] | str | None = None, progress: bool = True, log=print, backend: str = "ort",
-              device: str = "cpu") -> dict:
+              block_schedule: dict[int, int] | str | None = None, peer_options: PeerOptions | None = None,
+              progress: bool = True, log=print, backend: str = "ort", device: str = "cpu") -> dict:
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
     ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (fixed scheduler), timed in
@@ -461,25 +500,21 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         "definitions": definitions(),
     }
     if peers:
-        log("peers: Hugging Face transformers assisted generation ...")
-        try:
-            chosen_bundles = {m: spec_bundles[m] for m in chosen if m != "plain"}
-            report["peers"] = run_peers(chosen_bundles, ids, max_new_tokens, temperature, num_draft_tokens, threads,
-                                        repeats, log)
-        except Exception as e:  # an optional comparison: report it, keep our own results
-            report["peers"] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
-        if report["peers"].get("status") == "ok":
-            ours = {r["method"]: r["tokens_per_second"] for r in configurations
-                    if r["concurrency"] == 1 and r["scheduler"] in (None, "fixed")}
-            report["peers"]["dspark_plain_tokens_per_second"] = ours.get("plain")
-            report["peers"]["dspark_draft_lm_tokens_per_second"] = ours.get("draft-lm")
-            hf_tokens = report["peers"].pop("generated_token_ids", None)
-            if 1 in plain_tokens:
-                report["peers"]["dspark_plain_matches_hf_plain"] = plain_tokens[1] == hf_tokens
-            if 1 not in concurrency:
-                report["peers"]["note"] = "peers run one request at a time; add 1 to --concurrency to compare"
-        else:
-            log(f"peers {report['peers']['status']}: {report['peers']['reason']}")
+        report["peers"] = run_peers(main, {m: spec_bundles[m] for m in chosen if m != "plain"}, ids, max_new_tokens,
+                                    temperature, num_draft_tokens, threads, repeats, peer_options or PeerOptions(), log)
+        ours = {r["method"]: r["tokens_per_second"] for r in configurations if r["concurrency"] == 1}
+        report["peers"]["dspark"] = {
+            "status": "ok" if ours else "skipped",
+            "reason": None if ours else "peers run one request at a time; add 1 to --concurrency to compare",
+            "plain_tokens_per_second": ours.get("plain"),
+            "speculative": {m: v for m, v in ours.items() if m != "plain" and not m.startswith("cpp-")}}
+        for name, peer in report["peers"].items():
+            tokens = peer.pop("generated_token_ids", None)
+            if tokens is not None and 1 in plain_tokens:
+                peer["matches_dspark_plain"] = same_greedy_tokens(plain_tokens[1], tokens, main.tokenizer.eos_token_ids)
+        for name, peer in report["peers"].items():
+            if peer.get("status") != "ok":
+                log(f"peers: {name} {peer['status']}: {peer['reason']}")
     return report
 
 
@@ -527,18 +562,31 @@ def table(report: dict) -> str:
                      f"{r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x "
                      f"{r['of_ideal']:>6.2f} {r['mean_accepted_length']:>6.2f} {split:>33} {r['ttft_ms']:>9.1f} "
                      f"{r['itl_p50_ms']:>8.2f}  {acc}")
-    peers = report.get("peers")
-    if peers:
-        lines.append("")
-        if peers.get("status") == "ok":
-            lines.append(f"peers (c=1, greedy, K={peers['num_assistant_tokens']}): transformers "
-                         f"{peers['transformers']} plain {peers['hf_plain_tokens_per_second']:.1f} tok/s, assisted "
-                         f"{peers['hf_assisted_tokens_per_second']:.1f} tok/s ({peers['hf_speedup']:.2f}x); dspark "
-                         f"plain {_fmt(peers.get('dspark_plain_tokens_per_second'), '.1f')} tok/s, draft-lm "
-                         f"{_fmt(peers.get('dspark_draft_lm_tokens_per_second'), '.1f')} tok/s")
-        else:
-            lines.append(f"peers {peers['status']}: {peers['reason']}")
+    if report.get("peers"):
+        lines += ["", "peers (one request at a time, greedy, same prompts):"]
+        lines += ["  " + "".join(f"{cell:<20}" for cell in row[:-1]) + row[-1]
+                  for row in [PEER_COLUMNS] + peer_rows(report["peers"])]
     return "\n".join(lines)
+
+
+PEER_COLUMNS = ["engine", "version", "plain tok/s", "speculative tok/s", "same tokens as dspark plain", "note"]
+
+
+def peer_rows(peers: dict) -> list[list[str]]:
+    """One row of PEER_COLUMNS per peer, dspark's last."""
+    rows = []
+    for name, p in sorted(peers.items(), key=lambda item: item[0] == "dspark"):
+        if p.get("status") != "ok":
+            rows.append([name, "-", "-", "-", "-", f"{p.get('status')}: {p.get('reason')}"])
+        elif name == "dspark":
+            spec = ", ".join(f"{m} {v:.1f}" for m, v in p["speculative"].items()) or "-"
+            rows.append(["dspark", "-", _fmt(p["plain_tokens_per_second"], ".1f"), spec, "-", "c = 1 rows above"])
+        else:
+            same = p.get("matches_dspark_plain")
+            rows.append([name, str(p.get("version", "-")), _fmt(p.get("plain_tokens_per_second"), ".1f"),
+                         _fmt(p.get("speculative_tokens_per_second"), ".1f"),
+                         "-" if same is None else ("yes" if same else "no"), str(p.get("speculative") or "")])
+    return rows
 
 
 def markdown(report: dict, plots: list[str]) -> str:
@@ -562,19 +610,10 @@ def markdown(report: dict, plots: list[str]) -> str:
         c = r["call_costs_ms"]
         out.append(f"| {r['method']} | {r['scheduler'] or '-'} | {r['concurrency']} | {c['t1_ms']:.3f} | "
                    f"{c['t_verify_ms']:.3f} | {c['t_draft_ms']:.3f} |")
-    peers = report.get("peers")
-    if peers:
-        out += ["", "## Peers", ""]
-        if peers.get("status") == "ok":
-            out += [f"Hugging Face transformers {peers['transformers']} assisted generation (constant schedule, "
-                    f"K={peers['num_assistant_tokens']}, greedy, one request at a time):", "",
-                    "| engine | plain tok/s | speculative tok/s |", "|---|---|---|",
-                    f"| transformers | {peers['hf_plain_tokens_per_second']:.1f} | "
-                    f"{peers['hf_assisted_tokens_per_second']:.1f} |",
-                    f"| dspark | {_fmt(peers.get('dspark_plain_tokens_per_second'), '.1f')} | "
-                    f"{_fmt(peers.get('dspark_draft_lm_tokens_per_second'), '.1f')} |"]
-        else:
-            out.append(f"{peers['status'].capitalize()}: {peers['reason']}")
+    if report.get("peers"):
+        out += ["", "## Peers", "", "One request at a time, greedy, the same prompts and number of new tokens:", "",
+                f"| {' | '.join(PEER_COLUMNS)} |", "|---" * len(PEER_COLUMNS) + "|"]
+        out += [f"| {' | '.join(row)} |" for row in peer_rows(report["peers"])]
     out += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
     out += ["", "## Machine", "", "```json", json.dumps(report["machine"], indent=2), "```"]
     if plots:

@@ -334,7 +334,21 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--cost-repeats", default=20, show_default=True, help="Timed calls per call-cost measurement (median).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (request i uses seed+i).")
-@click.option("--peers", is_flag=True, help="Also time Hugging Face transformers assisted generation (bench/peers/hf_assisted.py).")
+@click.option("--peers", is_flag=True,
+              help="Also time other engines on the same prompts, one request at a time, greedy (bench/peers/): "
+                   "transformers plain (and assisted generation with a draft-lm bundle), onnxruntime-genai with "
+                   "--genai-model, llama.cpp with --llama-cpp.")
+@click.option("--genai-model", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="With --peers: an onnxruntime-genai model folder built from the same checkpoint (python -m "
+                   "onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p fp32|int4 -e cpu).")
+@click.option("--llama-cpp", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="With --peers: a folder holding llama.cpp's llama-completion (and llama-speculative-simple) "
+                   "binaries, built from source as its README explains.")
+@click.option("--llama-gguf", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The GGUF file llama.cpp runs (default: the bundle's target when it was exported from a GGUF).")
+@click.option("--llama-draft-gguf", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A draft GGUF for llama.cpp's speculative decoding (llama-speculative-simple, --num-draft-tokens "
+                   "or 4 draft tokens).")
 @click.option("--cpp-host", type=click.Path(path_type=Path),
               help="A built C++ host library (build/cpp/libdspark.so): adds its methods as cpp-plain, cpp-<draft>.")
 @click.option("--block-schedule", callback=parse_block_schedule,
@@ -346,10 +360,14 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @backend_options
 def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurrency, methods, extra_bundles, scheduler,
-          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, cpp_host, block_schedule,
-          output, no_progress, backend, device):
+          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, genai_model, llama_cpp,
+          llama_gguf, llama_draft_gguf, cpp_host, block_schedule, output, no_progress, backend, device):
     """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
-    from dspark.bench import parse_int_list, parse_names, run_bench, table, write_report
+    from dspark.bench import PeerOptions, parse_int_list, parse_names, run_bench, table, write_report
+
+    peer_options = PeerOptions(genai_model, llama_cpp, llama_gguf, llama_draft_gguf)
+    if not peers and any(vars(peer_options).values()):
+        raise DsparkError("--genai-model, --llama-cpp, --llama-gguf and --llama-draft-gguf choose peers: add --peers")
     from dspark.prompts import load_prompts
 
     report = run_bench(bundle_dir, load_prompts(prompts, num_prompts), extra_bundles=extra_bundles,
@@ -357,7 +375,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                        schedulers=parse_names(scheduler) or ["fixed"], threshold=threshold,
                        max_new_tokens=max_new_tokens, temperature=temperature, num_draft_tokens=num_draft_tokens,
                        repeats=repeats, warmup=warmup, cost_repeats=cost_repeats, threads=threads, seed=seed,
-                       peers=peers, cpp_host=cpp_host, block_schedule=block_schedule, progress=not no_progress,
+                       peers=peers, peer_options=peer_options, cpp_host=cpp_host, block_schedule=block_schedule,
+                       progress=not no_progress,
                        log=lambda m: click.echo(m, err=True), backend=backend, device=device)
     files = write_report(report, output)
     click.echo(table(report))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -76,14 +78,15 @@ def test_bench_report_is_complete_and_consistent(qwen3_bundle, tmp_path):
         assert 0 < r["round_ms"] < 1000 * r["wall_s_runs"][0] * r["concurrency"] / r["rounds"]
         assert r["of_ideal"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
 
-    peers = report["peers"]
-    assert peers["status"] == "ok", peers
-    for key in ("hf_plain_tokens_per_second", "hf_assisted_tokens_per_second", "dspark_plain_tokens_per_second",
-                "dspark_draft_lm_tokens_per_second"):
-        assert math.isfinite(peers[key]) and peers[key] > 0
-    assert peers["num_assistant_tokens"] == k
-    assert peers["dspark_plain_matches_hf_plain"] is True  # same checkpoints, same greedy tokens
-    assert peers["assisted_matches_plain"] is True
+    hf, ours = report["peers"]["transformers"], report["peers"]["dspark"]
+    assert hf["status"] == "ok", hf
+    for rate in (hf["plain_tokens_per_second"], hf["speculative_tokens_per_second"], ours["plain_tokens_per_second"],
+                 ours["speculative"]["draft-lm"]):
+        assert math.isfinite(rate) and rate > 0
+    assert hf["num_assistant_tokens"] == k
+    assert hf["matches_dspark_plain"] is True  # same checkpoints, same greedy tokens
+    assert hf["speculative_matches_plain"] is True
+    assert "generated_token_ids" not in hf
 
     assert (out / "report.md").read_text().startswith("# dspark bench")
     assert len(report["plots"]) == 3
@@ -130,5 +133,41 @@ def test_bench_block_drafter_with_extra_bundle_and_schedulers(dspark_bundle, qwe
         assert r["speedup"] == pytest.approx(r["tokens_per_second"] / rows[("plain", None)]["tokens_per_second"])
         assert r["matches_plain"] is True
     assert rows[("dspark", "fixed")]["call_costs_ms"]["t_draft_ms"] > 0
-    assert report["peers"]["status"] == "skipped" and "DSpark" in report["peers"]["reason"]
-    assert "peers skipped" in text
+    hf = report["peers"]["transformers"]  # plain only: a block drafter is no assistant_model
+    assert hf["status"] == "ok" and "not a draft LM" in hf["speculative"]
+    assert "speculative_tokens_per_second" not in hf
+    assert "peers (one request at a time" in text and "not a draft LM" in text
+
+
+def test_bench_peers_onnxruntime_genai(qwen3_pair, qwen3_bundle, tmp_path):
+    """onnxruntime-genai's own loop on a model its builder made from the bundle's checkpoint, beside ours."""
+    pytest.importorskip("onnxruntime_genai")
+    _, target_dir, _ = qwen3_pair
+    genai = tmp_path / "genai"
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", target_dir, "-o", genai,
+                            "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    out = tmp_path / "report"
+    code, text = run("bench", qwen3_bundle, "--methods", "plain", "--prompts", "prose", "--num-prompts", 2,
+                     "--max-new-tokens", 8, "--concurrency", 1, "--repeats", 1, "--warmup", 0, "--cost-repeats", 2,
+                     "--threads", 1, "--peers", "--genai-model", genai, "--output", out, "--no-progress")
+    assert code == 0, text
+    peers = json.loads((out / "report.json").read_text())["peers"]
+    theirs = peers["onnxruntime-genai"]
+    assert theirs["status"] == "ok", theirs
+    assert theirs["plain_tokens_per_second"] > 0 and theirs["requests"] == 2
+    assert theirs["matches_dspark_plain"] is True  # their fp32 graph of the same weights: the same greedy tokens
+    assert "onnxruntime-genai" in (out / "report.md").read_text()
+
+
+def test_bench_peer_options_need_peers(qwen3_bundle, tmp_path):
+    code, text = run("bench", qwen3_bundle, "--genai-model", tmp_path, "--output", tmp_path / "r", "--no-progress")
+    assert code == 2 and "add --peers" in text
+
+
+def test_peer_tokens_compared_up_to_our_first_stop_token():
+    from dspark.bench import same_greedy_tokens
+
+    assert same_greedy_tokens([[5, 6, 0, 7]], [[5, 6, 9, 9]], {0})  # a peer holding the stop token back parts there
+    assert not same_greedy_tokens([[5, 6, 0, 7]], [[5, 8, 9, 9]], {0})
+    assert same_greedy_tokens([[5, 6], [7]], [[5, 6], [7]], {0}) and not same_greedy_tokens([[5, 6]], [[5, 7]], {0})

@@ -1,17 +1,17 @@
-"""Peer: Hugging Face transformers assisted generation on the checkpoints a draft-lm bundle was exported from.
+"""Peer: Hugging Face transformers, plain and assisted generation, on the checkpoints a bundle was exported from.
 
-Loads ``models.target.source`` and ``models.draft.source`` from the bundle's manifest with transformers and times,
-one request at a time (assisted generation takes batch size 1), greedy:
+Loads ``models.target.source`` (and, for a draft-lm bundle, ``models.draft.source``) from the bundle's manifest
+with transformers and times, one request at a time (assisted generation takes batch size 1), greedy:
 
 - plain ``model.generate(ids, do_sample=False, max_new_tokens=N)``;
-- assisted ``generate(..., assistant_model=draft, num_assistant_tokens=K, num_assistant_tokens_schedule="constant")``
-  with the bundle's K (or ``--num-draft-tokens``).
+- assisted, when the bundle's draft is a draft LM: ``generate(..., assistant_model=draft, num_assistant_tokens=K,
+  num_assistant_tokens_schedule="constant")`` with the bundle's K (or ``--num-draft-tokens``).
 
 Every request generates exactly N tokens (the stop id is one the model never produces), as ``dspark bench``
 does with end-of-sequence ignored. Reported: tokens/s = all new tokens / total generate time, median over repeats after one warm-up pass.
-Optional: skipped with a message when transformers is not installed, the bundle's draft is not a draft LM (DSpark
-and DFlash drafters read the target's hidden features; ``assistant_model`` has no interface for them), or the
-checkpoint folders are not on this machine.
+Optional: skipped with a message when transformers is not installed or the checkpoint folders are not on this
+machine; assisted generation is left out (and says why) when the draft is not a draft LM (DSpark and DFlash
+drafters read the target's hidden features; ``assistant_model`` has no interface for them).
 
     python bench/peers/hf_assisted.py BUNDLE [--max-new-tokens 32] [--prompts code|prose|all|FILE] [--repeats 3]
 
@@ -36,27 +36,31 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
 
     bundle = Bundle.open(bundle_dir, verify=False)
     draft = bundle.draft
-    if draft is None or draft.method != "draft-lm":
-        method = draft.method if draft else "none"
-        return skipped(f"bundle draft is {method}, not draft-lm: DSpark/DFlash drafters draft a block from the "
-                       "target's hidden features, which transformers' assistant_model cannot express")
+    assisted_too = draft is not None and draft.method == "draft-lm"
     try:
         import torch
         import transformers
     except ImportError as e:
         return skipped(f"transformers is not installed ({e}); pip install transformers")
-    sources = {name: model.source for name, model in bundle.models.items()}
-    missing = [f"{name} {src}" for name, src in sources.items() if not src or not (Path(src) / "config.json").is_file()]
+    sources = {name: model.source for name, model in bundle.models.items() if name == "target" or assisted_too}
+    found = lambda src: (Path(src) if src.endswith(".gguf") else Path(src) / "config.json").is_file()  # noqa: E731
+    missing = [f"{name} {src}" for name, src in sources.items() if not (src and found(src))]
     if missing:
-        return skipped(f"checkpoint folder not found: {', '.join(missing)}")
+        return skipped(f"checkpoint not found: {', '.join(missing)}")
 
     if threads:
         torch.set_num_threads(threads)
     dtype = torch.float16 if bundle.dtype == "fp16" else torch.float32
-    load = lambda src: transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()  # noqa: E731
-    target, assistant = load(sources["target"]), load(sources["draft"])
-    draft_length = num_assistant_tokens or draft.draft_length
-    never = max(target.config.vocab_size, assistant.config.vocab_size)
+
+    def load(src: str):
+        source = Path(src)  # a GGUF file is read (and dequantized) by transformers' GGUF loader
+        where, gguf = (source.parent, {"gguf_file": source.name}) if source.suffix == ".gguf" else (source, {})
+        return transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **gguf).eval()
+
+    target = load(sources["target"])
+    assistant = load(sources["draft"]) if assisted_too else None
+    draft_length = (num_assistant_tokens or draft.draft_length) if assisted_too else None
+    never = target.config.vocab_size
     pad = bundle.tokenizer.pad_token_id
     if pad is None:
         pad = bundle.tokenizer.eos_token_ids[0]
@@ -76,13 +80,14 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
         new = out[0, x.shape[1]:].tolist()
         return len(new), elapsed, new
 
-    rates = {"plain": [], "assisted": []}
+    modes = ("plain", "assisted") if assisted_too else ("plain",)
+    rates = {mode: [] for mode in modes}
     outputs = {}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # assisted generation warns about its own internal arguments
     try:
         for p in range(warmup + repeats):
-            for mode in ("plain", "assisted"):  # interleaved, as dspark bench does
+            for mode in modes:  # interleaved, as dspark bench does
                 tokens = seconds = 0
                 outs = []
                 for ids in prompt_ids:
@@ -94,28 +99,29 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
                     rates[mode].append(tokens / seconds)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    plain, assisted = statistics.median(rates["plain"]), statistics.median(rates["assisted"])
-    return {
+    report = {
         "status": "ok",
-        "engine": "transformers assisted generation",
-        "transformers": transformers.__version__,
+        "engine": "transformers",
+        "version": transformers.__version__,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "target_source": sources["target"],
-        "draft_source": sources["draft"],
-        "num_assistant_tokens": draft_length,
-        "num_assistant_tokens_schedule": "constant",
         "concurrency": 1,
         "requests": len(prompt_ids),
         "max_new_tokens": max_new_tokens,
-        "hf_plain_tokens_per_second": plain,
-        "hf_assisted_tokens_per_second": assisted,
-        "hf_speedup": assisted / plain,
-        "hf_plain_tokens_per_second_runs": rates["plain"],
-        "hf_assisted_tokens_per_second_runs": rates["assisted"],
-        "assisted_matches_plain": outputs["plain"] == outputs["assisted"],
+        "plain_tokens_per_second": statistics.median(rates["plain"]),
+        "plain_tokens_per_second_runs": rates["plain"],
         "generated_token_ids": outputs["plain"],
     }
+    if not assisted_too:
+        report["speculative"] = (f"no assisted generation: the bundle's draft is "
+                                 f"{draft.method if draft else 'missing'}, not a draft LM")
+        return report
+    assisted = statistics.median(rates["assisted"])
+    return {**report, "speculative": "assisted generation", "draft_source": sources["draft"],
+            "num_assistant_tokens": draft_length, "num_assistant_tokens_schedule": "constant",
+            "speculative_tokens_per_second": assisted, "speculative_tokens_per_second_runs": rates["assisted"],
+            "speculative_matches_plain": outputs["plain"] == outputs["assisted"]}
 
 
 def main() -> None:

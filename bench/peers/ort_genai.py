@@ -1,0 +1,123 @@
+"""Peer: onnxruntime-genai's own greedy generate loop, on a model its builder made from the same checkpoint.
+
+Build the peer model from the Hugging Face folder the bundle's target was exported from (``models.target.source``;
+for a GGUF source, the fp32 folder ``dspark fetch`` wrote beside it):
+
+    pip install onnxruntime-genai onnx_ir onnxscript
+    python -m onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p fp32|int4 -e cpu
+
+Times, one request at a time, greedy, the same prompt ids ``dspark bench`` feeds: ``append_tokens(prompt)`` then
+``generate_next_token`` until exactly N new tokens (``min_length`` holds end-of-sequence back, as ``dspark bench``
+ignores it). tokens/s = all new tokens / total time from the prompt's append to the last token (prefill
+included, as ``dspark bench`` counts), median over repeats after one warm-up pass. The session runs on
+``threads`` intra-op threads (0: ONNX Runtime's default).
+
+    python bench/peers/ort_genai.py BUNDLE GENAI_MODEL [--max-new-tokens 64] [--prompts FILE] [--repeats 3]
+
+``dspark bench --peers --genai-model GENAI_MODEL`` calls ``run_peer`` and puts the numbers beside its own.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def skipped(reason: str) -> dict:
+    return {"status": "skipped", "reason": reason}
+
+
+def load_model(model_dir: Path, threads: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def generate(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """Greedy: exactly ``max_new_tokens`` new tokens and the seconds they took (prompt append included)."""
+    import onnxruntime_genai as og
+
+    total = len(prompt_ids) + max_new_tokens
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    start = time.perf_counter()
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt_ids])
+    new = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        new.append(int(generator.get_next_tokens()[0]))
+    return new, time.perf_counter() - start
+
+
+def run_peer(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0, repeats: int = 3,
+             warmup: int = 1, log=print) -> dict:
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        return skipped(f"onnxruntime-genai is not installed ({e}); pip install onnxruntime-genai")
+    model_dir = Path(model_dir)
+    if not (model_dir / "genai_config.json").is_file():
+        return skipped(f"{model_dir} has no genai_config.json: build it with python -m "
+                       "onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p fp32|int4 -e cpu")
+    model = load_model(model_dir, threads)
+    rates, outputs = [], []
+    for p in range(warmup + repeats):
+        tokens = seconds = 0.0
+        outputs = []
+        for ids in prompt_ids:
+            new, elapsed = generate(model, ids, max_new_tokens)
+            tokens, seconds = tokens + len(new), seconds + elapsed
+            outputs.append(new)
+        if p >= warmup:
+            rates.append(tokens / seconds)
+    config = json.loads((model_dir / "genai_config.json").read_text())
+    return {
+        "status": "ok",
+        "engine": "onnxruntime-genai",
+        "version": og.__version__,
+        "model": str(model_dir),
+        "decoder": config["model"]["decoder"]["filename"],
+        "threads": threads,
+        "concurrency": 1,
+        "requests": len(prompt_ids),
+        "max_new_tokens": max_new_tokens,
+        "plain_tokens_per_second": statistics.median(rates),
+        "plain_tokens_per_second_runs": rates,
+        "generated_token_ids": outputs,
+    }
+
+
+def main() -> None:
+    import argparse
+
+    from dspark.bench import tokenizer_fallback
+    from dspark.bundle import Bundle
+    from dspark.prompts import load_prompts
+    from dspark.runtime.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", help="the dspark bundle whose tokenizer encodes the prompts")
+    parser.add_argument("model", help="the onnxruntime-genai model folder")
+    parser.add_argument("--prompts", default="all", help="code, prose, all (built-in sets) or a prompts file")
+    parser.add_argument("--num-prompts", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    bundle = Bundle.open(args.bundle)
+    tokenizer = Tokenizer(bundle)
+    ids = [tokenizer.encode(p.text) or [tokenizer_fallback(bundle)] for p in load_prompts(args.prompts, args.num_prompts)]
+    report = run_peer(args.model, ids, args.max_new_tokens, args.threads, args.repeats)
+    report.pop("generated_token_ids", None)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
