@@ -306,9 +306,9 @@ class PeerOptions:
     llama_draft_gguf: Path | None = None
 
 
-def run_peers(main: Bundle, spec_bundles: dict, prompt_ids: list[list[int]], max_new_tokens: int,
-              temperature: float, draft_length: int | None, threads: int, repeats: int, options: PeerOptions,
-              log) -> dict[str, dict]:
+def run_peers(main: Bundle, spec_bundles: dict, prompts: list[Prompt], prompt_ids: list[list[int]],
+              max_new_tokens: int, temperature: float, draft_length: int | None, threads: int, repeats: int,
+              options: PeerOptions, log) -> dict[str, dict]:
     """Each peer's report (status ok / skipped / failed with a reason), same prompts, one request at a time."""
     if temperature != 0:
         return {"all": {"status": "skipped", "reason": "the peer comparison is greedy; run with --temperature 0"}}
@@ -321,9 +321,10 @@ def run_peers(main: Bundle, spec_bundles: dict, prompt_ids: list[list[int]], max
     if options.llama_cpp:
         source = main.target.source or ""
         gguf = options.llama_gguf or (Path(source) if source.endswith(".gguf") else None)
-        calls["llama.cpp"] = ("llama_cpp", lambda m: m.run_peer(options.llama_cpp, gguf, prompt_ids, max_new_tokens,
-                                                                threads, repeats, draft=options.llama_draft_gguf,
-                                                                log=log))
+        calls["llama.cpp"] = ("llama_cpp", lambda m: m.run_peer(
+            options.llama_cpp, gguf, [p.text for p in prompts], max_new_tokens, threads, repeats,
+            draft=options.llama_draft_gguf, draft_length=draft_length or 4, context=main.limits.max_context,
+            log=log))
     results = {}
     for name, (file, call) in calls.items():
         log(f"peers: {name} ...")
@@ -500,8 +501,9 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         "definitions": definitions(),
     }
     if peers:
-        report["peers"] = run_peers(main, {m: spec_bundles[m] for m in chosen if m != "plain"}, ids, max_new_tokens,
-                                    temperature, num_draft_tokens, threads, repeats, peer_options or PeerOptions(), log)
+        report["peers"] = run_peers(main, {m: spec_bundles[m] for m in chosen if m != "plain"}, prompts, ids,
+                                    max_new_tokens, temperature, num_draft_tokens, threads, repeats,
+                                    peer_options or PeerOptions(), log)
         ours = {r["method"]: r["tokens_per_second"] for r in configurations if r["concurrency"] == 1}
         report["peers"]["dspark"] = {
             "status": "ok" if ours else "skipped",

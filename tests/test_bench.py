@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -150,9 +151,11 @@ def test_bench_peers_onnxruntime_genai(qwen3_pair, qwen3_bundle, tmp_path):
     out = tmp_path / "report"
     code, text = run("bench", qwen3_bundle, "--methods", "plain", "--prompts", "prose", "--num-prompts", 2,
                      "--max-new-tokens", 8, "--concurrency", 1, "--repeats", 1, "--warmup", 0, "--cost-repeats", 2,
-                     "--threads", 1, "--peers", "--genai-model", genai, "--output", out, "--no-progress")
+                     "--threads", 1, "--peers", "--genai-model", genai, "--llama-cpp", tmp_path, "--output", out,
+                     "--no-progress")
     assert code == 0, text
     peers = json.loads((out / "report.json").read_text())["peers"]
+    assert peers["llama.cpp"]["status"] == "skipped" and "--llama-gguf" in peers["llama.cpp"]["reason"]
     theirs = peers["onnxruntime-genai"]
     assert theirs["status"] == "ok", theirs
     assert theirs["plain_tokens_per_second"] > 0 and theirs["requests"] == 2
@@ -171,3 +174,20 @@ def test_peer_tokens_compared_up_to_our_first_stop_token():
     assert same_greedy_tokens([[5, 6, 0, 7]], [[5, 6, 9, 9]], {0})  # a peer holding the stop token back parts there
     assert not same_greedy_tokens([[5, 6, 0, 7]], [[5, 8, 9, 9]], {0})
     assert same_greedy_tokens([[5, 6], [7]], [[5, 6], [7]], {0}) and not same_greedy_tokens([[5, 6]], [[5, 7]], {0})
+
+
+@pytest.mark.skipif(not os.environ.get("DSPARK_LLAMA_CPP"),
+                    reason="set DSPARK_LLAMA_CPP to a folder of llama.cpp binaries built from source "
+                           "(bench/peers/llama_cpp.py) to run llama.cpp as a peer")
+def test_llama_cpp_peer_on_smollm2():
+    from dspark.bench import peer_module
+    from dspark.cache import cache_root
+
+    gguf = cache_root() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} is not cached: run 'dspark fetch smollm2' first")
+    peer = peer_module("llama_cpp").run_peer(os.environ["DSPARK_LLAMA_CPP"], gguf, ["The capital of France is"], 8,
+                                             threads=2, repeats=1, warmup=0, draft=gguf, draft_length=2)
+    assert peer["status"] == "ok", peer
+    assert peer["plain_tokens_per_second"] > 0 and peer["speculative_tokens_per_second"] > 0
+    assert peer["prompt_tokens"] == [5] and 0 <= peer["acceptance"] <= 1
