@@ -2,7 +2,9 @@
 
 A configuration is (method, scheduler, concurrency). ``plain`` is the bundle's target alone (``use_draft=False``);
 a speculative method is named by its bundle's draft (``models.draft.method``: draft-lm, dspark, dflash). Extra
-bundles that share the first bundle's target add their own methods. Plain is always run: it is the baseline.
+bundles that share the first bundle's target add their own methods. With ``lookup`` (prompt lookup from n-gram
+matches of at least that many tokens) come ``lookup`` (the first bundle's target with lookup drafts alone) and
+``<method>+lookup``. Plain is always run: it is the baseline.
 
 How it is measured:
 
@@ -238,8 +240,8 @@ def call_costs(gen, rows: int, context: int, repeats: int) -> dict:
     gen.max_batch = rows
     seqs = [gen.submit(Request([1] * context, max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
     gen.admit()
-    proposer = gen.proposer
-    proposer.propose(seqs, [draft_length] * rows)
+    # a lookup draft costs next to nothing: a round costs what the wrapped draft costs on rows without a match
+    proposer = getattr(gen.proposer, "inner", gen.proposer)
     anchors = [len(s.tokens) - 1 for s in seqs]
 
     def draft_round():
@@ -247,7 +249,11 @@ def call_costs(gen, rows: int, context: int, repeats: int) -> dict:
         proposer.propose(seqs, [draft_length] * rows)
 
     try:
-        costs["t_draft_ms"] = median_ms(draft_round, repeats)
+        if proposer is None:
+            costs["t_draft_ms"] = 0.0
+        else:
+            proposer.propose(seqs, [draft_length] * rows)
+            costs["t_draft_ms"] = median_ms(draft_round, repeats)
     finally:
         for s in seqs:
             gen.cancel(s)
@@ -360,7 +366,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
               schedulers=("fixed",), threshold: float = 0.5, max_new_tokens: int = 64, temperature: float = 0.0,
               num_draft_tokens: int | None = None, repeats: int = 3, warmup: int = 1, cost_repeats: int = 20,
               threads: int = 0, seed: int = 0, peers: bool = False, cpp_host: str | Path | None = None,
-              block_schedule: dict[int, int] | str | None = None, peer_options: PeerOptions | None = None,
+              block_schedule: dict[int, int] | str | None = None, lookup: int = 0,
+              peer_options: PeerOptions | None = None,
               progress: bool = True, log=print, backend: str = "ort", device: str = "cpu") -> dict:
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
@@ -375,16 +382,26 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     if max_new_tokens < 1 or repeats < 1 or warmup < 0 or cost_repeats < 1:
         raise DsparkError("need --max-new-tokens >= 1, --repeats >= 1, --warmup >= 0 and --cost-repeats >= 1")
     main, spec_bundles = open_bundles(bundle_dir, extra_bundles)
+
+    def engine(method: str) -> tuple[Bundle, bool, int]:
+        """(bundle, use its draft, prompt lookup) of a method name."""
+        name = method.removesuffix("+lookup")
+        looked = lookup if method.endswith("lookup") else 0
+        return (main, False, looked) if name in ("plain", "lookup") else (spec_bundles[name], True, looked)
+
     available = ["plain"] + list(spec_bundles)
+    if lookup:
+        available += ["lookup"] + [f"{m}+lookup" for m in spec_bundles]
     chosen = list(methods) if methods else available
     unknown = [m for m in chosen if m not in available]
     if unknown:
-        raise DsparkError(f"unknown method {', '.join(unknown)}: these bundles offer {', '.join(available)}")
+        raise DsparkError(f"unknown method {', '.join(unknown)}: these bundles offer {', '.join(available)}"
+                          + ("" if lookup else " (add --lookup N for prompt-lookup methods)"))
     if "plain" not in chosen:
         chosen.insert(0, "plain")  # the baseline every speed-up is measured against
     concurrency = sorted(set(concurrency))
     for m in chosen:
-        b = main if m == "plain" else spec_bundles[m]
+        b = engine(m)[0]
         if concurrency[-1] > b.limits.max_batch:
             raise DsparkError(f"--concurrency {concurrency[-1]} exceeds the bundle's max_batch "
                               f"{b.limits.max_batch} ({b.path}); re-export with --max-batch {concurrency[-1]}")
@@ -398,14 +415,16 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     for m in chosen:
         if m == "plain":
             continue
+        bundle, use_draft, looked = engine(m)
         for s in schedulers:
-            generators[(m, s)] = Generator(spec_bundles[m], backend=backend, threads=threads, use_draft=True,
+            generators[(m, s)] = Generator(bundle, backend=backend, threads=threads, use_draft=use_draft,
                                            num_draft_tokens=num_draft_tokens, scheduler=s, threshold=threshold,
-                                           block_schedule=block_schedule, max_batch=concurrency[-1], device=device)
+                                           block_schedule=block_schedule, max_batch=concurrency[-1], device=device,
+                                           lookup=looked)
     if cpp_host is not None:
         from dspark.cpp_host import CppGenerator
 
-        for m in chosen:
+        for m in (m for m in chosen if not m.endswith("lookup")):  # the C++ host has no prompt lookup
             generators[(f"cpp-{m}", None if m == "plain" else "fixed")] = CppGenerator(
                 cpp_host, main.path if m == "plain" else spec_bundles[m].path, use_draft=m != "plain",
                 num_draft_tokens=num_draft_tokens, threads=threads, max_batch=concurrency[-1])

@@ -161,6 +161,11 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's; at most the block for DSpark).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
+@click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Prompt lookup: a request whose last N or more tokens (longest match up to 4) occurred earlier in "
+                   "its prompt or output drafts what followed them there, at no graph cost; other requests use the "
+                   "bundle's draft, or none with --no-draft. 0 turns it off. A bundle without a draft needs "
+                   "--num-draft-tokens at export.")
 @click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
               help="How many draft tokens to verify: all, up to the first confidence below --threshold, or paper Algorithm 1 over the profiled table.")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
@@ -176,7 +181,7 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--trace", type=click.Path(path_type=Path), help="Write one JSON line per speculative round to this file.")
 @backend_options
 def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, no_draft,
-             scheduler, threshold, block_schedule, max_batch, ignore_eos, stop, threads, as_json, trace, backend, device):
+             lookup, scheduler, threshold, block_schedule, max_batch, ignore_eos, stop, threads, as_json, trace, backend, device):
     """Generate completions of --prompt (streamed) or of every prompt in --prompts-file with BUNDLE_DIR."""
     from dspark.prompts import read_prompt_file
     from dspark.runtime.generate import Generator, Request
@@ -188,7 +193,7 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
     sampling = SamplingParams(temperature, top_p, top_k)  # bad input is refused before the bundle is loaded
     generator = Generator(bundle_dir, backend=backend, threads=threads, use_draft=not no_draft,
                           num_draft_tokens=num_draft_tokens, scheduler=scheduler, threshold=threshold,
-                          block_schedule=block_schedule, max_batch=max_batch, device=device)
+                          block_schedule=block_schedule, max_batch=max_batch, device=device, lookup=lookup)
     requests = [Request(generator.tokenizer.encode(t), max_new_tokens, sampling, seed + i, tuple(stop), ignore_eos)
                 for i, t in enumerate(texts)]
     stream = None if as_json or len(texts) > 1 else (lambda _i, delta: click.echo(delta, nl=False))
@@ -329,6 +334,9 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--scheduler", default="fixed", show_default=True, help="Verify-length scheduler(s): fixed, threshold, sps, comma-separated.")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for the threshold scheduler.")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: each bundle's).")
+@click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also run prompt lookup (n-gram matches of at least N tokens, see 'dspark generate'): methods "
+                   "'lookup' (the first bundle's target alone with lookup drafts) and '<method>+lookup'.")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes over all configurations (median tokens/s).")
 @click.option("--warmup", default=1, show_default=True, help="Untimed passes first.")
 @click.option("--cost-repeats", default=20, show_default=True, help="Timed calls per call-cost measurement (median).")
@@ -360,7 +368,7 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @backend_options
 def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurrency, methods, extra_bundles, scheduler,
-          threshold, num_draft_tokens, repeats, warmup, cost_repeats, threads, seed, peers, genai_model, llama_cpp,
+          threshold, num_draft_tokens, lookup, repeats, warmup, cost_repeats, threads, seed, peers, genai_model, llama_cpp,
           llama_gguf, llama_draft_gguf, cpp_host, block_schedule, output, no_progress, backend, device):
     """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
     from dspark.bench import PeerOptions, parse_int_list, parse_names, run_bench, table, write_report
@@ -376,6 +384,7 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                        max_new_tokens=max_new_tokens, temperature=temperature, num_draft_tokens=num_draft_tokens,
                        repeats=repeats, warmup=warmup, cost_repeats=cost_repeats, threads=threads, seed=seed,
                        peers=peers, peer_options=peer_options, cpp_host=cpp_host, block_schedule=block_schedule,
+                       lookup=lookup,
                        progress=not no_progress,
                        log=lambda m: click.echo(m, err=True), backend=backend, device=device)
     files = write_report(report, output)
@@ -400,6 +409,11 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
               help="Draft length by number of running requests (see 'dspark generate'); auto drafts only at the "
                    "batch sizes where drafting has measured faster than plain decoding on this server.")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
+@click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Prompt lookup: a request whose last N or more tokens (longest match up to 4) occurred earlier in "
+                   "its prompt or output drafts what followed them there, at no graph cost; other requests use the "
+                   "bundle's draft, or none with --no-draft. 0 turns it off. A bundle without a draft needs "
+                   "--num-draft-tokens at export.")
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores; with replicas, the "
@@ -424,7 +438,7 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray instance (default: all); not with --address.")
 @backend_options
 def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, scheduler, threshold, num_draft_tokens,
-          block_schedule, no_draft, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level,
+          block_schedule, no_draft, lookup, chat_template_file, threads, shutdown_timeout, keep_alive_timeout, max_request_bytes, log_level,
           replicas, min_replicas, max_replicas, target_ongoing_requests, address, num_cpus, backend, device):
     """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics).
 
@@ -446,7 +460,7 @@ def serve(bundle_dir, host, port, model_name, api_key, max_batch, max_queue, sch
         raise DsparkError(f"--chat-template {chat_template_file} is not UTF-8 text") from None
     options = dict(model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                    scheduler=scheduler, threshold=threshold, num_draft_tokens=num_draft_tokens, use_draft=not no_draft,
-                   block_schedule=block_schedule, threads=threads, chat_template=template, shutdown_timeout=shutdown_timeout,
+                   block_schedule=block_schedule, lookup=lookup, threads=threads, chat_template=template, shutdown_timeout=shutdown_timeout,
                    keep_alive_timeout=keep_alive_timeout, max_request_bytes=max_request_bytes, log_level=log_level,
                    backend=backend, device=device)
     if not cluster:

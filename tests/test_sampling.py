@@ -45,22 +45,24 @@ def small_target(tmp_path_factory):
     return target, save_hf(target, root / "t", V)
 
 
-@pytest.fixture(scope="module", params=["draft-lm", "dspark", "reduced"])
+@pytest.fixture(scope="module", params=["draft-lm", "dspark", "reduced", "lookup"])
 def small_vocab(request, small_target, tmp_path_factory):
-    """A bundle whose draft disagrees with the target often: a noisy draft LM, a random DSpark drafter, or one
-    that drafts over half the vocabulary only (its law is zero on the other half)."""
+    """A bundle whose draft disagrees with the target often: a noisy draft LM, a random DSpark drafter, one that
+    drafts over half the vocabulary only (its law is zero on the other half), or the DSpark drafter behind prompt
+    lookup (rows whose last token occurred before draft what followed it, a point-mass law; the others draft
+    with the drafter). Returns (target, bundle, prompt lookup's shortest match)."""
     target, target_dir = small_target
     # a fresh folder: pytest may set this fixture up again for the other backend
     root = tmp_path_factory.mktemp(f"b-{request.param}")
     if request.param == "draft-lm":
         draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", V)
     else:
-        variant = "reduced" if request.param == "reduced" else "vanilla"
+        variant = "reduced" if request.param == "reduced" else "vanilla"  # lookup: over a vanilla drafter
         draft_dir = deepspec_drafter(target, target_dir, root / "dspark", variant, block_size=2)
     bundle = root / "bundle"
     export_bundle(target_dir, bundle, draft_dir, ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,
                                                               num_draft_tokens=2), progress=False)
-    return target, bundle
+    return target, bundle, 1 if request.param == "lookup" else 0
 
 
 def exact_law(target, params: SamplingParams) -> np.ndarray:
@@ -75,14 +77,21 @@ def exact_law(target, params: SamplingParams) -> np.ndarray:
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8, top_k=4)], ids=["T1", "warped"])
 def test_speculative_samples_follow_target_law(small_vocab, params, backend):
-    target, bundle = small_vocab
-    generator = Generator(bundle, backend=backend)
+    target, bundle, lookup = small_vocab
+    generator = Generator(bundle, backend=backend, lookup=lookup)
     requests = [Request(PROMPT, max_new_tokens=4, sampling=params, seed=s, ignore_eos=True) for s in range(SAMPLES)]
     seqs = generator.generate(requests)
     counts = np.zeros(V**4)
     for seq in seqs:
         counts[np.ravel_multi_index(seq.generated, (V,) * 4)] += 1
-    assert all(s.verified[0] == 2 for s in seqs)
+    # (a lookup draft is what followed the match, which may be one token: the match's own end)
+    assert all(s.verified[0] == 2 or (lookup and s.verified[0] == 1) for s in seqs)
+    if lookup:  # rows whose first token occurred in the prompt drafted its continuation there, the others drafted
+        traced = generator.generate([Request(PROMPT, max_new_tokens=4, sampling=params, seed=s, ignore_eos=True)
+                                     for s in range(200)], trace=True)
+        found = [generator.proposer.lookup(PROMPT + s.generated[:1], 2) for s in traced]
+        assert all(s.trace[0]["draft_tokens"] == f for s, f in zip(traced, found) if f)
+        assert 0 < sum(map(bool, found)) < len(found)
     # the draft disagrees with the target: rejections and residual draws really happen
     assert 0.2 < sum(sum(s.accepted) for s in seqs) / sum(sum(s.verified) for s in seqs) < 0.9
     law = exact_law(target, params)

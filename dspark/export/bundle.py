@@ -51,7 +51,7 @@ class ExportOptions:
     max_context: int = 2048
     prefill_chunk: int = 256
     dtype: str = "fp32"
-    num_draft_tokens: int | None = None  # --num-draft-tokens: a draft LM's draft length (default 4); a block drafter drafts its block
+    num_draft_tokens: int | None = None  # --num-draft-tokens: a draft LM's draft length (default 4); a block drafter drafts its block; without a draft, the longest prompt-lookup draft
     runtime: str = "ort"
     quantize: str | None = None
     draft_quantize: str | None = None  # a draft LM's own weights (e.g. the target itself in int4 as its draft)
@@ -294,7 +294,8 @@ def export_bundle(
             f"--num-draft-tokens applies to a draft LM; this {method} drafter drafts its block of "
             f"{draft_config.block_size} tokens (verify fewer with 'dspark generate --num-draft-tokens N')")
     draft_length = draft_config.block_size if block else (options.num_draft_tokens or DRAFT_LM_TOKENS)
-    verify_tokens = draft_length + 1 if method else 1
+    # without a draft, --num-draft-tokens still sizes the verify window: prompt-lookup drafts need it
+    verify_tokens = draft_length + 1 if method or options.num_draft_tokens else 1
     taps = draft_config.target_layer_ids if block else ()
 
     dtype = DTYPES[options.dtype]

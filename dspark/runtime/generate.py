@@ -29,7 +29,7 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
 from dspark.runtime.profile import load_table
-from dspark.runtime.proposers import BlockProposer, Proposal, make_proposer
+from dspark.runtime.proposers import Proposal, make_proposer
 from dspark.runtime.backends import check_backend, make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
 from dspark.runtime.schedulers import BlockSchedule, load_temperatures, make_block_schedule, make_scheduler
@@ -134,6 +134,7 @@ class Generator:
         device: str = "cpu",
         cuda_graphs: bool = True,
         device_step: bool | None = None,
+        lookup: int = 0,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         limits = self.bundle.limits
@@ -149,15 +150,16 @@ class Generator:
         if device_step:
             from dspark.runtime.cuda import DeviceStep  # imports torch, which the host loop over ONNX Runtime never needs
 
-            if backend != "torch" or scheduler != "fixed":
+            if backend != "torch" or scheduler != "fixed" or lookup:
                 raise DsparkError(f"the device step runs the torch modules and verifies whole blocks: it takes "
-                                  f"--backend torch and --scheduler fixed, not {backend} and {scheduler}")
+                                  f"--backend torch and --scheduler fixed without --lookup, not {backend} and "
+                                  f"{scheduler}" + (" with --lookup" if lookup else ""))
             self.device_step = DeviceStep(self.bundle, use_draft, num_draft_tokens, cuda_graphs, device)
         else:
             runner = functools.partial(make_runner, self.bundle, backend=backend, threads=threads, device=device,
                                        cuda_graphs=cuda_graphs)
             self.target = runner("target")
-            self.proposer = make_proposer(self.bundle, runner, num_draft_tokens) if use_draft else None
+            self.proposer = make_proposer(self.bundle, runner, num_draft_tokens, use_draft, lookup)
         self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_temperatures(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
@@ -249,7 +251,7 @@ class Generator:
             logits = self.device_step.add([s.tokens for s in new])
         else:
             cache = self.cache.empty_like(len(new))
-            features = [[] for _ in new] if isinstance(self.proposer, BlockProposer) else None
+            features = [[] for _ in new] if self.proposer and self.proposer.reads_features else None
             logits = feed(self.target, cache, [s.tokens for s in new], self.bundle.limits.prefill_chunk, features)
             self.cache.add_rows(cache)
             if self.proposer:

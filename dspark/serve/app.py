@@ -480,14 +480,14 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdow
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
           api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64, scheduler: str = "fixed",
           threshold: float = 0.5, num_draft_tokens: int | None = None, use_draft: bool = True,
-          block_schedule: dict[int, int] | str | None = None, threads: int = 0,
+          block_schedule: dict[int, int] | str | None = None, lookup: int = 0, threads: int = 0,
           chat_template: str | None = None, shutdown_timeout: float = 30.0, keep_alive_timeout: float = 5.0,
           max_request_bytes: int | None = None, log_level: str = "info", backend: str = "ort",
           device: str = "cpu") -> None:
     """Open ``bundle_dir`` and serve it until SIGTERM/SIGINT (graceful: see the module docstring)."""
     generator = Generator(bundle_dir, backend=backend, threads=threads, use_draft=use_draft,
                           num_draft_tokens=num_draft_tokens, scheduler=scheduler, threshold=threshold,
-                          block_schedule=block_schedule, max_batch=max_batch, device=device)
+                          block_schedule=block_schedule, lookup=lookup, max_batch=max_batch, device=device)
     app = create_app(generator, model_name=model_name, api_key=api_key, max_queue=max_queue, chat_template=chat_template,
                      max_request_bytes=max_request_bytes)
     run_server(make_server(app, host, port, shutdown_timeout, keep_alive_timeout, log_level))

@@ -391,7 +391,7 @@ def replica_resources(threads: int, most_replicas: int) -> tuple[dict, int]:
 def application(bundle_dir: str | Path, cluster: ClusterOptions, *, model_name: str | None = None,
                 api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64, scheduler: str = "fixed",
                 threshold: float = 0.5, num_draft_tokens: int | None = None, use_draft: bool = True,
-          block_schedule: dict[int, int] | str | None = None, threads: int = 0,
+          block_schedule: dict[int, int] | str | None = None, lookup: int = 0, threads: int = 0,
                 chat_template: str | None = None, shutdown_timeout: float = 30.0, max_request_bytes: int | None = None,
                 backend: str = "ort", device: str = "cpu"):
     """The Ray Serve application of ``cluster``'s replicas of ``bundle_dir`` (Ray must be initialized), and the
@@ -409,7 +409,7 @@ def application(bundle_dir: str | Path, cluster: ClusterOptions, *, model_name: 
         graceful_shutdown_timeout_s=shutdown_timeout + 5.0, **cluster.scaling())
     generator_options = dict(threads=threads, use_draft=use_draft, num_draft_tokens=num_draft_tokens,
                              scheduler=scheduler, threshold=threshold, block_schedule=block_schedule,
-                             max_batch=max_batch, backend=backend, device=device)
+                             lookup=lookup, max_batch=max_batch, backend=backend, device=device)
     app_options = dict(model_name=model_name or Path(bundle_dir).name, api_key=api_key, max_queue=max_queue,
                        chat_template=chat_template, max_request_bytes=max_request_bytes)
     return deployment.bind(str(Path(bundle_dir).resolve()), generator_options, app_options), max_request_bytes
