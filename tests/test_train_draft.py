@@ -270,3 +270,22 @@ def test_answer_masks_steer_anchors(setup, tmp_path):
     np.save(masked / "heldout_answers.npy", np.ones(3, dtype=bool))
     with pytest.raises(DsparkError, match="heldout_answers.npy has 3 entries"):
         read_answer_masks(masked, train_tokens, held_tokens)
+
+
+def test_init_from_continues_a_trained_drafter(setup, tmp_path):
+    """A fresh run started from a trained drafter begins at its held-out loss, keeps its draft vocabulary and
+    trains on; a resumed run ignores --init-from."""
+    target_dir, data, _ = setup
+    first = tmp_path / "first"
+    config = config_for(target_dir, "dspark", draft_vocab=VOCAB // 2)
+    first_log = train_draft(target_dir, data, first, "dspark", config, ARGS, steps=20, threads=1, **QUIET)
+    second = tmp_path / "second"
+    rec = train_draft(target_dir, data, second, "dspark", json.loads((first / "config.json").read_text()), ARGS,
+                      steps=10, threads=1, init_from=first, **QUIET)
+    log = [json.loads(line) for line in (second / "training_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[0]["heldout_loss"] == pytest.approx(first_log["heldout_loss"], rel=0.02)
+    assert rec["step"] == 10
+    assert torch.equal(Drafter.from_pretrained(second, setup[2].config, target_dir=target_dir).draft_vocab,
+                       Drafter.from_pretrained(first, setup[2].config, target_dir=target_dir).draft_vocab)
+    with pytest.raises(DsparkError, match="not draft-lm"):
+        train_draft(target_dir, data, tmp_path / "lm", "draft-lm", config, ARGS, steps=1, init_from=first, **QUIET)

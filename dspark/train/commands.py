@@ -202,12 +202,16 @@ def _layer_list(_ctx, _param, value):
                    "DATA/features-*/, about 7 KB per token for a 576-wide target with 5 taps) and read them every "
                    "step instead of running the target: several times faster per step on a CPU; evaluation still "
                    "runs the target.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="dspark/dflash: start from this drafter's weights, draft vocabulary and config (for example one "
+                   "trained on less data) with a fresh optimizer and schedule; its config.json replaces the shape "
+                   "options above. Ignored when OUTPUT resumes.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
                         warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
                         target_layers, mask_token_id, draft_vocab, anchors_per_seq, hidden_size, heads, kv_heads, head_dim,
                         intermediate_size, eval_every, eval_windows, save_minutes, frozen_copies, feature_cache,
-                        no_progress):
+                        init_from, no_progress):
     """Train a drafter for the frozen target in TARGET_DIR (resuming from OUTPUT/train_state.pt when present)."""
     from dspark.train.draft import DraftArgs, method_config, train_draft
 
@@ -219,12 +223,16 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
                            hidden_size=hidden_size,
                            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                            intermediate_size=intermediate_size)
+    if init_from is not None:
+        from dspark.graphs.checkpoint import read_config
+
+        config = read_config(init_from)
     args = DraftArgs(seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
                      schedule_steps=schedule_steps, eval_windows=eval_windows, anchors_per_seq=anchors_per_seq,
                      frozen_copies=frozen_copies)
     record = train_draft(target_dir, data, output, method, config, args, minutes=minutes, steps=steps,
                          threads=threads, save_minutes=save_minutes, eval_every=eval_every,
-                         progress=not no_progress, cache_features=feature_cache)
+                         progress=not no_progress, cache_features=feature_cache, init_from=init_from)
     click.echo(json.dumps(record))
     click.echo(f"saved {Path(output)}")
 

@@ -310,15 +310,21 @@ class BlockTask:
 
     def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
                  draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None,
-                 answers: tuple[np.ndarray | None, np.ndarray | None] = (None, None)):
+                 answers: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+                 init: tuple[Path, Path] | None = None):
         self.method, self.config, self.target, self.args = method, config, target, args
         self.cache = cache  # the target's features of the train windows, computed once (None: every step)
         self.answers = answers  # (train, held-out) masks of target-written tokens: anchors go there
         self.dconfig = DrafterConfig.from_hf(config, target.config)
         self.taps = self.dconfig.target_layer_ids
-        self.model = self._init(args.seed, draft_vocab)
+        self.model = self._init(args.seed, draft_vocab, init)
 
-    def _init(self, seed: int, vocab: torch.Tensor | None) -> Drafter:
+    def _init(self, seed: int, vocab: torch.Tensor | None, init: tuple[Path, Path] | None) -> Drafter:
+        if init is not None:  # (drafter folder, its target folder): its weights and its draft vocabulary
+            model = Drafter.from_pretrained(init[0], self.target.config, torch.float32, init[1])
+            for name in FROZEN:
+                model.get_parameter(name).requires_grad_(False)
+            return model.train()
         model = Drafter.random(self.dconfig, self.target.model.embed_tokens.weight, self.target.lm_head.weight,
                                seed=seed, norm_noise=0.0, draft_vocab=vocab)
         if self.dconfig.markov_rank > 0:
@@ -495,15 +501,20 @@ def draft_lm_config(target_cfg: dict, hidden_size: int = 256, num_layers: int = 
 def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, method: str, config: dict,
                 args: DraftArgs, *, minutes: float | None = None, steps: int | None = None,
                 threads: int | None = None, save_minutes: float = 5.0, eval_every: int = 100,
-                progress: bool = True, log=None, cache_features: bool = False) -> dict:
+                progress: bool = True, log=None, cache_features: bool = False,
+                init_from: str | Path | None = None) -> dict:
     """Train (or resume) a drafter until ``steps`` total steps or ``minutes`` of wall time in this call.
 
     ``config`` is the drafter's config.json (``block_config`` or ``draft_lm_config``). Without ``steps`` and
     ``minutes``, trains to ``args.schedule_steps``. Writes the inference checkpoint into ``output`` at every save.
     With ``cache_features`` a block drafter reads the target's features of the train windows from a cache built once
-    (``dspark.train.features``) instead of running the target every step. Returns the last log record."""
+    (``dspark.train.features``) instead of running the target every step. ``init_from`` (a block drafter of the same
+    config, e.g. one trained on less data) gives a fresh run its starting weights and draft vocabulary; a resumed run
+    ignores it. Returns the last log record."""
     if method not in METHODS:
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if init_from is not None and method == "draft-lm":
+        raise DsparkError("--init-from starts a DSpark or DFlash drafter from another one's weights; not draft-lm")
     log = log or default_log
     if threads:
         torch.set_num_threads(threads)
@@ -524,8 +535,12 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
         size = dconfig.draft_vocab_size
         cache = (feature_cache(target, dconfig.target_layer_ids, train_tokens, data, digest, progress, log)
                  if cache_features else None)
-        task = BlockTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache,
-                         read_answer_masks(data, train_tokens, held_tokens))
+        init = (Path(init_from), target_dir) if init_from is not None and state is None else None
+        if init:
+            log(f"starting from the weights of {init_from}")
+        task = BlockTask(method, config, target, args,
+                         frequent_tokens(train_tokens, size) if size and not init else None, cache,
+                         read_answer_masks(data, train_tokens, held_tokens), init)
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
                f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "
