@@ -269,14 +269,17 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, back
                    "faster of the two here), or dspark, the DSpark drafter trained for it (examples/smollm2-dspark). "
                    "shipped: dspark (default, examples/dspark-drafter) or draft-lm (examples/draft-lm).")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
+@click.option("--lookup", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Prompt lookup in the speculative run (see 'dspark generate --lookup'): where the last 2+ tokens "
+                   "occurred before, draft what followed them; 0 turns it off.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @backend_options
-def demo(model, prompt, draft, max_new_tokens, threads, backend, device):
+def demo(model, prompt, draft, max_new_tokens, lookup, threads, backend, device):
     """Export a real model (cached), then decode one prompt plainly and speculatively, side by side."""
     from dspark.demo import run_demo
 
     r = run_demo(prompt, model, draft, max_new_tokens, threads, log=lambda m: click.echo(m, err=True), backend=backend,
-                 device=device)
+                 device=device, lookup=lookup)
     spec = r["speculative"]
     click.echo(r["prompt"] + ("\n" if model == "smollm2" else "") + spec["text"])
     click.echo("-" * 60)

@@ -94,8 +94,9 @@ def demo_bundle(draft: str = "dspark", examples: Path | None = None, log=print) 
 
 
 def run_demo(prompt: str | None = None, model: str = "smollm2", draft: str | None = None, max_new_tokens: int = 128,
-             threads: int = 0, log=print, backend: str = "ort", device: str = "cpu") -> dict:
-    """Plain then speculative decoding of one prompt, each after a warm-up run; speeds, τ, trace, equality."""
+             threads: int = 0, log=print, backend: str = "ort", device: str = "cpu", lookup: int = 2) -> dict:
+    """Plain then speculative decoding (with prompt lookup from ``lookup``-token matches; 0: none) of one prompt,
+    each after a warm-up run; speeds, τ, trace, equality."""
     from dspark.runtime.generate import Generator, Request
     from dspark.runtime.tokenizer import ChatTemplate
 
@@ -104,7 +105,8 @@ def run_demo(prompt: str | None = None, model: str = "smollm2", draft: str | Non
     bundle = Bundle.open(path)
     results = {}
     for name, use_draft in (("plain", False), ("speculative", True)):
-        gen = Generator(bundle, backend=backend, threads=threads, use_draft=use_draft, device=device)
+        gen = Generator(bundle, backend=backend, threads=threads, use_draft=use_draft, device=device,
+                        lookup=lookup if use_draft else 0)
         template = ChatTemplate.load(gen.tokenizer) if model == "smollm2" else None
         if template is not None:
             ids = template.ids([{"role": "user", "content": prompt or SMOLLM2_PROMPT}])
