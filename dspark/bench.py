@@ -300,6 +300,25 @@ def same_greedy_tokens(ours: list[list[int]], theirs: list[list[int]], stop_ids)
     return len(theirs) <= len(ours) and all(cut(a) == b[: len(cut(a))] for a, b in zip(ours, theirs))
 
 
+def peer_script_arguments(parser) -> None:
+    """The options every ``bench/peers`` script takes when it runs alone: dspark bench's prompts and sizes."""
+    parser.add_argument("--prompts", default="all", help="code, prose, all (built-in sets) or a prompts file")
+    parser.add_argument("--num-prompts", type=int, help="only the first N prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes (median)")
+    parser.add_argument("--threads", type=int, default=0, help="0: the engine's default")
+
+
+def peer_prompt_ids(bundle_dir, prompts: str, num_prompts: int | None) -> list[list[int]]:
+    """The prompt ids dspark bench feeds, from a peer script's --prompts and --num-prompts."""
+    from dspark.prompts import load_prompts
+    from dspark.runtime.tokenizer import Tokenizer
+
+    bundle = Bundle.open(bundle_dir)
+    tokenizer = Tokenizer(bundle)
+    return [tokenizer.encode(p.text) or [tokenizer_fallback(bundle)] for p in load_prompts(prompts, num_prompts)]
+
+
 @dataclass
 class PeerOptions:
     """Which peers ``dspark bench --peers`` runs besides transformers (always tried): onnxruntime-genai on a model

@@ -13,7 +13,7 @@ Optional: skipped with a message when transformers is not installed or the check
 machine; assisted generation is left out (and says why) when the draft is not a draft LM (DSpark and DFlash
 drafters read the target's hidden features; ``assistant_model`` has no interface for them).
 
-    python bench/peers/hf_assisted.py BUNDLE [--max-new-tokens 32] [--prompts code|prose|all|FILE] [--repeats 3]
+    python bench/peers/hf_assisted.py BUNDLE [--max-new-tokens 64] [--prompts code|prose|all|FILE] [--repeats 3]
 
 ``dspark bench --peers`` calls ``run_peer`` and puts the numbers beside its own.
 """
@@ -127,23 +127,14 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
 def main() -> None:
     import argparse
 
-    from dspark.bench import tokenizer_fallback
-    from dspark.prompts import load_prompts
-    from dspark.bundle import Bundle
-    from dspark.runtime.tokenizer import Tokenizer
+    from dspark.bench import peer_prompt_ids, peer_script_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle")
-    parser.add_argument("--prompts", default="all", help="code, prose, all (built-in sets) or a prompts file")
-    parser.add_argument("--num-prompts", type=int)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
+    peer_script_arguments(parser)
     parser.add_argument("--num-draft-tokens", type=int, help="K (default: the bundle's)")
     args = parser.parse_args()
-    bundle = Bundle.open(args.bundle)
-    tokenizer = Tokenizer(bundle)
-    ids = [tokenizer.encode(p.text) or [tokenizer_fallback(bundle)] for p in load_prompts(args.prompts, args.num_prompts)]
+    ids = peer_prompt_ids(args.bundle, args.prompts, args.num_prompts)
     report = run_peer(args.bundle, ids, args.max_new_tokens, args.num_draft_tokens, args.threads, args.repeats)
     report.pop("generated_token_ids", None)
     print(json.dumps(report, indent=2))

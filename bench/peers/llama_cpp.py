@@ -126,6 +126,7 @@ def _version(bin_dir: Path) -> str:
 def main() -> None:
     import argparse
 
+    from dspark.bench import peer_script_arguments
     from dspark.prompts import load_prompts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,11 +134,7 @@ def main() -> None:
     parser.add_argument("gguf")
     parser.add_argument("--draft", help="draft GGUF for the speculative run")
     parser.add_argument("--num-draft-tokens", type=int, default=4)
-    parser.add_argument("--prompts", default="all", help="code, prose, all (built-in sets) or a prompts file")
-    parser.add_argument("--num-prompts", type=int)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
+    peer_script_arguments(parser)
     args = parser.parse_args()
     prompts = [p.text for p in load_prompts(args.prompts, args.num_prompts)]
     report = run_peer(args.bin_dir, args.gguf, prompts, args.max_new_tokens, args.threads, args.repeats,

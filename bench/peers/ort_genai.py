@@ -97,23 +97,14 @@ def run_peer(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, thread
 def main() -> None:
     import argparse
 
-    from dspark.bench import tokenizer_fallback
-    from dspark.bundle import Bundle
-    from dspark.prompts import load_prompts
-    from dspark.runtime.tokenizer import Tokenizer
+    from dspark.bench import peer_prompt_ids, peer_script_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="the dspark bundle whose tokenizer encodes the prompts")
     parser.add_argument("model", help="the onnxruntime-genai model folder")
-    parser.add_argument("--prompts", default="all", help="code, prose, all (built-in sets) or a prompts file")
-    parser.add_argument("--num-prompts", type=int)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
+    peer_script_arguments(parser)
     args = parser.parse_args()
-    bundle = Bundle.open(args.bundle)
-    tokenizer = Tokenizer(bundle)
-    ids = [tokenizer.encode(p.text) or [tokenizer_fallback(bundle)] for p in load_prompts(args.prompts, args.num_prompts)]
+    ids = peer_prompt_ids(args.bundle, args.prompts, args.num_prompts)
     report = run_peer(args.model, ids, args.max_new_tokens, args.threads, args.repeats)
     report.pop("generated_token_ids", None)
     print(json.dumps(report, indent=2))
