@@ -539,7 +539,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         "definitions": definitions(),
     }
     if peers:
-        report["peers"] = run_peers(main, {m: spec_bundles[m] for m in chosen if m != "plain"}, prompts, ids,
+        report["peers"] = run_peers(main, {m: spec_bundles[m] for m in chosen if m in spec_bundles}, prompts, ids,
                                     max_new_tokens, temperature, num_draft_tokens, threads, repeats,
                                     peer_options or PeerOptions(), log)
         ours = {r["method"]: r["tokens_per_second"] for r in configurations if r["concurrency"] == 1}
@@ -604,8 +604,9 @@ def table(report: dict) -> str:
                      f"{r['itl_p50_ms']:>8.2f}  {acc}")
     if report.get("peers"):
         lines += ["", "peers (one request at a time, greedy, same prompts):"]
-        lines += ["  " + "".join(f"{cell:<20}" for cell in row[:-1]) + row[-1]
-                  for row in [PEER_COLUMNS] + peer_rows(report["peers"])]
+        rows = [PEER_COLUMNS] + peer_rows(report["peers"])
+        widths = [max(len(row[i]) for row in rows) + 2 for i in range(len(PEER_COLUMNS) - 1)]
+        lines += ["  " + "".join(cell.ljust(w) for cell, w in zip(row, widths)) + row[-1] for row in rows]
     return "\n".join(lines)
 
 

@@ -196,11 +196,14 @@ def test_llama_cpp_peer_on_smollm2():
 def test_bench_lookup_methods(qwen3_bundle, tmp_path):
     code, text = run("bench", qwen3_bundle, "--prompts", "code", "--num-prompts", 2, "--max-new-tokens", 16,
                      "--concurrency", 1, "--lookup", 2, "--methods", "plain,lookup,draft-lm+lookup", "--repeats", 1,
-                     "--warmup", 0, "--cost-repeats", 2, "--threads", 1, "--output", tmp_path / "r", "--no-progress")
+                     "--warmup", 0, "--cost-repeats", 2, "--threads", 1, "--peers", "--output", tmp_path / "r",
+                     "--no-progress")
     assert code == 0, text
     rows = {r["method"]: r for r in json.loads((tmp_path / "r" / "report.json").read_text())["configurations"]}
     assert set(rows) == {"plain", "lookup", "draft-lm+lookup"}
     assert all(r["matches_plain"] for r in rows.values())
     assert rows["lookup"]["call_costs_ms"]["t_draft_ms"] == 0.0  # a lookup draft runs no graph
+    peers = json.loads((tmp_path / "r" / "report.json").read_text())["peers"]
+    assert set(peers["dspark"]["speculative"]) == {"lookup", "draft-lm+lookup"}
     code, text = run("bench", qwen3_bundle, "--methods", "plain,lookup", "--output", tmp_path / "r2", "--no-progress")
     assert code == 2 and "--lookup N" in text
