@@ -16,6 +16,7 @@ from dspark.export.bundle import ExportOptions, export_bundle, load_draft
 from dspark.graphs.decoder import DecoderLM
 from dspark.graphs.drafter import Drafter
 from dspark.runtime.generate import Generator, Request
+from dspark.train.features import feature_cache
 from dspark.train.draft import (
     BlockTask,
     DraftArgs,
@@ -25,6 +26,7 @@ from dspark.train.draft import (
     method_config,
     read_answer_masks,
     read_mask_token_id,
+    target_digest,
     target_pass,
     train_draft,
 )
@@ -235,7 +237,7 @@ def test_feature_cache_runs_each_document_from_its_start(setup, tmp_path):
                       **QUIET)
     folders = list(cached.glob("features-*"))
     assert len(folders) == 1
-    assert sorted(p.name for p in folders[0].iterdir()) == ["features.npy", "hidden.npy", "lse.npy"]
+    assert sorted(p.name for p in folders[0].iterdir()) == ["features.npy", "hidden.npy", "lse.npy", "source.json"]
     features, hidden, lse = (np.load(folders[0] / f"{name}.npy") for name in ("features", "hidden", "lse"))
     with torch.no_grad():
         want_hidden, want = target_pass(target, torch.from_numpy(tokens[64:128].astype(np.int64))[None], tuple(TAPS))
@@ -249,6 +251,12 @@ def test_feature_cache_runs_each_document_from_its_start(setup, tmp_path):
     rec = train_draft(target_dir, cached, out, "dspark", config, ARGS, steps=34, threads=1, cache_features=True,
                       **QUIET)
     assert rec["step"] == 34
+    # other token data of the same length (data regenerated): the cache is computed again for it
+    other = np.roll(tokens, 64)
+    np.save(cached / "train.npy", other)
+    cache = feature_cache(target, tuple(TAPS), other, cached, target_digest(target_dir), progress=False,
+                          log=lambda _: None)
+    np.testing.assert_allclose(cache.features[64:128], features[:64], atol=0.1, rtol=0.03)  # the old first document
 
 
 def test_answer_masks_steer_anchors(setup, tmp_path):

@@ -7,12 +7,14 @@ document of ``train.npy`` (``train_docs.npy`` gives their starts; without it, fi
 start, as decoding runs it, and the rows are stored as float16 in ``features.npy`` [tokens, taps x d] and
 ``hidden.npy`` [tokens, d], with the log-normaliser of the target's logits at each token in ``lse.npy`` (float32:
 the loss then needs the target's logits over the draft vocabulary only), under
-``DATA/features-<target digest>-<taps>/``. Building resumes where it stopped (``progress.json`` counts the batches
-written into the ``.partial`` arrays).
+``DATA/features-<target digest>-<taps>/``, with ``source.json`` naming the token data they were computed from (a
+hash of ``train.npy`` and the document starts: data regenerated since, even to the same length, is recomputed).
+Building resumes where it stopped (``progress.json`` counts the batches written into the ``.partial`` arrays).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +73,14 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
 
     folder = data / f"features-{digest[:16]}-{'_'.join(map(str, taps))}"
     paths = {name: folder / f"{name}.npy" for name in ("features", "hidden", "lse")}
+    spans = document_spans(data, len(tokens))
+    source = {"tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()
+                                       + np.asarray(spans, dtype=np.int64).tobytes()).hexdigest()[:16]}
+    source_path = folder / "source.json"
     if all(p.is_file() for p in paths.values()):
-        arrays = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
-        if all(len(a) == len(tokens) for a in arrays.values()):
-            return FeatureCache(**arrays)
-        log(f"{folder}: built for another train.npy; rebuilding")
+        if source_path.is_file() and json.loads(source_path.read_text()) == source:
+            return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
+        log(f"{folder}: built for other token data; rebuilding")
         for p in paths.values():
             p.unlink()
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,11 +89,13 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     dtypes = {"features": np.float16, "hidden": np.float16, "lse": np.float32}
     partial = {name: folder / f"{name}.partial.npy" for name in paths}
     marker = folder / "progress.json"
-    done = json.loads(marker.read_text())["batches"] if marker.is_file() and all(p.is_file() for p in partial.values()) else 0
+    progress = json.loads(marker.read_text()) if marker.is_file() else {}
+    # a partial build resumes only for the same data
+    done = progress["batches"] if progress.get("source") == source and all(p.is_file() for p in partial.values()) else 0
     arrays = {name: (np.load(partial[name], mmap_mode="r+") if done else
                      np.lib.format.open_memmap(partial[name], mode="w+", dtype=dtypes[name], shape=shapes[name]))
               for name in paths}
-    batches = _batches(document_spans(data, len(tokens)))
+    batches = _batches(spans)
     log(f"target features: {len(tokens)} tokens in {len(batches)} batches into {folder}"
         + (f" (resuming at batch {done})" if done else ""))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -107,9 +114,10 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
             if i % 16 == 15 or i + 1 == len(batches):
                 for a in arrays.values():
                     a.flush()
-                marker.write_text(json.dumps({"batches": i + 1}))
+                marker.write_text(json.dumps({"batches": i + 1, "source": source}))
     for name in paths:
         del arrays[name]
         partial[name].rename(paths[name])
+    source_path.write_text(json.dumps(source))
     marker.unlink()
     return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
