@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from conftest import VOCAB, hf_model, save_hf
 from dspark.bundle import Bundle
+from dspark.cli import main
 from dspark.errors import DsparkError
 from dspark.export.bundle import ExportOptions, export_bundle, load_draft
 from dspark.graphs.decoder import DecoderLM
@@ -297,3 +299,9 @@ def test_init_from_continues_a_trained_drafter(setup, tmp_path):
                        Drafter.from_pretrained(first, setup[2].config, target_dir=target_dir).draft_vocab)
     with pytest.raises(DsparkError, match="not draft-lm"):
         train_draft(target_dir, data, tmp_path / "lm", "draft-lm", config, ARGS, steps=1, init_from=first, **QUIET)
+    # the command: the drafter it starts from gives the config (this target's tokenizer has no <|mask|> to find)
+    result = CliRunner().invoke(main, ["train-draft", str(target_dir), "--method", "dspark", "--data", str(data),
+                                       "--output", str(tmp_path / "cli"), "--init-from", str(first), "--steps", "2",
+                                       "--threads", "1", "--batch-size", "2", "--seq-len", "48", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["draft_vocab_size"] == VOCAB // 2

@@ -215,18 +215,18 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
     """Train a drafter for the frozen target in TARGET_DIR (resuming from OUTPUT/train_state.pt when present)."""
     from dspark.train.draft import DraftArgs, method_config, train_draft
 
-    if num_layers is None:
-        num_layers = 4 if method == "draft-lm" else 2
-    config = method_config(target_dir, method, block_size=block_size, num_layers=num_layers,
-                           target_layers=target_layers, mask_token_id=mask_token_id, markov_rank=markov_rank,
-                           markov_head=markov_head, num_anchors=anchors_per_seq, draft_vocab=draft_vocab or None,
-                           hidden_size=hidden_size,
-                           num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                           intermediate_size=intermediate_size)
     if init_from is not None:
         from dspark.graphs.checkpoint import read_config
 
-        config = read_config(init_from)
+        config = read_config(init_from)  # the drafter it starts from decides the shape
+    else:
+        if num_layers is None:
+            num_layers = 4 if method == "draft-lm" else 2
+        config = method_config(target_dir, method, block_size=block_size, num_layers=num_layers,
+                               target_layers=target_layers, mask_token_id=mask_token_id, markov_rank=markov_rank,
+                               markov_head=markov_head, num_anchors=anchors_per_seq, draft_vocab=draft_vocab or None,
+                               hidden_size=hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                               intermediate_size=intermediate_size)
     args = DraftArgs(seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
                      schedule_steps=schedule_steps, eval_windows=eval_windows, anchors_per_seq=anchors_per_seq,
                      frozen_copies=frozen_copies)
