@@ -345,8 +345,9 @@ def run_peers(main: Bundle, spec_bundles: dict, prompts: list[Prompt], prompt_id
     calls = {"transformers": ("hf_assisted", lambda m: m.run_peer(lm.path, prompt_ids, max_new_tokens, draft_length,
                                                                   threads=threads, repeats=repeats, log=log))}
     if options.genai_model:
-        calls["onnxruntime-genai"] = ("ort_genai", lambda m: m.run_peer(options.genai_model, prompt_ids,
-                                                                         max_new_tokens, threads, repeats, log=log))
+        calls["onnxruntime-genai"] = ("ort_genai", lambda m: m.run_peer_isolated(options.genai_model, prompt_ids,
+                                                                                  max_new_tokens, threads, repeats,
+                                                                                  log=log))
     if options.llama_cpp:
         source = main.target.source or ""
         gguf = options.llama_gguf or (Path(source) if source.endswith(".gguf") else None)

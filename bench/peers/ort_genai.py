@@ -14,13 +14,19 @@ included, as ``dspark bench`` counts), median over repeats after one warm-up pas
 
     python bench/peers/ort_genai.py BUNDLE GENAI_MODEL [--max-new-tokens 64] [--prompts FILE] [--repeats 3]
 
-``dspark bench --peers --genai-model GENAI_MODEL`` calls ``run_peer`` and puts the numbers beside its own.
+``dspark bench --peers --genai-model GENAI_MODEL`` calls ``run_peer_isolated`` and puts the numbers beside its own:
+the peer runs in a process of its own, because onnxruntime-genai creates ONNX Runtime's process-wide environment
+its own way, and after that no session that shares a global thread pool (dspark's, the C++ host's) can be made
+in the process.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,7 +100,26 @@ def run_peer(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, thread
     }
 
 
+def run_peer_isolated(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0,
+                      repeats: int = 3, warmup: int = 1, log=print) -> dict:
+    """``run_peer`` in a fresh Python process (see the module docstring for why)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        request = Path(tmp) / "request.json"
+        request.write_text(json.dumps({"model_dir": str(model_dir), "prompt_ids": prompt_ids,
+                                       "max_new_tokens": max_new_tokens, "threads": threads, "repeats": repeats,
+                                       "warmup": warmup}))
+        done = subprocess.run([sys.executable, __file__, "--request", str(request)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"status": "failed", "reason": f"the onnxruntime-genai process exited with {done.returncode}: "
+                                              f"{done.stderr[-800:]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--request":  # run_peer_isolated's child
+        print(json.dumps(run_peer(**json.loads(Path(sys.argv[2]).read_text()), log=lambda _: None)))
+        return
+
     import argparse
 
     from dspark.bench import peer_prompt_ids, peer_script_arguments
