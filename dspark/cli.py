@@ -63,14 +63,18 @@ _register_training_commands()
 @click.option("--runtime", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
               help="Graph flavour: 'ort' uses ONNX Runtime's fused operators (attention updating the KV cache in place; "
                    "fastest with ONNX Runtime), 'tensorrt' standard ONNX operators for 'dspark build' and TensorRT.")
-@click.option("--quantize", type=click.Choice(["int4", "int8"]),
-              help="Block-wise weight-only quantization of every projection, the LM head and the embedding (ONNX "
-                   "Runtime's MatMulNBits, blocks of 32; needs --runtime ort). Speculative output still equals plain "
-                   "output of the same bundle.")
-@click.option("--draft-quantize", type=click.Choice(["int4", "int8"]),
+@click.option("--quantize", type=click.Choice(["int4", "int8", "w8a8"]),
+              help="int4/int8: block-wise weight-only quantization of every projection, the LM head and the embedding "
+                   "(ONNX Runtime's MatMulNBits, blocks of 32). w8a8: int8 weights and int8 activations (ONNX Runtime's "
+                   "DynamicQuantizeMatMul on the CPU's integer matrix units, after SmoothQuant calibrated on a standard-"
+                   "library text; the down projection stays int8 weight-only): a call on 8-16 new tokens costs little "
+                   "more than on one, which is what verification needs; fp32 only. All need --runtime ort; the held-out "
+                   "perplexity is recorded in the bundle. Speculative output still equals plain output of the same "
+                   "bundle.")
+@click.option("--draft-quantize", type=click.Choice(["int4", "int8", "w8a8"]),
               help="Quantize the draft's weights alone (a draft LM's, or a DSpark/DFlash drafter's products: a "
                    "cheaper round). With the target's own checkpoint as --draft this makes the target's int4 copy its "
-                   "draft: no training, high acceptance, lossless output of the fp32 target.")
+                   "draft: no training, high acceptance, lossless output of the fp32 target. w8a8 is for a draft LM only.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, runtime,
            quantize, draft_quantize, force):

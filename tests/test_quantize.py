@@ -1,4 +1,5 @@
-"""Weight-only quantization (--quantize int4|int8): a different model is decoded, the contract is unchanged."""
+"""Quantized bundles (--quantize int4|int8 weight-only, w8a8 int8 weights and activations): a different model is
+decoded, the contract is unchanged."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from conftest import VOCAB, assert_speculative_equals_plain, hf_model, save_hf
 from dspark.bundle import Bundle
 from dspark.cli import main
 from dspark.export.bundle import ExportOptions, export_bundle
-from dspark.export.ort_graph import quantize_blocks
+from dspark.export.ort_graph import quantize_blocks, quantize_columns
+from dspark.export.smooth import smoothed
+from dspark.graphs.decoder import DecoderLM
 from dspark.runtime.generate import Generator, Request
 
 PROMPTS = [[5, 6, 7, 8, 9], [3] * 30, list(range(1, 40))]
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
+@pytest.fixture(scope="module", params=["int4", "int8", "w8a8"])
 def quantized(request, qwen3_pair, tmp_path_factory):
     _, target_dir, draft_dir = qwen3_pair
     out = tmp_path_factory.mktemp(request.param) / "bundle"
@@ -47,9 +50,38 @@ def test_quality_is_recorded(quantized):
     assert set(ppl) == {"fp32", kind} and quality["tokens"] > 100
     assert all(np.isfinite(v) and v > 1 for v in ppl.values())
     # random tiny models are far from their data, but quantization must not wreck them: int8 is near fp32
-    assert abs(ppl[kind] / ppl["fp32"] - 1) < (0.02 if kind == "int8" else 0.5)
+    assert abs(ppl[kind] / ppl["fp32"] - 1) < {"int8": 0.02, "w8a8": 0.1, "int4": 0.5}[kind]
     graph = (bundle / "target.onnx").read_bytes()
     assert b"MatMulNBits" in graph and b"GatherBlockQuantized" in graph
+    assert (b"DynamicQuantizeMatMul" in graph) == (kind == "w8a8")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_smoothing_keeps_the_function(family, tmp_path):
+    """SmoothQuant's factors are folded into norms and projections: the smoothed model computes the same logits
+    (q/k norms, biases, grouped KV heads), while the weights the quantizer sees did change."""
+    folder = save_hf(hf_model(family, VOCAB, seed=5), tmp_path / family, VOCAB)
+    model = DecoderLM.from_pretrained(folder).eval()
+    ids = torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    smooth = smoothed(model, ids[0].tolist())
+    with torch.no_grad():
+        expected, got = model(ids), smooth(ids)
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
+    layer, before = smooth.model.layers[1], model.model.layers[1]
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        assert not torch.allclose(getattr(layer, name).weight, getattr(before, name).weight)
+    assert not torch.allclose(layer.self_attn.o_proj.weight, before.self_attn.o_proj.weight)
+    assert torch.equal(layer.mlp.down_proj.weight, before.mlp.down_proj.weight)  # weight-only under w8a8
+
+
+def test_column_quantizer_round_trip():
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.standard_normal((24, 64)).astype(np.float32))
+    data, scales = quantize_columns(weight)
+    assert data.dtype == np.int8 and data.shape == (64, 24) and scales.shape == (24,)
+    restored = data.astype(np.float32) * scales
+    assert (np.abs(restored - weight.numpy().T) <= scales * 0.51).all()
+    assert np.abs(data).max() == 127
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -75,6 +107,19 @@ def test_quantize_needs_the_onnx_runtime_flavour(qwen3_pair, tmp_path):
     result = CliRunner().invoke(main, ["export", str(target_dir), "-o", str(tmp_path / "b"), "--quantize", "int4",
                                        "--runtime", "tensorrt"])
     assert result.exit_code == 2 and "needs --runtime ort" in result.output
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial*"))
+
+
+def test_w8a8_refusals(qwen3_pair, dspark_bundle, tmp_path):
+    """w8a8 takes fp32 activations, and a draft LM (not a block drafter): one line, exit 2, nothing written."""
+    _, target_dir, _ = qwen3_pair
+    result = CliRunner().invoke(main, ["export", str(target_dir), "-o", str(tmp_path / "b"), "--quantize", "w8a8",
+                                       "--dtype", "fp16"])
+    assert result.exit_code == 2 and "--dtype fp32" in result.output
+    drafter = Bundle.open(dspark_bundle).manifest["models"]["draft"]["source"]
+    result = CliRunner().invoke(main, ["export", str(target_dir), "-o", str(tmp_path / "b"), "--draft", drafter,
+                                       "--draft-quantize", "w8a8"])
+    assert result.exit_code == 2 and "applies to a draft LM" in result.output
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial*"))
 
 

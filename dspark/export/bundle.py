@@ -66,6 +66,9 @@ class ExportOptions:
         if self.draft_quantize is not None and self.draft_quantize not in QUANT_BITS:
             raise DsparkError(f"--draft-quantize {self.draft_quantize!r} is not supported; choose one of "
                               f"{', '.join(QUANT_BITS)}")
+        if "w8a8" in (self.quantize, self.draft_quantize) and self.dtype != "fp32":
+            raise DsparkError("w8a8 quantizes fp32 activations (ONNX Runtime's DynamicQuantizeMatMul takes fp32 only); "
+                              "export it with --dtype fp32")
         if (self.quantize or self.draft_quantize) and self.runtime != "ort":
             raise DsparkError(
                 f"--quantize {self.quantize or self.draft_quantize} needs --runtime ort (MatMulNBits is an ONNX Runtime operator); for "
@@ -90,14 +93,15 @@ class DecoderStep(torch.nn.Module):
 
 
 def export_decoder(model: DecoderLM, path: Path, options: ExportOptions, verify_tokens: int,
-                   quantize: str | None = None) -> dict:
-    """Export a decoder step graph (dynamic batch, new-token and cache dimensions); return its manifest entry."""
+                   quantize: str | None = None, calibration: list[int] | None = None) -> dict:
+    """Export a decoder step graph (dynamic batch, new-token and cache dimensions); return its manifest entry.
+    ``calibration``: token ids for w8a8's activation statistics."""
     ranges, profiles = decoder_dims(options, verify_tokens)
     if options.runtime == "ort":
         new_max = ranges["new_tokens"][1]
         # GroupQueryAttention rotates up to the buffer's capacity: a row near the context limit in a wide call
         # is padded past it, so the tables and the cache dimension cover max_context + the widest call
-        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, quantize)
+        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, quantize, calibration)
         ranges = dict(ranges, logit_rows=[1, new_max], cache=[1, options.max_context + new_max])
         return graph_entry(path.name, inputs, outputs, ranges, {}, "ort")
     past_k, past_v = model.empty_cache(batch=2, length=5)
@@ -225,6 +229,18 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     }
 
 
+def w8a8_calibration(target_dir: Path) -> list[int]:
+    """The calibration text of w8a8's SmoothQuant factors, in the target's tokens (a draft LM shares them)."""
+    from tokenizers import Tokenizer
+
+    from dspark.export.smooth import calibration_ids
+
+    if not (target_dir / "tokenizer.json").is_file():
+        raise DsparkError(f"{target_dir} has no tokenizer.json; dspark needs the fast-tokenizer file beside the weights")
+    encode = Tokenizer.from_file(str(target_dir / "tokenizer.json")).encode
+    return calibration_ids(lambda text: encode(text).ids)
+
+
 def record_quality(folder: Path, target_dir: Path) -> dict:
     """Held-out perplexity of the quantized target against its fp32 model, into the manifest and quality.json."""
     from tokenizers import Tokenizer
@@ -289,6 +305,8 @@ def export_bundle(
     block = method in ("dspark", "dflash")
     if options.draft_quantize and not method:
         raise DsparkError("--draft-quantize quantizes the draft's weights; give one with --draft")
+    if options.draft_quantize == "w8a8" and block:
+        raise DsparkError(f"--draft-quantize w8a8 applies to a draft LM; a {method} drafter takes int4 or int8")
     if block and options.num_draft_tokens not in (None, draft_config.block_size):
         raise DsparkError(
             f"--num-draft-tokens applies to a draft LM; this {method} drafter drafts its block of "
@@ -310,8 +328,10 @@ def export_bundle(
     bar = tqdm(steps, desc="export", disable=not progress, unit="step")
     try:
         bar.set_postfix_str("target graph")
+        calibration = w8a8_calibration(target_dir) if "w8a8" in (options.quantize, options.draft_quantize) else None
         model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)
-        graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens, options.quantize)}
+        graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens, options.quantize,
+                                           calibration)}
         models = {"target": {"source": str(target_dir), "config": asdict(target_config), "graphs": ["target"],
                              "tap_layers": list(taps)}}
         del model
@@ -325,7 +345,8 @@ def export_bundle(
             else:
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
                 # the draft feeds up to two pending tokens per round, then one per drafted token
-                draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2, options.draft_quantize)}
+                draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2, options.draft_quantize,
+                                                        calibration)}
                 shared = {}
                 del model
             graphs.update(draft_graphs)

@@ -15,6 +15,10 @@ which the runtime binds to the same memory so GroupQueryAttention writes the new
 
 ``quantize`` ("int4" or "int8") stores every projection, the LM head and the embedding block-wise quantized
 (``MatMulNBits`` / ``GatherBlockQuantized``): a different model is decoded, with the same lossless contract.
+"w8a8" runs the projections and the LM head as ``DynamicQuantizeMatMul`` (int8 weights per output column,
+activations quantized to int8 per call: ONNX Runtime's integer GEMM, on AMX/VNNI where the CPU has them, whose
+cost barely grows with the number of new tokens) on a SmoothQuant-smoothed copy of the model (``smooth``); the
+down projection stays int8 weight-only (see ``smooth`` for why) and the embedding 8-bit.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from dspark.export.onnx import io_specs
 from dspark.graphs.decoder import DecoderLM
 
 OPSET = 21
-QUANT_BITS = {"int4": 4, "int8": 8}
+QUANT_BITS = {"int4": 4, "int8": 8, "w8a8": 8}  # w8a8: the bits of its weight-only products and embedding
+# under w8a8, the products that stay weight-only: their inputs' outliers defeat one activation scale per tensor
+W8A8_WEIGHT_ONLY = ("down_proj",)
 QUANT_BLOCK = 32
 # MatMulNBits accuracy level 4: activations are quantized to int8 per block, so the products run on the CPU's
 # integer dot-product units (VNNI/AMX); level 0 would dequantize weights to fp32 at every call.
@@ -92,6 +98,12 @@ class _Lowering:
         """x @ weight.T (+ bias); ``weight`` is torch's [out, in]."""
         g = self.g
         out_features, in_features = weight.shape
+        if self.quantize == "w8a8" and not name.endswith(W8A8_WEIGHT_ONLY):
+            data, scales = quantize_columns(weight)
+            inputs = [x, g.const(name + ".qweight", data), g.const(name + ".scales", scales)]
+            if bias is not None:
+                inputs += ["", g.weight(name + ".bias", bias)]
+            return g.op1("DynamicQuantizeMatMul", inputs, domain="com.microsoft")
         if self.quantize and in_features % QUANT_BLOCK == 0:
             packed, scales, zero_points = quantize_blocks(weight, QUANT_BITS[self.quantize])
             inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(g.np_float)),
@@ -263,6 +275,15 @@ def quantize_blocks(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.nda
     return packed, scales.reshape(-1), zero_points.reshape(-1)
 
 
+def quantize_columns(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """DynamicQuantizeMatMul operands for torch's [out, in] weight: int8 [in, out] and one scale per output column
+    (symmetric: max |w| of the column maps to 127, so no zero points)."""
+    w = weight.detach().float().numpy().T
+    scales = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+    data = np.clip(np.rint(w / scales), -127, 127).astype(np.int8)
+    return data, scales.astype(np.float32)
+
+
 def quantize_matmuls(model: onnx.ModelProto, quantize: str) -> int:
     """Turn every MatMul (and Gemm with transB and no bias) whose weight is a 2-D initializer with a block-divisible
     input width into MatMulNBits, in place: how a graph exported by torch (a DSpark drafter's) gets the same
@@ -313,9 +334,15 @@ def quantize_gather_blocks(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray
     return packed.reshape(v, d), scales.reshape(v, -1), zero_points.reshape(v, -1)
 
 
-def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize: str | None = None):
-    """Write the ORT-flavour step graph of ``model`` to ``path`` (+ ``path.data``); return its I/O specs."""
+def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize: str | None = None,
+                  calibration: list[int] | None = None):
+    """Write the ORT-flavour step graph of ``model`` to ``path`` (+ ``path.data``); return its I/O specs.
+    ``calibration``: token ids whose activations set the SmoothQuant factors of "w8a8" (required for it)."""
     path = Path(path)
+    if quantize == "w8a8":
+        from dspark.export.smooth import smoothed
+
+        model = smoothed(model, calibration)
     onnx_model = _Lowering(model, quantize, max_context).build()
     onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
