@@ -74,7 +74,7 @@ _register_training_commands()
 @click.option("--draft-quantize", type=click.Choice(["int4", "int8", "w8a8"]),
               help="Quantize the draft's weights alone (a draft LM's, or a DSpark/DFlash drafter's products: a "
                    "cheaper round). With the target's own checkpoint as --draft this makes the target's int4 copy its "
-                   "draft: no training, high acceptance, lossless output of the fp32 target.")
+                   "draft: no training, high acceptance, lossless output of the fp32 target. w8a8 is for a draft LM only.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, runtime,
            quantize, draft_quantize, force):

@@ -153,19 +153,18 @@ def test_drafter_without_frozen_copies_loads_beside_its_target(qwen3_pair, tmp_p
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("kind, op", [("int4", "MatMulNBits"), ("w8a8", "DynamicQuantizeMatMul")])
-def test_quantized_drafter_is_still_lossless(kind, op, qwen3_pair, tmp_path):
-    """--draft-quantize on a DSpark drafter: its products become quantized ones, the output stays the target's."""
+def test_quantized_drafter_is_still_lossless(qwen3_pair, tmp_path):
+    """--draft-quantize on a DSpark drafter: its products become MatMulNBits, the output stays the target's."""
     import onnx
 
     target, target_dir, _ = qwen3_pair
     draft_dir = make_drafter(target, target_dir, tmp_path / "draft", "reduced")
     path = tmp_path / "bundle"
     export_bundle(target_dir, path, draft_dir, ExportOptions(max_batch=2, max_context=128, prefill_chunk=32,
-                                                            draft_quantize=kind), progress=False)
+                                                            draft_quantize="int4"), progress=False)
     for graph in ("draft_propose.onnx", "draft_context.onnx"):
         ops = [n.op_type for n in onnx.load(path / graph, load_external_data=False).graph.node]
-        assert op in ops, graph
+        assert "MatMulNBits" in ops, graph
     spec, plain = Generator(path), Generator(path, use_draft=False)
     for prompt in PROMPTS:
         req = Request(prompt, max_new_tokens=30, ignore_eos=True)

@@ -110,12 +110,16 @@ def test_quantize_needs_the_onnx_runtime_flavour(qwen3_pair, tmp_path):
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial*"))
 
 
-def test_w8a8_needs_fp32(qwen3_pair, tmp_path):
-    """w8a8 quantizes fp32 activations: an fp16 export is refused in one line, exit 2, nothing written."""
+def test_w8a8_refusals(qwen3_pair, dspark_bundle, tmp_path):
+    """w8a8 takes fp32 activations, and a draft LM (not a block drafter): one line, exit 2, nothing written."""
     _, target_dir, _ = qwen3_pair
     result = CliRunner().invoke(main, ["export", str(target_dir), "-o", str(tmp_path / "b"), "--quantize", "w8a8",
                                        "--dtype", "fp16"])
     assert result.exit_code == 2 and "--dtype fp32" in result.output
+    drafter = Bundle.open(dspark_bundle).manifest["models"]["draft"]["source"]
+    result = CliRunner().invoke(main, ["export", str(target_dir), "-o", str(tmp_path / "b"), "--draft", drafter,
+                                       "--draft-quantize", "w8a8"])
+    assert result.exit_code == 2 and "applies to a draft LM" in result.output
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial*"))
 
 

@@ -305,6 +305,8 @@ def export_bundle(
     block = method in ("dspark", "dflash")
     if options.draft_quantize and not method:
         raise DsparkError("--draft-quantize quantizes the draft's weights; give one with --draft")
+    if options.draft_quantize == "w8a8" and block:
+        raise DsparkError(f"--draft-quantize w8a8 applies to a draft LM; a {method} drafter takes int4 or int8")
     if block and options.num_draft_tokens not in (None, draft_config.block_size):
         raise DsparkError(
             f"--num-draft-tokens applies to a draft LM; this {method} drafter drafts its block of "

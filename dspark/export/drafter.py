@@ -36,8 +36,8 @@ PROPOSE_GRAPH = "draft_propose.onnx"
 
 def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = None) -> dict:
     """Export ``draft_context.onnx`` and ``draft_propose.onnx`` into ``folder``; returns {file: (inputs, outputs)}.
-    ``quantize`` ("int4"/"int8"/"w8a8") quantizes the products (``ort_graph.quantize_matmuls``) as the target's
-    are with ``--quantize``; embeddings stay as they are (they are the target's, shared with its graph).
+    ``quantize`` ("int4"/"int8") stores the products' weights block-quantized (MatMulNBits), as the target's are
+    with ``--quantize``; embeddings stay as they are (they are the target's, shared with its graph).
 
     draft_context: features [batch, context, m*d], positions [batch, context] int64
         -> ctx_k, ctx_v [L_d, batch, Hkv, context, D]

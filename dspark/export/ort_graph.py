@@ -285,11 +285,10 @@ def quantize_columns(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_matmuls(model: onnx.ModelProto, quantize: str) -> int:
-    """Turn every MatMul (and Gemm with transB and no bias) whose weight is a 2-D fp32 initializer into a quantized
-    product, in place: how a graph exported by torch (a DSpark drafter's) gets the same quantization as the lowered
-    decoder. int4/int8: MatMulNBits, for input widths that are a multiple of the block; w8a8: DynamicQuantizeMatMul
-    (without SmoothQuant: a drafter's rounding changes what it proposes, never what is emitted). Returns how many
-    products were quantized."""
+    """Turn every MatMul (and Gemm with transB and no bias) whose weight is a 2-D initializer with a block-divisible
+    input width into MatMulNBits, in place: how a graph exported by torch (a DSpark drafter's) gets the same
+    weight-only quantization as the lowered decoder. Returns how many products were quantized."""
+    bits = QUANT_BITS[quantize]
     inits = {i.name: i for i in model.graph.initializer}
     replaced, new_inits = 0, {}
     for i, node in enumerate(model.graph.node):
@@ -303,26 +302,19 @@ def quantize_matmuls(model: onnx.ModelProto, quantize: str) -> int:
         weight = numpy_helper.to_array(inits[node.input[1]])
         if weight.ndim != 2 or weight.dtype != np.float32:
             continue
-        weight = torch.from_numpy(np.array(weight if gemm else weight.T, order="C"))  # [out, in]
+        weight = weight if gemm else weight.T  # [out, in]
         n, k = weight.shape
+        if k % QUANT_BLOCK:
+            continue
         key = node.input[1]
-        name = (node.name or f"matmul_{i}") + "_q"
-        if quantize == "w8a8":
-            if key not in new_inits:  # a weight used by several products is quantized once
-                new_inits[key] = [numpy_helper.from_array(a, f"{key}.{suffix}")
-                                  for a, suffix in zip(quantize_columns(weight), ("qweight", "scales"))]
-            quantized = helper.make_node("DynamicQuantizeMatMul", [node.input[0]] + [t.name for t in new_inits[key]],
-                                         list(node.output), name=name, domain="com.microsoft")
-        else:
-            if k % QUANT_BLOCK:
-                continue
-            bits = QUANT_BITS[quantize]
-            if key not in new_inits:
-                new_inits[key] = [numpy_helper.from_array(a, f"{key}.{suffix}") for a, suffix in
-                                  zip(quantize_blocks(weight, bits), ("qweight", "scales", "zero_points"))]
-            quantized = helper.make_node(
-                "MatMulNBits", [node.input[0]] + [t.name for t in new_inits[key]], list(node.output), name=name,
-                domain="com.microsoft", K=k, N=n, bits=bits, block_size=QUANT_BLOCK, accuracy_level=QUANT_ACCURACY)
+        if key not in new_inits:  # a weight used by several products is quantized once
+            packed, scales, zero_points = quantize_blocks(torch.from_numpy(np.array(weight, order="C")), bits)
+            new_inits[key] = [numpy_helper.from_array(a, f"{key}.{suffix}") for a, suffix in
+                              ((packed, "qweight"), (scales, "scales"), (zero_points, "zero_points"))]
+        quantized = helper.make_node(
+            "MatMulNBits", [node.input[0]] + [t.name for t in new_inits[key]], list(node.output),
+            name=(node.name or f"matmul_{i}") + "_q", domain="com.microsoft", K=k, N=n, bits=bits,
+            block_size=QUANT_BLOCK, accuracy_level=QUANT_ACCURACY)
         model.graph.node[i].CopyFrom(quantized)
         replaced += 1
     still_used = {name for node in model.graph.node for name in node.input}
