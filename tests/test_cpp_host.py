@@ -109,14 +109,24 @@ def llama_dflash_bundle(tmp_path_factory) -> Path:
     return root / "b"
 
 
+def quantized_bundle(qwen3_pair, tmp_path_factory, kind: str) -> Path:
+    _, target_dir, draft_dir = qwen3_pair
+    out = tmp_path_factory.mktemp(kind) / "b"
+    export_bundle(target_dir, out, draft_dir, ExportOptions(max_context=256, prefill_chunk=32, num_draft_tokens=4,
+                                                          quantize=kind), progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def int4_bundle(qwen3_pair, tmp_path_factory) -> Path:
     """The qwen3 draft-LM pair with int4 weights (MatMulNBits), ONNX Runtime flavour."""
-    _, target_dir, draft_dir = qwen3_pair
-    out = tmp_path_factory.mktemp("int4") / "b"
-    export_bundle(target_dir, out, draft_dir, ExportOptions(max_context=256, prefill_chunk=32, num_draft_tokens=4,
-                                                          quantize="int4"), progress=False)
-    return out
+    return quantized_bundle(qwen3_pair, tmp_path_factory, "int4")
+
+
+@pytest.fixture(scope="module")
+def w8a8_bundle(qwen3_pair, tmp_path_factory) -> Path:
+    """The same pair with int8 weights and activations (DynamicQuantizeMatMul after SmoothQuant)."""
+    return quantized_bundle(qwen3_pair, tmp_path_factory, "w8a8")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +141,7 @@ def fp16_bundle(qwen3_pair, tmp_path_factory) -> Path:
 
 # graph flavours: "ort" (fused, KV updated in place; the default export) and "standard" (TensorRT's, K/V copied)
 BUNDLES = {"qwen3-draft-lm": "qwen3_bundle", "qwen3-draft-lm-standard": "qwen3_trt_bundle",
-           "qwen3-draft-lm-int4": "int4_bundle", "qwen3-draft-lm-fp16": "fp16_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
+           "qwen3-draft-lm-int4": "int4_bundle", "qwen3-draft-lm-w8a8": "w8a8_bundle", "qwen3-draft-lm-fp16": "fp16_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
            "llama-dflash": "llama_dflash_bundle"}
 
 
