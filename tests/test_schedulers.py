@@ -81,10 +81,10 @@ def test_auto_block_schedule_drafts_where_drafting_measured_faster():
 
     one = run(1, 52, 300, 100)  # one row: drafting pays
     assert one[:2] == [7, 0]  # each mode measured once first
-    assert one[2:26] == [7] * 24 and one[26] == 0  # then the faster one, with a probe of the other every 25 rounds
-    assert one.count(0) == 3
+    assert one[2:26] == [7] * 24 and one[26] == 0  # then the faster one, with a probe of the other after 24 rounds
+    assert one.count(0) == 2  # the probe confirmed the decision: the next one waits 48 rounds
     four = run(4, 52, 80, 120)  # 4-7 rows: plain is faster, drafting is only probed
-    assert four[:2] == [7, 0] and four.count(7) == 3
+    assert four[:2] == [7, 0] and four.count(7) == 2
     assert run(5, 10, 80, 120) == [0] * 10  # same bucket as 4
     assert run(1, 3, 300, 100) == [7] * 3  # buckets keep their own state
     slow_start = make_block_schedule("auto")
@@ -94,6 +94,24 @@ def test_auto_block_schedule_drafts_where_drafting_measured_faster():
     slow_start.observe(2, False, 100, 1.0)
     assert slow_start.cap(2, 7) == 7  # ... does not decide: the median of the last rounds does
 
+
+def test_auto_block_schedule_probes_less_while_probes_confirm():
+    auto = make_block_schedule("auto")
+    rates = {True: 80, False: 120}  # drafting slower
+    caps = []
+    for round_ in range(2000):
+        if round_ == 1500:
+            rates = {True: 300, False: 120}  # the regime changes: drafting now pays
+        cap = auto.cap(4, 7)
+        caps.append(cap)
+        auto.observe(4, cap > 0, rates[cap > 0], 1.0)
+    probes = [i for i, c in enumerate(caps[:1500]) if c and i > 1]
+    gaps = np.diff(probes)
+    assert list(gaps[:4]) == [49, 97, 193, 385]  # each confirming probe doubles the wait (24 rounds x 2^k, + the probe)
+    assert max(gaps) <= 24 * 16 + 1 and len(probes) < 10  # at most 16x the base period
+    # after the change the next probe is faster: probes come every 25 rounds again until the decision flips
+    late = [i for i, c in enumerate(caps) if c and i >= 1500]
+    assert np.diff(late[:3]).tolist() == [25, 25] and caps[-50:] == [7] * 50
 
 def test_sts_recovers_known_miscalibration():
     rng = np.random.default_rng(0)

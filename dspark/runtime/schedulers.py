@@ -206,16 +206,22 @@ class BlockSchedule:
 class AdaptiveBlockSchedule(BlockSchedule):
     """``auto``: drafts at a batch size only while drafting rounds there have emitted more tokens per second than
     plain rounds, both measured on this run (so the drafter's cost, the verify width and the acceptance all count,
-    on this machine, for this traffic). Every ``probe_every`` rounds it tries the other mode once, so a changed
-    regime is noticed. A decision depends on past rounds only, never on the current round's draft, so output
-    stays lossless. Batch sizes are bucketed by powers of two (1, 2-3, 4-7, ...)."""
+    on this machine, for this traffic). After ``probe_every`` rounds it tries the other mode once, so a changed
+    regime is noticed. A probe slower than the chosen mode's median doubles the wait before the next one (up to
+    ``max_backoff`` times), since a probe round costs (a drafting probe among plain rounds first feeds the drafter
+    every token since its last round: 5% of the run at 16 rows with a fixed period); a faster one starts over, so
+    a changed regime gathers the rounds that flip the decision quickly. A decision depends on past rounds only,
+    never on the current round's draft, so output stays lossless. Batch sizes are bucketed by powers of two (1,
+    2-3, 4-7, ...)."""
 
     window = 5  # rounds per (bucket, mode) whose median rate counts: one slow first call does not decide
 
-    def __init__(self, probe_every: int = 24):
-        self.probe_every = probe_every
+    def __init__(self, probe_every: int = 24, max_backoff: int = 16):
+        self.probe_every, self.max_backoff = probe_every, max_backoff
         self.rates: dict[tuple[int, bool], collections.deque] = {}
         self.since_probe: dict[int, int] = {}
+        self.interval: dict[int, int] = {}  # per bucket: rounds between probes
+        self.probing: dict[int, bool] = {}  # per bucket: the mode of the probe whose round is not yet observed
 
     def rate(self, rows: int, drafted: bool) -> float | None:
         seen = self.rates.get((rows.bit_length(), drafted))
@@ -228,17 +234,25 @@ class AdaptiveBlockSchedule(BlockSchedule):
         if plain is None:
             return 0
         bucket = rows.bit_length()
-        best = default if drafting >= plain else 0
-        if self.since_probe.get(bucket, 0) >= self.probe_every:
+        drafts = drafting >= plain
+        if self.since_probe.get(bucket, 0) >= self.interval.get(bucket, self.probe_every):
             self.since_probe[bucket] = 0
-            return default - best  # the other mode, once
+            self.probing[bucket] = not drafts
+            return 0 if drafts else default  # the other mode, once
         self.since_probe[bucket] = self.since_probe.get(bucket, 0) + 1
-        return best
+        return default if drafts else 0
 
     def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
-        if seconds > 0:
-            key = (rows.bit_length(), drafted)
-            self.rates.setdefault(key, collections.deque(maxlen=self.window)).append(tokens / seconds)
+        if seconds <= 0:
+            return
+        bucket, rate = rows.bit_length(), tokens / seconds
+        if self.probing.get(bucket) == drafted:
+            del self.probing[bucket]
+            chosen = self.rate(rows, not drafted)
+            slower = chosen is not None and rate < chosen
+            interval = self.interval.get(bucket, self.probe_every)
+            self.interval[bucket] = min(2 * interval, self.probe_every * self.max_backoff) if slower else self.probe_every
+        self.rates.setdefault((bucket, drafted), collections.deque(maxlen=self.window)).append(rate)
 
     def describe(self):
         return "auto"
