@@ -15,7 +15,7 @@ from dspark.bundle import Bundle
 from dspark.cli import main
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.export.ort_graph import quantize_blocks, quantize_columns
-from dspark.export.smooth import smoothed
+from dspark.export.smooth import activation_scaled, smoothed
 from dspark.graphs.decoder import DecoderLM
 from dspark.runtime.generate import Generator, Request
 
@@ -57,21 +57,24 @@ def test_quality_is_recorded(quantized):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
-def test_smoothing_keeps_the_function(family, tmp_path):
-    """SmoothQuant's factors are folded into norms and projections: the smoothed model computes the same logits
-    (q/k norms, biases, grouped KV heads), while the weights the quantizer sees did change."""
+@pytest.mark.parametrize("rescale", [smoothed, activation_scaled])
+def test_rescaling_keeps_the_function(family, rescale, tmp_path):
+    """The factors of SmoothQuant (w8a8) and AWQ's scaling (int4) are folded into norms and projections: the
+    rescaled model computes the same logits (q/k norms, biases, grouped KV heads), while the weights the quantizer
+    sees did change (down_proj only under the int4 scaling)."""
     folder = save_hf(hf_model(family, VOCAB, seed=5), tmp_path / family, VOCAB)
     model = DecoderLM.from_pretrained(folder).eval()
     ids = torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
-    smooth = smoothed(model, ids[0].tolist())
+    scaled = rescale(model, ids[0].tolist())
     with torch.no_grad():
-        expected, got = model(ids), smooth(ids)
+        expected, got = model(ids), scaled(ids)
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
-    layer, before = smooth.model.layers[1], model.model.layers[1]
+    layer, before = scaled.model.layers[1], model.model.layers[1]
     for name in ("input_layernorm", "post_attention_layernorm"):
         assert not torch.allclose(getattr(layer, name).weight, getattr(before, name).weight)
     assert not torch.allclose(layer.self_attn.o_proj.weight, before.self_attn.o_proj.weight)
-    assert torch.equal(layer.mlp.down_proj.weight, before.mlp.down_proj.weight)  # weight-only under w8a8
+    down_changed = not torch.equal(layer.mlp.down_proj.weight, before.mlp.down_proj.weight)
+    assert down_changed == (rescale is activation_scaled)
 
 
 def test_column_quantizer_round_trip():

@@ -21,7 +21,7 @@ from dspark.bundle import write_manifest
 from dspark.errors import DsparkError
 from dspark.export.drafter import CONTEXT_GRAPH, PROPOSE_GRAPH, export_drafter
 from dspark.export.onnx import export_graph
-from dspark.export.ort_graph import QUANT_BITS, lower_decoder
+from dspark.export.ort_graph import CALIBRATED, QUANT_BITS, lower_decoder
 from dspark.export.share import share_identical_tensors
 from dspark.graphs.checkpoint import read_config
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
@@ -95,7 +95,7 @@ class DecoderStep(torch.nn.Module):
 def export_decoder(model: DecoderLM, path: Path, options: ExportOptions, verify_tokens: int,
                    quantize: str | None = None, calibration: list[int] | None = None) -> dict:
     """Export a decoder step graph (dynamic batch, new-token and cache dimensions); return its manifest entry.
-    ``calibration``: token ids for w8a8's activation statistics."""
+    ``calibration``: token ids for the activation statistics int4/w8a8 rescale by (``smooth``)."""
     ranges, profiles = decoder_dims(options, verify_tokens)
     if options.runtime == "ort":
         new_max = ranges["new_tokens"][1]
@@ -229,8 +229,9 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     }
 
 
-def w8a8_calibration(target_dir: Path) -> list[int]:
-    """The calibration text of w8a8's SmoothQuant factors, in the target's tokens (a draft LM shares them)."""
+def calibration_tokens(target_dir: Path) -> list[int]:
+    """The calibration text of the rescaling before int4/w8a8 quantization, in the target's tokens (a draft LM
+    shares them)."""
     from tokenizers import Tokenizer
 
     from dspark.export.smooth import calibration_ids
@@ -328,7 +329,8 @@ def export_bundle(
     bar = tqdm(steps, desc="export", disable=not progress, unit="step")
     try:
         bar.set_postfix_str("target graph")
-        calibration = w8a8_calibration(target_dir) if "w8a8" in (options.quantize, options.draft_quantize) else None
+        calibrated = {options.quantize, options.draft_quantize} & set(CALIBRATED)
+        calibration = calibration_tokens(target_dir) if calibrated else None
         model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)
         graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens, options.quantize,
                                            calibration)}

@@ -14,7 +14,8 @@ position when verifying). Each layer's cache is one input/output pair, ``past_ke
 which the runtime binds to the same memory so GroupQueryAttention writes the new tokens' K/V in place.
 
 ``quantize`` ("int4" or "int8") stores every projection, the LM head and the embedding block-wise quantized
-(``MatMulNBits`` / ``GatherBlockQuantized``): a different model is decoded, with the same lossless contract.
+(``MatMulNBits`` / ``GatherBlockQuantized``): a different model is decoded, with the same lossless contract;
+int4 first rescales the projections' input channels by their calibration activations (AWQ's scaling, ``smooth``).
 "w8a8" runs the projections and the LM head as ``DynamicQuantizeMatMul`` (int8 weights per output column,
 activations quantized to int8 per call: ONNX Runtime's integer GEMM, on AMX/VNNI where the CPU has them, whose
 cost barely grows with the number of new tokens) on a SmoothQuant-smoothed copy of the model (``smooth``); the
@@ -36,6 +37,7 @@ from dspark.graphs.decoder import DecoderLM
 
 OPSET = 21
 QUANT_BITS = {"int4": 4, "int8": 8, "w8a8": 8}  # w8a8: the bits of its weight-only products and embedding
+CALIBRATED = ("int4", "w8a8")  # rescaled on calibration activations first (int8 weight-only loses little without)
 # under w8a8, the products that stay weight-only: their inputs' outliers defeat one activation scale per tensor
 W8A8_WEIGHT_ONLY = ("down_proj",)
 QUANT_BLOCK = 32
@@ -334,12 +336,13 @@ def quantize_gather_blocks(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray
 def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize: str | None = None,
                   calibration: list[int] | None = None):
     """Write the ORT-flavour step graph of ``model`` to ``path`` (+ ``path.data``); return its I/O specs.
-    ``calibration``: token ids whose activations set the SmoothQuant factors of "w8a8" (required for it)."""
+    ``calibration``: token ids whose activations set the rescaling before quantizing (required for the kinds in
+    ``CALIBRATED``; ``smooth`` has why and what it buys)."""
     path = Path(path)
-    if quantize == "w8a8":
-        from dspark.export.smooth import smoothed
+    if quantize in CALIBRATED:
+        from dspark.export import smooth
 
-        model = smoothed(model, calibration)
+        model = (smooth.smoothed if quantize == "w8a8" else smooth.activation_scaled)(model, calibration)
     onnx_model = _Lowering(model, quantize, max_context).build()
     onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
