@@ -22,9 +22,9 @@ standard-library modules, present on every machine and distinct from the perplex
 - ``activation_scaled`` (the scaling of AWQ, Lin et al. 2024, with one exponent instead of a per-layer search),
   for ``--quantize int4``: weight-only rounding error matters most on the input channels that carry the most
   activation, so s_j = mean|X_j|^a (normalised so its largest and smallest factors multiply to 1) enlarges those
-  columns before the
-  4-bit grid is fitted. SmolLM2-135M int4 perplexity: 18.94 unscaled, 16.62 at a = 0.5 (16.73 at 0.25, 17.74
-  at 0.65, 18.26 at 0.8; 17.25 without down_proj).
+  columns before the 4-bit grid is fitted. SmolLM2-135M int4 perplexity on ``quality``'s text: 18.94 unscaled,
+  16.62 at a = 0.5 (16.73 at 0.25, 17.74 at 0.65, 18.26 at 0.8; 17.25 without down_proj); on ``difflib.py``,
+  which chose nothing, 22.44 -> 19.57 (fp32 16.10).
 """
 
 from __future__ import annotations
