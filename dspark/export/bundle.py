@@ -22,6 +22,7 @@ from dspark.errors import DsparkError
 from dspark.export.drafter import CONTEXT_GRAPH, PROPOSE_GRAPH, export_drafter
 from dspark.export.onnx import export_graph
 from dspark.export.ort_graph import CALIBRATED, QUANT_BITS, lower_decoder
+from dspark.export.smooth import calibration_ids
 from dspark.export.share import share_identical_tensors
 from dspark.graphs.checkpoint import read_config
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
@@ -149,10 +150,25 @@ def graph_entry(file: str, inputs, outputs, ranges: dict, profiles: dict, flavou
     }
 
 
+def tokenizer_file(folder: Path) -> Path:
+    """The folder's fast-tokenizer file, which dspark needs."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise DsparkError(f"{folder} has no tokenizer.json; dspark needs the fast-tokenizer file beside the weights")
+    return path
+
+
+def token_ids(folder: Path):
+    """text -> token ids with the folder's fast tokenizer."""
+    from tokenizers import Tokenizer
+
+    encode = Tokenizer.from_file(str(tokenizer_file(folder))).encode
+    return lambda text: encode(text).ids
+
+
 def copy_tokenizer(target_dir: Path, out: Path, target_cfg: dict) -> dict:
+    tokenizer_file(target_dir)
     files = [name for name in TOKENIZER_FILES if (target_dir / name).is_file()]
-    if "tokenizer.json" not in files:
-        raise DsparkError(f"{target_dir} has no tokenizer.json; dspark needs the fast-tokenizer file beside the weights")
     for name in files:
         shutil.copy2(target_dir / name, out / name)
     generation = json.loads((target_dir / "generation_config.json").read_text()) if "generation_config.json" in files else {}
@@ -229,29 +245,13 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     }
 
 
-def calibration_tokens(target_dir: Path) -> list[int]:
-    """The calibration text of the rescaling before int4/w8a8 quantization, in the target's tokens (a draft LM
-    shares them)."""
-    from tokenizers import Tokenizer
-
-    from dspark.export.smooth import calibration_ids
-
-    if not (target_dir / "tokenizer.json").is_file():
-        raise DsparkError(f"{target_dir} has no tokenizer.json; dspark needs the fast-tokenizer file beside the weights")
-    encode = Tokenizer.from_file(str(target_dir / "tokenizer.json")).encode
-    return calibration_ids(lambda text: encode(text).ids)
-
-
 def record_quality(folder: Path, target_dir: Path) -> dict:
     """Held-out perplexity of the quantized target against its fp32 model, into the manifest and quality.json."""
-    from tokenizers import Tokenizer
-
     from dspark.bundle import Bundle
     from dspark.export.quality import measure
 
     bundle = Bundle.open(folder, verify=False)
-    encode = Tokenizer.from_file(str(folder / "tokenizer.json")).encode
-    quality = measure(bundle, DecoderLM.from_pretrained(target_dir), lambda text: encode(text).ids)
+    quality = measure(bundle, DecoderLM.from_pretrained(target_dir), token_ids(folder))
     bundle.manifest["quality"] = quality
     bundle.add_file("quality.json", json.dumps(quality, indent=2) + "\n")
     return bundle.manifest
@@ -329,8 +329,10 @@ def export_bundle(
     bar = tqdm(steps, desc="export", disable=not progress, unit="step")
     try:
         bar.set_postfix_str("target graph")
-        calibrated = {options.quantize, options.draft_quantize} & set(CALIBRATED)
-        calibration = calibration_tokens(target_dir) if calibrated else None
+        # the text whose activations set the rescaling of int4/w8a8 graphs, in the target's tokens (a draft LM
+        # shares them); a block drafter's graphs are quantized node by node, without it
+        rescaled = options.quantize in CALIBRATED or (method == "draft-lm" and options.draft_quantize in CALIBRATED)
+        calibration = calibration_ids(token_ids(target_dir)) if rescaled else None
         model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)
         graphs = {"target": export_decoder(model, tmp / "target.onnx", options, verify_tokens, options.quantize,
                                            calibration)}

@@ -32,6 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dspark.errors import DsparkError
+from dspark.export import smooth
 from dspark.export.onnx import io_specs
 from dspark.graphs.decoder import DecoderLM
 
@@ -340,8 +341,6 @@ def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize
     ``CALIBRATED``; ``smooth`` has why and what it buys)."""
     path = Path(path)
     if quantize in CALIBRATED:
-        from dspark.export import smooth
-
         model = (smooth.smoothed if quantize == "w8a8" else smooth.activation_scaled)(model, calibration)
     onnx_model = _Lowering(model, quantize, max_context).build()
     onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -55,7 +55,8 @@ def calibration_ids(encode) -> list[int]:
 
 def input_statistics(model: DecoderLM, ids: list[int]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per group and layer, (max |x_j|, mean |x_j|) over the calibration tokens of the projections' inputs."""
-    model = copy.deepcopy(model).float().eval()
+    if next(model.parameters()).dtype != torch.float32:  # statistics in fp32; an fp32 model is read as it is
+        model = copy.deepcopy(model).float()
     sums = {k: [None] * model.config.num_layers for k in GROUPS}
 
     def hook(kind: str, layer: int):
