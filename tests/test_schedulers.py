@@ -160,6 +160,34 @@ def test_greedy_output_is_unchanged_by_scheduler(profiled, scheduler, backend):
         assert sum(verified) < sum(drafted)
 
 
+def test_lookup_confidence_is_its_measured_acceptance(profiled, backend):
+    """Lookup drafts' confidences are their recent acceptance rates: a lookup that keeps failing at its first
+    position stops being verified under sps, is tried again once those failures have faded, and the output is
+    plain decoding's throughout."""
+    lookup = Generator(profiled, use_draft=False, lookup=2, scheduler="sps", backend=backend).proposer
+    rates = lambda: 1 / (1 + np.exp(-lookup.confidence_logits(3)))  # noqa: E731
+    table = StepsPerSecond([1], [1, 2, 4], [[100.0, 60.0, 50.0]])
+    assert np.allclose(rates(), lookup.PRIOR) and sps_lengths([rates()], [3], table) == [3]
+    for _ in range(40):  # 3 drafts verified, the first rejected: position 1 tried and missed, 2 and 3 never tried
+        lookup.looked_up = [True]
+        lookup.commit([0], [3], [3], [0], None)
+    assert rates()[0] < 0.2 and np.allclose(rates()[1:], lookup.PRIOR)
+    assert sps_lengths([rates()], [3], table) == [0]
+    skipped = 0
+    while sps_lengths([rates()], [3], table) == [0]:  # drafts not verified: the failures fade
+        lookup.looked_up = [True]
+        lookup.commit([0], [3], [0], [0], None)
+        skipped += 1
+    assert 10 < skipped < 200
+
+    requests = [Request(p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS]
+    gen = Generator(profiled, use_draft=False, lookup=2, scheduler="sps", backend=backend)
+    got = gen.generate(requests, trace=True)
+    plain = Generator(profiled, use_draft=False, backend=backend).generate(requests)
+    assert [s.generated for s in got] == [s.generated for s in plain]
+    assert any(r["draft_tokens"] for s in got for r in s.trace)
+
+
 def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle, backend):
     req = Request(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
     gen = Generator(dspark_bundle, scheduler="sps", backend=backend)  # this bundle has no profile

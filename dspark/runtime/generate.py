@@ -303,7 +303,7 @@ class Generator:
                 emitted[r] = v.tokens[: accepted[r]] + [token]
         commit(self.cache, out, [len(e) for e in emitted])
         if self.proposer:
-            self.proposer.commit(anchors, [len(p.tokens) for p in proposals], accepted, out)
+            self.proposer.commit(anchors, [len(p.tokens) for p in proposals], lengths, accepted, out)
         for r, s in enumerate(seqs):
             if parts[r]:
                 self._record(s, proposals[r], lengths[r], accepted[r], emitted[r])
@@ -349,7 +349,7 @@ class Generator:
         z = proposal.confidence_logits
         if z is None:
             return None
-        if self.calibration is not None:
+        if self.calibration is not None and proposal.sts:
             z = z / self.calibration[: len(z)]
         return sigmoid(z)
 

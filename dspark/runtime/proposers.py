@@ -31,10 +31,11 @@ class Proposal:
     tokens: list[int]
     probs: np.ndarray | None = None  # [len(tokens), V]: the law each token was drawn from (None when greedy)
     confidence_logits: np.ndarray | None = None  # [len(tokens)] raw confidence-head logits (None: no head)
+    sts: bool = True  # whether the bundle's STS temperatures (fitted to the drafter's head) apply to them
 
     def truncated(self, n: int) -> "Proposal":
         cut = lambda x: None if x is None else x[:n]  # noqa: E731
-        return Proposal(self.tokens[:n], cut(self.probs), cut(self.confidence_logits))
+        return Proposal(self.tokens[:n], cut(self.probs), cut(self.confidence_logits), self.sts)
 
 
 class DraftLMProposer:
@@ -89,7 +90,7 @@ class DraftLMProposer:
         """Forget what each row read past its anchor, so the next ``propose`` redoes the same round."""
         self.cache.lens[:] = anchors
 
-    def commit(self, anchors: list[int], drafted: list[int], accepted: list[int], _out) -> None:
+    def commit(self, anchors: list[int], drafted: list[int], _verified, accepted: list[int], _out) -> None:
         """Keep the cache rows that hold committed tokens: the anchor and the accepted drafts it has read."""
         for r, n in enumerate(drafted):
             if n:
@@ -167,7 +168,7 @@ class BlockProposer:
     def rewind(self, anchors: list[int]) -> None:
         """Nothing to forget: a proposal reads the context cache without writing it."""
 
-    def commit(self, anchors: list[int], drafted: list[int], accepted: list[int], out) -> None:
+    def commit(self, anchors: list[int], _drafted, _verified, accepted: list[int], out) -> None:
         """Features of the anchor and the accepted drafts become the next round's context."""
         for r in range(len(anchors)):
             self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
@@ -180,11 +181,15 @@ class LookupProposer:
 
     A lookup draft is deterministic: its law is a point mass, so a sampled row accepts it with the target's
     probability of that token and otherwise samples the target's law without it (exact, as for any draft). Its
-    confidence is the constant ``CONFIDENCE``, the per-position acceptance measured for lookup drafts on
-    SmolLM2-135M-Instruct's own answers (0.79 at the first position, 0.91-0.97 after); it depends on nothing
-    drafted, so schedulers stay non-anticipating."""
+    confidence at draft position k is the acceptance rate of lookup drafts at k, given positions before k were
+    accepted, over this proposer's recent drafts: counts that start at ``PRIOR`` worth ``PRIOR_ROUNDS`` drafts (the
+    rate measured on SmolLM2-135M-Instruct's own answers) and fade by ``FADE`` per lookup draft, verified or not,
+    so the rates follow a changing text and one that fell too low for drafts to be verified drifts back up until
+    they are tried again. It depends on past rounds only, never on what is drafted now, so schedulers stay
+    non-anticipating; with ``sps`` a lookup draft is verified only as far as its expected gain pays for the wider
+    verify call on this machine."""
 
-    CONFIDENCE = 0.85
+    PRIOR, PRIOR_ROUNDS, FADE = 0.85, 4.0, 0.97
 
     def __init__(self, bundle: Bundle, inner, draft_length: int, min_match: int = 2, max_match: int = 4):
         if min_match < 1 or max_match < min_match:
@@ -197,7 +202,14 @@ class LookupProposer:
         # lookup rows carry a confidence wherever the other rows do (or there are no others)
         self.has_head = inner is None or (inner.reads_features and bundle.draft.confidence_head)
         self.looked_up: list[bool] = []  # per row, whether this round's draft came from lookup
-        self.confidence_logit = float(np.log(self.CONFIDENCE / (1 - self.CONFIDENCE)))
+        # per draft position: verified lookup drafts whose earlier positions were all accepted, and of them accepted
+        self.trials = np.zeros(draft_length)
+        self.hits = np.zeros(draft_length)
+
+    def confidence_logits(self, n: int) -> np.ndarray:
+        """Logits of the per-position acceptance rates counted so far, for an n-token lookup draft."""
+        rate = (self.hits[:n] + self.PRIOR * self.PRIOR_ROUNDS) / (self.trials[:n] + self.PRIOR_ROUNDS)
+        return np.log(rate / (1 - rate))
 
     def lookup(self, tokens: list[int], cap: int) -> list[int]:
         """The continuation of the most recent, longest earlier occurrence of ``tokens``' last tokens."""
@@ -238,15 +250,22 @@ class LookupProposer:
             if not s.request.sampling.greedy:
                 probs = np.zeros((len(tokens), self.vocab_size))
                 probs[np.arange(len(tokens)), tokens] = 1.0
-            confidence = np.full(len(tokens), self.confidence_logit) if self.has_head else None
-            proposals[r] = Proposal(tokens, probs, confidence)
+            confidence = self.confidence_logits(len(tokens)) if self.has_head else None
+            proposals[r] = Proposal(tokens, probs, confidence, sts=False)
         return proposals
 
-    def commit(self, anchors: list[int], drafted: list[int], accepted: list[int], out) -> None:
-        """The wrapped proposer drafted nothing on looked-up rows this round: it is told so."""
+    def commit(self, anchors: list[int], drafted: list[int], verified: list[int], accepted: list[int], out) -> None:
+        """Count the looked-up rows' outcomes; the wrapped proposer drafted nothing on them this round: it is told
+        so."""
+        for looked, n, a in zip(self.looked_up, verified, accepted):
+            if looked:
+                self.trials *= self.FADE
+                self.hits *= self.FADE
+                self.trials[: min(a + 1, n)] += 1  # positions up to the first rejection (if verified) were tried
+                self.hits[:a] += 1
         if self.inner:
             inner = [0 if looked else n for looked, n in zip(self.looked_up, drafted)]
-            self.inner.commit(anchors, inner, accepted, out)
+            self.inner.commit(anchors, inner, verified, accepted, out)
 
 
 def choose_draft_length(bundle: Bundle, requested: int | None) -> int:
