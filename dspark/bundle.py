@@ -342,11 +342,12 @@ class Bundle:
         if problems:
             raise DsparkError(f"bundle {self.path} does not match its manifest: " + "; ".join(problems) + "; re-export it")
 
-    def add_file(self, rel: str, text: str) -> Path:
-        """Write a file derived on this machine (a profile, a calibration) and record it in the manifest."""
+    def add_file(self, rel: str, content: str | bytes) -> Path:
+        """Write a file derived on this machine (a profile, a calibration, a lookup store) and record it in the
+        manifest."""
         path = self.path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, text)
+        _atomic_write(path, content)
         self.files[rel] = FileRecord(path.stat().st_size, sha256_file(path))
         self.manifest["files"][rel] = {"bytes": self.files[rel].bytes, "sha256": self.files[rel].sha256}
         _atomic_write(self.path / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
@@ -368,9 +369,12 @@ class Bundle:
         return {"target": self.target} | ({"draft": self.draft} if self.draft else {})
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, content: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content)
     tmp.replace(path)
 
 

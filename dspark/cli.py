@@ -240,6 +240,20 @@ def profile(bundle_dir, threads, context, repeats, warmup, backend, device):
         click.echo(f"{r:4d} " + "".join(f"{v:9.1f}" for v in row))
 
 
+@main.command("lookup-data")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+def lookup_data(bundle_dir, source):
+    """Give BUNDLE_DIR's prompt lookup a store of text its target wrote before: SOURCE is a 'dspark make-data'
+    folder (its train.npy: prompts and the target's answers) or a .npy file of token ids. With --lookup, a request
+    whose own tokens have no match then drafts what most often followed its last tokens in the store; drafts are
+    verified as always, so output does not change. Replaces the bundle's store if it has one."""
+    from dspark.runtime.store import add_store
+
+    summary = add_store(bundle_dir, source)
+    click.echo(f"lookup store: {summary['tokens']:,} tokens ({summary['bytes'] / 2**20:.1f} MiB) in {summary['file']}")
+
+
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Held-out prompts: one per line or JSON lines with 'prompt'.")

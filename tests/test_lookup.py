@@ -4,15 +4,20 @@ LM or a DSpark drafter, and greedy output stays plain decoding's (the sampling l
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from conftest import assert_speculative_equals_plain
 from dspark.bundle import Bundle
+from dspark.cli import main
 from dspark.errors import DsparkError
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.proposers import LookupProposer
+from dspark.runtime.store import STORE_FILE, TokenStore
 
 # repetitive prompts find matches at once; the others only once the output repeats
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [3] * 40, [11, 12], list(range(1, 70)) + list(range(1, 20))]
@@ -57,3 +62,47 @@ def test_lookup_without_a_draft_needs_a_verify_window(qwen3_pair, tmp_path):
     gen = Generator(tmp_path / "k4", lookup=1)
     assert gen.draft_length == 4
     assert_speculative_equals_plain(gen, Generator(tmp_path / "k4", use_draft=False), PROMPTS, 20)
+
+
+def test_store_continues_by_majority_longest_match_first():
+    tokens = np.array([1, 2, 3, 9, 9, 1, 2, 3, 9, 8, 1, 2, 3, 9, 9, 5, 2, 3, 7, 4, 6], dtype=np.int64)
+    store = TokenStore(tokens, 2, 4)
+    assert store.continuation([0, 1, 2, 3], 2) == [9, 9]  # [1, 2, 3] three times: 9 then 9 (twice) over 8 (once)
+    assert store.continuation([5, 2, 3], 3) == [7, 4, 6]  # the longest suffix wins: [5, 2, 3] once, before [2, 3]
+    assert store.continuation([6, 6], 3) == []  # not in the store
+    assert store.continuation([4, 6], 3) == []  # at the end: nothing follows
+    assert store.continuation([7, 4], 5) == [6]  # cut where the store ends
+
+
+def test_lookup_store_drafts_when_own_tokens_do_not_match(qwen3_bundle, tmp_path):
+    """A store of the target's own answers drafts them back; output stays plain decoding's; a bad source is refused
+    with the fix and the bundle is left as it was."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(qwen3_bundle, bundle)
+    prompts = [[11, 12], list(range(1, 30)), [40, 41, 42, 43]]
+    plain = Generator(bundle, use_draft=False)
+    answers = [s.generated for s in plain.generate([Request(p, max_new_tokens=24, ignore_eos=True) for p in prompts])]
+    np.save(tmp_path / "ids.npy", np.concatenate([np.array(p + a) for p, a in zip(prompts, answers)]))
+    manifest = (bundle / "manifest.json").read_text()
+    vocab = Bundle.open(bundle).target.config.vocab_size
+    np.save(tmp_path / "bad.npy", np.array([1, vocab]))
+    for bad, problem in ((tmp_path / "bad.npy", "must lie in"), (tmp_path / "none", "no token file")):
+        result = CliRunner().invoke(main, ["lookup-data", str(bundle), str(bad)])
+        assert result.exit_code == 2 and problem in result.output, result.output
+    assert (bundle / "manifest.json").read_text() == manifest and not (bundle / STORE_FILE).exists()
+    result = CliRunner().invoke(main, ["lookup-data", str(bundle), str(tmp_path / "ids.npy")])
+    assert result.exit_code == 0, result.output
+    gen = Generator(bundle, use_draft=False, lookup=2)
+    assert gen.proposer.store is not None
+    seqs = gen.generate([Request(p, max_new_tokens=24, ignore_eos=True) for p in prompts], trace=True)
+    assert [s.generated for s in seqs] == answers
+    from_store = []
+    for seq in seqs:
+        tokens = seq.request.prompt_ids + seq.generated
+        for r in seq.trace:
+            history = tokens[: r["position"] + 1]
+            if r["draft_tokens"] and not gen.proposer.lookup(history, gen.draft_length):
+                assert r["draft_tokens"] == gen.proposer.store.continuation(history, len(r["draft_tokens"]))
+                from_store.append(r)
+    assert from_store and sum(r["accepted"] for r in from_store) >= len(from_store)  # mostly its own answers back
+    assert gen.proposer.trials[gen.proposer.STORE, 0] > 0

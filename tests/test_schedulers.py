@@ -165,17 +165,17 @@ def test_lookup_confidence_is_its_measured_acceptance(profiled, backend):
     position stops being verified under sps, is tried again once those failures have faded, and the output is
     plain decoding's throughout."""
     lookup = Generator(profiled, use_draft=False, lookup=2, scheduler="sps", backend=backend).proposer
-    rates = lambda: 1 / (1 + np.exp(-lookup.confidence_logits(3)))  # noqa: E731
+    rates = lambda: 1 / (1 + np.exp(-lookup.confidence_logits(lookup.OWN, 3)))  # noqa: E731
     table = StepsPerSecond([1], [1, 2, 4], [[100.0, 60.0, 50.0]])
     assert np.allclose(rates(), lookup.PRIOR) and sps_lengths([rates()], [3], table) == [3]
     for _ in range(40):  # 3 drafts verified, the first rejected: position 1 tried and missed, 2 and 3 never tried
-        lookup.looked_up = [True]
+        lookup.sources = [lookup.OWN]
         lookup.commit([0], [3], [3], [0], None)
     assert rates()[0] < 0.2 and np.allclose(rates()[1:], lookup.PRIOR)
     assert sps_lengths([rates()], [3], table) == [0]
     skipped = 0
     while sps_lengths([rates()], [3], table) == [0]:  # drafts not verified: the failures fade
-        lookup.looked_up = [True]
+        lookup.sources = [lookup.OWN]
         lookup.commit([0], [3], [0], [0], None)
         skipped += 1
     assert 10 < skipped < 200

@@ -11,7 +11,8 @@ per row, ``commit`` what the target accepted, ``rewind`` to repeat a round when 
   the features of the anchor and accepted drafts (spec §4.4), so it never rolls back.
 
 ``LookupProposer`` wraps either (or none): a row whose last tokens occurred earlier in its own prompt or output
-proposes what followed them there (prompt lookup), at no graph cost; the other rows get the wrapped draft.
+proposes what followed them there (prompt lookup), or else what followed them in the bundle's lookup store of
+earlier answers (``store``), at no graph cost; the other rows get the wrapped draft.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
 from dspark.runtime.sampling import probabilities, sample
+from dspark.runtime.store import load_store
 
 
 @dataclass
@@ -177,19 +179,22 @@ class BlockProposer:
 class LookupProposer:
     """Prompt lookup over another proposer (or none): for each row, the most recent earlier occurrence of its last
     ``max_match`` .. ``min_match`` tokens (longest first) in its own tokens, prompt and output, proposes the tokens
-    that followed it. Rows without such an occurrence get the wrapped proposer's draft (none without one).
+    that followed it; failing that, the bundle's lookup store (``store.TokenStore``: text the target wrote before)
+    proposes what most often followed them there. Rows with neither get the wrapped proposer's draft (none without
+    one).
 
     A lookup draft is deterministic: its law is a point mass, so a sampled row accepts it with the target's
     probability of that token and otherwise samples the target's law without it (exact, as for any draft). Its
-    confidence at draft position k is the acceptance rate of lookup drafts at k, given positions before k were
-    accepted, over this proposer's recent drafts: counts that start at ``PRIOR`` worth ``PRIOR_ROUNDS`` drafts (the
-    rate measured on SmolLM2-135M-Instruct's own answers) and fade by ``FADE`` per lookup draft, verified or not,
-    so the rates follow a changing text and one that fell too low for drafts to be verified drifts back up until
-    they are tried again. It depends on past rounds only, never on what is drafted now, so schedulers stay
-    non-anticipating; with ``sps`` a lookup draft is verified only as far as its expected gain pays for the wider
-    verify call on this machine."""
+    confidence at draft position k is the acceptance rate of drafts from the same source (own tokens or store) at
+    k, given positions before k were accepted, over this proposer's recent drafts: counts that start at ``PRIOR``
+    worth ``PRIOR_ROUNDS`` drafts (the rate measured for own-token lookup on SmolLM2-135M-Instruct's answers) and
+    fade by ``FADE`` per draft of that source, verified or not, so the rates follow a changing text and one that
+    fell too low for drafts to be verified drifts back up until they are tried again. It depends on past rounds
+    only, never on what is drafted now, so schedulers stay non-anticipating; with ``sps`` a lookup draft is
+    verified only as far as its expected gain pays for the wider verify call on this machine."""
 
     PRIOR, PRIOR_ROUNDS, FADE = 0.85, 4.0, 0.97
+    OWN, STORE = 0, 1  # where a row's draft came from this round (None: the wrapped proposer, or nothing)
 
     def __init__(self, bundle: Bundle, inner, draft_length: int, min_match: int = 2, max_match: int = 4):
         if min_match < 1 or max_match < min_match:
@@ -197,18 +202,20 @@ class LookupProposer:
         self.inner = inner
         self.draft_length = draft_length
         self.min_match, self.max_match = min_match, max_match
+        self.store = load_store(bundle, min_match, max_match)
         self.vocab_size = bundle.target.config.vocab_size
         self.reads_features = inner is not None and inner.reads_features
         # lookup rows carry a confidence wherever the other rows do (or there are no others)
         self.has_head = inner is None or (inner.reads_features and bundle.draft.confidence_head)
-        self.looked_up: list[bool] = []  # per row, whether this round's draft came from lookup
-        # per draft position: verified lookup drafts whose earlier positions were all accepted, and of them accepted
-        self.trials = np.zeros(draft_length)
-        self.hits = np.zeros(draft_length)
+        self.sources: list[int | None] = []  # per row, where this round's draft came from
+        # per source and draft position: verified drafts whose earlier positions were all accepted, and of them
+        # the accepted ones
+        self.trials = np.zeros((2, draft_length))
+        self.hits = np.zeros((2, draft_length))
 
-    def confidence_logits(self, n: int) -> np.ndarray:
-        """Logits of the per-position acceptance rates counted so far, for an n-token lookup draft."""
-        rate = (self.hits[:n] + self.PRIOR * self.PRIOR_ROUNDS) / (self.trials[:n] + self.PRIOR_ROUNDS)
+    def confidence_logits(self, source: int, n: int) -> np.ndarray:
+        """Logits of the per-position acceptance rates counted so far, for an n-token draft from ``source``."""
+        rate = (self.hits[source, :n] + self.PRIOR * self.PRIOR_ROUNDS) / (self.trials[source, :n] + self.PRIOR_ROUNDS)
         return np.log(rate / (1 - rate))
 
     def lookup(self, tokens: list[int], cap: int) -> list[int]:
@@ -223,6 +230,16 @@ class LookupProposer:
                 return history[start : start + cap].tolist()
         return []
 
+    def draft(self, tokens: list[int], cap: int) -> tuple[list[int], int | None]:
+        """A row's lookup draft and its source: its own tokens first, then the store."""
+        if not cap:
+            return [], None
+        found = self.lookup(tokens, cap)
+        if found:
+            return found, self.OWN
+        found = self.store.continuation(tokens, cap) if self.store else []
+        return found, (self.STORE if found else None)
+
     def keep(self, rows: list[int]) -> None:
         if self.inner:
             self.inner.keep(rows)
@@ -236,35 +253,34 @@ class LookupProposer:
             self.inner.rewind(anchors)
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
-        found = [self.lookup(s.tokens, c) if c else [] for s, c in zip(seqs, caps)]
-        self.looked_up = [bool(f) for f in found]
+        found, self.sources = zip(*(self.draft(s.tokens, c) for s, c in zip(seqs, caps))) if seqs else ((), ())
         rest = [0 if f else c for f, c in zip(found, caps)]
         if self.inner:
             proposals = self.inner.propose(seqs, rest)
         else:
             proposals = [Proposal([]) for _ in seqs]
-        for r, (s, tokens) in enumerate(zip(seqs, found)):
+        for r, (s, tokens, source) in enumerate(zip(seqs, found, self.sources)):
             if not tokens:
                 continue
             probs = None
             if not s.request.sampling.greedy:
                 probs = np.zeros((len(tokens), self.vocab_size))
                 probs[np.arange(len(tokens)), tokens] = 1.0
-            confidence = self.confidence_logits(len(tokens)) if self.has_head else None
+            confidence = self.confidence_logits(source, len(tokens)) if self.has_head else None
             proposals[r] = Proposal(tokens, probs, confidence, sts=False)
         return proposals
 
     def commit(self, anchors: list[int], drafted: list[int], verified: list[int], accepted: list[int], out) -> None:
         """Count the looked-up rows' outcomes; the wrapped proposer drafted nothing on them this round: it is told
         so."""
-        for looked, n, a in zip(self.looked_up, verified, accepted):
-            if looked:
-                self.trials *= self.FADE
-                self.hits *= self.FADE
-                self.trials[: min(a + 1, n)] += 1  # positions up to the first rejection (if verified) were tried
-                self.hits[:a] += 1
+        for source, n, a in zip(self.sources, verified, accepted):
+            if source is not None:
+                self.trials[source] *= self.FADE
+                self.hits[source] *= self.FADE
+                self.trials[source, : min(a + 1, n)] += 1  # positions up to the first rejection (if verified)
+                self.hits[source, :a] += 1
         if self.inner:
-            inner = [0 if looked else n for looked, n in zip(self.looked_up, drafted)]
+            inner = [0 if source is not None else n for source, n in zip(self.sources, drafted)]
             self.inner.commit(anchors, inner, verified, accepted, out)
 
 
