@@ -448,10 +448,11 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     if cpp_host is not None:
         from dspark.cpp_host import CppGenerator
 
-        for m in (m for m in chosen if not m.endswith("lookup")):  # the C++ host has no prompt lookup
+        for m in chosen:
+            bundle, use_draft, looked = engine(m)
             generators[(f"cpp-{m}", None if m == "plain" else "fixed")] = CppGenerator(
-                cpp_host, main.path if m == "plain" else spec_bundles[m].path, use_draft=m != "plain",
-                num_draft_tokens=num_draft_tokens, threads=threads, max_batch=concurrency[-1])
+                cpp_host, bundle.path, use_draft=use_draft, num_draft_tokens=num_draft_tokens, threads=threads,
+                max_batch=concurrency[-1], lookup=looked)
     tokenizer = generators[("plain", None)].tokenizer
     ids = [tokenizer.encode(p.text) or [tokenizer_fallback(main)] for p in prompts]
     sampling = SamplingParams(temperature)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, save_hf
-from dspark.cpp_host import CRequest, load_library
+from dspark.cpp_host import COptions, CRequest, load_library
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams
@@ -232,6 +232,31 @@ def test_cli_plain_equals_speculative_and_python(host, name, request, tmp_path):
     assert spec_trace == rows  # draft-LM rows have no confidence: byte-identical JSON
     assert all(r["draft_tokens"] == [] and r["accepted"] == 0 for r in plain_trace)
     assert 0 < sum(r["accepted"] for r in spec_trace) < sum(r["verify_length"] for r in spec_trace)
+
+
+@pytest.mark.parametrize("name,use_draft", [("qwen3_bundle", False), ("qwen3_bundle", True), ("dspark_bundle", True)])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_prompt_lookup_equals_python(host, name, use_draft, temperature, request):
+    """dspark_options.lookup: rows whose last tokens occurred before draft what followed them, alone or in front
+    of the bundle's draft; the Python runtime's tokens and rounds (greedy and sampled, same seeds)."""
+    bundle = request.getfixturevalue(name)
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [3] * 40, [11, 12], list(range(1, 70)) + list(range(1, 20))]
+    params = SamplingParams(temperature)
+    engine = host.lib.dspark_open(str(bundle).encode(), ctypes.byref(COptions(int(use_draft), 0, 0, 0, 1, None, None, 2)))
+    assert engine, host.error()
+    try:
+        got = c_generate(host, engine, prompts, [30] * len(prompts), params, seed=3)
+    finally:
+        host.lib.dspark_close(engine)
+    gen = Generator(bundle, use_draft=use_draft, lookup=2)
+    want = gen.generate([Request(p, 30, params, 3 + i, ignore_eos=True) for i, p in enumerate(prompts)], trace=True)
+    assert [g["tokens"] for g in got] == [w.generated for w in want]
+    for g, w in zip(got, want):  # the host verifies every draft and carries no lookup confidences
+        assert [{k: v for k, v in r.items() if k != "confidence"} for r in g["trace"]] == \
+               [{k: v for k, v in r.items() if k != "confidence"} for r in w.trace]
+    looked = [r for w in want for r in w.trace if r["draft_tokens"] and gen.proposer.lookup(
+        (w.request.prompt_ids + w.generated)[: r["position"] + 1], gen.draft_length)]
+    assert looked and any(r["accepted"] for r in looked)
 
 
 @pytest.mark.parametrize("name", ["qwen3_bundle", "qwen3_trt_bundle", "dspark_bundle"])

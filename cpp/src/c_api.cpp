@@ -92,7 +92,7 @@ const char* dspark_last_error(void) { return last_error.c_str(); }
 
 void dspark_options_init(dspark_options* o) {
   if (!o) return;
-  *o = dspark_options{1, 0, 0, 0, 1, nullptr, nullptr};
+  *o = dspark_options{1, 0, 0, 0, 1, nullptr, nullptr, 0};
 }
 
 void dspark_request_init(dspark_request* r) {
@@ -109,6 +109,7 @@ dspark_engine* dspark_open(const char* bundle_dir, const dspark_options* options
     dspark::Options opts;
     opts.use_draft = o.use_draft != 0;
     opts.num_draft_tokens = o.num_draft_tokens;
+    opts.lookup = o.lookup;
     opts.max_batch = o.max_batch;
     opts.threads = o.threads;
     opts.verify_sha256 = o.verify_sha256 != 0;

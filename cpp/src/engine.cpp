@@ -39,7 +39,7 @@ struct Engine::Impl {
     if (o.num_draft_tokens < 0)
       throw Error("num-draft-tokens must be positive, got " + std::to_string(o.num_draft_tokens));
     max_batch = o.max_batch ? std::min(o.max_batch, bundle.max_batch) : bundle.max_batch;
-    if (o.use_draft && bundle.has_draft) proposer = make_proposer(bundle, o);
+    proposer = make_proposer(bundle, o);
   }
 
   Options options;

@@ -209,17 +209,103 @@ class BlockProposer : public Proposer {
   std::vector<int64_t> positions_;
 };
 
+// Prompt lookup in front of another proposer (or none): a row whose last max_match .. min_match tokens (longest
+// first) occurred earlier in its own tokens drafts what followed their most recent occurrence; the other rows
+// get the wrapped proposer's drafts. A lookup draft's law is a point mass. (The Python runtime's lookup store and
+// learned confidences serve its schedulers; this host verifies every draft, so it needs neither.)
+class LookupProposer : public Proposer {
+ public:
+  LookupProposer(std::unique_ptr<Proposer> inner, int num_draft_tokens, int min_match, int vocab)
+      : inner_(std::move(inner)), min_(min_match), max_(std::max(min_match, 4)), vocab_(vocab) {
+    k = num_draft_tokens;
+  }
+
+  bool wants_features() const override { return inner_ && inner_->wants_features(); }
+  void keep(const std::vector<int>& rows) override {
+    if (inner_) inner_->keep(rows);
+  }
+  void add(int count, std::vector<std::vector<float>>* features) override {
+    if (inner_) inner_->add(count, features);
+  }
+
+  // the continuation of the most recent, longest earlier occurrence of the last tokens (at most cap tokens)
+  std::vector<int64_t> lookup(const std::vector<int64_t>& tokens, int cap) const {
+    int64_t size = static_cast<int64_t>(tokens.size());
+    for (int64_t n = std::min<int64_t>(max_, size - 1); n >= min_; --n) {
+      // windows that end before the last token, so each has at least one token after it
+      for (int64_t start = size - 1 - n; start >= 0; --start) {
+        if (std::equal(tokens.end() - n, tokens.end(), tokens.begin() + start)) {
+          int64_t from = start + n, to = std::min<int64_t>(size, from + cap);
+          return std::vector<int64_t>(tokens.begin() + from, tokens.begin() + to);
+        }
+      }
+    }
+    return {};
+  }
+
+  std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& caps) override {
+    size_t n = seqs.size();
+    std::vector<std::vector<int64_t>> found(n);
+    std::vector<int> rest(caps);
+    looked_.assign(n, false);
+    for (size_t r = 0; r < n; ++r) {
+      if (caps[r]) found[r] = lookup(seqs[r]->tokens, caps[r]);
+      if (!found[r].empty()) {
+        looked_[r] = true;
+        rest[r] = 0;
+      }
+    }
+    std::vector<Proposal> proposals = inner_ ? inner_->propose(seqs, rest) : std::vector<Proposal>(n);
+    for (size_t r = 0; r < n; ++r) {
+      if (!looked_[r]) continue;
+      Proposal p;
+      p.tokens = found[r];
+      if (!seqs[r]->request.sampling.greedy()) {
+        p.probs.assign(p.tokens.size() * static_cast<size_t>(vocab_), 0.0);
+        for (size_t j = 0; j < p.tokens.size(); ++j) p.probs[j * vocab_ + p.tokens[j]] = 1.0;
+      }
+      proposals[r] = std::move(p);
+    }
+    return proposals;
+  }
+
+  // the wrapped proposer drafted nothing on looked-up rows this round: it is told so
+  void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
+              const std::vector<int>& accepted) override {
+    if (!inner_) return;
+    std::vector<int> inner(drafted);
+    for (size_t r = 0; r < inner.size(); ++r)
+      if (looked_[r]) inner[r] = 0;
+    inner_->commit(target, anchors, inner, accepted);
+  }
+
+ private:
+  std::unique_ptr<Proposer> inner_;
+  int min_, max_, vocab_;
+  std::vector<bool> looked_;  // per row: whether this round's draft came from lookup
+};
+
 }  // namespace
 
 std::unique_ptr<Proposer> make_proposer(const Bundle& bundle, const Options& options) {
-  int k = options.num_draft_tokens ? options.num_draft_tokens : bundle.draft_length;
+  bool use_draft = options.use_draft && bundle.has_draft;
+  if (options.lookup < 0) throw Error("lookup must be >= 0 (0 turns it off), got " + std::to_string(options.lookup));
+  if (!use_draft && !options.lookup) return nullptr;
+  int k = options.num_draft_tokens ? options.num_draft_tokens
+                                   : (bundle.has_draft ? bundle.draft_length : bundle.max_verify_tokens - 1);
+  if (k < 1)
+    throw Error("prompt lookup on a bundle without a draft needs room to verify drafts: re-export it with "
+                "--num-draft-tokens K");
   if (k + 1 > bundle.max_verify_tokens)
     throw Error("--num-draft-tokens " + std::to_string(k) + " needs " + std::to_string(k + 1) +
                 "-token verify calls; this bundle was exported for at most " +
                 std::to_string(bundle.max_verify_tokens - 1) + " (re-export with --num-draft-tokens " +
                 std::to_string(k) + ")");
-  if (bundle.draft_method == "draft-lm") return std::make_unique<DraftLMProposer>(bundle, options, k);
-  return std::make_unique<BlockProposer>(bundle, options, k);
+  std::unique_ptr<Proposer> inner;
+  if (use_draft && bundle.draft_method == "draft-lm") inner = std::make_unique<DraftLMProposer>(bundle, options, k);
+  else if (use_draft) inner = std::make_unique<BlockProposer>(bundle, options, k);
+  if (!options.lookup) return inner;
+  return std::make_unique<LookupProposer>(std::move(inner), k, options.lookup, bundle.target.vocab_size);
 }
 
 }  // namespace dspark

@@ -1,6 +1,7 @@
 // Drafts, as dspark/runtime/proposers.py: a draft LM (K single-token steps, a cache that lags and rolls back) or a
 // DSpark/DFlash block drafter (one call drafts the block from the target's tapped features; its context cache is
-// fed once per committed position and never rolls back). Both: keep/add rows, propose up to a cap, commit.
+// fed once per committed position and never rolls back); prompt lookup in front of either or of none. All:
+// keep/add rows, propose up to a cap, commit.
 #pragma once
 
 #include <memory>
@@ -26,6 +27,7 @@ class Proposer {
   int k = 0;
 };
 
+// what drafts for the bundle under these options (its draft, prompt lookup, both), or nullptr when nothing does
 std::unique_ptr<Proposer> make_proposer(const Bundle& bundle, const Options& options);
 
 }  // namespace dspark

@@ -34,6 +34,9 @@ options:
   --seed S                 seed for sampling; prompt i uses S+i, the same draws as `dspark generate` (default 0)
   --num-draft-tokens K     draft tokens per round (default: the bundle's; at most the block for DSpark)
   --no-draft               plain decoding with the target alone
+  --lookup N               prompt lookup: a request whose last N or more tokens (longest match up to 4)
+                           occurred earlier in its prompt or output drafts what followed them there; the
+                           other requests use the bundle's draft (none with --no-draft); 0: off (default 0)
   --max-batch N            most requests running at once (default and ceiling: the bundle's)
   --ignore-eos             keep generating past end-of-sequence tokens
   --stop TEXT              stop when this text appears (repeatable); it is not included in the output
@@ -119,6 +122,7 @@ int run(int argc, char** argv) {
     else if (a == "--seed") base.seed = static_cast<uint64_t>(to_int(a, value()));
     else if (a == "--num-draft-tokens") options.num_draft_tokens = static_cast<int>(to_int(a, value()));
     else if (a == "--no-draft") options.use_draft = false;
+    else if (a == "--lookup") options.lookup = static_cast<int>(to_int(a, value()));
     else if (a == "--max-batch") options.max_batch = static_cast<int>(to_int(a, value()));
     else if (a == "--ignore-eos") base.ignore_eos = true;
     else if (a == "--stop") base.stop.push_back(value());
@@ -137,6 +141,7 @@ int run(int argc, char** argv) {
   if (prompts.empty()) throw BadInput("give a prompt: --prompt TEXT, --prompt-ids IDS or --prompts-file FILE");
   if (options.num_draft_tokens < 0) throw BadInput("--num-draft-tokens must be positive");
   if (options.max_batch < 0) throw BadInput("--max-batch must be positive");
+  if (options.lookup < 0) throw BadInput("--lookup must be >= 0 (0 turns it off)");
   base.sampling.check();
 
   dspark::Engine engine(bundle, options);

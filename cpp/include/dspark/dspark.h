@@ -27,6 +27,7 @@ typedef struct {
   int verify_sha256;      /* file sizes are always checked; sha256 too when non-zero */
   const char* backend;    /* "ort" (default when NULL) or "trt" */
   const char* provider;   /* "cpu" (default when NULL), "cuda", "tensorrt" */
+  int lookup;             /* prompt lookup from earlier occurrences of a row's last N+ tokens; 0: off */
 } dspark_options;
 
 typedef struct {
