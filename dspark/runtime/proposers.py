@@ -253,7 +253,8 @@ class LookupProposer:
             self.inner.rewind(anchors)
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
-        found, self.sources = zip(*(self.draft(s.tokens, c) for s, c in zip(seqs, caps))) if seqs else ((), ())
+        drafts = [self.draft(s.tokens, c) for s, c in zip(seqs, caps)]
+        found, self.sources = [d for d, _ in drafts], [source for _, source in drafts]
         rest = [0 if f else c for f, c in zip(found, caps)]
         if self.inner:
             proposals = self.inner.propose(seqs, rest)
