@@ -112,9 +112,8 @@ class _Lowering:
             inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(g.np_float))]
             if zero_points is not None:
                 inputs.append(g.const(name + ".zero_points", zero_points))
-            if bias is not None:
-                inputs += [""] * (4 - len(inputs))
-                inputs += ["", g.weight(name + ".bias", bias)]
+            if bias is not None:  # input 5, after the optional zero points and g_idx
+                inputs += [""] * (5 - len(inputs)) + [g.weight(name + ".bias", bias)]
             return g.op1("MatMulNBits", inputs, domain="com.microsoft", K=in_features, N=out_features,
                          bits=QUANT_BITS[self.quantize], block_size=QUANT_BLOCK, accuracy_level=QUANT_ACCURACY)
         y = g.op1("MatMul", [x, g.weight(name + ".weight_t", weight.T)])

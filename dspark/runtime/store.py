@@ -13,6 +13,7 @@ for 1.5 M tokens). A hash hit is checked against the tokens themselves, so a col
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,6 @@ def add_store(bundle_dir: str | Path, source: str | Path) -> dict:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
