@@ -41,6 +41,13 @@ def file_records(folder: Path) -> dict[str, dict]:
     return records
 
 
+def file_identity(path: Path) -> tuple:
+    """What tells one version of a file from another cheaply (path, modification time, size): the key of objects
+    a process builds once per file (ONNX Runtime sessions, lookup store indexes)."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
 class ManifestProblem(Exception):
     """What is missing or mistyped in a manifest, as one line naming the field."""
 

@@ -3,6 +3,9 @@ ONNX Runtime's fused operators with the KV cache updated in place, and the stand
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +63,32 @@ def test_ragged_prefill_then_ragged_steps(exported):
             history[r] = history[r] + part[: kept[-1]]
         commit(cache, out, kept)
     assert list(cache.lens) == [len(h) for h in history]
+
+
+def test_runners_of_one_graph_share_a_session(exported):
+    """Two runners of one graph share the process's session (one copy of the weights) yet keep their own bindings
+    and buffers: calls on different caches, interleaved, each match transformers; the session goes with them."""
+    model, bundle = exported
+    first, second = OrtRunner(bundle, "target"), OrtRunner(bundle, "target")
+    assert first.session is second.session
+    histories = {first: [4, 8, 15, 16, 23], second: [42, 7, 1]}
+    caches = {}
+    for runner, ids in histories.items():
+        caches[runner] = decoder_cache(bundle.target.config, 1, bundle)
+        caches[runner].reserve(64)
+    for step in range(4):
+        for runner, ids in histories.items():
+            new = ids if step == 0 else [(ids[-1] * 3 + step) % VOCAB]
+            history = (ids if step == 0 else ids + new)
+            out = run_decoder(runner, caches[runner], [new])
+            np.testing.assert_allclose(out["logits"][0, : len(new)], reference(model, history)[-len(new):],
+                                       atol=TOL, rtol=0)
+            commit(caches[runner], out, [len(new)])
+            histories[runner] = history
+    session = weakref.ref(first.session)
+    del first, second, runner, histories, caches
+    gc.collect()
+    assert session() is None
 
 
 def test_new_keys_match_transformers_cache(exported):

@@ -106,3 +106,5 @@ def test_lookup_store_drafts_when_own_tokens_do_not_match(qwen3_bundle, tmp_path
                 from_store.append(r)
     assert from_store and sum(r["accepted"] for r in from_store) >= len(from_store)  # mostly its own answers back
     assert gen.proposer.trials[gen.proposer.STORE, 0] > 0
+    # another Generator of the bundle reads the same index instead of building its own
+    assert Generator(bundle, use_draft=False, lookup=2).proposer.store is gen.proposer.store

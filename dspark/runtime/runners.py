@@ -8,9 +8,12 @@ views of those buffers and stay valid until the runner's next call.
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+
 import numpy as np
 
-from dspark.bundle import Bundle, TensorSpec
+from dspark.bundle import Bundle, TensorSpec, file_identity
 from dspark.errors import DsparkError
 
 
@@ -63,31 +66,49 @@ def share_thread_pool(threads: int = 0) -> bool:
     return True
 
 
+# Sessions by graph file and options, alive while a runner holds them: Generators of one process (dspark bench's
+# configurations, a server's workers) share one session per graph file, so the weights are loaded and prepacked
+# once and runs that alternate between configurations read one copy from the caches. Each runner keeps its own
+# IOBinding and buffers; ONNX Runtime sessions take concurrent runs.
+_sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def ort_session(path: Path, threads: int, providers: list[str], spin: bool):
+    """The process's ONNX Runtime session for the graph at ``path`` with these options, made on first use."""
+    import onnxruntime as ort
+
+    key = (*file_identity(path), threads, tuple(providers), spin, _thread_pool["shared"])
+    session = _sessions.get(key)
+    if session is not None:
+        return session
+    options = ort.SessionOptions()
+    _thread_pool["sessions"] += 1
+    if _thread_pool["shared"]:
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not spin and not _thread_pool["shared"]:
+        # Each session has its own pool: idle draft threads that spin would take the cores from the target's
+        # call (demo pair, 1 request: speculative 62 tok/s with every session spinning, 89 with only the
+        # target spinning), so the draft's pool sleeps between calls (see share_thread_pool for its cost).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # ORT raises its own exception types for unreadable graphs
+        raise DsparkError(f"ONNX Runtime cannot load {path}: {e}") from None
+    _sessions[key] = session
+    return session
+
+
 class OrtRunner(GraphRunner):
     def __init__(self, bundle: Bundle, graph: str, threads: int = 0, providers: list[str] | None = None,
                  spin: bool = True):
-        import onnxruntime as ort
-
         self.spec = bundle.graph(graph)
-        options = ort.SessionOptions()
-        _thread_pool["sessions"] += 1
-        if _thread_pool["shared"]:
-            options.use_per_session_threads = False
-        else:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if not spin and not _thread_pool["shared"]:
-            # Each session has its own pool: idle draft threads that spin would take the cores from the target's
-            # call (demo pair, 1 request: speculative 62 tok/s with every session spinning, 89 with only the
-            # target spinning), so the draft's pool sleeps between calls (see share_thread_pool for its cost).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        path = str(bundle.file(self.spec.file))
-        try:
-            self.session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types for unreadable graphs
-            raise DsparkError(f"ONNX Runtime cannot load {path}: {e}") from None
+        self.session = ort_session(bundle.file(self.spec.file), threads, providers or ["CPUExecutionProvider"],
+                                   spin)
         self.input_names = [i.name for i in self.spec.inputs]
         self.output_names = [o.name for o in self.spec.outputs]
         self.binding = self.session.io_binding()
