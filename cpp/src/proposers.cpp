@@ -215,8 +215,8 @@ class BlockProposer : public Proposer {
 // learned confidences serve its schedulers; this host verifies every draft, so it needs neither.)
 class LookupProposer : public Proposer {
  public:
-  LookupProposer(std::unique_ptr<Proposer> inner, int num_draft_tokens, int min_match, int vocab)
-      : inner_(std::move(inner)), min_(min_match), max_(std::max(min_match, 4)), vocab_(vocab) {
+  LookupProposer(std::unique_ptr<Proposer> inner, int num_draft_tokens, int min_match)
+      : inner_(std::move(inner)), min_(min_match), max_(std::max(min_match, 4)) {
     k = num_draft_tokens;
   }
 
@@ -259,11 +259,7 @@ class LookupProposer : public Proposer {
     for (size_t r = 0; r < n; ++r) {
       if (!looked_[r]) continue;
       Proposal p;
-      p.tokens = found[r];
-      if (!seqs[r]->request.sampling.greedy()) {
-        p.probs.assign(p.tokens.size() * static_cast<size_t>(vocab_), 0.0);
-        for (size_t j = 0; j < p.tokens.size(); ++j) p.probs[j * vocab_ + p.tokens[j]] = 1.0;
-      }
+      p.tokens = found[r];  // no probs: a point-mass law (see accept)
       proposals[r] = std::move(p);
     }
     return proposals;
@@ -281,7 +277,7 @@ class LookupProposer : public Proposer {
 
  private:
   std::unique_ptr<Proposer> inner_;
-  int min_, max_, vocab_;
+  int min_, max_;
   std::vector<bool> looked_;  // per row: whether this round's draft came from lookup
 };
 
@@ -305,7 +301,7 @@ std::unique_ptr<Proposer> make_proposer(const Bundle& bundle, const Options& opt
   if (use_draft && bundle.draft_method == "draft-lm") inner = std::make_unique<DraftLMProposer>(bundle, options, k);
   else if (use_draft) inner = std::make_unique<BlockProposer>(bundle, options, k);
   if (!options.lookup) return inner;
-  return std::make_unique<LookupProposer>(std::move(inner), k, options.lookup, bundle.target.vocab_size);
+  return std::make_unique<LookupProposer>(std::move(inner), k, options.lookup);
 }
 
 }  // namespace dspark

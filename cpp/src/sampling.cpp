@@ -98,12 +98,18 @@ Verdict accept(const float* logits, int vocab, const std::vector<int64_t>& draft
   }
   for (int k = 0; k < n; ++k) {
     std::vector<double> p = probabilities(logits + static_cast<size_t>(k) * vocab, vocab, params);
-    const double* q = draft_probs.data() + static_cast<size_t>(k) * vocab;
     int64_t token = drafts[k];
-    double ratio = p[token] / std::max(q[token], 1e-30);
-    if (rng.random() < std::min(1.0, ratio)) continue;
     std::vector<double> residual(vocab);
-    for (int i = 0; i < vocab; ++i) residual[i] = std::max(p[i] - q[i], 0.0);
+    if (draft_probs.empty()) {  // point mass on the token: accepted with probability p(token), else p without it
+      if (rng.random() < p[token]) continue;
+      residual = p;
+      residual[token] = 0.0;
+    } else {
+      const double* q = draft_probs.data() + static_cast<size_t>(k) * vocab;
+      double ratio = p[token] / std::max(q[token], 1e-30);
+      if (rng.random() < std::min(1.0, ratio)) continue;
+      for (int i = 0; i < vocab; ++i) residual[i] = std::max(p[i] - q[i], 0.0);
+    }
     if (pairwise_sum(residual.data(), residual.size()) <= 1e-12) residual = p;
     return {k, sample(residual, rng.random())};
   }

@@ -22,7 +22,8 @@ struct Verdict {
 };
 
 // Judge `drafts` against target rows `logits` [drafts.size()+1, vocab]. `draft_probs` [drafts.size(), vocab]
-// holds the law each draft token was drawn from (empty when greedy).
+// holds the law each draft token was drawn from; empty when greedy or when each was proposed with certainty (a
+// point mass: prompt lookup), which needs no vocabulary-sized array per draft.
 Verdict accept(const float* logits, int vocab, const std::vector<int64_t>& drafts, const std::vector<double>& draft_probs,
                const SamplingParams& params, Rng& rng);
 

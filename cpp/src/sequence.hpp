@@ -31,7 +31,7 @@ struct Sequence {
 
 struct Proposal {
   std::vector<int64_t> tokens;
-  std::vector<double> probs;        // [tokens, vocab]: the law each token was drawn from (empty when greedy)
+  std::vector<double> probs;        // [tokens, vocab]: the law each token was drawn from (empty: greedy or point mass)
   std::vector<double> confidence;   // raw confidence-head logits, one per token
   bool has_confidence = false;
 };

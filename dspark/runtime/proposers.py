@@ -31,7 +31,8 @@ from dspark.runtime.store import load_store
 @dataclass
 class Proposal:
     tokens: list[int]
-    probs: np.ndarray | None = None  # [len(tokens), V]: the law each token was drawn from (None when greedy)
+    # [len(tokens), V]: the law each token was drawn from; None when greedy or a point mass (prompt lookup)
+    probs: np.ndarray | None = None
     confidence_logits: np.ndarray | None = None  # [len(tokens)] raw confidence-head logits (None: no head)
     sts: bool = True  # whether the bundle's STS temperatures (fitted to the drafter's head) apply to them
 
@@ -203,7 +204,6 @@ class LookupProposer:
         self.draft_length = draft_length
         self.min_match, self.max_match = min_match, max_match
         self.store = load_store(bundle, min_match, max_match)
-        self.vocab_size = bundle.target.config.vocab_size
         self.reads_features = inner is not None and inner.reads_features
         # lookup rows carry a confidence wherever the other rows do (or there are no others)
         self.has_head = inner is None or (inner.reads_features and bundle.draft.confidence_head)
@@ -263,12 +263,8 @@ class LookupProposer:
         for r, (s, tokens, source) in enumerate(zip(seqs, found, self.sources)):
             if not tokens:
                 continue
-            probs = None
-            if not s.request.sampling.greedy:
-                probs = np.zeros((len(tokens), self.vocab_size))
-                probs[np.arange(len(tokens)), tokens] = 1.0
             confidence = self.confidence_logits(source, len(tokens)) if self.has_head else None
-            proposals[r] = Proposal(tokens, probs, confidence, sts=False)
+            proposals[r] = Proposal(tokens, None, confidence, sts=False)  # a point-mass law (sampling.accept)
         return proposals
 
     def commit(self, anchors: list[int], drafted: list[int], verified: list[int], accepted: list[int], out) -> None:

@@ -109,7 +109,9 @@ def accept(
     params: SamplingParams,
     rng: np.random.Generator,
 ) -> tuple[int, int]:
-    """Judge ``draft_tokens`` against the target rows ``target_logits`` [len(draft)+1, V].
+    """Judge ``draft_tokens`` against the target rows ``target_logits`` [len(draft)+1, V]. ``draft_probs``
+    [len(draft), V] is the law each draft token was drawn from; None when each was proposed with certainty (a
+    point mass: prompt lookup), which needs no vocabulary-sized array per draft.
 
     Returns (number of accepted drafts, the next token: correction or bonus).
     """
@@ -121,13 +123,19 @@ def accept(
         return accepted, int(choices[accepted])
     p = probabilities(target_logits, params)
     for k, token in enumerate(draft_tokens):
-        q = np.asarray(draft_probs[k], dtype=np.float64)
-        # a draft law with NaN or negative entries (a broken drafter) must not turn into "accept everything"
-        q = np.where(np.isfinite(q) & (q > 0), q, 0.0)
-        ratio = p[k, token] / max(q[token], 1e-30)
-        if rng.random() < min(1.0, ratio):
-            continue
-        residual = np.maximum(p[k] - q, 0.0)
+        if draft_probs is None:  # point mass on the token: accepted with probability p(token), else p without it
+            if rng.random() < p[k, token]:
+                continue
+            residual = p[k].copy()
+            residual[token] = 0.0
+        else:
+            q = np.asarray(draft_probs[k], dtype=np.float64)
+            # a draft law with NaN or negative entries (a broken drafter) must not turn into "accept everything"
+            q = np.where(np.isfinite(q) & (q > 0), q, 0.0)
+            ratio = p[k, token] / max(q[token], 1e-30)
+            if rng.random() < min(1.0, ratio):
+                continue
+            residual = np.maximum(p[k] - q, 0.0)
         if residual.sum() <= 1e-12:
             residual = p[k]
         return k, sample(residual, rng.random())
