@@ -28,14 +28,12 @@ How it is measured:
   ``ideal_speedup_alone`` takes call costs measured in this process at concurrency c, each call repeated alone:
   T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for c rows,
   all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). It assumes full-width rounds, so
-  it understates methods whose rounds vary in width (prompt lookup, ``sps``). The C++ host has no clock: its
-  ideal is the alone one.
+  it understates methods whose rounds vary in width (prompt lookup, ``sps``).
 - where a round's time goes, measured inside the timed runs (the generator's ``RoundClock``): ``round_ms`` per
   round (prefill excluded), of it ``draft_ms`` (the proposer's calls), ``verify_ms`` (the target's call) and
   ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. A call inside the loop
   can cost more than the same call repeated alone (the draft's and the target's weights evict each other from
-  the CPU caches): compare ``draft_ms`` with ``call_costs_ms``. The C++ host has no clock: its ``round_ms`` is
-  the wall time less every request's time to first token, x c / rounds, split with the call costs.
+  the CPU caches): compare ``draft_ms`` with ``call_costs_ms``. The C++ host keeps the same clock in C++.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
   draft length by how many rows are in flight; 0 turns drafting off there; ``auto`` learns it per method as it
   runs (each generator has its own).
@@ -59,6 +57,7 @@ import numpy as np
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.prompts import Prompt
+from dspark.runtime.generate import RoundClock
 from dspark.runtime.schedulers import make_block_schedule
 
 REPORT_FIELDS = ("method", "scheduler", "concurrency", "tokens_per_second", "ttft_ms", "itl_p50_ms", "itl_p99_ms",
@@ -121,7 +120,7 @@ class Run:
     wall_s: float
     seqs: list
     stamps: list[list[float]]  # per request: time of each generated token
-    clock: object = None  # the generator's RoundClock over this run (None: the C++ host has none)
+    clock: RoundClock  # the generator's rounds over this run
 
 
 @dataclass
@@ -144,8 +143,7 @@ def run_closed_loop(gen, requests: list, concurrency: int) -> Run:
     if gen.has_work():
         raise DsparkError("the engine still has work from a previous run")
     gen.max_batch = concurrency
-    if hasattr(gen, "clock"):
-        gen.clock = type(gen.clock)()
+    gen.clock = RoundClock()  # counts afresh
     pending = collections.deque(requests)
     inflight: dict[int, tuple] = {}  # id(seq) -> (seq, index)
     seqs, stamps, counts = [None] * len(requests), [[] for _ in requests], [0] * len(requests)
@@ -174,7 +172,7 @@ def run_closed_loop(gen, requests: list, concurrency: int) -> Run:
             if seq.done:
                 del inflight[key]
         top_up()
-    return Run(time.perf_counter() - start, seqs, stamps, getattr(gen, "clock", None))
+    return Run(time.perf_counter() - start, seqs, stamps, gen.clock)
 
 
 def summarize(config: Configuration) -> dict:
@@ -499,18 +497,14 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         c = costs[config.name]
         tau = row["mean_accepted_length"]
         row["ideal_speedup_alone"] = tau * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
-        clocks = [r.clock for r in config.runs if r.clock is not None and r.clock.rounds]
-        row["clocked"] = bool(clocks)
+        clocks = [r.clock for r in config.runs if r.clock.rounds]
+        row["clocked"] = bool(clocks)  # False only when every request ended at its prefill
         if clocks:
             per_round = lambda field: 1000 * statistics.median(getattr(k, field) / k.rounds for k in clocks)  # noqa: E731
             row["round_ms"], row["draft_ms"], row["verify_ms"] = (per_round(f) for f in ("round_s", "draft_s",
                                                                                           "verify_s"))
         else:
-            rounds = sum(len(s.accepted) for s in config.runs[0].seqs)
-            decoding = [r.wall_s - sum(s.stats()["time_to_first_token_ms"] for s in r.seqs) / 1000
-                        for r in config.runs]
-            row["round_ms"] = 1000 * statistics.median(decoding) * config.concurrency / rounds
-            row["draft_ms"], row["verify_ms"] = c["t_draft_ms"], c["t_verify_ms"]
+            row["round_ms"] = row["draft_ms"] = row["verify_ms"] = 0.0
         row["host_ms"] = row["round_ms"] - row["draft_ms"] - row["verify_ms"]
         if config.method in ("plain", "cpp-plain"):
             row["ideal_speedup_alone"] = 1.0  # τ = 1, no draft, T_verify = T(1)

@@ -2,8 +2,8 @@
 
 ``load_library`` declares the C API of ``libdspark.so``; ``CppGenerator`` drives an engine step by step with the
 surface of ``dspark.runtime.generate.Generator`` that a closed loop needs (``submit``/``step``/``has_work``,
-``max_batch``, sequences with ``generated``, ``done``, ``first_token_at``, ``accepted``, ``verified`` and
-``stats()``), so the C++ host can be timed the same way as the Python runtime.
+``max_batch``, ``clock``, sequences with ``generated``, ``done``, ``first_token_at``, ``accepted``, ``verified``
+and ``stats()``), so the C++ host can be timed the same way as the Python runtime.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.runtime.generate import RoundClock
 
 
 class CRequest(ctypes.Structure):
@@ -32,6 +33,13 @@ class COptions(ctypes.Structure):
     _fields_ = [("use_draft", ctypes.c_int), ("num_draft_tokens", ctypes.c_int), ("max_batch", ctypes.c_int),
                 ("threads", ctypes.c_int), ("verify_sha256", ctypes.c_int), ("backend", ctypes.c_char_p),
                 ("provider", ctypes.c_char_p), ("lookup", ctypes.c_int)]
+
+
+class CClock(ctypes.Structure):
+    """``dspark_clock`` of cpp/include/dspark/dspark.h."""
+
+    _fields_ = [("rounds", ctypes.c_int64), ("round_s", ctypes.c_double), ("draft_s", ctypes.c_double),
+                ("verify_s", ctypes.c_double)]
 
 
 def load_library(path: str | Path) -> ctypes.CDLL:
@@ -61,6 +69,7 @@ def load_library(path: str | Path) -> ctypes.CDLL:
         "dspark_release": (None, [vp, ctypes.c_int64]),
         "dspark_set_max_batch": (ctypes.c_int, [vp, ctypes.c_int]),
         "dspark_num_draft_tokens": (ctypes.c_int, [vp]),
+        "dspark_read_clock": (ctypes.c_int, [vp, vp]),
         "dspark_tokenizer_open": (vp, [ctypes.c_char_p]),
         "dspark_tokenizer_encode": (ctypes.c_long, [vp, ctypes.c_char_p, i64p, size]),
         "dspark_tokenizer_decode": (vp, [vp, i64p, size]),
@@ -129,6 +138,7 @@ class CppGenerator:
             raise DsparkError(self.lib.dspark_last_error().decode())
         self.running: dict[int, CppSequence] = {}
         self._max_batch = max_batch or self.bundle.limits.max_batch
+        self._clock_start = self._read_clock()
 
     def close(self) -> None:
         if self.engine:
@@ -151,6 +161,24 @@ class CppGenerator:
         if self.lib.dspark_set_max_batch(self.engine, value) != 0:
             raise DsparkError(self.lib.dspark_last_error().decode())
         self._max_batch = value
+
+    def _read_clock(self) -> RoundClock:
+        clock = CClock()
+        if self.lib.dspark_read_clock(self.engine, ctypes.byref(clock)) != 0:
+            raise DsparkError(self.lib.dspark_last_error().decode())
+        return RoundClock(clock.rounds, clock.round_s, clock.draft_s, clock.verify_s)
+
+    @property
+    def clock(self) -> RoundClock:
+        """The engine's rounds since the clock was last set, as ``Generator.clock``."""
+        now, start = self._read_clock(), self._clock_start
+        return RoundClock(now.rounds - start.rounds, now.round_s - start.round_s, now.draft_s - start.draft_s,
+                          now.verify_s - start.verify_s)
+
+    @clock.setter
+    def clock(self, _fresh: RoundClock) -> None:
+        """Assigning a fresh clock starts counting afresh, as with ``Generator.clock``."""
+        self._clock_start = self._read_clock()
 
     def has_work(self) -> bool:
         return bool(self.lib.dspark_has_work(self.engine))

@@ -317,7 +317,8 @@ def test_streamed_text_and_example(host, qwen3_bundle):
 
 def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, tmp_path):
     """`dspark bench --cpp-host`: cpp-plain and cpp-draft-lm rows in the same closed loop, the same tokens and
-    acceptance as the Python runtime's rows, speed-up over the host's own plain decoding."""
+    acceptance as the Python runtime's rows, speed-up over the host's own plain decoding, rounds split by the
+    host's own clock."""
     from click.testing import CliRunner
 
     from dspark.cli import main
@@ -340,6 +341,11 @@ def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, 
             assert cpp["acceptance_by_position"] == py["acceptance_by_position"]
         assert rows[("cpp-draft-lm", c)]["speedup"] == pytest.approx(
             rows[("cpp-draft-lm", c)]["tokens_per_second"] / rows[("cpp-plain", c)]["tokens_per_second"])
+        for m in ("cpp-plain", "cpp-draft-lm"):  # the host's own clock splits its rounds
+            r = rows[(m, c)]
+            assert r["round_ms"] == pytest.approx(r["draft_ms"] + r["verify_ms"] + r["host_ms"])
+            assert r["verify_ms"] > 0 and r["host_ms"] > 0 and (r["draft_ms"] > 0) == (m != "cpp-plain")
+            assert r["round_ms"] < 1000 * max(r["wall_s_runs"])
 
 
 # ------------------------------------------------------------------------------------------------- sampling law

@@ -238,6 +238,15 @@ int dspark_num_draft_tokens(dspark_engine* engine) {
   return guarded<int>(0, [&]() -> int { return engine_of(engine).num_draft_tokens(); });
 }
 
+int dspark_read_clock(dspark_engine* engine, dspark_clock* clock) {
+  return guarded<int>(-1, [&]() -> int {
+    if (!clock) throw dspark::Error("clock must not be NULL");
+    const dspark::RoundClock& k = engine_of(engine).clock();
+    *clock = {k.rounds, k.round_s, k.draft_s, k.verify_s};
+    return 0;
+  });
+}
+
 size_t dspark_results_count(const dspark_results* r) { return r ? r->results.size() : 0; }
 
 const int64_t* dspark_results_tokens(const dspark_results* r, size_t i, size_t* count) {

@@ -54,6 +54,7 @@ struct Engine::Impl {
   std::deque<Sequence*> waiting;
   std::map<uint64_t, std::unique_ptr<Sequence>> sequences;  // every submitted request until released
   uint64_t next_id = 1;
+  RoundClock clock;
 
   int k() const { return proposer ? proposer->k : 0; }
 
@@ -84,7 +85,10 @@ struct Engine::Impl {
     }
   }
 
+  static double since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
   void round() {
+    auto started = Clock::now();
     std::vector<Sequence*>& seqs = running;
     size_t n = seqs.size();
     std::vector<int64_t> anchors(n);
@@ -96,7 +100,9 @@ struct Engine::Impl {
                                        bundle.max_context - static_cast<int64_t>(s.tokens.size())) - 1;
       caps[r] = s.done() ? 0 : static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(k(), room)));
     }
+    auto drafting = Clock::now();
     std::vector<Proposal> proposals = proposer ? proposer->propose(seqs, caps) : std::vector<Proposal>(n);
+    if (proposer) clock.draft_s += since(drafting);
     std::vector<std::vector<int64_t>> parts(n);
     std::vector<int> lengths(n), drafted(n);
     for (size_t r = 0; r < n; ++r) {
@@ -105,7 +111,9 @@ struct Engine::Impl {
       parts[r].push_back(seqs[r]->tokens.back());
       parts[r].insert(parts[r].end(), proposals[r].tokens.begin(), proposals[r].tokens.end());
     }
+    auto verifying = Clock::now();
     target->run(cache, parts, false);
+    clock.verify_s += since(verifying);
     std::vector<int> accepted(n, 0), counts(n, 0);
     std::vector<std::vector<int64_t>> emitted(n);
     for (size_t r = 0; r < n; ++r) {
@@ -141,6 +149,8 @@ struct Engine::Impl {
         res.trace.push_back(std::move(row));
       }
     }
+    clock.rounds += 1;
+    clock.round_s += since(started);
   }
 
   // commit tokens in order until a stop condition; return the ones committed
@@ -200,6 +210,7 @@ std::string Engine::decode(const std::vector<int64_t>& ids) const { return impl_
 const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer; }
 int Engine::num_draft_tokens() const { return impl_->k(); }
 int Engine::max_context() const { return impl_->bundle.max_context; }
+const RoundClock& Engine::clock() const { return impl_->clock; }
 std::string Engine::draft_method() const { return impl_->proposer ? impl_->bundle.draft_method : ""; }
 
 uint64_t Engine::submit(const Request& r, bool trace, std::function<void(const std::string&)> on_text) {

@@ -42,6 +42,13 @@ typedef struct {
   size_t stop_count;
 } dspark_request;
 
+/* where the engine's rounds spent their time since it was opened (prefill excluded): the rounds, and of them the
+ * proposer's calls and the target's verify calls; the rest is host work */
+typedef struct {
+  int64_t rounds;
+  double round_s, draft_s, verify_s;
+} dspark_clock;
+
 /* called with each request's new text as it becomes safe to show */
 typedef void (*dspark_text_callback)(size_t request_index, const char* delta, void* user);
 
@@ -78,6 +85,7 @@ const char* dspark_request_trace(dspark_engine* engine, int64_t id);
 void dspark_release(dspark_engine* engine, int64_t id);
 int dspark_set_max_batch(dspark_engine* engine, int max_batch);  /* 0 ok, -1 on error */
 int dspark_num_draft_tokens(dspark_engine* engine);              /* 0: plain decoding */
+int dspark_read_clock(dspark_engine* engine, dspark_clock* clock); /* 0 ok, -1 on error */
 
 size_t dspark_results_count(const dspark_results* results);
 const int64_t* dspark_results_tokens(const dspark_results* results, size_t index, size_t* count);

@@ -77,6 +77,13 @@ struct Result {
   static std::string trace_json(const TraceRound& row, int prompt_index = -1);  // one --trace line
 };
 
+// Where an engine's speculative rounds spent their time since it was opened (prefill excluded): the round, and of
+// it the proposer's calls and the target's verify call; the rest is host work. As the Python runtime's RoundClock.
+struct RoundClock {
+  int64_t rounds = 0;
+  double round_s = 0, draft_s = 0, verify_s = 0;
+};
+
 class Tokenizer;  // dspark/tokenizer.hpp
 
 // A bundle opened for generation: its graphs, KV caches and tokenizer. Not thread-safe: one caller at a time.
@@ -109,6 +116,7 @@ class Engine {
 
   int num_draft_tokens() const;  // 0 for plain decoding
   int max_context() const;
+  const RoundClock& clock() const;
   std::string draft_method() const;  // "", "draft-lm", "dspark" or "dflash"
 
  private:
