@@ -333,6 +333,11 @@ class PeerOptions:
     llama_draft_gguf: Path | None = None
 
 
+def llama_gguf(bundle: Bundle, chosen: Path | None) -> Path | None:
+    """The GGUF file llama.cpp runs: the one given, else the file the bundle's target was converted from."""
+    return chosen or (Path(bundle.target.gguf.file) if bundle.target.gguf else None)
+
+
 def run_peers(main: Bundle, spec_bundles: dict, prompts: list[Prompt], prompt_ids: list[list[int]],
               max_new_tokens: int, temperature: float, draft_length: int | None, threads: int, repeats: int,
               options: PeerOptions, log) -> dict[str, dict]:
@@ -347,10 +352,8 @@ def run_peers(main: Bundle, spec_bundles: dict, prompts: list[Prompt], prompt_id
                                                                                   max_new_tokens, threads, repeats,
                                                                                   log=log))
     if options.llama_cpp:
-        source = main.target.source or ""
-        gguf = options.llama_gguf or (Path(source) if source.endswith(".gguf") else None)
         calls["llama.cpp"] = ("llama_cpp", lambda m: m.run_peer(
-            options.llama_cpp, gguf, [p.text for p in prompts], max_new_tokens, threads, repeats,
+            options.llama_cpp, llama_gguf(main, options.llama_gguf), [p.text for p in prompts], max_new_tokens, threads, repeats,
             draft=options.llama_draft_gguf, draft_length=draft_length or 4, context=main.limits.max_context,
             log=log))
     results = {}

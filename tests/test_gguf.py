@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from click.testing import CliRunner  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+from dspark.bench import llama_gguf  # noqa: E402
 from dspark.bundle import Bundle  # noqa: E402
 from dspark.cli import main  # noqa: E402
 from dspark.errors import DsparkError  # noqa: E402
@@ -196,7 +197,7 @@ def test_tokenizer_template_and_stop_tokens_come_from_the_file(exported):
 
 
 def test_manifest_records_the_gguf_source(exported, cache):
-    name, path, manifest, _, _, _ = exported
+    name, path, manifest, bundle, _, _ = exported
     source = manifest["models"]["target"]["gguf"]
     assert source["file"] == str(path.resolve())
     assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -208,6 +209,8 @@ def test_manifest_records_the_gguf_source(exported, cache):
     assert manifest["models"]["target"]["source"] == str(folder)
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
+    # dspark bench --peers runs llama.cpp on that file unless told another
+    assert llama_gguf(bundle, None) == path.resolve() and llama_gguf(bundle, Path("x.gguf")) == Path("x.gguf")
 
 
 def test_gguf_draft_and_cached_conversion(cache, tmp_path):
