@@ -13,6 +13,12 @@ included, as ``dspark bench`` counts), median over repeats after one warm-up pas
 ``threads`` intra-op threads (0: ONNX Runtime's default).
 
     python bench/peers/ort_genai.py BUNDLE GENAI_MODEL [--max-new-tokens 64] [--prompts FILE] [--repeats 3]
+    python bench/peers/ort_genai.py BUNDLE GENAI_MODEL --interleaved [...]
+
+``--interleaved`` times dspark's plain decoding of BUNDLE and onnxruntime-genai in one process, prompt by prompt,
+the order swapped every prompt: on a machine whose speed drifts from minute to minute (a shared VM's two cores
+swung 20% between back-to-back runs here), only a comparison whose halves run moments apart means anything.
+dspark's sessions then keep threads of their own (onnxruntime-genai made the process's ONNX Runtime environment).
 
 ``dspark bench --peers --genai-model GENAI_MODEL`` calls ``run_peer_isolated`` and puts the numbers beside its own:
 the peer runs in a process of its own, because onnxruntime-genai creates ONNX Runtime's process-wide environment
@@ -100,6 +106,57 @@ def run_peer(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, thread
     }
 
 
+def run_interleaved(bundle_dir, model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0,
+                    repeats: int = 3, warmup: int = 1) -> dict:
+    """dspark plain and onnxruntime-genai alternating request by request in this process: tokens/s of each (all
+    new tokens / all seconds, prefill included), their ratio, and per-step medians."""
+    from dspark.runtime.generate import Generator, Request
+
+    model = load_model(Path(model_dir), threads)
+    ours = Generator(bundle_dir, threads=threads, use_draft=False)
+
+    def dspark_plain(ids):
+        start, stamps = time.perf_counter(), []
+        seq = ours.submit(Request(ids, max_new_tokens=max_new_tokens, ignore_eos=True))
+        while ours.has_work():
+            ours.step()
+            stamps.append(time.perf_counter())
+        return seq.generated, start, stamps
+
+    def genai(ids):
+        import onnxruntime_genai as og
+
+        total = len(ids) + max_new_tokens
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        start, stamps, new = time.perf_counter(), [], []
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+            stamps.append(time.perf_counter())
+        return new, start, stamps
+
+    runs = {"dspark": dspark_plain, "onnxruntime-genai": genai}
+    totals = {name: [0, 0.0, [], []] for name in runs}  # tokens, seconds, first-token ms, step ms
+    for p in range(warmup + repeats):
+        for i, ids in enumerate(prompt_ids):
+            for name in (list(runs) if (i + p) % 2 == 0 else list(runs)[::-1]):
+                tokens, start, stamps = runs[name](ids)
+                if p >= warmup:
+                    t = totals[name]
+                    t[0] += len(tokens)
+                    t[1] += stamps[-1] - start
+                    t[2].append(1000 * (stamps[0] - start))
+                    t[3] += [1000 * (b - a) for a, b in zip(stamps, stamps[1:])]
+    report = {name: {"tokens_per_second": t[0] / t[1], "first_token_ms_mean": statistics.mean(t[2]),
+                     "step_ms_median": statistics.median(t[3])} for name, t in totals.items()}
+    return {"bundle": str(bundle_dir), "model": str(model_dir), "requests": len(prompt_ids),
+            "max_new_tokens": max_new_tokens, "threads": threads, "repeats": repeats, **report,
+            "dspark_over_genai": report["dspark"]["tokens_per_second"] / report["onnxruntime-genai"]["tokens_per_second"]}
+
+
 def run_peer_isolated(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0,
                       repeats: int = 3, warmup: int = 1, log=print) -> dict:
     """``run_peer`` in a fresh Python process (see the module docstring for why)."""
@@ -128,8 +185,14 @@ def main() -> None:
     parser.add_argument("bundle", help="the dspark bundle whose tokenizer encodes the prompts")
     parser.add_argument("model", help="the onnxruntime-genai model folder")
     peer_script_arguments(parser)
+    parser.add_argument("--interleaved", action="store_true",
+                        help="time dspark's plain decoding of BUNDLE alternating with onnxruntime-genai in one process")
     args = parser.parse_args()
     ids = peer_prompt_ids(args.bundle, args.prompts, args.num_prompts)
+    if args.interleaved:
+        print(json.dumps(run_interleaved(args.bundle, args.model, ids, args.max_new_tokens, args.threads,
+                                         args.repeats), indent=2))
+        return
     report = run_peer(args.model, ids, args.max_new_tokens, args.threads, args.repeats)
     report.pop("generated_token_ids", None)
     print(json.dumps(report, indent=2))
