@@ -353,9 +353,9 @@ def run_peers(main: Bundle, spec_bundles: dict, prompts: list[Prompt], prompt_id
                                                                                   log=log))
     if options.llama_cpp:
         calls["llama.cpp"] = ("llama_cpp", lambda m: m.run_peer(
-            options.llama_cpp, llama_gguf(main, options.llama_gguf), [p.text for p in prompts], max_new_tokens, threads, repeats,
-            draft=options.llama_draft_gguf, draft_length=draft_length or 4, context=main.limits.max_context,
-            log=log))
+            options.llama_cpp, llama_gguf(main, options.llama_gguf), [p.text for p in prompts], max_new_tokens,
+            threads, repeats, draft=options.llama_draft_gguf, draft_length=draft_length or 4,
+            context=main.limits.max_context, log=log))
     results = {}
     for name, (file, call) in calls.items():
         log(f"peers: {name} ...")
