@@ -98,8 +98,10 @@ def test_speculative_samples_follow_target_law(small_vocab, params, backend):
         found = [generator.proposer.draft(PROMPT + s.generated[:1], 2)[0] for s in traced]
         assert all(s.trace[0]["draft_tokens"] == f for s, f in zip(traced, found) if f)
         assert 0 < sum(map(bool, found)) < len(found) if generator.proposer.store is None else all(found)
-    # the draft disagrees with the target: rejections and residual draws really happen
-    assert 0.1 < sum(sum(s.accepted) for s in seqs) / sum(sum(s.verified) for s in seqs) < 0.9
+    # the draft disagrees with the target: rejections and residual draws really happen (a store of random tokens
+    # is right less often than a draft model)
+    low = 0.1 if lookup and generator.proposer.store is not None else 0.2
+    assert low < sum(sum(s.accepted) for s in seqs) / sum(sum(s.verified) for s in seqs) < 0.9
     law = exact_law(target, params)
     support = law > 0
     assert counts[~support].sum() == 0, "tokens outside the warped support were emitted"

@@ -51,8 +51,9 @@ def load_model(model_dir: Path, threads: int):
     return og.Model(config)
 
 
-def generate(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    """Greedy: exactly ``max_new_tokens`` new tokens and the seconds they took (prompt append included)."""
+def generate(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy: exactly ``max_new_tokens`` new tokens and, for each, the seconds from the start until it was there
+    (prompt append included)."""
     import onnxruntime_genai as og
 
     total = len(prompt_ids) + max_new_tokens
@@ -61,11 +62,12 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[in
     start = time.perf_counter()
     generator = og.Generator(model, params)
     generator.append_tokens([prompt_ids])
-    new = []
+    new, times = [], []
     while not generator.is_done():
         generator.generate_next_token()
         new.append(int(generator.get_next_tokens()[0]))
-    return new, time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    return new, times
 
 
 def run_peer(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0, repeats: int = 3,
@@ -84,8 +86,8 @@ def run_peer(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, thread
         tokens = seconds = 0.0
         outputs = []
         for ids in prompt_ids:
-            new, elapsed = generate(model, ids, max_new_tokens)
-            tokens, seconds = tokens + len(new), seconds + elapsed
+            new, times = generate(model, ids, max_new_tokens)
+            tokens, seconds = tokens + len(new), seconds + times[-1]
             outputs.append(new)
         if p >= warmup:
             rates.append(tokens / seconds)
@@ -115,41 +117,26 @@ def run_interleaved(bundle_dir, model_dir, prompt_ids: list[list[int]], max_new_
     model = load_model(Path(model_dir), threads)
     ours = Generator(bundle_dir, threads=threads, use_draft=False)
 
-    def dspark_plain(ids):
-        start, stamps = time.perf_counter(), []
-        seq = ours.submit(Request(ids, max_new_tokens=max_new_tokens, ignore_eos=True))
+    def dspark_plain(ids, n):  # as generate: the new tokens and each one's seconds from the start
+        start, times = time.perf_counter(), []
+        seq = ours.submit(Request(ids, max_new_tokens=n, ignore_eos=True))
         while ours.has_work():
             ours.step()
-            stamps.append(time.perf_counter())
-        return seq.generated, start, stamps
+            times.append(time.perf_counter() - start)
+        return seq.generated, times
 
-    def genai(ids):
-        import onnxruntime_genai as og
-
-        total = len(ids) + max_new_tokens
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=total, min_length=total)
-        start, stamps, new = time.perf_counter(), [], []
-        generator = og.Generator(model, params)
-        generator.append_tokens([ids])
-        while not generator.is_done():
-            generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
-            stamps.append(time.perf_counter())
-        return new, start, stamps
-
-    runs = {"dspark": dspark_plain, "onnxruntime-genai": genai}
+    runs = {"dspark": dspark_plain, "onnxruntime-genai": lambda ids, n: generate(model, ids, n)}
     totals = {name: [0, 0.0, [], []] for name in runs}  # tokens, seconds, first-token ms, step ms
     for p in range(warmup + repeats):
         for i, ids in enumerate(prompt_ids):
             for name in (list(runs) if (i + p) % 2 == 0 else list(runs)[::-1]):
-                tokens, start, stamps = runs[name](ids)
+                tokens, times = runs[name](ids, max_new_tokens)
                 if p >= warmup:
                     t = totals[name]
                     t[0] += len(tokens)
-                    t[1] += stamps[-1] - start
-                    t[2].append(1000 * (stamps[0] - start))
-                    t[3] += [1000 * (b - a) for a, b in zip(stamps, stamps[1:])]
+                    t[1] += times[-1]
+                    t[2].append(1000 * times[0])
+                    t[3] += [1000 * (b - a) for a, b in zip(times, times[1:])]
     report = {name: {"tokens_per_second": t[0] / t[1], "first_token_ms_mean": statistics.mean(t[2]),
                      "step_ms_median": statistics.median(t[3])} for name, t in totals.items()}
     return {"bundle": str(bundle_dir), "model": str(model_dir), "requests": len(prompt_ids),

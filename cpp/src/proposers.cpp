@@ -259,7 +259,7 @@ class LookupProposer : public Proposer {
     for (size_t r = 0; r < n; ++r) {
       if (!looked_[r]) continue;
       Proposal p;
-      p.tokens = found[r];  // no probs: a point-mass law (see accept)
+      p.tokens = std::move(found[r]);  // no probs: a point-mass law (see accept)
       proposals[r] = std::move(p);
     }
     return proposals;

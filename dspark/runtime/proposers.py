@@ -260,7 +260,7 @@ class LookupProposer:
             proposals = self.inner.propose(seqs, rest)
         else:
             proposals = [Proposal([]) for _ in seqs]
-        for r, (s, tokens, source) in enumerate(zip(seqs, found, self.sources)):
+        for r, (tokens, source) in enumerate(zip(found, self.sources)):
             if not tokens:
                 continue
             confidence = self.confidence_logits(source, len(tokens)) if self.has_head else None
