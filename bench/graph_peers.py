@@ -3,8 +3,10 @@
 For each pair (ours, theirs) at one precision it measures:
 - T(n): one graph call appending n tokens (n = 1, 2, 4, 8, 16) to a --context-token cache, median of --repeats.
   Calls run back to back in blocks per (graph, n), as decoding runs them (a call right after the other graph's
-  would first reload its weights into the CPU caches); the blocks alternate between the graphs over 4 sweeps,
-  in reversed order every other sweep, so machine noise hits both alike.
+  would first reload its weights into the CPU caches); the blocks alternate between the graphs over --sweeps
+  sweeps, in reversed order every other sweep. Besides each graph's median, the ratio ours / theirs is taken per
+  sweep from adjacent blocks (seconds apart) and its median and quartiles reported: this machine's speed drifts
+  by +-20% from minute to minute, which the paired ratio cancels and separate medians do not.
   Ours runs through dspark's own runner and cache (in-place KV, nothing committed, so the context stays put);
   theirs is their model.onnx in an ONNX Runtime session with the same options, past K/V bound once.
 - plain decode tokens/s: ``dspark``'s Generator (no draft) and onnxruntime-genai's own generate loop on the same
@@ -106,21 +108,31 @@ class Theirs:
         self.session.run_with_iobinding(self.binding)
 
 
-SWEEPS = 4
-
-
-def step_costs(ours: Ours, theirs: Theirs, repeats: int) -> dict:
+def step_costs(ours: Ours, theirs: Theirs, repeats: int, sweeps: int) -> tuple[dict, dict]:
+    """Median T(n) per graph, and per n the paired ratio ours / theirs: for every sweep, the median of our block over
+    the median of their adjacent block (seconds apart, so the machine's drift from minute to minute cancels), then the
+    median and quartiles of those ratios over the sweeps."""
     times = {(who, n): [] for who in ("ours", "theirs") for n in WIDTHS}
+    ratios = {n: [] for n in WIDTHS}
     blocks = [(who, runner, n) for n in WIDTHS for who, runner in (("ours", ours), ("theirs", theirs))]
-    for sweep in range(SWEEPS):
+    for sweep in range(sweeps):
+        block_median = {}
         for who, runner, n in blocks[:: 1 if sweep % 2 == 0 else -1]:
             for _ in range(3):  # warm-up: this graph's weights back in the caches
                 runner.call(n)
-            for _ in range(max(1, repeats // SWEEPS)):
+            block = []
+            for _ in range(max(1, repeats // sweeps)):
                 t = time.perf_counter()
                 runner.call(n)
-                times[(who, n)].append(time.perf_counter() - t)
-    return {who: {n: 1000 * statistics.median(times[(who, n)]) for n in WIDTHS} for who in ("ours", "theirs")}
+                block.append(time.perf_counter() - t)
+            times[(who, n)] += block
+            block_median[(who, n)] = statistics.median(block)
+        for n in WIDTHS:
+            ratios[n].append(block_median[("ours", n)] / block_median[("theirs", n)])
+    medians = {who: {n: 1000 * statistics.median(times[(who, n)]) for n in WIDTHS} for who in ("ours", "theirs")}
+    paired = {n: {"median": statistics.median(r), "quartiles": statistics.quantiles(r, n=4)[::2]}
+              for n, r in ratios.items()}
+    return medians, paired
 
 
 def our_decode(ours: Ours, prompt_ids: list[int], tokens: int) -> float:
@@ -213,7 +225,10 @@ def main() -> None:
     parser.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "BUNDLE", "GENAI_DIR"),
                         help="a precision label, our bundle and onnxruntime-genai's model folder for the same checkpoint")
     parser.add_argument("--context", type=int, default=128, help="cache length for the T(n) calls")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per width (median kept)")
+    parser.add_argument("--repeats", type=int, default=60, help="timed calls per width and graph (median kept)")
+    parser.add_argument("--sweeps", type=int, default=12,
+                        help="blocks the T(n) calls are split into, alternating between the graphs (a paired ratio "
+                             "per sweep)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per decode run")
     parser.add_argument("--decode-runs", type=int, default=3, help="decode runs per system (median kept)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op threads")
@@ -237,7 +252,7 @@ def main() -> None:
     for label, bundle_dir, genai_dir in args.pair:
         bundle_dir, genai_dir = Path(bundle_dir), Path(genai_dir)
         ours, theirs = Ours(bundle_dir, args.threads, args.context), Theirs(genai_dir, args.threads, args.context)
-        costs = step_costs(ours, theirs, args.repeats)
+        costs, paired = step_costs(ours, theirs, args.repeats, args.sweeps)
         # each decode run in a process of its own, so no other session's threads or caches are around
         decode = {"ours": [], "theirs": []}
         for run in range(args.decode_runs):
@@ -255,6 +270,7 @@ def main() -> None:
                            "theirs": their_perplexity(theirs, heldout)},
             "t_ms": costs,
             "t_ratio": {who: {n: costs[who][n] / costs[who][1] for n in WIDTHS} for who in costs},
+            "t_ours_over_theirs_paired": paired,
             "decode_tok_s": rates,
             "t1_back_to_back_ms": back_to_back,
             "host_ms_per_plain_step": host,
@@ -308,6 +324,10 @@ def print_pair(label: str, entry: dict) -> None:
     for who in ("ours", "theirs"):
         cells = "".join(f"{entry['t_ms'][who][n]:9.2f} ({entry['t_ratio'][who][n]:4.2f})" for n in WIDTHS)
         print(f"  {who:6s}{cells}")
+    paired = entry["t_ours_over_theirs_paired"]
+    print("  ours/theirs, paired by sweep: median [quartiles] " + ", ".join(
+        f"n={n}: {paired[n]['median']:.3f} [{paired[n]['quartiles'][0]:.3f}, {paired[n]['quartiles'][1]:.3f}]"
+        for n in WIDTHS))
     print(f"  held-out perplexity: ours {entry['perplexity']['ours']} (fp32 is the unquantized model), "
           f"theirs {entry['perplexity']['theirs']:.4f}")
     rates = entry["decode_tok_s"]

@@ -16,7 +16,7 @@ from dspark.cli import main
 from dspark.errors import DsparkError
 from dspark.export.bundle import ExportOptions, export_bundle, load_draft
 from dspark.graphs.decoder import DecoderLM
-from dspark.graphs.drafter import Drafter
+from dspark.graphs.drafter import Drafter, DrafterConfig
 from dspark.runtime.generate import Generator, Request
 from dspark.train.features import feature_cache
 from dspark.train.draft import (
@@ -25,6 +25,8 @@ from dspark.train.draft import (
     block_logits,
     default_target_layers,
     drafter_forward,
+    grow,
+    grown_config,
     method_config,
     read_answer_masks,
     read_mask_token_id,
@@ -305,3 +307,39 @@ def test_init_from_continues_a_trained_drafter(setup, tmp_path):
                                        "--threads", "1", "--batch-size", "2", "--seq-len", "48", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["draft_vocab_size"] == VOCAB // 2
+
+
+def test_init_from_grows_a_drafter_without_changing_it(setup, tmp_path):
+    """--num-layers / --target-layers with --init-from: new taps (before or after the old ones) and new layers start as no-ops, so the
+    grown drafter drafts what it was trained to and training goes on from its held-out loss; taps are never dropped."""
+    target_dir, data, target = setup
+    first = tmp_path / "first"
+    config = config_for(target_dir, "dspark", num_layers=1, target_layers=[1], draft_vocab=VOCAB // 2)
+    first_log = train_draft(target_dir, data, first, "dspark", config, ARGS, steps=20, threads=1, **QUIET)
+    source = Drafter.from_pretrained(first, target.config, target_dir=target_dir)
+    bigger = grown_config(json.loads((first / "config.json").read_text()), 2, [1, 0])  # taps go in layer order
+    grown = grow(source, DrafterConfig.from_hf(bigger, target.config))
+    d = target.config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(2, 6, 2 * d, generator=gen)  # taps 0 then 1: the old tap is the second slice
+    positions = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        k_old, v_old = source.context_kv(features[..., d:], positions)
+        k_new, v_new = grown.context_kv(features, positions)
+        assert torch.equal(k_new[0], k_old[0]) and torch.equal(v_new[0], v_old[0])
+        anchor, start, lens = torch.tensor([3, 5]), torch.tensor([6, 4]), torch.tensor([6, 4])
+        h_old = source.block_hidden(anchor, start, lens, k_old, v_old)
+        h_new = grown.block_hidden(anchor, start, lens, k_new, v_new)
+    torch.testing.assert_close(h_new, h_old, rtol=0, atol=1e-6)
+    assert torch.equal(grown.draft_vocab, source.draft_vocab)
+    rec = train_draft(target_dir, data, tmp_path / "grown", "dspark", bigger, ARGS, steps=10, threads=1,
+                      init_from=first, **QUIET)
+    log = [json.loads(line) for line in (tmp_path / "grown" / "training_log.jsonl").read_text().splitlines()]
+    assert log[0]["heldout_loss"] == pytest.approx(first_log["heldout_loss"], rel=0.02) and rec["step"] == 10
+    saved = json.loads((tmp_path / "grown" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 2 and saved["target_layer_ids"] == [0, 1]
+    result = CliRunner().invoke(main, ["train-draft", str(target_dir), "--method", "dspark", "--data", str(data),
+                                       "--output", str(tmp_path / "cli"), "--init-from", str(first),
+                                       "--target-layers", "0", "--steps", "1", "--no-progress"])
+    assert result.exit_code == 2 and "drops the taps [1]" in result.output
+    assert not (tmp_path / "cli").exists()

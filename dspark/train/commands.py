@@ -205,7 +205,9 @@ def _layer_list(_ctx, _param, value):
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="dspark/dflash: start from this drafter's weights, draft vocabulary and config (for example one "
                    "trained on less data) with a fresh optimizer and schedule; its config.json replaces the shape "
-                   "options above. Ignored when OUTPUT resumes.")
+                   "options above, except that --num-layers and --target-layers may grow it (more layers, more "
+                   "taps) without changing what it computes at the start: new taps' fc columns and new layers' "
+                   "output projections start at zero. Ignored when OUTPUT resumes.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
                         warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
@@ -217,8 +219,10 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
 
     if init_from is not None:
         from dspark.graphs.checkpoint import read_config
+        from dspark.train.draft import grown_config
 
-        config = read_config(init_from)  # the drafter it starts from decides the shape
+        # the drafter it starts from decides the shape, grown by --num-layers / --target-layers when given
+        config = grown_config(read_config(init_from), num_layers, target_layers)
     else:
         if num_layers is None:
             num_layers = 4 if method == "draft-lm" else 2

@@ -322,6 +322,8 @@ class BlockTask:
     def _init(self, seed: int, vocab: torch.Tensor | None, init: tuple[Path, Path] | None) -> Drafter:
         if init is not None:  # (drafter folder, its target folder): its weights and its draft vocabulary
             model = Drafter.from_pretrained(init[0], self.target.config, torch.float32, init[1])
+            if model.config != self.dconfig:
+                model = grow(model, self.dconfig)
             for name in FROZEN:
                 model.get_parameter(name).requires_grad_(False)
             return model.train()
@@ -412,6 +414,44 @@ class BlockTask:
         # without them only trained weights are stored, and float16 halves the file (training ran in bfloat16)
         dtype = stored_dtype(target_dir) if self.args.frozen_copies else torch.float16
         save_deepspec(output, self.config, copy.deepcopy(self.model).to(dtype), frozen_copies=self.args.frozen_copies)
+
+
+def grown_config(config: dict, num_layers: int | None = None, target_layers: list[int] | None = None) -> dict:
+    """A trained block drafter's ``config`` with more draft layers and/or more target taps (None: as it is)."""
+    layers = num_layers or config["num_hidden_layers"]
+    taps = sorted(set(target_layers or config["target_layer_ids"]))
+    if layers < config["num_hidden_layers"]:
+        raise DsparkError(f"--num-layers {layers}: the drafter of --init-from has {config['num_hidden_layers']}; "
+                          "growing adds layers, it does not remove them")
+    dropped = [t for t in config["target_layer_ids"] if t not in taps]
+    if dropped:
+        raise DsparkError(f"--target-layers drops the taps {dropped} the drafter of --init-from reads; list all of "
+                          f"{','.join(map(str, config['target_layer_ids']))} and the ones to add")
+    return {**config, "num_hidden_layers": layers, "target_layer_ids": taps, "layer_types": ["full_attention"] * layers}
+
+
+def grow(source: Drafter, config: DrafterConfig) -> Drafter:
+    """``source`` grown to ``config`` (``grown_config``) computing exactly what it computed: a new tap's columns of
+    ``fc`` are zero, and each new layer, appended on top, is a copy of the last one whose output projections
+    (attention and MLP) are zero, so it adds nothing to the residual stream until training moves them."""
+    old, d = source.config, source.config.hidden_size
+    state = source.state_dict()
+    fc = state["fc.weight"].new_zeros(d, d * len(config.target_layer_ids))
+    for j, tap in enumerate(old.target_layer_ids):
+        i = config.target_layer_ids.index(tap)
+        fc[:, i * d:(i + 1) * d] = state["fc.weight"][:, j * d:(j + 1) * d]
+    state["fc.weight"] = fc
+    last = f"layers.{old.num_layers - 1}."
+    for k in range(old.num_layers, config.num_layers):
+        for name in [n for n in list(state) if n.startswith(last)]:
+            new = f"layers.{k}." + name[len(last):]
+            zero = ".o_proj." in name or ".down_proj." in name
+            state[new] = torch.zeros_like(state[name]) if zero else state[name].clone()
+    model = Drafter(config).to(state["fc.weight"].dtype)
+    model.load_state_dict(state)
+    if config.draft_vocab_size:
+        model.set_draft_vocab(source.draft_vocab)
+    return model
 
 
 # -------------------------------------------------------------------------------------------------- draft LM
