@@ -15,8 +15,8 @@ included, as ``dspark bench`` counts), median over repeats after one warm-up pas
     python bench/peers/ort_genai.py BUNDLE GENAI_MODEL [--max-new-tokens 64] [--prompts FILE] [--repeats 3]
     python bench/peers/ort_genai.py BUNDLE GENAI_MODEL --interleaved [...]
 
-``--interleaved`` times dspark's plain decoding of BUNDLE and onnxruntime-genai in one process, prompt by prompt,
-the order swapped every prompt: on a machine whose speed drifts from minute to minute (a shared VM's two cores
+``--interleaved`` times dspark's decoding of BUNDLE (plain, or any of ``--method plain|lookup|draft|draft+lookup``)
+and onnxruntime-genai in one process, prompt by prompt, the order rotated every prompt: on a machine whose speed drifts from minute to minute (a shared VM's two cores
 swung 20% between back-to-back runs here), only a comparison whose halves run moments apart means anything.
 dspark's sessions then keep threads of their own (onnxruntime-genai made the process's ONNX Runtime environment).
 
@@ -108,29 +108,54 @@ def run_peer(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, thread
     }
 
 
-def run_interleaved(bundle_dir, model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0,
-                    repeats: int = 3, warmup: int = 1) -> dict:
-    """dspark plain and onnxruntime-genai alternating request by request in this process: tokens/s of each (all
-    new tokens / all seconds, prefill included), their ratio, and per-step medians."""
+DSPARK_METHODS = ("plain", "lookup", "draft", "draft+lookup")
+
+
+def dspark_run(bundle_dir, method: str, threads: int, scheduler: str, lookup: int):
+    """A function (prompt ids, n) -> (new tokens, each one's seconds from the start) decoding with ``method``: plain,
+    lookup (prompt lookup alone), draft (the bundle's drafter) or draft+lookup."""
     from dspark.runtime.generate import Generator, Request
 
-    model = load_model(Path(model_dir), threads)
-    ours = Generator(bundle_dir, threads=threads, use_draft=False)
+    if method not in DSPARK_METHODS:
+        raise SystemExit(f"--method {method!r}: choose from {', '.join(DSPARK_METHODS)}")
+    draft = method.startswith("draft")
+    generator = Generator(bundle_dir, threads=threads, use_draft=draft, lookup=lookup if "lookup" in method else 0,
+                          scheduler=scheduler if method != "plain" else "fixed")
+    if draft and generator.bundle.draft is None:
+        raise SystemExit(f"--method {method}: {bundle_dir} has no draft")
 
-    def dspark_plain(ids, n):  # as generate: the new tokens and each one's seconds from the start
-        start, times = time.perf_counter(), []
-        seq = ours.submit(Request(ids, max_new_tokens=n, ignore_eos=True))
-        while ours.has_work():
-            ours.step()
-            times.append(time.perf_counter() - start)
+    def run(ids, n):
+        start, times, seen = time.perf_counter(), [], 0
+        seq = generator.submit(Request(ids, max_new_tokens=n, ignore_eos=True))
+        while generator.has_work():
+            generator.step()
+            now = time.perf_counter() - start
+            times += [now] * (len(seq.generated) - seen)  # a round's tokens share its time
+            seen = len(seq.generated)
         return seq.generated, times
 
-    runs = {"dspark": dspark_plain, "onnxruntime-genai": lambda ids, n: generate(model, ids, n)}
-    totals = {name: [0, 0.0, [], []] for name in runs}  # tokens, seconds, first-token ms, step ms
+    return run
+
+
+def run_interleaved(bundle_dir, model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0,
+                    repeats: int = 3, warmup: int = 1, methods=("plain",), scheduler: str = "fixed",
+                    lookup: int = 2) -> dict:
+    """dspark (each of ``methods``) and onnxruntime-genai taking turns request by request in this process, the order
+    rotated every request: tokens/s of each (all new tokens / all seconds, prefill included), each dspark method's
+    ratio to onnxruntime-genai, per-step medians, and whether every method wrote the same greedy tokens."""
+    model = load_model(Path(model_dir), threads)
+    runs = {f"dspark {m}": dspark_run(bundle_dir, m, threads, scheduler, lookup) for m in methods}
+    runs["onnxruntime-genai"] = lambda ids, n: generate(model, ids, n)
+    names = list(runs)
+    totals = {name: [0, 0.0, [], []] for name in runs}  # tokens, seconds, first-token ms, gap ms
+    outputs = {name: [] for name in runs}
     for p in range(warmup + repeats):
         for i, ids in enumerate(prompt_ids):
-            for name in (list(runs) if (i + p) % 2 == 0 else list(runs)[::-1]):
+            turn = (i + p) % len(names)
+            for name in names[turn:] + names[:turn]:
                 tokens, times = runs[name](ids, max_new_tokens)
+                if p == 0:
+                    outputs[name].append(tokens)
                 if p >= warmup:
                     t = totals[name]
                     t[0] += len(tokens)
@@ -138,10 +163,16 @@ def run_interleaved(bundle_dir, model_dir, prompt_ids: list[list[int]], max_new_
                     t[2].append(1000 * times[0])
                     t[3] += [1000 * (b - a) for a, b in zip(times, times[1:])]
     report = {name: {"tokens_per_second": t[0] / t[1], "first_token_ms_mean": statistics.mean(t[2]),
-                     "step_ms_median": statistics.median(t[3])} for name, t in totals.items()}
+                     "gap_ms_median": statistics.median(t[3])} for name, t in totals.items()}
+    genai = report["onnxruntime-genai"]["tokens_per_second"]
+    for name in names[:-1]:
+        report[name]["over_genai"] = report[name]["tokens_per_second"] / genai
+        report[name]["outputs_equal_to_genai"] = sum(a == b for a, b in zip(outputs[name], outputs["onnxruntime-genai"]))
+    plain = outputs.get("dspark plain")
+    lossless = None if plain is None else all(outputs[n] == plain for n in runs if n.startswith("dspark"))
     return {"bundle": str(bundle_dir), "model": str(model_dir), "requests": len(prompt_ids),
-            "max_new_tokens": max_new_tokens, "threads": threads, "repeats": repeats, **report,
-            "dspark_over_genai": report["dspark"]["tokens_per_second"] / report["onnxruntime-genai"]["tokens_per_second"]}
+            "max_new_tokens": max_new_tokens, "threads": threads, "repeats": repeats, "scheduler": scheduler,
+            "lookup": lookup, "dspark_methods_equal_plain": lossless, **report}
 
 
 def run_peer_isolated(model_dir, prompt_ids: list[list[int]], max_new_tokens: int, threads: int = 0,
@@ -173,12 +204,17 @@ def main() -> None:
     parser.add_argument("model", help="the onnxruntime-genai model folder")
     peer_script_arguments(parser)
     parser.add_argument("--interleaved", action="store_true",
-                        help="time dspark's plain decoding of BUNDLE alternating with onnxruntime-genai in one process")
+                        help="time dspark's decoding of BUNDLE taking turns with onnxruntime-genai in one process")
+    parser.add_argument("--method", action="append", choices=DSPARK_METHODS,
+                        help="--interleaved: a dspark method to time (repeatable; default plain)")
+    parser.add_argument("--scheduler", default="fixed", help="--interleaved: the speculative methods' scheduler")
+    parser.add_argument("--lookup", type=int, default=2, help="--interleaved: prompt lookup's minimum match")
     args = parser.parse_args()
     ids = peer_prompt_ids(args.bundle, args.prompts, args.num_prompts)
     if args.interleaved:
         print(json.dumps(run_interleaved(args.bundle, args.model, ids, args.max_new_tokens, args.threads,
-                                         args.repeats), indent=2))
+                                         args.repeats, methods=args.method or ["plain"], scheduler=args.scheduler,
+                                         lookup=args.lookup), indent=2))
         return
     report = run_peer(args.model, ids, args.max_new_tokens, args.threads, args.repeats)
     report.pop("generated_token_ids", None)
