@@ -434,9 +434,9 @@ def grow(source: Drafter, config: DrafterConfig) -> Drafter:
     """``source`` grown to ``config`` (``grown_config``) computing exactly what it computed: a new tap's columns of
     ``fc`` are zero, and each new layer, appended on top, is a copy of the last one whose output projections
     (attention and MLP) are zero, so it adds nothing to the residual stream until training moves them."""
-    old, d = source.config, source.config.hidden_size
-    state = source.state_dict()
-    fc = state["fc.weight"].new_zeros(d, d * len(config.target_layer_ids))
+    old, state = source.config, source.state_dict()
+    d = old.feature_size // len(old.target_layer_ids)  # one tap's columns: the target's width
+    fc = state["fc.weight"].new_zeros(old.hidden_size, d * len(config.target_layer_ids))
     for j, tap in enumerate(old.target_layer_ids):
         i = config.target_layer_ids.index(tap)
         fc[:, i * d:(i + 1) * d] = state["fc.weight"][:, j * d:(j + 1) * d]
