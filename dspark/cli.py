@@ -392,7 +392,7 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
           threshold, num_draft_tokens, lookup, repeats, warmup, cost_repeats, threads, seed, peers, genai_model, llama_cpp,
           llama_gguf, llama_draft_gguf, cpp_host, block_schedule, output, no_progress, backend, device):
     """Benchmark plain and speculative decoding of BUNDLE_DIR, interleaved in one process on the same prompts."""
-    from dspark.bench import PeerOptions, parse_int_list, parse_names, run_bench, table, write_report
+    from dspark.bench import PeerOptions, mismatches, parse_int_list, parse_names, run_bench, table, write_report
 
     peer_options = PeerOptions(genai_model, llama_cpp, llama_gguf, llama_draft_gguf)
     if not peers and any(vars(peer_options).values()):
@@ -410,6 +410,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                        log=lambda m: click.echo(m, err=True), backend=backend, device=device)
     files = write_report(report, output)
     click.echo(table(report))
+    for line in mismatches(report):
+        click.echo(f"warning: {line}", err=True)
     plots = ", ".join(Path(p).name for p in files["plots"]) or "none (pip install matplotlib)"
     click.echo(f"report: {files['json']}, {files['markdown']}; plots: {plots}")
 

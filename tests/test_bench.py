@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dspark.bench import check_finite
+from dspark.bench import check_finite, mismatches
 from dspark.prompts import builtin_prompts, load_prompts
 from dspark.cli import main
 
@@ -209,3 +209,14 @@ def test_bench_lookup_methods(qwen3_bundle, tmp_path):
     assert set(peers["dspark"]["speculative"]) == {"lookup", "draft-lm+lookup"}
     code, text = run("bench", qwen3_bundle, "--methods", "plain,lookup", "--output", tmp_path / "r2", "--no-progress")
     assert code == 2 and "--lookup N" in text
+
+
+def test_rows_that_are_not_lossless_are_named():
+    """A greedy row whose tokens differ from plain's is called out (the report and the command's stderr), a sampled
+    row (matches_plain None) or a matching one is not."""
+    rows = [{"method": "plain", "scheduler": None, "concurrency": 1, "matches_plain": True},
+            {"method": "dspark", "scheduler": "sps", "concurrency": 1, "matches_plain": False},
+            {"method": "lookup", "scheduler": "fixed", "concurrency": 4, "matches_plain": None}]
+    lines = mismatches({"configurations": rows})
+    assert len(lines) == 1 and lines[0].startswith("dspark (sps, c=1) wrote other tokens than plain decoding")
+    assert mismatches({"configurations": rows[:1] + rows[2:]}) == []
