@@ -43,7 +43,10 @@ CALIBRATED = ("int4", "w8a8")  # rescaled on calibration activations first (int8
 W8A8_WEIGHT_ONLY = ("down_proj",)
 QUANT_BLOCK = 32
 # MatMulNBits accuracy level 4: activations are quantized to int8 per block, so the products run on the CPU's
-# integer dot-product units (VNNI/AMX); level 0 would dequantize weights to fp32 at every call.
+# integer dot-product units (VNNI/AMX); level 0 would dequantize weights to fp32 at every call. Known defect: at
+# level 4 a one-token call computes other logits than a multi-token call (SmolLM2-135M: up to 0.9 apart), so
+# plain and speculative greedy output part at near-ties; level 1 agrees to 1e-4 but cost T(1) 1.19x, T(8) 1.96x
+# in one A/B here (README, "What is lossless here").
 QUANT_ACCURACY = 4
 TORCH_TO_ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
 
