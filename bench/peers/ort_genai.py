@@ -16,8 +16,9 @@ included, as ``dspark bench`` counts), median over repeats after one warm-up pas
     python bench/peers/ort_genai.py BUNDLE GENAI_MODEL --interleaved [...]
 
 ``--interleaved`` times dspark's decoding of BUNDLE (plain, or any of ``--method plain|lookup|draft|draft+lookup``)
-and onnxruntime-genai in one process, prompt by prompt, the order rotated every prompt: on a machine whose speed drifts from minute to minute (a shared VM's two cores
-swung 20% between back-to-back runs here), only a comparison whose halves run moments apart means anything.
+and onnxruntime-genai in one process, prompt by prompt, the order rotated every prompt: on a machine whose speed
+drifts from minute to minute (a shared VM's two cores swung 20% between back-to-back runs here), only a comparison
+whose halves run moments apart means anything.
 dspark's sessions then keep threads of their own (onnxruntime-genai made the process's ONNX Runtime environment).
 
 ``dspark bench --peers --genai-model GENAI_MODEL`` calls ``run_peer_isolated`` and puts the numbers beside its own:
