@@ -168,7 +168,8 @@ def run_interleaved(bundle_dir, model_dir, prompt_ids: list[list[int]], max_new_
     genai = report["onnxruntime-genai"]["tokens_per_second"]
     for name in names[:-1]:
         report[name]["over_genai"] = report[name]["tokens_per_second"] / genai
-        report[name]["outputs_equal_to_genai"] = sum(a == b for a, b in zip(outputs[name], outputs["onnxruntime-genai"]))
+        theirs = outputs["onnxruntime-genai"]
+        report[name]["outputs_equal_to_genai"] = sum(a == b for a, b in zip(outputs[name], theirs))
     plain = outputs.get("dspark plain")
     lossless = None if plain is None else all(outputs[n] == plain for n in runs if n.startswith("dspark"))
     return {"bundle": str(bundle_dir), "model": str(model_dir), "requests": len(prompt_ids),
