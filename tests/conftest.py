@@ -267,3 +267,41 @@ def assert_speculative_equals_plain(spec, plain, prompts, max_new_tokens: int) -
         accepted, verified = accepted + sum(got.accepted), verified + sum(got.verified)
     assert 0 < accepted < verified
     return outputs
+
+
+def assert_token_numbers_ignore_the_call(bundle_dir: Path) -> None:
+    """A token's logits and K/V are the same bits whichever target call computes it: alone or first of a wider
+    call, after a prompt fed in other chunks (one ending in a single token), beside another row in a batch.
+    Lossless speculation rests on this: a verify call must score each position exactly as a plain step would."""
+    import numpy as np
+
+    from dspark.bundle import Bundle
+    from dspark.runtime.decoder import decoder_cache, feed, run_decoder
+    from dspark.runtime.runners import OrtRunner
+
+    bundle = Bundle.open(bundle_dir)
+    runner = OrtRunner(bundle, "target")
+    rng = np.random.default_rng(3)
+    prompt, other, tail = (list(map(int, rng.integers(1, VOCAB, n))) for n in (21, 13, 6))
+
+    def prefilled(chunk: int, rows: list[list[int]]):
+        cache = decoder_cache(bundle.target.config, len(rows), bundle)
+        last = feed(runner, cache, rows, chunk)
+        return cache, last
+
+    reference, (last,) = prefilled(16, [prompt])
+    for chunk, rows in ((4, [prompt]), (16, [prompt, other]), (5, [prompt, other])):
+        cache, again = prefilled(chunk, rows)
+        assert np.array_equal(again[0], last), f"prompt's last logits, chunks of {chunk}, {len(rows)} rows"
+        assert np.array_equal(cache.k[:, 0, :, : len(prompt)], reference.k[:, 0, :, : len(prompt)])
+        assert np.array_equal(cache.v[:, 0, :, : len(prompt)], reference.v[:, 0, :, : len(prompt)])
+    n = len(prompt)
+    alone = run_decoder(runner, reference, [tail[:1]])
+    single = (alone["logits"][0, 0].copy(), reference.k[:, 0, :, n].copy(), reference.v[:, 0, :, n].copy())
+    for width, rows in ((2, [prompt]), (6, [prompt]), (1, [prompt, other]), (4, [prompt, other])):
+        cache, _ = prefilled(16, rows)
+        parts = [tail[:width]] + [tail[::-1][:3]] * (len(rows) - 1)
+        out = run_decoder(runner, cache, parts)
+        got = (out["logits"][0, 0], cache.k[:, 0, :, n], cache.v[:, 0, :, n])
+        for name, a, b in zip(("logits", "keys", "values"), got, single):
+            assert np.array_equal(a, b), f"{name} of a 1-token step differ in a call of width {width}, {len(rows)} rows"

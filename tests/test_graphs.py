@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, hf_model, save_hf
+from conftest import VOCAB, assert_token_numbers_ignore_the_call, hf_model, save_hf
 from dspark.bundle import Bundle
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.decoder import commit, decoder_cache, run_decoder
@@ -65,6 +65,14 @@ def test_ragged_prefill_then_ragged_steps(exported):
     assert list(cache.lens) == [len(h) for h in history]
 
 
+def test_a_tokens_numbers_do_not_depend_on_the_call(exported):
+    _, bundle = exported
+    if bundle.graph("target").flavour != "ort":
+        pytest.skip("the standard flavour is TensorRT's: its engine picks kernels per shape and profile, and "
+                    "ONNX Runtime running it here says nothing about what TensorRT will do")
+    assert_token_numbers_ignore_the_call(bundle.path)
+
+
 def test_runners_of_one_graph_share_a_session(exported):
     """Two runners of one graph share the process's session (one copy of the weights) yet keep their own bindings
     and buffers: calls on different caches, interleaved, each match transformers; the session goes with them."""
@@ -112,7 +120,7 @@ def test_manifest_records_dynamic_dims(exported):
     if graph.flavour == "ort":
         assert shapes["past_key.0"] == shapes["present_key.0"] == ("batch", 2, "cache", 16)
         assert shapes["logits"] == ("batch", "logit_rows", VOCAB)
-        assert graph.dims == {"batch": (1, 8), "new_tokens": (1, 16), "logit_rows": (1, 16), "cache": (1, 80)}
+        assert graph.dims == {"batch": (1, 8), "new_tokens": (1, 16), "logit_rows": (1, 16), "cache": (1, 81)}
         return
     assert shapes["past_k"][1] == "batch" and shapes["past_k"][3] == "cache"
     assert shapes["logits"] == ("batch", "new_tokens", VOCAB)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VOCAB, assert_speculative_equals_plain, hf_model, save_hf
+from conftest import VOCAB, assert_speculative_equals_plain, assert_token_numbers_ignore_the_call, hf_model, save_hf
 from dspark.bundle import Bundle
 from dspark.cli import main
 from dspark.export.bundle import ExportOptions, export_bundle
@@ -39,6 +39,14 @@ def test_speculative_equals_plain_of_the_same_bundle(quantized):
     together = spec.generate([Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (9, 21, 14))])
     for p, n, seq in zip(PROMPTS, (9, 21, 14), together):
         assert seq.generated == plain.generate([Request(p, max_new_tokens=n, ignore_eos=True)])[0].generated
+
+
+def test_a_tokens_numbers_do_not_depend_on_the_call(quantized):
+    kind, bundle = quantized
+    if kind == "w8a8":
+        pytest.skip("w8a8 quantizes each call's activations with one scale for all its rows: a token's numbers "
+                    "depend on the others in its call by construction (README, 'What is lossless here')")
+    assert_token_numbers_ignore_the_call(bundle)
 
 
 def test_quality_is_recorded(quantized):

@@ -125,8 +125,9 @@ class InPlaceDecoder : public DecoderBase {
       need = std::max(need, cache.lens[r] + counts[r]);
       longest = std::max(longest, cache.lens[r]);
     }
-    // every row's padded chunk is written at its length, so each needs room for the whole width
-    cache.reserve(need, longest + width_);
+    // every row's padded chunk is written at its length, so each needs room for the whole width, and a target
+    // graph writes one more row past it (dspark/export/ort_graph.py: exact rows)
+    cache.reserve(need, longest + width_ + 1);
     std::vector<int64_t> index;
     int logit_rows = last_only ? 1 : width_;
     for (int r = 0; r < rows; ++r)

@@ -94,16 +94,19 @@ class DecoderStep(torch.nn.Module):
 
 
 def export_decoder(model: DecoderLM, path: Path, options: ExportOptions, verify_tokens: int,
-                   quantize: str | None = None, calibration: list[int] | None = None) -> dict:
+                   quantize: str | None = None, calibration: list[int] | None = None, target: bool = True) -> dict:
     """Export a decoder step graph (dynamic batch, new-token and cache dimensions); return its manifest entry.
-    ``calibration``: token ids for the activation statistics int4/w8a8 rescale by (``smooth``)."""
+    ``calibration``: token ids for the activation statistics int4/w8a8 rescale by (``smooth``); ``target``: the
+    graph whose numbers must not depend on the call (``ort_graph.lower_decoder``'s ``exact_rows``)."""
     ranges, profiles = decoder_dims(options, verify_tokens)
     if options.runtime == "ort":
         new_max = ranges["new_tokens"][1]
         # GroupQueryAttention rotates up to the buffer's capacity: a row near the context limit in a wide call
-        # is padded past it, so the tables and the cache dimension cover max_context + the widest call
-        inputs, outputs = lower_decoder(model, path, options.max_context + new_max, quantize, calibration)
-        ranges = dict(ranges, logit_rows=[1, new_max], cache=[1, options.max_context + new_max])
+        # is padded past it (and one more slot for the target's extra query row), so the tables and the cache
+        # dimension cover max_context + the widest call + 1
+        span = options.max_context + new_max + 1
+        inputs, outputs = lower_decoder(model, path, span, quantize, calibration, exact_rows=target)
+        ranges = dict(ranges, logit_rows=[1, new_max], cache=[1, span])
         return graph_entry(path.name, inputs, outputs, ranges, {}, "ort")
     past_k, past_v = model.empty_cache(batch=2, length=5)
     example = {
@@ -350,7 +353,7 @@ def export_bundle(
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
                 # the draft feeds up to two pending tokens per round, then one per drafted token
                 draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2, options.draft_quantize,
-                                                        calibration)}
+                                                        calibration, target=False)}
                 shared = {}
                 del model
             graphs.update(draft_graphs)

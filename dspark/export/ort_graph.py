@@ -7,8 +7,8 @@ MatMul, one ``GroupQueryAttention`` (rotary inside, grouped KV heads, the KV buf
 Weights are stored [in, out] so MatMul needs no runtime transpose and ONNX Runtime prepacks them once.
 
 The step contract the speculative loop needs is kept: several new tokens per row, each row with its own cache
-length (``cache_lens``) and number of real new tokens (``query_lens``; padding after them is never written to
-the cache), rollback by lowering a row's length, tapped layer outputs for DSpark/DFlash drafters, and logits only
+length (``cache_lens``) and number of real new tokens (``query_lens``; what a call writes past them is never
+read before being overwritten), rollback by lowering a row's length, tapped layer outputs for DSpark/DFlash drafters, and logits only
 for the new-token positions the caller asks for (``logit_index``: the last real token when prefilling, every
 position when verifying). Each layer's cache is one input/output pair, ``past_key.i`` -> ``present_key.i``,
 which the runtime binds to the same memory so GroupQueryAttention writes the new tokens' K/V in place.
@@ -43,10 +43,9 @@ CALIBRATED = ("int4", "w8a8")  # rescaled on calibration activations first (int8
 W8A8_WEIGHT_ONLY = ("down_proj",)
 QUANT_BLOCK = 32
 # MatMulNBits accuracy level 4: activations are quantized to int8 per block, so the products run on the CPU's
-# integer dot-product units (VNNI/AMX); level 0 would dequantize weights to fp32 at every call. Known defect: at
-# level 4 a one-token call computes other logits than a multi-token call (SmolLM2-135M: up to 0.9 apart), so
-# plain and speculative greedy output part at near-ties; level 1 agrees to 1e-4 but cost T(1) 1.19x, T(8) 1.96x
-# in one A/B here (README, "What is lossless here").
+# integer dot-product units (VNNI/AMX); level 1 would compute in fp32 (T(1) 1.19x, T(8) 1.96x in one A/B here).
+# Each row is quantized on its own, so a row's result does not depend on the call's other rows (checked for
+# 1-16 rows at SmolLM2's shapes); it does amplify any rounding upstream (see ``_Lowering.build``).
 QUANT_ACCURACY = 4
 TORCH_TO_ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
 
@@ -86,8 +85,9 @@ class _Graph:
 
 
 class _Lowering:
-    def __init__(self, model: DecoderLM, quantize: str | None, max_context: int):
+    def __init__(self, model: DecoderLM, quantize: str | None, max_context: int, exact_rows: bool):
         self.m = model
+        self.exact_rows = exact_rows
         self.c = model.config
         dtype = model.lm_head.weight.dtype
         if dtype not in TORCH_TO_ONNX:
@@ -147,12 +147,31 @@ class _Lowering:
         g, c, m = self.g, self.c, self.m
         body = m.model
         ids = "input_ids"
-        # rows' cache state, in the int32 GroupQueryAttention reads: tokens after the step minus one, floored at 0
-        # for a row that has nothing cached and nothing new (a draft row joining with no token to draft), which
-        # GroupQueryAttention would otherwise refuse as -1; such a row writes nothing and its outputs are unused
-        seqlens_k = g.op1("Max", [g.op1("Sub", [g.op1("Add", ["cache_lens", "query_lens"]),
-                                                g.const("one_i32", np.array(1, np.int32))]),
-                                  g.const("zero_i32", np.array(0, np.int32))])
+        # rows' cache state, in the int32 GroupQueryAttention reads: the query rows it attends, and the tokens in
+        # the cache after the step minus one
+        one = g.const("one_i32", np.array(1, np.int32))
+        if self.exact_rows:
+            # GroupQueryAttention computes a row with a single query token on another kernel path than a row with
+            # several (ONNX Runtime 1.32, CPU), and the two round differently: a token's logits then depend on the
+            # call that computes it (SmolLM2 fp32: up to 5e-5 between a 1-token step and the same position in a
+            # verify call; int4 with int8 activations, which turn such rounding into whole quantization steps: 0.44,
+            # enough to change greedy tokens). So every row attends its whole padded chunk plus one row of zeros,
+            # all written to the cache past its real tokens (slots the next call overwrites), and the extra row's
+            # output is dropped: a token's numbers are then the same in every call, and verifying K drafts decodes
+            # exactly what K + 1 plain steps decode. (Attending the padding too leaves no output row unwritten:
+            # garbage there would reach the real rows through w8a8's per-call activation scale.)
+            width = g.op1("Cast", [g.op1("Gather", [g.op1("Shape", [ids]), g.const("axis1", np.array(1, np.int64))],
+                                         axis=0)], to=TensorProto.INT32)
+            seqlens_k = g.op1("Add", ["cache_lens", width])
+            query_rows = g.op1("Sub", [g.op1("Add", [seqlens_k, one]), "cache_lens"])
+            pad_row = g.const("pad_one_row", np.array([0, 0, 0, 0, 1, 0], np.int64))
+            drop_row = [g.const(n, np.array([v], np.int64)) for n, v in (("rows_from", 0), ("rows_to", -1), ("rows_axis", 1))]
+        else:
+            # floored at 0 for a row that has nothing cached and nothing new (a draft row joining with no token
+            # to draft), which GroupQueryAttention would refuse as -1; such a row writes nothing
+            query_rows = "query_lens"
+            seqlens_k = g.op1("Max", [g.op1("Sub", [g.op1("Add", ["cache_lens", "query_lens"]), one]),
+                                      g.const("zero_i32", np.array(0, np.int32))])
         # total_sequence_length: the buffer capacity (an upper bound once query_seqlens is fed)
         capacity = g.op1("Cast", [g.op1("Gather", [g.op1("Shape", ["past_key.0"]), g.const("axis2", np.array(2, np.int64))],
                                         axis=0)], to=TensorProto.INT32)
@@ -175,11 +194,15 @@ class _Lowering:
                 qkv_inputs = [q, k, v]
             else:
                 qkv_inputs = [qkv, "", ""]  # packed QKV
+            if self.exact_rows:
+                qkv_inputs = [g.op1("Pad", [x, pad_row]) if x else x for x in qkv_inputs]
             attended = g.op("GroupQueryAttention",
                             qkv_inputs + [f"past_key.{i}", f"past_value.{i}", seqlens_k, capacity, cos, sin]
-                            + [""] * 7 + ["query_lens"],
+                            + [""] * 7 + [query_rows],
                             [g.name("attn"), f"present_key.{i}", f"present_value.{i}"], domain="com.microsoft",
                             num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
+            if self.exact_rows:
+                attended = g.op1("Slice", [attended] + drop_row)
             o = self.linear(attended, attn.o_proj.weight, attn.o_proj.bias, prefix + "o_proj")
             normed, residual = self.skip_rms(o, residual, layer.post_attention_layernorm.weight,
                                              prefix + "post_attention_layernorm")
@@ -347,14 +370,16 @@ def quantize_gather_blocks(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray
 
 
 def lower_decoder(model: DecoderLM, path: str | Path, max_context: int, quantize: str | None = None,
-                  calibration: list[int] | None = None):
+                  calibration: list[int] | None = None, exact_rows: bool = True):
     """Write the ORT-flavour step graph of ``model`` to ``path`` (+ ``path.data``); return its I/O specs.
     ``calibration``: token ids whose activations set the rescaling before quantizing (required for the kinds in
-    ``CALIBRATED``; ``smooth`` has why and what it buys)."""
+    ``CALIBRATED``; ``smooth`` has why and what it buys). ``exact_rows``: a token's numbers do not depend on the
+    call that computes it (see ``build``; it costs 2-4% of a one-token step), which the target's graph needs and a
+    draft LM's, whose tokens are only proposals, does not."""
     path = Path(path)
     if quantize in CALIBRATED:
         model = (smooth.smoothed if quantize == "w8a8" else smooth.activation_scaled)(model, calibration)
-    onnx_model = _Lowering(model, quantize, max_context).build()
+    onnx_model = _Lowering(model, quantize, max_context, exact_rows).build()
     onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     # no onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain, unknown to
