@@ -233,6 +233,7 @@ class DraftEntry:
     target_layer_ids: tuple[int, ...]  # block drafters: the target layers whose features they read
     confidence_head: bool  # block drafters: a confidence logit per drafted token
     gguf: GgufSource | None
+    draft_vocab: tuple[int, ...] = ()  # block drafters with a reduced vocabulary: the target ids their law is over
 
     @property
     def block(self) -> bool:
@@ -247,7 +248,8 @@ class DraftEntry:
         block = method != "draft-lm"
         return cls(method, f.get("source", str), ModelConfig.read(config), config.value, f.strs("graphs"),
                    f.count("draft_length"), config.ints("target_layer_ids") if block else (),
-                   config.get("enable_confidence_head", bool) if block else False, GgufSource.read(f.optional("gguf")))
+                   config.get("enable_confidence_head", bool) if block else False, GgufSource.read(f.optional("gguf")),
+                   f.ints("draft_vocab", ()))
 
 
 @dataclass(frozen=True)

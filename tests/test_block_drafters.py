@@ -51,6 +51,10 @@ def test_manifest_records_the_drafter(block_bundle):
     shared = 1 if variant == "reduced" else 2
     assert bundle.manifest["models"]["draft"]["shared_tensors"]["draft_propose.onnx"] == shared * VOCAB * 64 * 4
     assert draft.raw_config.get("draft_vocab_size", 0) == (VOCAB // 2 if variant == "reduced" else 0)
+    # a reduced drafter's law is over its subset (no full-vocabulary law in a greedy round), whose ids are listed
+    law = next(o for o in bundle.graph("draft_propose").outputs if o.name == "draft_probs")
+    assert law.shape[-1] == (VOCAB // 2 if variant == "reduced" else VOCAB)
+    assert list(draft.draft_vocab) == (reduced_vocab(VOCAB) if variant == "reduced" else [])
     graph = bundle.file("draft_propose.onnx").read_bytes()
     assert b"target.onnx.data" in graph
 

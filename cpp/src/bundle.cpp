@@ -160,6 +160,7 @@ Bundle::Bundle(const std::string& folder, bool verify_sha256) : dir(folder) {
       if (draft_method != "draft-lm") {
         confidence_head = c.at("enable_confidence_head").boolean("enable_confidence_head");
         target_layer_ids = int_list(c.at("target_layer_ids"), "target_layer_ids");
+        if (const auto* ids = d->find("draft_vocab")) draft_vocab = int_list(*ids, "draft_vocab");
       }
     }
   } catch (const Error&) {

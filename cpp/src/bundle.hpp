@@ -46,6 +46,7 @@ class Bundle {
   // block drafters
   bool confidence_head = false;
   std::vector<int64_t> target_layer_ids, tap_layers;
+  std::vector<int64_t> draft_vocab;  // a reduced draft vocabulary: the target ids the drafter's law is over
   std::vector<int64_t> eos_ids;
   std::map<std::string, GraphSpec> graphs;
 

@@ -97,6 +97,12 @@ class BlockProposer : public Proposer {
     k = num_draft_tokens;
     width_ = std::stoi(context_spec_.input("features")->shape.back());
     chunk_ = static_cast<int>(context_spec_.dims.at("context").second);
+    // the graph's law is over the drafter's vocabulary: the target's (bundles before 0.4.3 scattered a reduced
+    // one into it in the graph) or its reduced subset, placed in the target's only for sampled rows
+    law_width_ = std::stoi(propose_spec_.output("draft_probs")->shape.back());
+    if (law_width_ != bundle.target.vocab_size && static_cast<int>(bundle.draft_vocab.size()) != law_width_)
+      throw Error(bundle.dir + ": the drafter's law covers " + std::to_string(law_width_) + " tokens but the manifest lists " +
+                  std::to_string(bundle.draft_vocab.size()) + " draft-vocabulary ids; re-export the bundle");
   }
 
   bool wants_features() const override { return true; }
@@ -147,8 +153,17 @@ class BlockProposer : public Proposer {
       Proposal& p = proposals[r];
       int n = caps[r];
       p.tokens.assign(tokens + static_cast<size_t>(r) * block, tokens + static_cast<size_t>(r) * block + n);
-      if (!seqs[r]->request.sampling.greedy() && n)
-        p.probs.assign(probs + static_cast<size_t>(r) * block * vocab, probs + (static_cast<size_t>(r) * block + n) * vocab);
+      if (!seqs[r]->request.sampling.greedy() && n) {
+        const float* law = probs + static_cast<size_t>(r) * block * law_width_;
+        if (law_width_ == vocab) {
+          p.probs.assign(law, law + static_cast<size_t>(n) * vocab);
+        } else {
+          p.probs.assign(static_cast<size_t>(n) * vocab, 0.0);
+          for (int j = 0; j < n; ++j)
+            for (int i = 0; i < law_width_; ++i)
+              p.probs[static_cast<size_t>(j) * vocab + bundle_.draft_vocab[i]] = law[static_cast<size_t>(j) * law_width_ + i];
+        }
+      }
       if (conf) p.confidence.assign(conf + static_cast<size_t>(r) * block, conf + static_cast<size_t>(r) * block + n);
     }
     return proposals;
@@ -205,6 +220,7 @@ class BlockProposer : public Proposer {
   int width_ = 0, chunk_ = 0;
   std::vector<std::vector<float>> pending_;  // per row: target feature rows not yet in the context cache
   std::vector<float> feats_, t32_, n32_, probs_scratch_, conf_scratch_;
+  int law_width_ = 0;  // entries of a drafted token's law: the target's vocabulary or the drafter's subset
   std::vector<uint16_t> feats16_, t16_, n16_;
   std::vector<int64_t> positions_;
 };

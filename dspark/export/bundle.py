@@ -228,8 +228,9 @@ def load_draft(draft_dir: Path, target_dir: Path, target_config: DecoderConfig):
 
 
 def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Path, target_config: DecoderConfig,
-                          out: Path, options: ExportOptions, dtype) -> dict:
-    """draft_context and draft_propose graph entries for a DSpark/DFlash drafter."""
+                          out: Path, options: ExportOptions, dtype) -> tuple[dict, list[int]]:
+    """draft_context and draft_propose graph entries for a DSpark/DFlash drafter, and the target ids of its
+    reduced vocabulary (empty without one), which its draft law is over."""
     drafter = Drafter.from_pretrained(draft_dir, target_config, dtype=dtype, target_dir=target_dir)
     specs = export_drafter(drafter, out, options.draft_quantize)
     batch = [1, 1, options.max_batch]
@@ -242,10 +243,11 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     }
     propose_ranges = {"batch": batch[::2], "cache": cache[::2]}
     propose_profiles = {"decode": {"batch": batch, "cache": cache}}
+    vocab = drafter.draft_vocab.tolist() if config.draft_vocab_size else []
     return {
         "draft_context": graph_entry(CONTEXT_GRAPH, *specs[CONTEXT_GRAPH], context_ranges, context_profiles),
         "draft_propose": graph_entry(PROPOSE_GRAPH, *specs[PROPOSE_GRAPH], propose_ranges, propose_profiles),
-    }
+    }, vocab
 
 
 def record_quality(folder: Path, target_dir: Path) -> dict:
@@ -346,15 +348,15 @@ def export_bundle(
         if method:
             bar.set_postfix_str("draft graphs")
             if block:
-                draft_graphs = export_drafter_graphs(Path(draft_dir), draft_config, target_dir, target_config, tmp, options,
-                                                     dtype)
+                draft_graphs, draft_vocab = export_drafter_graphs(Path(draft_dir), draft_config, target_dir,
+                                                                  target_config, tmp, options, dtype)
                 shared = share_identical_tensors(tmp, "target.onnx", [g["file"] for g in draft_graphs.values()])
             else:
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
                 # the draft feeds up to two pending tokens per round, then one per drafted token
                 draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2, options.draft_quantize,
                                                         calibration, target=False)}
-                shared = {}
+                shared, draft_vocab = {}, []
                 del model
             graphs.update(draft_graphs)
             # the draft length is stored once: a block drafter's block_size is it (see dspark.bundle)
@@ -367,6 +369,8 @@ def export_bundle(
                 "draft_length": draft_length,
                 "shared_tensors": shared,
             }
+            if draft_vocab:
+                models["draft"]["draft_vocab"] = draft_vocab
             bar.update()
         record_gguf_sources(models, {"target": target_gguf, "draft": draft_gguf})
         bar.set_postfix_str("tokenizer and manifest")

@@ -43,7 +43,9 @@ def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = 
         -> ctx_k, ctx_v [L_d, batch, Hkv, context, D]
     draft_propose: anchor [batch] int64, start [batch] int64, cache_lens [batch] int64,
         past_k, past_v [L_d, batch, Hkv, cache, D], temperature [batch] fp32, noise [batch, block] fp32
-        -> draft_tokens [batch, block] int64, draft_probs [batch, block, V] fp32, confidence_logits [batch, block] fp32
+        -> draft_tokens [batch, block] int64, draft_probs [batch, block, N] fp32 (over the drafter's vocabulary:
+           N = V, or its draft_vocab_size with the ids in the manifest's models.draft.draft_vocab),
+           confidence_logits [batch, block] fp32
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -293,8 +293,9 @@ class Drafter(nn.Module):
     With a reduced draft vocabulary (``draft_vocab_size`` N > 0, as EAGLE-3 and FR-Spec do) the LM head is the
     target head's rows for the N token ids in ``draft_vocab`` (a checkpoint tensor, most frequent first), W2 of the
     Markov head has N outputs and W1 N + 1 rows (the last for any previous token outside the subset). Drafted
-    indices are mapped to target ids inside the graph, and the draft law is returned over the whole target
-    vocabulary, zero outside the subset, so verification is unchanged and sampling stays exact."""
+    indices are mapped to target ids inside the graph; the draft law is returned over the N subset tokens, and a
+    sampled request's acceptance places it in the target vocabulary (``target_law``, zero outside the subset),
+    so sampling stays exact while greedy rounds never write or read a full-vocabulary law."""
 
     def __init__(self, c: DrafterConfig):
         super().__init__()
@@ -443,7 +444,8 @@ class Drafter(nn.Module):
         return self.norm(h)
 
     def propose(self, anchor, start, cache_lens, past_k, past_v, temperature, noise):
-        """Draft a block: tokens [B, block] int64, q [B, block, V] fp32, confidence logits [B, block] fp32."""
+        """Draft a block: tokens [B, block] int64 (target ids), q [B, block, N] fp32 over the draft vocabulary
+        (``target_law`` places it in the target's), confidence logits [B, block] fp32."""
         c = self.config
         h = self.block_hidden(anchor, start, cache_lens, past_k, past_v)
         base = self.lm_head(h).float()
@@ -453,7 +455,7 @@ class Drafter(nn.Module):
                 conf = self.confidence_head.proj(h).squeeze(-1).float()
             else:
                 conf = torch.zeros_like(base[..., 0])
-            return self.to_target(index), self.target_law(probs), conf
+            return self.to_target(index), probs, conf
         head = self.markov_head
         state = torch.zeros(h.shape[0], c.markov_rank, dtype=h.dtype, device=h.device) if head.kind == "rnn" else None
         tokens, probs, confs = [], [], []
@@ -470,7 +472,7 @@ class Drafter(nn.Module):
             probs.append(q)
             prev = index  # a drafted index is its own W1 row
         conf = torch.stack(confs, 1) if confs else torch.zeros_like(base[..., 0])
-        return self.to_target(torch.stack(tokens, 1)), self.target_law(torch.stack(probs, 1)), conf
+        return self.to_target(torch.stack(tokens, 1)), torch.stack(probs, 1), conf
 
 
 # -------------------------------------------------------------------------------------------------- files

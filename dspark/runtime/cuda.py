@@ -196,7 +196,8 @@ class DeviceStep:
             write_block(dv, cv, dlens)
             dlens += self.pending[sl]
             drafts, q, _ = self.drafter.propose(anchor, lens, dlens, dk, dv, self.temperature[sl], self.noise[sl])
-            drafts, q = drafts[:, :draft_length], q[:, :draft_length]
+            drafts = drafts[:, :draft_length]
+            q = self.drafter.target_law(q[:, :draft_length]) if sampling else q
         else:
             drafts = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
             q = torch.zeros((rows, 0, 1), device=self.device)

@@ -111,6 +111,14 @@ class BlockProposer:
         self.draft_length = draft_length
         self.cache = decoder_cache(self.draft.config, 0, bundle)
         self.pending: list[list[np.ndarray]] = []  # per row: target feature rows not yet in the context cache
+        # the graph's law is over the drafter's vocabulary: the target's (bundles before 0.4.3 scattered a reduced
+        # one into it in the graph) or its reduced subset, placed in the target's only for sampled rows
+        vocab = bundle.target.config.vocab_size
+        width = next(s.shape[-1] for s in bundle.graph("draft_propose").outputs if s.name == "draft_probs")
+        if width != vocab and len(self.draft.draft_vocab) != width:
+            raise DsparkError(f"{bundle.path}: the drafter's law covers {width} tokens but the manifest lists "
+                              f"{len(self.draft.draft_vocab)} draft-vocabulary ids; re-export the bundle")
+        self.vocab_ids = None if width == vocab else np.asarray(self.draft.draft_vocab, dtype=np.int64)
 
     def keep(self, rows: list[int]) -> None:
         self.cache.keep_rows(rows)
@@ -163,10 +171,18 @@ class BlockProposer:
         proposals = []
         for r, s in enumerate(seqs):
             n = caps[r]
-            probs = None if s.request.sampling.greedy or not n else out["draft_probs"][r, :n].astype(np.float64)
+            probs = None if s.request.sampling.greedy or not n else self.target_law(out["draft_probs"][r, :n])
             conf = out["confidence_logits"][r, :n].astype(np.float64) if has_head else None
             proposals.append(Proposal([int(t) for t in out["draft_tokens"][r, :n]], probs, conf))
         return proposals
+
+    def target_law(self, law: np.ndarray) -> np.ndarray:
+        """Draft laws [n, N] over the drafter's vocabulary as laws over the target's [n, V], fp64."""
+        if self.vocab_ids is None:
+            return law.astype(np.float64)
+        full = np.zeros((len(law), self.bundle.target.config.vocab_size))
+        full[:, self.vocab_ids] = law
+        return full
 
     def rewind(self, anchors: list[int]) -> None:
         """Nothing to forget: a proposal reads the context cache without writing it."""
