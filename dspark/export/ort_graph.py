@@ -8,9 +8,9 @@ Weights are stored [in, out] so MatMul needs no runtime transpose and ONNX Runti
 
 The step contract the speculative loop needs is kept: several new tokens per row, each row with its own cache
 length (``cache_lens``) and number of real new tokens (``query_lens``; what a call writes past them is never
-read before being overwritten), rollback by lowering a row's length, tapped layer outputs for DSpark/DFlash drafters, and logits only
-for the new-token positions the caller asks for (``logit_index``: the last real token when prefilling, every
-position when verifying). Each layer's cache is one input/output pair, ``past_key.i`` -> ``present_key.i``,
+read before being overwritten), rollback by lowering a row's length, tapped layer outputs for DSpark/DFlash
+drafters, and logits only for the new-token positions the caller asks for (``logit_index``: the last real token
+when prefilling, every position when verifying). Each layer's cache is one input/output pair, ``past_key.i`` -> ``present_key.i``,
 which the runtime binds to the same memory so GroupQueryAttention writes the new tokens' K/V in place.
 
 ``quantize`` ("int4" or "int8") stores every projection, the LM head and the embedding block-wise quantized
@@ -165,7 +165,8 @@ class _Lowering:
             seqlens_k = g.op1("Add", ["cache_lens", width])
             query_rows = g.op1("Sub", [g.op1("Add", [seqlens_k, one]), "cache_lens"])
             pad_row = g.const("pad_one_row", np.array([0, 0, 0, 0, 1, 0], np.int64))
-            drop_row = [g.const(n, np.array([v], np.int64)) for n, v in (("rows_from", 0), ("rows_to", -1), ("rows_axis", 1))]
+            drop_row = [g.const(n, np.array([v], np.int64))
+                        for n, v in (("rows_from", 0), ("rows_to", -1), ("rows_axis", 1))]
         else:
             # floored at 0 for a row that has nothing cached and nothing new (a draft row joining with no token
             # to draft), which GroupQueryAttention would refuse as -1; such a row writes nothing
