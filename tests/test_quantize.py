@@ -4,6 +4,7 @@ decoded, the contract is unchanged."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -47,6 +48,15 @@ def test_a_tokens_numbers_do_not_depend_on_the_call(quantized):
         pytest.skip("w8a8 quantizes each call's activations with one scale for all its rows: a token's numbers "
                     "depend on the others in its call by construction (README, 'What is lossless here')")
     assert_token_numbers_ignore_the_call(bundle)
+
+
+def test_speculating_on_w8a8_warns_that_it_is_not_exact(quantized):
+    kind, bundle = quantized
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Generator(bundle)
+        Generator(bundle, use_draft=False)
+    assert [str(w.message)[:40] for w in caught] == (["this bundle's target is w8a8, which quan"] if kind == "w8a8" else [])
 
 
 def test_quality_is_recorded(quantized):

@@ -20,6 +20,7 @@ import collections
 import functools
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +35,10 @@ from dspark.runtime.backends import check_backend, make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
 from dspark.runtime.schedulers import BlockSchedule, load_temperatures, make_block_schedule, make_scheduler
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
+
+W8A8_NOT_EXACT = ("this bundle's target is w8a8, which quantizes each call's activations with one scale for all "
+                  "the call's tokens: speculative output can differ from plain decoding where two tokens nearly tie "
+                  "(SmolLM2: it did on held-out prompts). For exact speculation export with --quantize int4 or int8.")
 
 
 @dataclass
@@ -160,6 +165,8 @@ class Generator:
                                        cuda_graphs=cuda_graphs)
             self.target = runner("target")
             self.proposer = make_proposer(self.bundle, runner, num_draft_tokens, use_draft, lookup)
+        if self.draft_length and self.bundle.quantize == "w8a8":
+            warnings.warn(W8A8_NOT_EXACT, stacklevel=2)
         self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_temperatures(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
