@@ -63,7 +63,7 @@ class Ours:
         self.generator = Generator(bundle_dir, use_draft=False, threads=threads)
         bundle = self.generator.bundle
         self.cache = decoder_cache(bundle.target.config, 1, bundle)
-        self.cache.reserve(context + max(WIDTHS), context + max(WIDTHS))
+        self.cache.reserve(context + max(WIDTHS), context + max(WIDTHS) + 1)  # + the slot written past the call
         self.cache.lens[:] = context
         self.vocab = bundle.target.config.vocab_size
         self.file = bundle.file(bundle.graph("target").file)
@@ -296,7 +296,7 @@ def _profiled_ours(bundle_dir: Path, threads: int) -> ort.InferenceSession:
 def _call_ours(sess: ort.InferenceSession, bundle_dir: Path, context: int) -> None:
     """One T(1) call of our graph in either flavour, with plain session.run feeds."""
     c = Bundle.open(bundle_dir, verify=False).target.config
-    kv = (1, c.num_kv_heads, context + 1, c.head_dim)
+    kv = (1, c.num_kv_heads, context + 2, c.head_dim)  # the new token, and the slot the target writes past it
     feeds = {"input_ids": np.full((1, 1), 7, np.int64)}
     names = {i.name for i in sess.get_inputs()}
     if "query_lens" in names:  # ort flavour: in-place buffers per layer

@@ -153,8 +153,9 @@ def graph_feeds(bundle: Bundle, name: str, seed: int = 0) -> list[dict[str, np.n
     for b, n, s in corners:
         lens = rng.integers(0, s + 1, size=b)
         lens[0] = s
-        # an in-place graph's buffer holds the past and the new tokens; the other flavour reads a window
-        sizes = {"batch": b, "new_tokens": n, "context": n, "cache": s + n if in_place else s, "logit_rows": n}
+        # an in-place graph's buffer holds the past, the new tokens and the slot a target graph writes past them
+        # (ort_graph: exact rows); the other flavour reads a window
+        sizes = {"batch": b, "new_tokens": n, "context": n, "cache": s + n + 1 if in_place else s, "logit_rows": n}
         feed = {}
         for input_name, shape in shapes.items():
             shape = tuple(sizes[d] if isinstance(d, str) else d for d in shape)
