@@ -142,6 +142,12 @@ class _Lowering:
         normed = self.rms(shaped, weight, name + ".weight")
         return g.op1("Reshape", [normed, g.const(name + ".back", np.array([0, 0, heads * d], dtype=np.int64))])
 
+    def dim_i32(self, x: str, axis: int) -> str:
+        """The size of ``x``'s axis ``axis`` at run time, as the int32 scalar GroupQueryAttention's inputs take."""
+        g = self.g
+        size = g.op1("Gather", [g.op1("Shape", [x]), g.const(f"axis{axis}", np.array(axis, np.int64))], axis=0)
+        return g.op1("Cast", [size], to=TensorProto.INT32)
+
     # ------------------------------------------------------------------------------------ the graph
     def build(self) -> onnx.ModelProto:
         g, c, m = self.g, self.c, self.m
@@ -160,8 +166,7 @@ class _Lowering:
             # output is dropped: a token's numbers are then the same in every call, and verifying K drafts decodes
             # exactly what K + 1 plain steps decode. (Attending the padding too leaves no output row unwritten:
             # garbage there would reach the real rows through w8a8's per-call activation scale.)
-            width = g.op1("Cast", [g.op1("Gather", [g.op1("Shape", [ids]), g.const("axis1", np.array(1, np.int64))],
-                                         axis=0)], to=TensorProto.INT32)
+            width = self.dim_i32(ids, 1)
             seqlens_k = g.op1("Add", ["cache_lens", width])
             query_rows = g.op1("Sub", [g.op1("Add", [seqlens_k, one]), "cache_lens"])
             pad_row = g.const("pad_one_row", np.array([0, 0, 0, 0, 1, 0], np.int64))
@@ -174,8 +179,7 @@ class _Lowering:
             seqlens_k = g.op1("Max", [g.op1("Sub", [g.op1("Add", ["cache_lens", "query_lens"]), one]),
                                       g.const("zero_i32", np.array(0, np.int32))])
         # total_sequence_length: the buffer capacity (an upper bound once query_seqlens is fed)
-        capacity = g.op1("Cast", [g.op1("Gather", [g.op1("Shape", ["past_key.0"]), g.const("axis2", np.array(2, np.int64))],
-                                        axis=0)], to=TensorProto.INT32)
+        capacity = self.dim_i32("past_key.0", 2)
         cos, sin = self.rotary_tables()
 
         h = self.embedding(ids)
