@@ -107,7 +107,7 @@ def main() -> int:
         trt_reason = "" if cuda else "TensorRT is installed but no CUDA GPU is visible"
     except ImportError:
         trt_reason = "TensorRT is not installed (pip install 'dspark[gpu]')"
-    if not trt_reason and any(g.in_place for g in bundle.graphs.values()):
+    if not trt_reason and any(g.fused for g in bundle.graphs.values()):
         trt_reason = "the bundle has the ONNX Runtime graph flavour; export it with --runtime tensorrt for TensorRT"
     block = bundle.draft is not None and bundle.draft.block
 

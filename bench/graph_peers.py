@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from dspark.bundle import Bundle
+from dspark.bundle import SLOTS_PAST_CALL, Bundle
 from dspark.runtime.decoder import decoder_cache, run_decoder
 from dspark.runtime.generate import Generator, Request
 
@@ -63,7 +63,7 @@ class Ours:
         self.generator = Generator(bundle_dir, use_draft=False, threads=threads)
         bundle = self.generator.bundle
         self.cache = decoder_cache(bundle.target.config, 1, bundle)
-        self.cache.reserve(context + max(WIDTHS), context + max(WIDTHS) + 1)  # + the slot written past the call
+        self.cache.reserve(context + max(WIDTHS), context + max(WIDTHS) + SLOTS_PAST_CALL)
         self.cache.lens[:] = context
         self.vocab = bundle.target.config.vocab_size
         self.file = bundle.file(bundle.graph("target").file)

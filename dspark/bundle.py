@@ -23,6 +23,9 @@ from dspark.errors import DsparkError
 
 SCHEMA_VERSION = 2  # 2: the draft length stored once, as models.draft.draft_length
 MANIFEST = "manifest.json"
+# cache slots an in-place target graph writes past each call's chunk: its attention sees one zero row beyond the
+# chunk, so a token's numbers do not depend on the call that computes it (dspark.export.ort_graph: exact rows)
+SLOTS_PAST_CALL = 1
 
 
 def sha256_file(path: Path) -> str:
@@ -144,15 +147,21 @@ class GraphSpec:
 
     name: str
     file: str
-    flavour: str  # "ort": fused operators writing the KV cache in place; "standard": plain ONNX for TensorRT
+    flavour: str  # "ort": ONNX Runtime's fused operators (a decoder graph's KV cache written in place); "standard": plain ONNX for TensorRT
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dims: dict[str, tuple[int, int]]  # dimension name -> (min, max)
     profiles: dict[str, dict[str, tuple[int, int, int]]]  # phase -> dimension name -> (min, opt, max)
 
     @property
-    def in_place(self) -> bool:
+    def fused(self) -> bool:
+        """ONNX Runtime's fused operators, which TensorRT does not parse."""
         return self.flavour == "ort"
+
+    @property
+    def in_place(self) -> bool:
+        """A fused decoder graph: it writes each layer's KV cache (past_key.i / past_value.i) in place."""
+        return self.fused and any(spec.name.startswith("past_key.") for spec in self.inputs)
 
     @classmethod
     def read(cls, name: str, f: _Fields) -> "GraphSpec":

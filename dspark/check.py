@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dspark.bundle import Bundle, GraphSpec
+from dspark.bundle import SLOTS_PAST_CALL, Bundle, GraphSpec
 from dspark.export.lint import lint_graph
 from dspark.runtime.torch_runner import in_place_step, load_module, module_problem
 
@@ -153,9 +153,10 @@ def graph_feeds(bundle: Bundle, name: str, seed: int = 0) -> list[dict[str, np.n
     for b, n, s in corners:
         lens = rng.integers(0, s + 1, size=b)
         lens[0] = s
-        # an in-place graph's buffer holds the past, the new tokens and the slot a target graph writes past them
-        # (ort_graph: exact rows); the other flavour reads a window
-        sizes = {"batch": b, "new_tokens": n, "context": n, "cache": s + n + 1 if in_place else s, "logit_rows": n}
+        # an in-place graph's buffer holds the past, the new tokens and the slots a target graph writes past
+        # them; the other flavour reads a window
+        sizes = {"batch": b, "new_tokens": n, "context": n, "cache": s + n + SLOTS_PAST_CALL if in_place else s,
+                 "logit_rows": n}
         feed = {}
         for input_name, shape in shapes.items():
             shape = tuple(sizes[d] if isinstance(d, str) else d for d in shape)
@@ -267,7 +268,7 @@ def check_bundle(bundle_dir: str | Path, engines: bool = True, max_new_tokens: i
             report.add("tensorrt", name, "skip", why_no_engines)
     report.rows.append(greedy_equivalence(bundle, max_new_tokens))
     for name, graph in bundle.graphs.items():
-        if graph.in_place:
+        if graph.fused:
             report.add("tensorrt lint", name, "skip", "ONNX Runtime flavour (fused contrib operators); export with "
                        "--runtime tensorrt for TensorRT")
             continue

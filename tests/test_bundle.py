@@ -19,7 +19,8 @@ MANIFEST = {
     "limits": {"max_batch": 4, "max_context": 128, "prefill_chunk": 16, "max_verify_tokens": 5},
     "graphs": {
         "target": {"file": "target.onnx", "flavour": "ort",
-                   "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]}],
+                   "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]},
+                              {"name": "past_key.0", "dtype": "float16", "shape": ["batch", 2, "cache", 64]}],
                    "outputs": [{"name": "hidden", "dtype": "float16", "shape": ["batch", "new_tokens", 128]}],
                    "dims": {"batch": [1, 4], "new_tokens": [1, 16]}, "profiles": {}},
         "draft_propose": {"file": "draft_propose.onnx", "inputs": [], "outputs": [], "dims": {"batch": [1, 4]},
@@ -50,10 +51,10 @@ def test_the_manifest_becomes_typed_fields(tmp_path):
     assert (draft.method, draft.block, draft.draft_length) == ("dspark", True, 4)
     assert draft.target_layer_ids == (0, 1) and draft.confidence_head and draft.raw_config["markov_rank"] == 8
     target = bundle.graph("target")
-    assert isinstance(target, GraphSpec) and target.in_place and target.dims["new_tokens"] == (1, 16)
+    assert isinstance(target, GraphSpec) and target.fused and target.in_place and target.dims["new_tokens"] == (1, 16)
     assert target.outputs == (TensorSpec("hidden", "float16", ("batch", "new_tokens", 128)),)
     propose = bundle.graph("draft_propose")
-    assert propose.flavour == "standard" and not propose.in_place and propose.profiles == {"decode": {"batch": (1, 1, 4)}}
+    assert propose.flavour == "standard" and not propose.fused and not propose.in_place and propose.profiles == {"decode": {"batch": (1, 1, 4)}}
     assert bundle.tokenizer.eos_token_ids == (2,) and bundle.tokenizer.bos_token_id is None
     assert list(bundle.models) == ["target", "draft"]
 

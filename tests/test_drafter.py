@@ -337,11 +337,12 @@ def test_incremental_matches_one_shot_reference(drafters, target, variant):
 
 
 # ------------------------------------------------------------------------------------------------ (c) ONNX
-@pytest.mark.parametrize("variant", ["rnn", "dflash"])
-def test_onnx_graphs_match_torch(drafters, variant, tmp_path):
+@pytest.mark.parametrize("flavour,variant", [("standard", "rnn"), ("standard", "dflash")]
+                         + [("ort", v) for v in VARIANTS])
+def test_onnx_graphs_match_torch(drafters, flavour, variant, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     drafter = drafters[variant][3]
-    specs = export_drafter(drafter, tmp_path)
+    specs = export_drafter(drafter, tmp_path, flavour=flavour, positions=64)
     ins, outs = specs["draft_propose.onnx"]
     assert [s.name for s in ins] == ["anchor", "start", "cache_lens", "past_k", "past_v", "temperature", "noise"]
     assert [s.name for s in outs] == ["draft_tokens", "draft_probs", "confidence_logits"]

@@ -6,6 +6,10 @@
 namespace dspark {
 namespace {
 
+// cache slots an in-place target graph writes past each call's chunk (dspark.bundle.SLOTS_PAST_CALL: its
+// attention sees one zero row beyond the chunk, so a token's numbers do not depend on the call)
+constexpr int64_t kSlotsPastCall = 1;
+
 // the fixed last dimension of an output (vocabulary, feature width), 0 when the graph has no such output
 int64_t last_dim(const GraphSpec& g, const char* name) {
   const TensorSpec* t = g.output(name);
@@ -125,9 +129,9 @@ class InPlaceDecoder : public DecoderBase {
       need = std::max(need, cache.lens[r] + counts[r]);
       longest = std::max(longest, cache.lens[r]);
     }
-    // every row's padded chunk is written at its length, so each needs room for the whole width, and a target
-    // graph writes one more row past it (dspark/export/ort_graph.py: exact rows)
-    cache.reserve(need, longest + width_ + 1);
+    // every row's padded chunk is written at its length, so each needs room for the whole width and the target
+    // graph's slots past it
+    cache.reserve(need, longest + width_ + kSlotsPastCall);
     std::vector<int64_t> index;
     int logit_rows = last_only ? 1 : width_;
     for (int r = 0; r < rows; ++r)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from dspark import __version__
-from dspark.bundle import write_manifest
+from dspark.bundle import SLOTS_PAST_CALL, write_manifest
 from dspark.errors import DsparkError
 from dspark.export.drafter import CONTEXT_GRAPH, PROPOSE_GRAPH, export_drafter
 from dspark.export.onnx import export_graph
@@ -102,9 +102,9 @@ def export_decoder(model: DecoderLM, path: Path, options: ExportOptions, verify_
     if options.runtime == "ort":
         new_max = ranges["new_tokens"][1]
         # GroupQueryAttention rotates up to the buffer's capacity: a row near the context limit in a wide call
-        # is padded past it (and one more slot for the target's extra query row), so the tables and the cache
-        # dimension cover max_context + the widest call + 1
-        span = options.max_context + new_max + 1
+        # is padded past it, and a target graph writes past its chunk, so the tables and the cache dimension
+        # cover max_context + the widest call + SLOTS_PAST_CALL
+        span = options.max_context + new_max + SLOTS_PAST_CALL
         inputs, outputs = lower_decoder(model, path, span, quantize, calibration, exact_rows=target)
         ranges = dict(ranges, logit_rows=[1, new_max], cache=[1, span])
         return graph_entry(path.name, inputs, outputs, ranges, {}, "ort")
@@ -232,7 +232,9 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     """draft_context and draft_propose graph entries for a DSpark/DFlash drafter, and the target ids of its
     reduced vocabulary (empty without one), which its draft law is over."""
     drafter = Drafter.from_pretrained(draft_dir, target_config, dtype=dtype, target_dir=target_dir)
-    specs = export_drafter(drafter, out, options.draft_quantize)
+    flavour = RUNTIMES[options.runtime]
+    # rotary positions: a block starts at most at the last context position
+    specs = export_drafter(drafter, out, options.draft_quantize, flavour, options.max_context + config.block_size)
     batch = [1, 1, options.max_batch]
     context_max = max(options.prefill_chunk, config.block_size + 1)
     cache = [0, min(512, options.max_context), options.max_context]
@@ -245,8 +247,8 @@ def export_drafter_graphs(draft_dir: Path, config: DrafterConfig, target_dir: Pa
     propose_profiles = {"decode": {"batch": batch, "cache": cache}}
     vocab = drafter.draft_vocab.tolist() if config.draft_vocab_size else []
     return {
-        "draft_context": graph_entry(CONTEXT_GRAPH, *specs[CONTEXT_GRAPH], context_ranges, context_profiles),
-        "draft_propose": graph_entry(PROPOSE_GRAPH, *specs[PROPOSE_GRAPH], propose_ranges, propose_profiles),
+        "draft_context": graph_entry(CONTEXT_GRAPH, *specs[CONTEXT_GRAPH], context_ranges, context_profiles, flavour),
+        "draft_propose": graph_entry(PROPOSE_GRAPH, *specs[PROPOSE_GRAPH], propose_ranges, propose_profiles, flavour),
     }, vocab
 
 

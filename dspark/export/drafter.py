@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dspark.export.onnx import export_graph
+from dspark.export.ort_drafter import lower_drafter
 from dspark.export.ort_graph import quantize_matmuls
 from dspark.graphs.drafter import Drafter
 
@@ -34,10 +35,13 @@ CONTEXT_GRAPH = "draft_context.onnx"
 PROPOSE_GRAPH = "draft_propose.onnx"
 
 
-def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = None) -> dict:
+def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = None, flavour: str = "standard",
+                   positions: int = 0) -> dict:
     """Export ``draft_context.onnx`` and ``draft_propose.onnx`` into ``folder``; returns {file: (inputs, outputs)}.
     ``quantize`` ("int4"/"int8") stores the products' weights block-quantized (MatMulNBits), as the target's are
     with ``--quantize``; embeddings stay as they are (they are the target's, shared with its graph).
+    ``flavour`` "standard": torch's export (standard operators, for TensorRT); "ort": ``ort_drafter``'s lowering in
+    ONNX Runtime's fused operators, whose rotary tables cover ``positions`` positions.
 
     draft_context: features [batch, context, m*d], positions [batch, context] int64
         -> ctx_k, ctx_v [L_d, batch, Hkv, context, D]
@@ -47,6 +51,8 @@ def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = 
            N = V, or its draft_vocab_size with the ids in the manifest's models.draft.draft_vocab),
            confidence_logits [batch, block] fp32
     """
+    if flavour == "ort":
+        return lower_drafter(drafter, folder, {"context": CONTEXT_GRAPH, "propose": PROPOSE_GRAPH}, positions, quantize)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = drafter.config

@@ -58,13 +58,18 @@ class _Graph:
         self.initializers: list[onnx.TensorProto] = []
         self.float_type = float_type
         self.count = 0
+        self.stored: set[str] = set()
 
     def name(self, hint: str) -> str:
         self.count += 1
         return f"{hint}_{self.count}"
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """An initializer; a name asked for again (a weight used at every step of an unrolled loop) is the same."""
+        if name not in self.stored:
+            self.stored.add(name)
+            array = np.asarray(array)  # (np.ascontiguousarray would turn a scalar into a 1-element vector)
+            self.initializers.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), name))
         return name
 
     @property
@@ -84,20 +89,18 @@ class _Graph:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
 
-class _Lowering:
-    def __init__(self, model: DecoderLM, quantize: str | None, max_context: int, exact_rows: bool):
-        self.m = model
-        self.exact_rows = exact_rows
-        self.c = model.config
-        dtype = model.lm_head.weight.dtype
+class _Blocks:
+    """The fused building blocks every ORT-flavour graph is spelled in (this decoder's, a block drafter's in
+    ``ort_drafter``): products, RMSNorms, per-head norms, rotary tables. ``g`` is the graph being built."""
+
+    def __init__(self, dtype: torch.dtype, quantize: str | None, eps: float, head_dim: int):
         if dtype not in TORCH_TO_ONNX:
             raise DsparkError(f"the ONNX Runtime graph flavour supports fp32 and fp16 weights, not {dtype}")
-        if self.c.head_dim % 16:
-            raise DsparkError(f"the ONNX Runtime graph flavour needs a head size that is a multiple of 16 "
-                              f"(GroupQueryAttention); this model's is {self.c.head_dim}: export with --runtime tensorrt")
+        self.float_type = TORCH_TO_ONNX[dtype]
         self.quantize = quantize
-        self.g = _Graph(TORCH_TO_ONNX[dtype])
-        self.max_context = max_context
+        self.eps = eps
+        self.head_dim = head_dim
+        self.g = _Graph(self.float_type)
 
     # ------------------------------------------------------------------------------------ building blocks
     def linear(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> str:
@@ -111,10 +114,15 @@ class _Lowering:
                 inputs += ["", g.weight(name + ".bias", bias)]
             return g.op1("DynamicQuantizeMatMul", inputs, domain="com.microsoft")
         if self.quantize and in_features % QUANT_BLOCK == 0:
-            packed, scales, zero_points = quantize_blocks(weight, QUANT_BITS[self.quantize])
-            inputs = [x, g.const(name + ".qweight", packed), g.const(name + ".scales", scales.astype(g.np_float))]
-            if zero_points is not None:
-                inputs.append(g.const(name + ".zero_points", zero_points))
+            if name + ".qweight" not in g.stored:
+                packed, scales, zero_points = quantize_blocks(weight, QUANT_BITS[self.quantize])
+                g.const(name + ".qweight", packed)
+                g.const(name + ".scales", scales.astype(g.np_float))
+                if zero_points is not None:
+                    g.const(name + ".zero_points", zero_points)
+            inputs = [x, name + ".qweight", name + ".scales"]
+            if name + ".zero_points" in g.stored:
+                inputs.append(name + ".zero_points")
             if bias is not None:  # input 5, after the optional zero points and g_idx
                 inputs += [""] * (5 - len(inputs)) + [g.weight(name + ".bias", bias)]
             return g.op1("MatMulNBits", inputs, domain="com.microsoft", K=in_features, N=out_features,
@@ -124,7 +132,7 @@ class _Lowering:
 
     def rms(self, x: str, weight: torch.Tensor, name: str) -> str:
         return self.g.op1("SimplifiedLayerNormalization", [x, self.g.weight(name, weight)], axis=-1,
-                          epsilon=self.c.rms_norm_eps, stash_type=1)
+                          epsilon=self.eps, stash_type=1)
 
     def skip_rms(self, x: str, skip: str, weight: torch.Tensor, name: str) -> tuple[str, str]:
         """(RMSNorm(x + skip), x + skip): the residual add fused into the next norm. Its optional mean and
@@ -132,12 +140,12 @@ class _Lowering:
         g = self.g
         out, total = g.name("skip_rms"), g.name("residual")
         g.op("SkipSimplifiedLayerNormalization", [x, skip, g.weight(name, weight)], [out, "", "", total],
-             domain="com.microsoft", epsilon=self.c.rms_norm_eps)
+             domain="com.microsoft", epsilon=self.eps)
         return out, total
 
     def head_norm(self, x: str, weight: torch.Tensor, heads: int, name: str) -> str:
         """Qwen3's per-head RMSNorm on q or k ([B, S, heads*D]) before rotary."""
-        g, d = self.g, self.c.head_dim
+        g, d = self.g, self.head_dim
         shaped = g.op1("Reshape", [x, g.const(name + ".shape", np.array([0, 0, heads, d], dtype=np.int64))])
         normed = self.rms(shaped, weight, name + ".weight")
         return g.op1("Reshape", [normed, g.const(name + ".back", np.array([0, 0, heads * d], dtype=np.int64))])
@@ -147,6 +155,23 @@ class _Lowering:
         g = self.g
         size = g.op1("Gather", [g.op1("Shape", [x]), g.const(f"axis{axis}", np.array(axis, np.int64))], axis=0)
         return g.op1("Cast", [size], to=TensorProto.INT32)
+
+    def rotary_tables(self, inv_freq: torch.Tensor, positions: int) -> tuple[str, str]:
+        """cos/sin [positions, head_dim/2] from a model's own inv_freq (default, linear or Llama 3 scaling)."""
+        freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+        return self.g.weight("cos_cache", freqs.cos()), self.g.weight("sin_cache", freqs.sin())
+
+
+class _Lowering(_Blocks):
+    def __init__(self, model: DecoderLM, quantize: str | None, max_context: int, exact_rows: bool):
+        self.m = model
+        self.exact_rows = exact_rows
+        self.c = model.config
+        if self.c.head_dim % 16:
+            raise DsparkError(f"the ONNX Runtime graph flavour needs a head size that is a multiple of 16 "
+                              f"(GroupQueryAttention); this model's is {self.c.head_dim}: export with --runtime tensorrt")
+        super().__init__(model.lm_head.weight.dtype, quantize, self.c.rms_norm_eps, self.c.head_dim)
+        self.max_context = max_context
 
     # ------------------------------------------------------------------------------------ the graph
     def build(self) -> onnx.ModelProto:
@@ -164,7 +189,8 @@ class _Lowering:
             # enough to change greedy tokens). So every row attends its whole padded chunk plus one row of zeros,
             # all written to the cache past its real tokens (slots the next call overwrites), and the extra row's
             # output is dropped: a token's numbers are then the same in every call, and verifying K drafts decodes
-            # exactly what K + 1 plain steps decode. (Attending the padding too leaves no output row unwritten:
+            # exactly what K + 1 plain steps decode (the runtime reserves that row: dspark.bundle.SLOTS_PAST_CALL).
+            # (Attending the padding too leaves no output row unwritten:
             # garbage there would reach the real rows through w8a8's per-call activation scale.)
             width = self.dim_i32(ids, 1)
             seqlens_k = g.op1("Add", ["cache_lens", width])
@@ -180,7 +206,7 @@ class _Lowering:
                                       g.const("zero_i32", np.array(0, np.int32))])
         # total_sequence_length: the buffer capacity (an upper bound once query_seqlens is fed)
         capacity = self.dim_i32("past_key.0", 2)
-        cos, sin = self.rotary_tables()
+        cos, sin = self.rotary_tables(m.model.rotary_emb.inv_freq, self.max_context)
 
         h = self.embedding(ids)
         taps = {-1: h} if -1 in m.tap_layers else {}
@@ -230,12 +256,6 @@ class _Lowering:
             g.op("Concat" if len(parts) > 1 else "Identity", parts, ["hidden"], **({"axis": -1} if len(parts) > 1 else {}))
             outputs.append("hidden")
         return self.model(outputs)
-
-    def rotary_tables(self) -> tuple[str, str]:
-        """cos/sin [max_context, head_dim/2] from the model's own inv_freq (default, linear or Llama 3 scaling)."""
-        positions = torch.arange(self.max_context, dtype=torch.float32)
-        freqs = positions[:, None] * self.m.model.rotary_emb.inv_freq.float()[None, :]
-        return self.g.weight("cos_cache", freqs.cos()), self.g.weight("sin_cache", freqs.sin())
 
     def embedding(self, ids: str) -> str:
         g, weight = self.g, self.m.model.embed_tokens.weight

@@ -90,7 +90,7 @@ def build_engines(
     times slower on recent GPUs, at about 1e-3 relative error).
     """
     bundle = Bundle.open(bundle_dir)
-    fused = [name for name, graph in bundle.graphs.items() if graph.in_place]
+    fused = [name for name, graph in bundle.graphs.items() if graph.fused]
     if fused:
         raise DsparkError(f"{bundle_dir}: graphs {', '.join(fused)} use ONNX Runtime's fused operators, which TensorRT "
                           "does not parse; export the bundle with --runtime tensorrt for 'dspark build'")

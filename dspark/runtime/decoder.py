@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark.bundle import Bundle, ModelConfig
+from dspark.bundle import SLOTS_PAST_CALL, Bundle, ModelConfig
 from dspark.runtime.kv import KVCache
 from dspark.runtime.runners import GraphRunner
 
@@ -37,9 +37,10 @@ def run_decoder(runner: GraphRunner, cache: KVCache, parts: list[list[int]], las
     for r, part in enumerate(parts):
         ids[r, : len(part)] = part
     if runner.spec.in_place:
-        # every row's padded chunk is written at its length, so each needs room for the whole width, and a
-        # target graph writes one more row past it (``ort_graph``: exact rows)
-        cache.reserve(int((cache.lens + counts).max(initial=0)), int(cache.lens.max(initial=0)) + width + 1)
+        # every row's padded chunk is written at its length, so each needs room for the whole width and the
+        # target graph's slots past it
+        cache.reserve(int((cache.lens + counts).max(initial=0)),
+                      int(cache.lens.max(initial=0)) + width + SLOTS_PAST_CALL)
         index = np.maximum(counts - 1, 0)[:, None] if last_only else np.broadcast_to(np.arange(width), (rows, width))
         feeds = {"input_ids": ids, "cache_lens": cache.lens.astype(np.int32), "query_lens": counts.astype(np.int32),
                  "logit_index": index}
