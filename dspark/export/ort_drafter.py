@@ -93,7 +93,6 @@ class _DrafterLowering(_Blocks):
         g, c, d = self.g, self.c, self.d
         n = c.block_size
         batch = g.op1("Shape", ["anchor"])
-        last = self.const_i64("last_axis", [-1])
         second = self.const_i64("second_axis", [1])
         # the block [anchor, mask x (n-1)] at positions start .. start + n - 1
         masks = g.op1("Expand", [self.const_i64("mask_ids", [[c.mask_token_id] * (n - 1)]),
@@ -141,7 +140,10 @@ class _DrafterLowering(_Blocks):
                                              "norm.weight" if final else f"layers.{i + 1}.input_layernorm.weight")
         base = self.to_float(self.head(normed))  # [B, n, N]
         temperature = g.op1("Unsqueeze", ["temperature", second])  # [B, 1]
+        self.any_hot = g.op1("Greater", [g.op1("ReduceMax", ["temperature"], keepdims=0),
+                                         g.const("zero_f", np.array(0, np.float32))])  # does any row sample?
         if c.markov_rank == 0:
+            last = self.const_i64("last_axis", [-1])
             index, probs = self.sample(base, g.op1("Unsqueeze", [temperature, last]), g.op1("Unsqueeze", ["noise", last]))
             conf = (g.op1("Squeeze", [self.to_float(self.confidence(normed)), last]) if c.enable_confidence_head
                     else self.zeros(batch, n))
@@ -185,21 +187,41 @@ class _DrafterLowering(_Blocks):
 
     def sample(self, logits: str, temperature: str, noise: str) -> tuple[str, str]:
         """``graphs.drafter.sample_rows``: tokens and q = softmax(logits / T) over the last axis; temperature and
-        noise are broadcast to logits' shape but for that axis (of size 1)."""
+        noise are broadcast to logits' shape but for that axis (of size 1). When no row samples, an ``If`` skips
+        the inverse-CDF draw (cumulative sums over the vocabulary, a quarter of a greedy round's kernel time)."""
         g = self.g
-        hot = g.op1("Greater", [temperature, g.const("zero_f", np.array(0, np.float32))])
-        divisor = g.op1("Where", [hot, temperature, g.const("one_f", np.array(1, np.float32))])
-        probs = g.op1("Softmax", [g.op1("Div", [logits, divisor])], axis=-1)
-        cdf = g.op1("CumSum", [probs, g.const("cumsum_axis", np.array(-1, np.int64))])
-        total = g.op1("Slice", [cdf, self.const_i64("last_from", [-1]), self.const_i64("last_to", [np.iinfo(np.int64).max]),
-                                self.const_i64("last_axis_s", [-1])])
-        below = g.op1("Less", [cdf, g.op1("Mul", [noise, total])])
-        drawn = g.op1("ReduceSum", [g.op1("Cast", [below], to=TensorProto.INT64), self.const_i64("sum_axis", [-1])],
-                      keepdims=0)
-        drawn = g.op1("Min", [drawn, self.const_i64("top_index", self.c.head_size - 1)])
-        greedy = g.op1("ArgMax", [logits], axis=-1, keepdims=0)
-        index = g.op1("Where", [g.op1("Squeeze", [hot, self.const_i64("hot_axis", [-1])]), drawn, greedy])
-        return index, probs
+
+        def greedy():
+            return g.op1("ArgMax", [logits], axis=-1, keepdims=0), g.op1("Softmax", [logits], axis=-1)
+
+        def sampled():
+            hot = g.op1("Greater", [temperature, g.const("zero_f", np.array(0, np.float32))])
+            divisor = g.op1("Where", [hot, temperature, g.const("one_f", np.array(1, np.float32))])
+            probs = g.op1("Softmax", [g.op1("Div", [logits, divisor])], axis=-1)
+            cdf = g.op1("CumSum", [probs, g.const("cumsum_axis", np.array(-1, np.int64))])
+            total = g.op1("Slice", [cdf, self.const_i64("last_from", [-1]),
+                                    self.const_i64("last_to", [np.iinfo(np.int64).max]), self.const_i64("last_axis", [-1])])
+            below = g.op1("Less", [cdf, g.op1("Mul", [noise, total])])
+            drawn = g.op1("ReduceSum", [g.op1("Cast", [below], to=TensorProto.INT64), self.const_i64("last_axis", [-1])],
+                          keepdims=0)
+            drawn = g.op1("Min", [drawn, self.const_i64("top_index", self.c.head_size - 1)])
+            index = g.op1("Where", [g.op1("Squeeze", [hot, self.const_i64("last_axis", [-1])]), drawn,
+                                    g.op1("ArgMax", [logits], axis=-1, keepdims=0)])
+            return index, probs
+
+        return tuple(self.branch(self.any_hot, sampled, greedy, [TensorProto.INT64, TensorProto.FLOAT]))
+
+    def branch(self, condition: str, then, otherwise, types: list[int]) -> list[str]:
+        """An ``If`` node whose branches are what ``then()`` and ``otherwise()`` build (both return names of
+        outputs of ``types``); the branches read the enclosing graph's values and initializers."""
+        g, outer, bodies = self.g, self.g.nodes, []
+        for build in (then, otherwise):
+            g.nodes = []
+            names = build()
+            bodies.append(helper.make_graph(g.nodes, g.name("branch"), [], [
+                helper.make_tensor_value_info(name, kind, None) for name, kind in zip(names, types)]))
+            g.nodes = outer
+        return g.op("If", [condition], len(types), then_branch=bodies[0], else_branch=bodies[1])
 
     def markov(self, normed: str, base: str, temperature: str, batch: str) -> tuple[str, str, str]:
         """The sequential stage: each drafted token's W1 row biases the next position's logits."""
