@@ -65,7 +65,7 @@ class _DrafterLowering(_Blocks):
         """features [B, C, m*d], positions [B, C] -> ctx_k, ctx_v [L_d, B, Hkv, C, D]."""
         self.new_graph()
         g, c, d = self.g, self.c, self.d
-        ctx = self.rms(self.linear("features", d.fc.weight, None, "fc"), d.hidden_norm.weight, "hidden_norm.weight")
+        ctx = self.rms(self.linear("features", d.fc.weight, None, "fc"), d.hidden_norm.weight, "hidden_norm")
         heads_first = self.const_i64("kv_heads_shape", [0, 0, c.num_kv_heads, c.head_dim])
         keys, values = [], []
         for i, layer in enumerate(d.layers):
@@ -111,7 +111,7 @@ class _DrafterLowering(_Blocks):
         visible = g.op1("Expand", [visible, self.const_i64("mask_rows", [1, 1, n, 1])])
 
         h = g.op1("Gather", [g.weight("embed_tokens.weight", d.embed_tokens.weight), ids], axis=0)
-        normed = self.rms(h, d.layers[0].input_layernorm.weight, "layers.0.input_layernorm.weight")
+        normed = self.rms(h, d.layers[0].input_layernorm.weight, "layers.0.input_layernorm")
         residual = h
         for i, layer in enumerate(d.layers):
             attn, p = layer.self_attn, f"layers.{i}."
@@ -126,18 +126,10 @@ class _DrafterLowering(_Blocks):
             # the kernel insists on writing past + block K/V out when given a past; nothing reads them
             attended = g.op("Attention", [q, k, v, visible] + past, 3, q_num_heads=c.num_heads,
                             kv_num_heads=c.num_kv_heads)[0]
-            o = self.linear(attended, attn.o_proj.weight, attn.o_proj.bias, p + "o_proj")
-            normed, residual = self.skip_rms(o, residual, layer.post_attention_layernorm.weight,
-                                             p + "post_attention_layernorm.weight")
-            mlp = layer.mlp
-            gate = self.linear(normed, mlp.gate_proj.weight, mlp.gate_proj.bias, p + "gate_proj")
-            up = self.linear(normed, mlp.up_proj.weight, mlp.up_proj.bias, p + "up_proj")
-            act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
-            down = self.linear(act, mlp.down_proj.weight, mlp.down_proj.bias, p + "down_proj")
             final = i == c.num_layers - 1
             norm_w = d.norm.weight if final else d.layers[i + 1].input_layernorm.weight
-            normed, residual = self.skip_rms(down, residual, norm_w,
-                                             "norm.weight" if final else f"layers.{i + 1}.input_layernorm.weight")
+            normed, residual = self.layer_tail(attended, residual, layer, p, norm_w,
+                                               "norm" if final else f"layers.{i + 1}.input_layernorm")
         base = self.to_float(self.head(normed))  # [B, n, N]
         temperature = g.op1("Unsqueeze", ["temperature", second])  # [B, 1]
         self.any_hot = g.op1("Greater", [g.op1("ReduceMax", ["temperature"], keepdims=0),

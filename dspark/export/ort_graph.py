@@ -156,6 +156,23 @@ class _Blocks:
         size = g.op1("Gather", [g.op1("Shape", [x]), g.const(f"axis{axis}", np.array(axis, np.int64))], axis=0)
         return g.op1("Cast", [size], to=TensorProto.INT32)
 
+    def layer_tail(self, attended: str, residual: str, layer, prefix: str, next_norm: torch.Tensor,
+                   next_norm_name: str) -> tuple[str, str]:
+        """A decoder layer after its attention: o_proj, the residual add fused into the post-attention norm, the
+        SwiGLU MLP, and its residual add fused into the next norm (the next layer's input norm or the final one).
+        Returns (normed, residual) for what follows."""
+        g, attn, mlp = self.g, layer.self_attn, layer.mlp
+        o = self.linear(attended, attn.o_proj.weight, attn.o_proj.bias, prefix + "o_proj")
+        normed, residual = self.skip_rms(o, residual, layer.post_attention_layernorm.weight,
+                                         prefix + "post_attention_layernorm")
+        # gate and up as two products, not one fused product and a Split: the Split's copy costs more than the
+        # second call saves (ORT profile of SmolLM2's int4 step)
+        gate = self.linear(normed, mlp.gate_proj.weight, mlp.gate_proj.bias, prefix + "gate_proj")
+        up = self.linear(normed, mlp.up_proj.weight, mlp.up_proj.bias, prefix + "up_proj")
+        act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
+        down = self.linear(act, mlp.down_proj.weight, mlp.down_proj.bias, prefix + "down_proj")
+        return self.skip_rms(down, residual, next_norm, next_norm_name)
+
     def rotary_tables(self, inv_freq: torch.Tensor, positions: int) -> tuple[str, str]:
         """cos/sin [positions, head_dim/2] from a model's own inv_freq (default, linear or Llama 3 scaling)."""
         freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
@@ -234,19 +251,10 @@ class _Lowering(_Blocks):
                             num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
             if self.exact_rows:
                 attended = g.op1("Slice", [attended] + drop_row)
-            o = self.linear(attended, attn.o_proj.weight, attn.o_proj.bias, prefix + "o_proj")
-            normed, residual = self.skip_rms(o, residual, layer.post_attention_layernorm.weight,
-                                             prefix + "post_attention_layernorm")
-            mlp = layer.mlp
-            # gate and up as two products, not one fused product and a Split: the Split's copy costs more than the
-            # second call saves (ORT profile of SmolLM2's int4 step)
-            gate = self.linear(normed, mlp.gate_proj.weight, mlp.gate_proj.bias, prefix + "gate_proj")
-            up = self.linear(normed, mlp.up_proj.weight, mlp.up_proj.bias, prefix + "up_proj")
-            act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
-            down = self.linear(act, mlp.down_proj.weight, mlp.down_proj.bias, prefix + "down_proj")
             last = i == c.num_layers - 1
             norm_w = body.norm.weight if last else body.layers[i + 1].input_layernorm.weight
-            normed, residual = self.skip_rms(down, residual, norm_w, "norm" if last else f"layers.{i + 1}.input_layernorm")
+            normed, residual = self.layer_tail(attended, residual, layer, prefix, norm_w,
+                                               "norm" if last else f"layers.{i + 1}.input_layernorm")
             if i in m.tap_layers:
                 taps[i] = residual
         self.logits(normed)
