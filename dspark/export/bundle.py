@@ -337,7 +337,7 @@ def export_bundle(
     try:
         bar.set_postfix_str("target graph")
         # the text whose activations set the rescaling of int4/w8a8 graphs, in the target's tokens (a draft LM
-        # shares them); a block drafter's graphs are quantized node by node, without it
+        # shares them); a block drafter's products are quantized without it
         rescaled = options.quantize in CALIBRATED or (method == "draft-lm" and options.draft_quantize in CALIBRATED)
         calibration = calibration_ids(token_ids(target_dir)) if rescaled else None
         model = DecoderLM.from_pretrained(target_dir, tap_layers=taps, dtype=dtype)

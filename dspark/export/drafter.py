@@ -9,7 +9,6 @@ from torch import nn
 
 from dspark.export.onnx import export_graph
 from dspark.export.ort_drafter import lower_drafter
-from dspark.export.ort_graph import quantize_matmuls
 from dspark.graphs.drafter import Drafter
 
 
@@ -38,10 +37,10 @@ PROPOSE_GRAPH = "draft_propose.onnx"
 def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = None, flavour: str = "standard",
                    positions: int = 0) -> dict:
     """Export ``draft_context.onnx`` and ``draft_propose.onnx`` into ``folder``; returns {file: (inputs, outputs)}.
-    ``quantize`` ("int4"/"int8") stores the products' weights block-quantized (MatMulNBits), as the target's are
-    with ``--quantize``; embeddings stay as they are (they are the target's, shared with its graph).
     ``flavour`` "standard": torch's export (standard operators, for TensorRT); "ort": ``ort_drafter``'s lowering in
-    ONNX Runtime's fused operators, whose rotary tables cover ``positions`` positions.
+    ONNX Runtime's fused operators, whose rotary tables cover ``positions`` positions. ``quantize`` ("int4"/"int8",
+    ort flavour only: MatMulNBits is an ONNX Runtime operator) stores the products' weights block-quantized, as
+    the target's are with ``--quantize``; embeddings stay as they are (they are the target's, shared with its graph).
 
     draft_context: features [batch, context, m*d], positions [batch, context] int64
         -> ctx_k, ctx_v [L_d, batch, Hkv, context, D]
@@ -53,6 +52,8 @@ def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = 
     """
     if flavour == "ort":
         return lower_drafter(drafter, folder, {"context": CONTEXT_GRAPH, "propose": PROPOSE_GRAPH}, positions, quantize)
+    if quantize is not None:
+        raise ValueError("a quantized drafter needs the ort flavour (MatMulNBits is an ONNX Runtime operator)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = drafter.config
@@ -66,7 +67,6 @@ def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = 
         "features": torch.randn(batch, context, c.feature_size, generator=gen).to(dtype),
         "positions": torch.arange(context).repeat(batch, 1),
     }
-    rewrite = None if quantize is None else (lambda model: quantize_matmuls(model, quantize))
     results = {}
     results[CONTEXT_GRAPH] = export_graph(
         _ContextGraph(drafter),
@@ -74,7 +74,6 @@ def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = 
         {"features": {0: "batch", 1: "context"}, "positions": {0: "batch", 1: "context"}},
         ["ctx_k", "ctx_v"],
         folder / CONTEXT_GRAPH,
-        rewrite,
     )
     kv_shape = (c.num_layers, batch, c.num_kv_heads, cache, c.head_dim)
     propose_example = {
@@ -100,6 +99,5 @@ def export_drafter(drafter: Drafter, folder: str | Path, quantize: str | None = 
         },
         ["draft_tokens", "draft_probs", "confidence_logits"],
         folder / PROPOSE_GRAPH,
-        rewrite,
     )
     return results

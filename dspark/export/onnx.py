@@ -65,12 +65,10 @@ def export_graph(
     dynamic: dict[str, dict[int, str]],
     output_names: list[str],
     path: str | Path,
-    rewrite=None,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Export ``module(**example)`` to ``path`` (+ ``path.data``) and return its checked input/output specs.
 
     ``dynamic`` maps input name -> {axis: dimension name}. Dimensions with the same name are the same symbol.
-    ``rewrite(model)`` may change the exported ONNX model in place before it is saved (weight quantization).
     """
     path = Path(path)
     dims = {name: torch.export.Dim(name, min=0, max=DIM_CEILING) for axes in dynamic.values() for name in axes.values()}
@@ -98,8 +96,6 @@ def export_graph(
         for axis, dim in dynamic.get(spec.name, {}).items():
             if spec.shape[axis] != dim:
                 raise DsparkError(f"export specialised {spec.name} axis {axis} to {spec.shape[axis]} (wanted '{dim}')")
-    if rewrite is not None:
-        rewrite(model)
     onnx.save_model(
         model,
         str(path),

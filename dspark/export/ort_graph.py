@@ -351,49 +351,6 @@ def quantize_columns(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return data, scales.astype(np.float32)
 
 
-def quantize_matmuls(model: onnx.ModelProto, quantize: str) -> int:
-    """Turn every MatMul (and Gemm with transB and no bias) whose weight is a 2-D initializer with a block-divisible
-    input width into MatMulNBits, in place: how a graph exported by torch (a DSpark drafter's) gets the same
-    weight-only quantization as the lowered decoder. Returns how many products were quantized."""
-    bits = QUANT_BITS[quantize]
-    inits = {i.name: i for i in model.graph.initializer}
-    replaced, new_inits = 0, {}
-    for i, node in enumerate(model.graph.node):
-        gemm = node.op_type == "Gemm"
-        if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in inits:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if gemm and (len(node.input) > 2 or attrs.get("transB") != 1 or attrs.get("transA", 0)
-                     or attrs.get("alpha", 1.0) != 1.0):
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        if weight.ndim != 2 or weight.dtype != np.float32:
-            continue
-        weight = weight if gemm else weight.T  # [out, in]
-        n, k = weight.shape
-        if k % QUANT_BLOCK:
-            continue
-        key = node.input[1]
-        if key not in new_inits:  # a weight used by several products is quantized once
-            packed, scales, zero_points = quantize_blocks(torch.from_numpy(np.array(weight, order="C")), bits)
-            new_inits[key] = [numpy_helper.from_array(a, f"{key}.{suffix}") for a, suffix in
-                              ((packed, "qweight"), (scales, "scales"), (zero_points, "zero_points"))
-                              if a is not None]
-        quantized = helper.make_node(
-            "MatMulNBits", [node.input[0]] + [t.name for t in new_inits[key]], list(node.output),
-            name=(node.name or f"matmul_{i}") + "_q", domain="com.microsoft", K=k, N=n, bits=bits,
-            block_size=QUANT_BLOCK, accuracy_level=QUANT_ACCURACY)
-        model.graph.node[i].CopyFrom(quantized)
-        replaced += 1
-    still_used = {name for node in model.graph.node for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in still_used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + [t for ts in new_inits.values() for t in ts])
-    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return replaced
-
-
 def quantize_gather_blocks(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GatherBlockQuantized operands for an embedding [V, d], 8 bits (its kernel takes integer zero points only;
     a lookup reads one row per token, so the wider type costs memory, not time)."""
