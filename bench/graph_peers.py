@@ -296,7 +296,7 @@ def _profiled_ours(bundle_dir: Path, threads: int) -> ort.InferenceSession:
 def _call_ours(sess: ort.InferenceSession, bundle_dir: Path, context: int) -> None:
     """One T(1) call of our graph in either flavour, with plain session.run feeds."""
     c = Bundle.open(bundle_dir, verify=False).target.config
-    kv = (1, c.num_kv_heads, context + 2, c.head_dim)  # the new token, and the slot the target writes past it
+    kv = (1, c.num_kv_heads, context + 1 + SLOTS_PAST_CALL, c.head_dim)  # the new token, and the slots past it
     feeds = {"input_ids": np.full((1, 1), 7, np.int64)}
     names = {i.name for i in sess.get_inputs()}
     if "query_lens" in names:  # ort flavour: in-place buffers per layer

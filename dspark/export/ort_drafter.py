@@ -220,7 +220,7 @@ class _DrafterLowering(_Blocks):
         g, c, d = self.g, self.c, self.d
         head = d.markov_head
         w1 = g.weight("markov_head.markov_w1.weight", head.markov_w1.weight)
-        second = self.const_i64("step_axis", [1])
+        second = self.const_i64("second_axis", [1])
         prev = "anchor"
         if c.draft_vocab_size:
             prev = g.op1("Gather", [self.const_i64("vocab_index", d.vocab_index.numpy()), prev], axis=0)

@@ -77,7 +77,9 @@ class _Graph:
         return np.float16 if self.float_type == TensorProto.FLOAT16 else np.float32
 
     def weight(self, name: str, tensor: torch.Tensor) -> str:
-        """A float weight in the graph's dtype."""
+        """A float weight in the graph's dtype (converted once, however often it is asked for)."""
+        if name in self.stored:
+            return name
         return self.const(name, tensor.detach().float().numpy().astype(self.np_float))
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
