@@ -147,7 +147,8 @@ def graph_feeds(bundle: Bundle, name: str, seed: int = 0) -> list[dict[str, np.n
         corners = [(1, min(5, dims["context"][1]), 0), (min(3, batch_max), min(2, dims["context"][1]), 0)]
     else:
         corners = [(1, 0, min(6, cache_max)), (min(3, batch_max), 0, min(16, cache_max))]
-    vocab = bundle.target.config.vocab_size
+    # a draft LM reads its own ids (a reduced one has fewer than the target); every other graph reads target ids
+    vocab = (bundle.draft.config if name == "draft" else bundle.target.config).vocab_size
     feeds = []
     in_place = spec.in_place
     for b, n, s in corners:

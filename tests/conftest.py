@@ -78,6 +78,34 @@ def noisy_copy(model, scale: float, seed: int):
     return draft
 
 
+def reduced_draft_lm(target, folder: Path, draft_vocab: list[int], noise: float, seed: int) -> Path:
+    """A draft LM over a reduced vocabulary: a noisy copy of ``target`` whose embedding and LM head keep the rows of
+    ``draft_vocab`` (its ids 0..N-1) and add one row (id N) for every other token, saved in the layout
+    ``dspark train-draft --draft-vocab`` writes (``draft_vocab_size`` in config.json, the ``draft_vocab`` tensor)."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    draft = noisy_copy(target, noise, seed)
+    ids = torch.tensor(draft_vocab)
+    others = torch.ones(target.config.vocab_size, dtype=torch.bool)
+    others[ids] = False
+    config = copy.deepcopy(draft.config)
+    config.vocab_size = len(draft_vocab) + 1
+    reduced = type(draft)(config)
+    state = {k: v for k, v in draft.state_dict().items() if k not in ("model.embed_tokens.weight", "lm_head.weight")}
+    rows = lambda w: torch.cat([w[ids], w[others].mean(0, keepdim=True)])  # noqa: E731
+    state["model.embed_tokens.weight"] = rows(draft.model.embed_tokens.weight.detach())
+    state["lm_head.weight"] = rows(draft.lm_head.weight.detach())
+    reduced.load_state_dict(state)
+    save_hf(reduced.eval(), folder, target.config.vocab_size)  # the target's tokenizer
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "draft_vocab": ids}, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "draft_vocab_size": len(draft_vocab)}))
+    return folder
+
+
 VOCAB = 96
 # DeepSpec drafter variants: (markov_rank, markov_head_type, confidence head)
 VARIANTS = {"vanilla": (8, "vanilla", True), "gated": (8, "gated", True), "rnn": (8, "rnn", True), "dflash": (0, None, False),
@@ -143,6 +171,17 @@ def qwen3_bundle(qwen3_pair, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "qwen3"
     export_bundle(target_dir, out, draft_dir, ExportOptions(max_batch=8, max_context=256, prefill_chunk=32,
                                                           num_draft_tokens=6), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reduced_lm_bundle(qwen3_pair, models_dir, tmp_path_factory) -> Path:
+    """The qwen3 target with a draft LM over half its vocabulary (``reduced_vocab``)."""
+    target, target_dir, _ = qwen3_pair
+    draft_dir = reduced_draft_lm(target, models_dir / "qwen3-reduced-draft", reduced_vocab(VOCAB), 0.3, seed=2)
+    out = tmp_path_factory.mktemp("bundles") / "qwen3-reduced-lm"
+    export_bundle(target_dir, out, draft_dir, ExportOptions(max_batch=8, max_context=256, prefill_chunk=32,
+                                                          num_draft_tokens=4), progress=False)
     return out
 
 

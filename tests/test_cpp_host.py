@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, save_hf
+from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm, save_hf
 from dspark.cpp_host import COptions, CRequest, load_library
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
@@ -142,6 +142,7 @@ def fp16_bundle(qwen3_pair, tmp_path_factory) -> Path:
 # graph flavours: "ort" (fused, KV updated in place; the default export) and "standard" (TensorRT's, K/V copied)
 BUNDLES = {"qwen3-draft-lm": "qwen3_bundle", "qwen3-draft-lm-standard": "qwen3_trt_bundle",
            "qwen3-draft-lm-int4": "int4_bundle", "qwen3-draft-lm-w8a8": "w8a8_bundle", "qwen3-draft-lm-fp16": "fp16_bundle", "qwen3-dspark": "dspark_bundle", "qwen2-draft-lm": "qwen2_bundle",
+           "qwen3-reduced-draft-lm": "reduced_lm_bundle",
            "llama-dflash": "llama_dflash_bundle"}
 
 
@@ -349,7 +350,7 @@ def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, 
 
 
 # ------------------------------------------------------------------------------------------------- sampling law
-@pytest.fixture(scope="module", params=["draft-lm", "dspark"])
+@pytest.fixture(scope="module", params=["draft-lm", "reduced-lm", "dspark"])
 def v4_bundle(request, tmp_path_factory):
     """test_sampling.py's 4-token setting: a target with a flat law and a draft that often disagrees."""
     import torch
@@ -361,6 +362,8 @@ def v4_bundle(request, tmp_path_factory):
     target_dir = save_hf(target, root / "t", 4)
     if request.param == "draft-lm":
         draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", 4)
+    elif request.param == "reduced-lm":
+        draft_dir = reduced_draft_lm(target, root / "d", [3, 1], 1.0, seed=12)
     else:
         draft_dir = deepspec_drafter(target, target_dir, root / "dspark", "vanilla", block_size=2)
     export_bundle(target_dir, root / "b", draft_dir, ExportOptions(max_batch=256, max_context=32, prefill_chunk=8,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import deepspec_drafter, hf_model, noisy_copy, save_hf
+from conftest import deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm, save_hf
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams, accept, probabilities
@@ -46,10 +46,11 @@ def small_target(tmp_path_factory):
     return target, save_hf(target, root / "t", V)
 
 
-@pytest.fixture(scope="module", params=["draft-lm", "dspark", "reduced", "lookup", "store"])
+@pytest.fixture(scope="module", params=["draft-lm", "reduced-lm", "dspark", "reduced", "lookup", "store"])
 def small_vocab(request, small_target, tmp_path_factory):
-    """A bundle whose draft disagrees with the target often: a noisy draft LM, a random DSpark drafter, one that
-    drafts over half the vocabulary only (its law is zero on the other half), or the DSpark drafter behind prompt
+    """A bundle whose draft disagrees with the target often: a noisy draft LM (``reduced-lm``: one over half the
+    vocabulary, whose law is zero on the other half), a random DSpark drafter, one that drafts over half the
+    vocabulary only, or the DSpark drafter behind prompt
     lookup (rows whose last token occurred before draft what followed it, a point-mass law; the others draft
     with the drafter), or lookup with a store of random tokens behind it (rows without an earlier occurrence in
     their own tokens draft what followed their last token in the store). Returns (target, bundle, prompt lookup's
@@ -59,6 +60,8 @@ def small_vocab(request, small_target, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"b-{request.param}")
     if request.param == "draft-lm":
         draft_dir = save_hf(noisy_copy(target, 1.0, seed=12), root / "d", V)
+    elif request.param == "reduced-lm":
+        draft_dir = reduced_draft_lm(target, root / "d", [3, 1], 1.0, seed=12)
     else:
         variant = "reduced" if request.param == "reduced" else "vanilla"  # lookup: over a vanilla drafter
         draft_dir = deepspec_drafter(target, target_dir, root / "dspark", variant, block_size=2)

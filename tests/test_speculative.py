@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_speculative_equals_plain
+from conftest import VOCAB, assert_speculative_equals_plain, reduced_vocab
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.sampling import SamplingParams
 
@@ -41,6 +41,23 @@ def test_greedy_equals_plain_and_transformers(spec, plain, qwen3_pair, k, backen
 def test_standard_flavour_greedy_equals_plain(qwen3_trt_bundle, plain, backend):
     """The TensorRT flavour (K/V returned, committed by copy) decodes the same tokens through the same loop."""
     assert_speculative_equals_plain(Generator(qwen3_trt_bundle, backend=backend), plain, PROMPTS, 40)
+
+
+def test_reduced_vocabulary_draft_lm_is_lossless(reduced_lm_bundle, plain, qwen3_pair, backend):
+    """A draft LM over half the vocabulary drafts only inside it, in target ids, and changes no output token."""
+    from dspark.bundle import Bundle
+
+    bundle = Bundle.open(reduced_lm_bundle)
+    assert list(bundle.draft.draft_vocab) == reduced_vocab(VOCAB) and bundle.draft.config.vocab_size == VOCAB // 2 + 1
+    spec = Generator(reduced_lm_bundle, backend=backend)
+    outputs = assert_speculative_equals_plain(spec, plain, PROMPTS, 40)
+    assert outputs[0] == hf_greedy(qwen3_pair[0], PROMPTS[0], 40)
+    allowed = set(reduced_vocab(VOCAB))
+    for params in (SamplingParams(), SamplingParams(1.0)):
+        seq = spec.generate([Request(PROMPTS[1], max_new_tokens=30, sampling=params, ignore_eos=True)], trace=True)[0]
+        drafted = [t for r in seq.trace for t in r["draft_tokens"]]
+        assert drafted and set(drafted) <= allowed
+        assert sum(r["accepted"] for r in seq.trace)  # drafts mapped back to target ids are accepted
 
 
 def test_rows_without_draft_work_beside_others(qwen3_bundle, plain, backend):

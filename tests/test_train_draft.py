@@ -15,6 +15,7 @@ from dspark.bundle import Bundle
 from dspark.cli import main
 from dspark.errors import DsparkError
 from dspark.export.bundle import ExportOptions, export_bundle, load_draft
+from dspark.graphs.checkpoint import WeightReader
 from dspark.graphs.decoder import DecoderLM
 from dspark.graphs.drafter import Drafter, DrafterConfig
 from dspark.runtime.generate import Generator, Request
@@ -139,14 +140,16 @@ def test_training_forward_equals_inference(setup, method, head, reduced):
                     assert float(full[..., drafter.to_target(torch.arange(reduced))].sum()) == pytest.approx(BLOCK, abs=1e-4)
 
 
-@pytest.mark.parametrize("method", ["dspark", "dflash", "draft-lm", "dspark-reduced"])
+@pytest.mark.parametrize("method", ["dspark", "dflash", "draft-lm", "dspark-reduced", "draft-lm-reduced"])
 def test_train_and_checkpoint(setup, tmp_path, method):
     """Each kind trains (held-out loss falls) and its checkpoint loads the way export loads it, holding the
     trained weights."""
     target_dir, data, target = setup
     out = train_kind(setup, tmp_path, method)
-    reduced = method == "dspark-reduced"
+    reduced = method.endswith("-reduced")
     method = method.removesuffix("-reduced")
+    counts = np.bincount(np.load(data / "train.npy"), minlength=VOCAB)
+    most_frequent = sorted(counts, reverse=True)[: VOCAB // 2]
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 10, 20, 30]
     assert log[-1]["heldout_loss"] < 0.8 * log[0]["heldout_loss"], log
@@ -158,15 +161,18 @@ def test_train_and_checkpoint(setup, tmp_path, method):
         loaded = DecoderLM.from_pretrained(out)
         for name in ("tokenizer.json", "generation_config.json"):
             assert (out / name).read_bytes() == (target_dir / name).read_bytes()
+        if reduced:  # its own ids: the most frequent training tokens, most frequent first, then one for the rest
+            ids = WeightReader(out).get("draft_vocab")
+            assert config.draft_vocab_size == VOCAB // 2 and config.vocab_size == VOCAB // 2 + 1
+            assert counts[ids].tolist() == most_frequent and torch.equal(state.pop("draft_vocab"), ids)
     else:
         loaded = Drafter.from_pretrained(out, target.config)
         assert config.block_size == BLOCK and config.target_layer_ids == tuple(TAPS)
         assert config.markov_rank == (8 if method == "dspark" else 0)
         assert config.enable_confidence_head == (method == "dspark")
         if reduced:  # the most frequent training tokens, most frequent first; the head is their target rows
-            counts = np.bincount(np.load(data / "train.npy"), minlength=VOCAB)
             assert config.draft_vocab_size == VOCAB // 2
-            assert counts[loaded.draft_vocab].tolist() == sorted(counts, reverse=True)[: VOCAB // 2]
+            assert counts[loaded.draft_vocab].tolist() == most_frequent
             assert torch.equal(loaded.lm_head.weight, target.lm_head.weight[loaded.draft_vocab])
         else:
             assert torch.equal(loaded.lm_head.weight, target.lm_head.weight)  # the frozen copies
@@ -176,13 +182,13 @@ def test_train_and_checkpoint(setup, tmp_path, method):
 
 
 # ~30 s per export; dflash/draft-lm export: test_block_drafters, test_speculative
-@pytest.mark.parametrize("method", ["dspark", "dspark-reduced"])
+@pytest.mark.parametrize("method", ["dspark", "dspark-reduced", "draft-lm-reduced"])
 def test_trained_drafter_exports_and_is_lossless(setup, tmp_path, method):
     target_dir, _, _ = setup
     out = train_kind(setup, tmp_path, method)
     bundle = tmp_path / "bundle"
     export_bundle(target_dir, bundle, out, ExportOptions(max_batch=2, max_context=128, prefill_chunk=32), progress=False)
-    assert Bundle.open(bundle).draft.method == "dspark"
+    assert Bundle.open(bundle).draft.method == method.removesuffix("-reduced")
     spec, plain = Generator(bundle), Generator(bundle, use_draft=False)
     for prompt in ([5, 6, 7, 8, 9], list(range(2, 40))):
         req = Request(prompt, max_new_tokens=8, ignore_eos=True)
@@ -192,17 +198,19 @@ def test_trained_drafter_exports_and_is_lossless(setup, tmp_path, method):
 
 
 def train_kind(setup, tmp_path, method):
-    """Train ``method`` for 30 steps (``dspark-reduced``: dspark over the half of the vocabulary seen most)."""
+    """Train ``method`` for 30 steps (``-reduced``: over the half of the vocabulary seen most)."""
     target_dir, data, _ = setup
-    if method == "draft-lm":
-        config = method_config(target_dir, method, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                               head_dim=8, intermediate_size=64)
+    cache = method == "draft-lm-reduced"  # a reduced draft LM learns from the cached target states
+    if method.startswith("draft-lm"):
+        config = method_config(target_dir, "draft-lm", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                               head_dim=16, intermediate_size=64, draft_vocab=VOCAB // 2 if cache else None)
+        method = "draft-lm"
     elif method == "dspark-reduced":
         method, config = "dspark", config_for(target_dir, "dspark", draft_vocab=VOCAB // 2)
     else:
         config = config_for(target_dir, method)
     out = tmp_path / "draft"
-    rec = train_draft(target_dir, data, out, method, config, ARGS, steps=30, threads=1, **QUIET)
+    rec = train_draft(target_dir, data, out, method, config, ARGS, steps=30, threads=1, cache_features=cache, **QUIET)
     assert rec["step"] == 30
     return out
 

@@ -157,10 +157,10 @@ Bundle::Bundle(const std::string& folder, bool verify_sha256) : dir(folder) {
       draft_length = static_cast<int>(d->at("draft_length").integer("draft_length"));
       const auto& c = d->at("config");
       draft = model_config(c);
+      if (const auto* ids = d->find("draft_vocab")) draft_vocab = int_list(*ids, "draft_vocab");
       if (draft_method != "draft-lm") {
         confidence_head = c.at("enable_confidence_head").boolean("enable_confidence_head");
         target_layer_ids = int_list(c.at("target_layer_ids"), "target_layer_ids");
-        if (const auto* ids = d->find("draft_vocab")) draft_vocab = int_list(*ids, "draft_vocab");
       }
     }
   } catch (const Error&) {
@@ -171,7 +171,9 @@ Bundle::Bundle(const std::string& folder, bool verify_sha256) : dir(folder) {
   if (!has_draft) return;
   // a drafter made for another target: refuse it before any graph runs (the export refuses it too)
   std::string why;
-  if (draft.vocab_size != target.vocab_size)
+  // a reduced draft LM has one id per draft-vocabulary entry and one for every other token
+  bool reduced_lm = draft_method == "draft-lm" && !draft_vocab.empty();
+  if (reduced_lm ? draft.vocab_size != static_cast<int>(draft_vocab.size()) + 1 : draft.vocab_size != target.vocab_size)
     why = "its vocabulary has " + std::to_string(draft.vocab_size) + " tokens, the target's " +
           std::to_string(target.vocab_size);
   else if (draft_method == "draft-lm" && graphs.count("draft") == 0)

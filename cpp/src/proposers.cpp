@@ -19,6 +19,22 @@ TensorView float_input(const GraphSpec& spec, const char* name, const std::vecto
   return {DType::F32, std::move(shape), f32.data()};
 }
 
+// n laws of `width` entries over a draft vocabulary appended to `out` as laws over the target's `vocab` tokens:
+// copied when the two are the same, else entry i placed at target id ids[i] and zero elsewhere
+template <typename T>
+void append_target_laws(std::vector<double>& out, const T* law, int n, int width, const std::vector<int64_t>& ids,
+                        int vocab) {
+  size_t base = out.size();
+  if (width == vocab) {
+    out.insert(out.end(), law, law + static_cast<size_t>(n) * vocab);
+    return;
+  }
+  out.resize(base + static_cast<size_t>(n) * vocab, 0.0);
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < width; ++i)
+      out[base + static_cast<size_t>(j) * vocab + ids[i]] = law[static_cast<size_t>(j) * width + i];
+}
+
 class DraftLMProposer : public Proposer {
  public:
   DraftLMProposer(const Bundle& bundle, const Options& options, int num_draft_tokens)
@@ -26,6 +42,13 @@ class DraftLMProposer : public Proposer {
         decoder_(make_decoder(make_runner(bundle, "draft", options), bundle.graph("draft"))),
         cache_(decoder_cache(bundle.draft, 0, bundle)) {
     k = num_draft_tokens;
+    // a reduced draft LM reads and scores its own ids: N drafted ones (the target ids in draft_vocab), then one id
+    // for every other target token, which it never drafts
+    width_ = bundle.draft_vocab.empty() ? decoder_->vocab : static_cast<int>(bundle.draft_vocab.size());
+    if (!bundle.draft_vocab.empty()) {
+      index_.assign(static_cast<size_t>(bundle.target.vocab_size), width_);
+      for (int i = 0; i < width_; ++i) index_[bundle.draft_vocab[i]] = i;
+    }
   }
 
   void keep(const std::vector<int>& rows) override { cache_.keep_rows(rows); }
@@ -38,7 +61,7 @@ class DraftLMProposer : public Proposer {
     // first step: catch up on every committed token this draft has not read
     std::vector<std::vector<int64_t>> pending(seqs.size());
     for (size_t r = 0; r < seqs.size(); ++r)
-      if (caps[r]) pending[r].assign(seqs[r]->tokens.begin() + cache_.lens[r], seqs[r]->tokens.end());
+      if (caps[r]) pending[r] = draft_ids(seqs[r]->tokens.begin() + cache_.lens[r], seqs[r]->tokens.end());
     std::vector<std::vector<float>> logits = feed(*decoder_, cache_, pending, bundle_.prefill_chunk);
     for (int step = 0; step < longest; ++step) {
       for (size_t r = 0; r < seqs.size(); ++r)
@@ -48,7 +71,7 @@ class DraftLMProposer : public Proposer {
       std::vector<int> counts(seqs.size(), 0);
       for (size_t r = 0; r < seqs.size(); ++r)
         if (step + 1 < caps[r]) {
-          parts[r] = {proposals[r].tokens.back()};
+          parts[r] = draft_ids(proposals[r].tokens.end() - 1, proposals[r].tokens.end());
           counts[r] = 1;
         }
       decoder_->run(cache_, parts, true);
@@ -69,20 +92,32 @@ class DraftLMProposer : public Proposer {
   }
 
  private:
+  template <typename It>
+  std::vector<int64_t> draft_ids(It begin, It end) const {
+    std::vector<int64_t> ids(begin, end);
+    if (!index_.empty())
+      for (int64_t& t : ids) t = index_[t];
+    return ids;
+  }
+
+  int64_t target_id(int draft_id) const { return index_.empty() ? draft_id : bundle_.draft_vocab[draft_id]; }
+
   void draw(Sequence& seq, Proposal& p, const float* logits) {
     const SamplingParams& params = seq.request.sampling;
     if (params.greedy()) {
-      p.tokens.push_back(argmax(logits, decoder_->vocab));
+      p.tokens.push_back(target_id(argmax(logits, width_)));
       return;
     }
-    std::vector<double> q = probabilities(logits, decoder_->vocab, params);
-    p.tokens.push_back(sample(q, seq.rng.random()));
-    p.probs.insert(p.probs.end(), q.begin(), q.end());
+    std::vector<double> q = probabilities(logits, width_, params);
+    p.tokens.push_back(target_id(sample(q, seq.rng.random())));
+    append_target_laws(p.probs, q.data(), 1, width_, bundle_.draft_vocab, bundle_.target.vocab_size);
   }
 
   const Bundle& bundle_;
   std::unique_ptr<Decoder> decoder_;
   KVCache cache_;
+  int width_ = 0;               // entries of a drafted token's law: the target's vocabulary or the draft's subset
+  std::vector<int64_t> index_;  // target id -> draft id for a reduced draft LM (empty: the same ids)
 };
 
 class BlockProposer : public Proposer {
@@ -153,17 +188,9 @@ class BlockProposer : public Proposer {
       Proposal& p = proposals[r];
       int n = caps[r];
       p.tokens.assign(tokens + static_cast<size_t>(r) * block, tokens + static_cast<size_t>(r) * block + n);
-      if (!seqs[r]->request.sampling.greedy() && n) {
-        const float* law = probs + static_cast<size_t>(r) * block * law_width_;
-        if (law_width_ == vocab) {
-          p.probs.assign(law, law + static_cast<size_t>(n) * vocab);
-        } else {
-          p.probs.assign(static_cast<size_t>(n) * vocab, 0.0);
-          for (int j = 0; j < n; ++j)
-            for (int i = 0; i < law_width_; ++i)
-              p.probs[static_cast<size_t>(j) * vocab + bundle_.draft_vocab[i]] = law[static_cast<size_t>(j) * law_width_ + i];
-        }
-      }
+      if (!seqs[r]->request.sampling.greedy() && n)
+        append_target_laws(p.probs, probs + static_cast<size_t>(r) * block * law_width_, n, law_width_,
+                           bundle_.draft_vocab, vocab);
       if (conf) p.confidence.assign(conf + static_cast<size_t>(r) * block, conf + static_cast<size_t>(r) * block + n);
     }
     return proposals;

@@ -24,10 +24,11 @@ from dspark.export.onnx import export_graph
 from dspark.export.ort_graph import CALIBRATED, QUANT_BITS, lower_decoder
 from dspark.export.smooth import calibration_ids
 from dspark.export.share import share_identical_tensors
-from dspark.graphs.checkpoint import read_config
+from dspark.graphs.checkpoint import WeightReader, read_config, read_draft_vocab
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.gguf import record_gguf_sources, resolve_checkpoints
 from dspark.graphs.drafter import ARCHITECTURE, Drafter, DrafterConfig
+from dspark.runtime.proposers import draft_index
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -218,11 +219,15 @@ def load_draft(draft_dir: Path, target_dir: Path, target_config: DecoderConfig):
     if method != "draft-lm":
         return method, DrafterConfig.from_hf(draft_cfg, target_config, where=where)
     config = DecoderConfig.from_hf(draft_cfg, where=where)
-    if config.vocab_size != target_config.vocab_size:
+    if not config.draft_vocab_size and config.vocab_size != target_config.vocab_size:
         raise DsparkError(
             f"draft vocab_size {config.vocab_size} differs from the target's {target_config.vocab_size}; "
-            "the draft must share the target's tokenizer and vocabulary"
+            "the draft must share the target's tokenizer and vocabulary (or predict over a subset of it: "
+            "draft_vocab_size and a draft_vocab tensor)"
         )
+    if config.draft_vocab_size > target_config.vocab_size:
+        raise DsparkError(f"{where}: draft_vocab_size {config.draft_vocab_size} is larger than the target's "
+                          f"vocabulary ({target_config.vocab_size})")
     check_same_tokenizer(target_dir, draft_dir)
     return method, config
 
@@ -355,10 +360,17 @@ def export_bundle(
                 shared = share_identical_tensors(tmp, "target.onnx", [g["file"] for g in draft_graphs.values()])
             else:
                 model = DecoderLM.from_pretrained(draft_dir, dtype=dtype)
-                # the draft feeds up to two pending tokens per round, then one per drafted token
+                # the draft feeds up to two pending tokens per round, then one per drafted token; a reduced draft
+                # LM's graph takes and returns its own ids (the runtime maps them), so calibration text is mapped too
+                draft_vocab = (read_draft_vocab(WeightReader(draft_dir), draft_config.draft_vocab_size,
+                                                target_config.vocab_size).tolist()
+                               if draft_config.draft_vocab_size else [])
+                draft_calibration = calibration
+                if draft_vocab and calibration is not None:
+                    draft_calibration = draft_index(draft_vocab, target_config.vocab_size)[calibration].tolist()
                 draft_graphs = {"draft": export_decoder(model, tmp / "draft.onnx", options, 2, options.draft_quantize,
-                                                        calibration, target=False)}
-                shared, draft_vocab = {}, []
+                                                        draft_calibration, target=False)}
+                shared = {}
                 del model
             graphs.update(draft_graphs)
             # the draft length is stored once: a block drafter's block_size is it (see dspark.bundle)

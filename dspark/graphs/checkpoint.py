@@ -90,3 +90,13 @@ def save_checkpoint(folder: str | Path, config: dict, tensors: dict[str, torch.T
     path = folder / SINGLE_FILE
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
     path.chmod(0o644)  # safetensors writes through a private temporary file
+
+
+def read_draft_vocab(reader: WeightReader, size: int, target_vocab: int) -> torch.Tensor:
+    """The ``draft_vocab`` tensor of a drafter predicting over ``size`` target tokens only: distinct target ids in
+    0..target_vocab-1, most frequent first (the layout block drafters and draft LMs share)."""
+    ids = reader.get("draft_vocab", (size,)).long()
+    if int(ids.min()) < 0 or int(ids.max()) >= target_vocab or len(set(ids.tolist())) != len(ids):
+        raise DsparkError(f"{reader.folder}: draft_vocab must hold {size} distinct target ids in 0..{target_vocab - 1}")
+    return ids
+

@@ -50,6 +50,9 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     max_position_embeddings: int = 4096
+    # a draft LM over a reduced vocabulary: its ids 0..N-1 stand for the target ids of its ``draft_vocab`` tensor and
+    # id N (vocab_size = N + 1) for every other target token, in its inputs and its law alike
+    draft_vocab_size: int = 0
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config.json") -> "DecoderConfig":
@@ -62,6 +65,10 @@ class DecoderConfig:
         family = ARCHITECTURES[arch]
         heads = cfg["num_attention_heads"]
         attention_bias = bool(cfg.get("attention_bias", False))
+        draft_vocab = int(cfg.get("draft_vocab_size", 0) or 0)
+        if draft_vocab and cfg["vocab_size"] != draft_vocab + 1:
+            raise DsparkError(f"{where}: a draft LM with draft_vocab_size {draft_vocab} has vocab_size {draft_vocab + 1} "
+                              f"(its draft vocabulary and one id for every other token), not {cfg['vocab_size']}")
         return cls(
             family=family,
             architecture=arch,
@@ -81,6 +88,7 @@ class DecoderConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            draft_vocab_size=draft_vocab,
         )
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dspark.errors import DsparkError
-from dspark.graphs.checkpoint import WeightReader, load_module_weights, read_config, save_checkpoint
+from dspark.graphs.checkpoint import WeightReader, load_module_weights, read_config, read_draft_vocab, save_checkpoint
 from dspark.graphs.decoder import (
     DecoderConfig,
     DecoderLayer,
@@ -353,11 +353,7 @@ class Drafter(nn.Module):
         model.rotary_emb.inv_freq = inverse_frequencies(config.rope, config.head_dim)
         reader = WeightReader(folder)
         if config.draft_vocab_size:
-            ids = reader.get("draft_vocab", (config.draft_vocab_size,)).long()
-            if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size or len(set(ids.tolist())) != len(ids):
-                raise DsparkError(f"{folder}: draft_vocab must hold {config.draft_vocab_size} distinct target ids "
-                                  f"in 0..{config.vocab_size - 1}")
-            model.set_draft_vocab(ids)
+            model.set_draft_vocab(read_draft_vocab(reader, config.draft_vocab_size, config.vocab_size))
         aliased = tuple(name for name in FROZEN if name not in reader)
         if aliased:
             if target_dir is None:

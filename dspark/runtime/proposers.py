@@ -41,6 +41,42 @@ class Proposal:
         return Proposal(self.tokens[:n], cut(self.probs), cut(self.confidence_logits), self.sts)
 
 
+def draft_index(draft_vocab, target_vocab: int) -> np.ndarray:
+    """Target id -> draft id for a draft LM over a reduced vocabulary: a token's position in ``draft_vocab``, or
+    N = len(draft_vocab) for every target token outside it."""
+    index = np.full(target_vocab, len(draft_vocab), dtype=np.int64)
+    index[np.asarray(draft_vocab, dtype=np.int64)] = np.arange(len(draft_vocab))
+    return index
+
+
+class DraftVocabulary:
+    """What a draft's law is over: the target's vocabulary, or a reduced one (``draft_vocab``, the target ids of the
+    draft's ids 0..N-1; a draft LM has id N for every other token, which it never drafts)."""
+
+    def __init__(self, bundle: Bundle, width: int):
+        self.target_vocab = bundle.target.config.vocab_size
+        self.ids = None if width == self.target_vocab else np.asarray(bundle.draft.draft_vocab, dtype=np.int64)
+        if self.ids is not None and len(self.ids) != width:
+            raise DsparkError(f"{bundle.path}: the draft's law covers {width} tokens but the manifest lists "
+                              f"{len(self.ids)} draft-vocabulary ids; re-export the bundle")
+        # target id -> draft id, for a draft LM's inputs
+        self.index = None if self.ids is None else draft_index(self.ids, self.target_vocab)
+
+    def draft_ids(self, tokens: list[int]) -> list[int]:
+        return tokens if self.index is None or not tokens else self.index[tokens].tolist()
+
+    def target_id(self, draft_id: int) -> int:
+        return draft_id if self.ids is None else int(self.ids[draft_id])
+
+    def target_law(self, law: np.ndarray) -> np.ndarray:
+        """Draft laws [..., N] over the draft vocabulary as laws over the target's [..., V], fp64."""
+        if self.ids is None:
+            return law.astype(np.float64)
+        full = np.zeros((*law.shape[:-1], self.target_vocab))
+        full[..., self.ids] = law
+        return full
+
+
 class DraftLMProposer:
     reads_features = False  # whether ``add`` takes the newcomers' tapped target features
 
@@ -49,6 +85,9 @@ class DraftLMProposer:
         self.runner = runner("draft")
         self.draft_length = draft_length
         self.cache = decoder_cache(bundle.draft.config, 0, bundle)
+        # a reduced draft LM's graph reads and scores its own ids: N drafted ones, then the id of every other token
+        self.width = bundle.draft.config.vocab_size - (1 if bundle.draft.draft_vocab else 0)
+        self.vocab = DraftVocabulary(bundle, self.width)
 
     def keep(self, rows: list[int]) -> None:
         self.cache.keep_rows(rows)
@@ -62,7 +101,7 @@ class DraftLMProposer:
             return [Proposal([]) for _ in seqs]
         proposals = [Proposal([], None if s.request.sampling.greedy else []) for s in seqs]
         # first step: catch up on every committed token this draft has not read
-        pending = [s.tokens[cache.lens[r] :] if caps[r] else [] for r, s in enumerate(seqs)]
+        pending = [self.vocab.draft_ids(s.tokens[cache.lens[r] :]) if caps[r] else [] for r, s in enumerate(seqs)]
         logits = feed(self.runner, cache, pending, chunk)
         longest = max(caps)
         for step in range(longest):
@@ -71,7 +110,8 @@ class DraftLMProposer:
                     self._draw(s, proposals[r], logits[r])
             if step + 1 == longest:
                 break
-            parts = [[proposals[r].tokens[-1]] if step + 1 < caps[r] else [] for r in range(len(seqs))]
+            parts = [self.vocab.draft_ids(proposals[r].tokens[-1:]) if step + 1 < caps[r] else []
+                     for r in range(len(seqs))]
             out = run_decoder(self.runner, cache, parts)
             commit(cache, out, [len(p) for p in parts])
             logits = list(out["logits"][:, 0])
@@ -79,15 +119,14 @@ class DraftLMProposer:
             p.probs = np.stack(p.probs) if p.probs else None
         return proposals
 
-    @staticmethod
-    def _draw(seq, proposal: Proposal, logits: np.ndarray) -> None:
-        params = seq.request.sampling
+    def _draw(self, seq, proposal: Proposal, logits: np.ndarray) -> None:
+        params, logits = seq.request.sampling, logits[: self.width]
         if params.greedy:
-            proposal.tokens.append(int(logits.argmax()))
+            proposal.tokens.append(self.vocab.target_id(int(logits.argmax())))
             return
         q = probabilities(logits, params)
-        proposal.tokens.append(sample(q, seq.rng.random()))
-        proposal.probs.append(q)
+        proposal.tokens.append(self.vocab.target_id(sample(q, seq.rng.random())))
+        proposal.probs.append(self.vocab.target_law(q))
 
     def rewind(self, anchors: list[int]) -> None:
         """Forget what each row read past its anchor, so the next ``propose`` redoes the same round."""
@@ -113,12 +152,8 @@ class BlockProposer:
         self.pending: list[list[np.ndarray]] = []  # per row: target feature rows not yet in the context cache
         # the graph's law is over the drafter's vocabulary: the target's (bundles before 0.4.3 scattered a reduced
         # one into it in the graph) or its reduced subset, placed in the target's only for sampled rows
-        vocab = bundle.target.config.vocab_size
         width = next(s.shape[-1] for s in bundle.graph("draft_propose").outputs if s.name == "draft_probs")
-        if width != vocab and len(self.draft.draft_vocab) != width:
-            raise DsparkError(f"{bundle.path}: the drafter's law covers {width} tokens but the manifest lists "
-                              f"{len(self.draft.draft_vocab)} draft-vocabulary ids; re-export the bundle")
-        self.vocab_ids = None if width == vocab else np.asarray(self.draft.draft_vocab, dtype=np.int64)
+        self.vocab = DraftVocabulary(bundle, width)
 
     def keep(self, rows: list[int]) -> None:
         self.cache.keep_rows(rows)
@@ -171,18 +206,10 @@ class BlockProposer:
         proposals = []
         for r, s in enumerate(seqs):
             n = caps[r]
-            probs = None if s.request.sampling.greedy or not n else self.target_law(out["draft_probs"][r, :n])
+            probs = None if s.request.sampling.greedy or not n else self.vocab.target_law(out["draft_probs"][r, :n])
             conf = out["confidence_logits"][r, :n].astype(np.float64) if has_head else None
             proposals.append(Proposal([int(t) for t in out["draft_tokens"][r, :n]], probs, conf))
         return proposals
-
-    def target_law(self, law: np.ndarray) -> np.ndarray:
-        """Draft laws [n, N] over the drafter's vocabulary as laws over the target's [n, V], fp64."""
-        if self.vocab_ids is None:
-            return law.astype(np.float64)
-        full = np.zeros((len(law), self.bundle.target.config.vocab_size))
-        full[:, self.vocab_ids] = law
-        return full
 
     def rewind(self, anchors: list[int]) -> None:
         """Nothing to forget: a proposal reads the context cache without writing it."""

@@ -183,9 +183,10 @@ def _layer_list(_ctx, _param, value):
 @click.option("--mask-token-id", type=int, default=None,
               help="dspark/dflash: mask token id (default: <|mask|> from the target's tokenizer.json).")
 @click.option("--draft-vocab", default=0, show_default=True,
-              help="dspark/dflash: predict over only the N most frequent tokens of the training data (a reduced draft "
-                   "vocabulary: a smaller LM head and Markov head; the draft law is zero elsewhere, so decoding stays "
-                   "exact); 0 keeps the target's whole vocabulary.")
+              help="Predict over only the N most frequent tokens of the training data (a reduced draft vocabulary: a "
+                   "smaller LM head and Markov head; a draft LM's embedding too, with one more id standing for every "
+                   "other token); the draft law is zero elsewhere, so decoding stays exact. 0 keeps the target's "
+                   "whole vocabulary.")
 @click.option("--anchors-per-seq", default=32, show_default=True,
               help="dspark/dflash: anchor blocks sampled per training sequence.")
 @click.option("--hidden-size", type=int, default=None, help="draft-lm: model width (default 256).")
@@ -198,10 +199,10 @@ def _layer_list(_ctx, _param, value):
               help="dspark/dflash: store copies of the target's embedding and LM head in the checkpoint, as DeepSpec "
                    "does; without them the drafter loads only beside its target (smaller files).")
 @click.option("--feature-cache", is_flag=True,
-              help="dspark/dflash: compute the target's features of the training data once (float16 files under "
-                   "DATA/features-*/, about 7 KB per token for a 576-wide target with 5 taps) and read them every "
-                   "step instead of running the target: several times faster per step on a CPU; evaluation still "
-                   "runs the target.")
+              help="Compute the target's features of the training data once (float16 files under DATA/features-*/, "
+                   "about 7 KB per token for a 576-wide target with 5 taps; a draft LM needs only the final hidden "
+                   "states, about 1.2 KB, and --draft-vocab) and read them every step instead of running the "
+                   "target: several times faster per step on a CPU; evaluation still runs the target.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="dspark/dflash: start from this drafter's weights, draft vocabulary and config (for example one "
                    "trained on less data) with a fresh optimizer and schedule; its config.json replaces the shape "

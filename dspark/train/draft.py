@@ -47,6 +47,7 @@ from dspark.errors import DsparkError
 from dspark.graphs.checkpoint import WeightReader, read_config
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.drafter import MARKOV_HEAD_TYPES, Drafter, DrafterConfig, deepspec_config, save_deepspec
+from dspark.runtime.proposers import draft_index
 from dspark.train.features import FeatureCache, feature_cache
 from dspark.train.target import (
     TrainArgs,
@@ -466,42 +467,120 @@ def kl_loss(target: DecoderLM, draft: DecoderLM, x: torch.Tensor) -> torch.Tenso
     return F.kl_div(d.reshape(-1, d.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True, reduction="batchmean")
 
 
-class DraftLMTask:
-    """A small Qwen3 DecoderLM distilled from the target."""
+def reduced_log_law(law: TargetLaw) -> torch.Tensor:
+    """The target's log-law over a reduced draft LM's N + 1 ids [..., N + 1]: each draft-vocabulary token, then
+    every other token together."""
+    inside = law.sub - law.lse[..., None]
+    outside = torch.log1p(-inside.exp().sum(-1).clamp(max=1 - 1e-6))
+    return torch.cat([inside, outside[..., None]], -1)
 
-    def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs):
+
+class DraftLMTask:
+    """A small Qwen3 DecoderLM distilled from the target with KL(target || draft). With ``draft_vocab`` (a draft
+    vocabulary of N target ids) it reads and predicts its own N + 1 ids (``DecoderConfig.draft_vocab_size``) and
+    the KL is taken over them (``reduced_log_law``); ``cache`` (the target's final hidden states and
+    log-normalisers, ``dspark.train.features`` without taps) then replaces the target's forward."""
+
+    def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
+                 draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None):
         self.method, self.config, self.target, self.args = method, config, target, args
         self.model = init_model(config, args.seed).train()
+        self.cache = cache
+        self.set_draft_vocab(draft_vocab)
+        if draft_vocab is not None:
+            self._embed_from_target()
+
+    @torch.no_grad()
+    def _embed_from_target(self) -> None:
+        """Start a reduced draft LM's (tied) embedding as the target's embedding rows of its ids (id N: the mean
+        of the other tokens' rows) projected onto their leading principal directions and scaled to the
+        initialiser's spread: tokens the target embeds alike start alike, which a small training set cannot teach."""
+        table = self.target.model.embed_tokens.weight.float()
+        others = torch.ones(len(table), dtype=torch.bool)
+        others[self.draft_vocab] = False
+        rows = torch.cat([table[self.draft_vocab], table[others].mean(0, keepdim=True)])
+        width = self.model.config.hidden_size
+        if width > rows.shape[1]:
+            return
+        _, _, directions = torch.linalg.svd(rows - rows.mean(0), full_matrices=False)
+        projected = rows @ directions[:width].T
+        std = self.config.get("initializer_range", 0.02)
+        self.model.model.embed_tokens.weight.copy_(projected * (std / projected.std()))
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        self.draft_vocab = ids
+        if ids is not None:
+            self.index = torch.from_numpy(draft_index(ids.numpy(), self.target.config.vocab_size))
+            self.head = self.target.lm_head.weight[ids]  # the target's logits over the draft vocabulary
 
     def trainable_state(self) -> dict:
-        return self.model.state_dict()
+        state = self.model.state_dict()
+        return state if self.draft_vocab is None else {**state, "draft_vocab": self.draft_vocab}
 
     def load_trainable_state(self, state: dict) -> None:
+        state = dict(state)
+        ids = state.pop("draft_vocab", None)
         self.model.load_state_dict(state)
+        if ids is not None:  # the vocabulary the run started with, whatever the data holds now
+            self.set_draft_vocab(ids)
+
+    def target_log_law(self, x: torch.Tensor, cached=None) -> torch.Tensor:
+        """The target's log-law at every position of ``x`` over a reduced draft LM's ids."""
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            if cached is not None:
+                hidden, _, lse = cached
+                law = TargetLaw((hidden @ self.head.T).float(), lse)
+            else:
+                full = train_forward(self.target, x).float()
+                law = TargetLaw(full[..., self.draft_vocab], torch.logsumexp(full, -1))
+        return reduced_log_law(law).float()
+
+    def reduced_loss(self, x: torch.Tensor, cached=None) -> torch.Tensor:
+        t = self.target_log_law(x, cached)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            d_logits = train_forward(self.model, self.index[x])
+        d = F.log_softmax(d_logits.float(), -1)
+        return F.kl_div(d.reshape(-1, d.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True, reduction="batchmean")
 
     def loss(self, step: int, train_tokens: np.ndarray):
-        x, _ = batch_at(train_tokens, step, self.args)
-        loss = kl_loss(self.target, self.model, x)
+        if self.draft_vocab is None:
+            x, _ = batch_at(train_tokens, step, self.args)
+            loss = kl_loss(self.target, self.model, x)
+        else:
+            a = self.args
+            starts = window_starts(len(train_tokens), step, a)
+            cached = self.cache.windows(starts, a.seq_len) if self.cache else None
+            loss = self.reduced_loss(windows_at(train_tokens, starts, a.seq_len), cached)
         return loss, {"kl": loss.item()}
+
+    def drafts(self, x: torch.Tensor) -> torch.Tensor:
+        """The draft's greedy next token (a target id) at every position of ``x``; never the reduced LM's 'other'."""
+        if self.draft_vocab is None:
+            return train_forward(self.model, x).argmax(-1)
+        return self.draft_vocab[train_forward(self.model, self.index[x])[..., :-1].argmax(-1)]
 
     @torch.no_grad()
     def evaluate(self, windows: torch.Tensor) -> dict:
         a = self.args
         was = self.model.training
         self.model.eval()
-        losses, taus = [], []
+        losses, taus, accept_k = [], [], []
         for i in range(0, len(windows), a.batch_size):
             x = windows[i:i + a.batch_size, :-1]
-            losses.append(kl_loss(self.target, self.model, x).item() * len(x))
+            loss = kl_loss(self.target, self.model, x) if self.draft_vocab is None else self.reduced_loss(x)
+            losses.append(loss.item() * len(x))
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                hit = (train_forward(self.model, x).argmax(-1) == train_forward(self.target, x).argmax(-1)).float()
-            runs = hit.unfold(1, DRAFT_LM_TOKENS, 1).cumprod(-1).sum(-1)
-            taus.append((1 + runs).reshape(-1))
+                hit = (self.drafts(x) == train_forward(self.target, x).argmax(-1)).float()
+            runs = hit.unfold(1, DRAFT_LM_TOKENS, 1).cumprod(-1)  # teacher-forced K-token drafts from every position
+            taus.append((1 + runs.sum(-1)).reshape(-1))
+            accept_k.append(runs.reshape(-1, DRAFT_LM_TOKENS))
         self.model.train(was)
-        return {"heldout_loss": round(sum(losses) / len(windows), 4), "tau": round(torch.cat(taus).mean().item(), 4)}
+        return {"heldout_loss": round(sum(losses) / len(windows), 4), "tau": round(torch.cat(taus).mean().item(), 4),
+                "accept_at_k": [round(v, 3) for v in torch.cat(accept_k).mean(0).tolist()]}
 
     def save(self, output: Path, target_dir: Path) -> None:
-        export_hf(self.model, self.config, output, target_dir)  # also copies the target's tokenizer files
+        extra = {} if self.draft_vocab is None else {"draft_vocab": self.draft_vocab}
+        export_hf(self.model, self.config, output, target_dir, extra)  # also copies the target's tokenizer files
         if (target_dir / "generation_config.json").is_file():
             shutil.copyfile(target_dir / "generation_config.json", output / "generation_config.json")
 
@@ -523,10 +602,15 @@ def block_config(target_cfg: dict, method: str, block_size: int = 7, num_layers:
 
 
 def draft_lm_config(target_cfg: dict, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
-                    num_kv_heads: int = 2, head_dim: int = 64, intermediate_size: int = 768) -> dict:
-    """A Qwen3 config.json for a draft LM sharing the target's vocabulary, RoPE base and special ids."""
+                    num_kv_heads: int = 2, head_dim: int = 64, intermediate_size: int = 768, draft_vocab: int = 0) -> dict:
+    """A Qwen3 config.json for a draft LM sharing the target's vocabulary (or ``draft_vocab`` > 0 of its tokens and
+    one id for the others), RoPE base and special ids."""
     target = DecoderConfig.from_hf(target_cfg)
-    cfg = qwen3_config(vocab_size=target.vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+    if draft_vocab >= target.vocab_size:
+        raise DsparkError(f"--draft-vocab {draft_vocab}: the target has {target.vocab_size} tokens; a draft "
+                          "vocabulary is a subset of them")
+    cfg = qwen3_config(vocab_size=draft_vocab + 1 if draft_vocab else target.vocab_size, hidden_size=hidden_size,
+                       num_layers=num_layers,
                        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                        intermediate_size=intermediate_size,
                        max_position_embeddings=target.max_position_embeddings,
@@ -534,6 +618,8 @@ def draft_lm_config(target_cfg: dict, hidden_size: int = 256, num_layers: int = 
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key in target_cfg:
             cfg[key] = target_cfg[key]
+    if draft_vocab:
+        cfg["draft_vocab_size"] = draft_vocab
     return cfg
 
 
@@ -555,6 +641,9 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if init_from is not None and method == "draft-lm":
         raise DsparkError("--init-from starts a DSpark or DFlash drafter from another one's weights; not draft-lm")
+    if cache_features and method == "draft-lm" and not config.get("draft_vocab_size"):
+        raise DsparkError("--feature-cache trains a draft LM over a reduced vocabulary only (its target law comes "
+                          "from cached hidden states and normalisers); add --draft-vocab N or drop --feature-cache")
     log = log or default_log
     if threads:
         torch.set_num_threads(threads)
@@ -569,7 +658,9 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     target = load_target(target_dir)
     train_tokens, held_tokens = read_tokens(data, target.config.vocab_size)
     if method == "draft-lm":
-        task = DraftLMTask(method, config, target, args)
+        size = DecoderConfig.from_hf(config).draft_vocab_size
+        cache = feature_cache(target, (), train_tokens, data, digest, progress, log) if cache_features else None
+        task = DraftLMTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache)
     else:
         dconfig = DrafterConfig.from_hf(config, target.config)
         size = dconfig.draft_vocab_size
@@ -598,7 +689,8 @@ def method_config(target_dir: str | Path, method: str, **options) -> dict:
     target_cfg = read_config(target_dir)
     given = {k: v for k, v in options.items() if v is not None}
     if method == "draft-lm":
-        keys = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+        keys = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                "draft_vocab")
         return draft_lm_config(target_cfg, **{k: given[k] for k in keys if k in given})
     if method not in METHODS:
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")

@@ -6,7 +6,8 @@ it is the same every epoch, so ``dspark train-draft --feature-cache`` computes i
 document of ``train.npy`` (``train_docs.npy`` gives their starts; without it, fixed chunks) is run alone from its
 start, as decoding runs it, and the rows are stored as float16 in ``features.npy`` [tokens, taps x d] and
 ``hidden.npy`` [tokens, d], with the log-normaliser of the target's logits at each token in ``lse.npy`` (float32:
-the loss then needs the target's logits over the draft vocabulary only), under
+the loss then needs the target's logits over the draft vocabulary only; a draft LM's cache has no taps and no
+``features.npy``), under
 ``DATA/features-<target digest>-<taps>/``, with ``source.json`` naming the token data they were computed from (a
 hash of ``train.npy`` and the document starts: data regenerated since, even to the same length, is recomputed).
 Building resumes where it stopped (``progress.json`` counts the batches written into the ``.partial`` arrays).
@@ -31,16 +32,15 @@ BATCH_TOKENS = 8192  # padded tokens per target forward
 
 @dataclass
 class FeatureCache:
-    features: np.ndarray  # [tokens, taps x d] float16
     hidden: np.ndarray  # [tokens, d] float16, after the final norm
     lse: np.ndarray  # [tokens] float32: log-sum-exp of the target's logits (the normaliser of its law)
+    features: np.ndarray | None = None  # [tokens, taps x d] float16 (None without taps: a draft LM's cache)
 
-    def windows(self, starts, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Hidden states [b, length, d], features [b, length, taps x d] (float32, ``target_pass``'s order) and
-        log-normalisers [b, length] of the windows at ``starts``."""
-        arrays = [np.stack([a[s:s + length] for s in starts]).astype(np.float32)
-                  for a in (self.hidden, self.features, self.lse)]
-        return tuple(torch.from_numpy(a) for a in arrays)
+    def windows(self, starts, length: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Hidden states [b, length, d], features [b, length, taps x d] (float32, ``target_pass``'s order; None
+        without taps) and log-normalisers [b, length] of the windows at ``starts``."""
+        window = lambda a: torch.from_numpy(np.stack([a[s:s + length] for s in starts]).astype(np.float32))  # noqa: E731
+        return window(self.hidden), None if self.features is None else window(self.features), window(self.lse)
 
 
 def document_spans(data: Path, total: int) -> list[tuple[int, int]]:
@@ -71,8 +71,8 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     now if it is missing or incomplete."""
     from tqdm import tqdm
 
-    folder = data / f"features-{digest[:16]}-{'_'.join(map(str, taps))}"
-    paths = {name: folder / f"{name}.npy" for name in ("features", "hidden", "lse")}
+    folder = data / f"features-{digest[:16]}-{'_'.join(map(str, taps)) or 'final'}"
+    paths = {name: folder / f"{name}.npy" for name in ("features", "hidden", "lse")[0 if taps else 1:]}
     spans = document_spans(data, len(tokens))
     source = {"tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()
                                        + np.asarray(spans, dtype=np.int64).tobytes()).hexdigest()[:16]}
@@ -86,6 +86,7 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     folder.mkdir(parents=True, exist_ok=True)
     d = target.config.hidden_size
     shapes = {"features": (len(tokens), len(taps) * d), "hidden": (len(tokens), d), "lse": (len(tokens),)}
+    shapes = {name: shapes[name] for name in paths}
     dtypes = {"features": np.float16, "hidden": np.float16, "lse": np.float32}
     partial = {name: folder / f"{name}.partial.npy" for name in paths}
     marker = folder / "progress.json"
@@ -108,7 +109,8 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
                 ids[r, : e - s] = tokens[s:e]
             hidden, features = target_pass(target, torch.from_numpy(ids), taps)
             for r, (s, e) in enumerate(batch):
-                arrays["features"][s:e] = features[r, : e - s].float().numpy()
+                if taps:
+                    arrays["features"][s:e] = features[r, : e - s].float().numpy()
                 arrays["hidden"][s:e] = hidden[r, : e - s].float().numpy()
                 arrays["lse"][s:e] = torch.logsumexp(target.lm_head(hidden[r, : e - s]).float(), -1).numpy()
             if i % 16 == 15 or i + 1 == len(batches):

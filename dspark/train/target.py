@@ -206,10 +206,12 @@ def hf_tensors(model: DecoderLM, dtype: torch.dtype = torch.float16) -> dict[str
     return {k: v.detach().to(dtype).clone() for k, v in sd.items()}
 
 
-def export_hf(model: DecoderLM, config: dict, out: str | Path, tokenizer_dir: str | Path | None = None) -> None:
-    """config.json + fp16 model.safetensors + generation_config.json (+ tokenizer files) in ``out``."""
+def export_hf(model: DecoderLM, config: dict, out: str | Path, tokenizer_dir: str | Path | None = None,
+              extra: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + fp16 model.safetensors (with the ``extra`` tensors as they are) + generation_config.json
+    (+ tokenizer files) in ``out``."""
     out = Path(out)
-    save_checkpoint(out, config, hf_tensors(model))
+    save_checkpoint(out, config, {**hf_tensors(model), **(extra or {})})
     gen = {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer_dir is not None:
