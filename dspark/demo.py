@@ -24,7 +24,7 @@ from dspark.errors import DsparkError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DRAFTS = {"dspark": "dspark-drafter", "draft-lm": "draft-lm"}  # the shipped family's
-SMOLLM2_DRAFTS = {"dspark": "smollm2-dspark", "self-int4": None}
+SMOLLM2_DRAFTS = {"dspark": "smollm2-dspark", "draft-lm": "smollm2-draft-lm", "self-int4": None}
 
 
 def checkpoint_digest(*folders: Path) -> str:
@@ -53,8 +53,8 @@ def cached_export(name: str, what: str, target: Path, draft: Path, options, log)
 
 
 def smollm2_bundle(draft: str = "self-int4", examples: Path | None = None, log=print) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 target with ``draft`` (the shipped DSpark drafter, or its own int4 copy),
-    exported into the cache once."""
+    """SmolLM2-135M-Instruct as an fp32 target with ``draft`` (a shipped drafter: the DSpark drafter or the draft
+    LM, or its own int4 copy), exported into the cache once."""
     from dspark.export.bundle import ExportOptions
     from dspark.models import fetch_model
 
@@ -71,7 +71,8 @@ def smollm2_bundle(draft: str = "self-int4", examples: Path | None = None, log=p
     if not (drafter / "config.json").is_file():
         raise DsparkError(f"the shipped drafter {drafter} is missing; run dspark demo from a full checkout of the "
                           "repository, or use --draft self-int4")
-    options = ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128)
+    options = ExportOptions(max_batch=4, max_context=2048, prefill_chunk=128,
+                            num_draft_tokens=SMOLLM2_DRAFT_TOKENS if draft == "draft-lm" else None)
     return cached_export(f"demo-smollm2-{draft}-{key}-{checkpoint_digest(drafter)}-{__version__}",
                          f"SmolLM2-135M-Instruct (fp32 target, {draft} drafter)", gguf, drafter, options, log)
 

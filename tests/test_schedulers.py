@@ -193,9 +193,12 @@ def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle, 
     gen = Generator(dspark_bundle, scheduler="sps", backend=backend)  # this bundle has no profile
     assert gen.generate([req])[0].generated == Generator(dspark_bundle, use_draft=False, backend=backend).generate([req])[0].generated
     assert sum(gen.scheduler.stats.fallbacks.values()) > 0
-    lm = Generator(qwen3_bundle, scheduler="threshold", backend=backend)  # a draft LM has no confidence head
-    lm.generate([req])
-    assert "the drafter has no confidence head" in lm.scheduler.stats.fallbacks
+    # a draft LM's confidences are its own probabilities: the threshold scheduler uses them, and stays exact
+    lm = Generator(qwen3_bundle, scheduler="threshold", threshold=0.9, backend=backend)
+    seq = lm.generate([req], trace=True)[0]
+    assert not lm.scheduler.stats.fallbacks
+    assert seq.generated == Generator(qwen3_bundle, use_draft=False, backend=backend).generate([req])[0].generated
+    assert any(r["verify_length"] < len(r["draft_tokens"]) for r in seq.trace)
 
 
 def test_auto_block_schedule_is_lossless(dspark_bundle, backend):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,8 +96,9 @@ def test_trace_is_exact_and_deterministic(spec):
     for n, row in enumerate(first.trace, start=1):
         assert row["round"] == n
         assert row["position"] == position
-        assert row["confidence"] is None
-        assert len(row["draft_tokens"]) == row["verify_length"]
+        # a draft LM's confidence in each draft: the probability its law gives its likeliest token there
+        assert len(row["confidence"]) == len(row["draft_tokens"]) == row["verify_length"]
+        assert all(0 < c <= 1 for c in row["confidence"])
         accepted = row["draft_tokens"][: row["accepted"]]
         assert row["emitted"][: len(accepted)] == accepted
         emitted += row["emitted"]
@@ -157,3 +159,18 @@ def test_fp16_bundle_decodes_losslessly(qwen3_pair, qwen3_bundle, tmp_path, back
     fp32 = Generator(qwen3_bundle, use_draft=False, backend=backend).generate([req])[0].generated
     # fp16 rounding may flip a near-tie late in the run; the start must agree
     assert spec16.generated[:8] == fp32[:8]
+
+
+def test_draft_lm_stops_drafting_when_unsure(qwen3_bundle, plain, monkeypatch, backend):
+    """A row stops drafting once the product of the draft LM's confidences falls below STOP_SURVIVAL: with a bar
+    set high, rounds draft fewer tokens than the cap, and the output is still plain decoding's."""
+    from dspark.runtime.proposers import DraftLMProposer
+
+    monkeypatch.setattr(DraftLMProposer, "STOP_SURVIVAL", 0.999)
+    spec = Generator(qwen3_bundle, backend=backend)
+    assert_speculative_equals_plain(spec, plain, PROMPTS, 40)
+    drafted = [r for s in spec.generate([Request(p, max_new_tokens=40, ignore_eos=True) for p in PROMPTS], trace=True)
+               for r in s.trace]
+    assert any(0 < len(r["draft_tokens"]) < spec.draft_length for r in drafted)
+    for r in drafted:  # each draft but the last had a survival product of at least the bar
+        assert np.prod(r["confidence"][:-1]) >= 0.999

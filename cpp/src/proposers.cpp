@@ -1,6 +1,7 @@
 #include "proposers.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 #include "sampling.hpp"
 
@@ -54,8 +55,10 @@ class DraftLMProposer : public Proposer {
   void keep(const std::vector<int>& rows) override { cache_.keep_rows(rows); }
   void add(int count, std::vector<std::vector<float>>*) override { cache_.add_rows(cache_.empty_like(count)); }
 
-  std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& caps) override {
+  std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& row_caps) override {
     std::vector<Proposal> proposals(seqs.size());
+    for (auto& p : proposals) p.has_confidence = true;
+    std::vector<int> caps(row_caps);
     int longest = *std::max_element(caps.begin(), caps.end());
     if (longest == 0) return proposals;
     // first step: catch up on every committed token this draft has not read
@@ -63,9 +66,14 @@ class DraftLMProposer : public Proposer {
     for (size_t r = 0; r < seqs.size(); ++r)
       if (caps[r]) pending[r] = draft_ids(seqs[r]->tokens.begin() + cache_.lens[r], seqs[r]->tokens.end());
     std::vector<std::vector<float>> logits = feed(*decoder_, cache_, pending, bundle_.prefill_chunk);
+    std::vector<double> survival(seqs.size(), 1.0);
     for (int step = 0; step < longest; ++step) {
       for (size_t r = 0; r < seqs.size(); ++r)
-        if (step < caps[r]) draw(*seqs[r], proposals[r], logits[r].data());
+        if (step < caps[r]) {
+          survival[r] *= draw(*seqs[r], proposals[r], logits[r].data());
+          if (survival[r] < kStopSurvival) caps[r] = step + 1;  // later drafts would rarely pay for their slots
+        }
+      longest = *std::max_element(caps.begin(), caps.end());
       if (step + 1 == longest) break;
       std::vector<std::vector<int64_t>> parts(seqs.size());
       std::vector<int> counts(seqs.size(), 0);
@@ -102,16 +110,29 @@ class DraftLMProposer : public Proposer {
 
   int64_t target_id(int draft_id) const { return index_.empty() ? draft_id : bundle_.draft_vocab[draft_id]; }
 
-  void draw(Sequence& seq, Proposal& p, const float* logits) {
+  // draft one token and record it with its confidence logit; returns the confidence: the likeliest token's
+  // probability under the law drafted from (T = 1 when greedy)
+  double draw(Sequence& seq, Proposal& p, const float* logits) {
     const SamplingParams& params = seq.request.sampling;
+    double others;  // (1 - p) / p of the likeliest token
     if (params.greedy()) {
-      p.tokens.push_back(target_id(argmax(logits, width_)));
-      return;
+      int best = argmax(logits, width_);
+      p.tokens.push_back(target_id(best));
+      double sum = 0.0;
+      for (int i = 0; i < width_; ++i) sum += std::exp(static_cast<double>(logits[i]) - logits[best]);
+      others = sum - 1.0;
+    } else {
+      std::vector<double> q = probabilities(logits, width_, params);
+      p.tokens.push_back(target_id(sample(q, seq.rng.random())));
+      append_target_laws(p.probs, q.data(), 1, width_, bundle_.draft_vocab, bundle_.target.vocab_size);
+      double top = *std::max_element(q.begin(), q.end());
+      others = (1.0 - top) / top;
     }
-    std::vector<double> q = probabilities(logits, width_, params);
-    p.tokens.push_back(target_id(sample(q, seq.rng.random())));
-    append_target_laws(p.probs, q.data(), 1, width_, bundle_.draft_vocab, bundle_.target.vocab_size);
+    p.confidence.push_back(-std::log(std::max(others, 1e-300)));
+    return 1.0 / (1.0 + others);
   }
+
+  static constexpr double kStopSurvival = 0.1;  // DraftLMProposer.STOP_SURVIVAL
 
   const Bundle& bundle_;
   std::unique_ptr<Decoder> decoder_;

@@ -5,7 +5,10 @@ per row, ``commit`` what the target accepted, ``rewind`` to repeat a round when 
 
 - ``DraftLMProposer``: a small LM with the target's tokenizer, one sequential single-token step per draft token. Its cache may
   lag the committed tokens; each round it first catches up on what it has not read (the anchor, and the last
-  draft when every draft was accepted) and rolls back rows it drafted that the target rejected.
+  draft when every draft was accepted) and rolls back rows it drafted that the target rejected. Its confidence in
+  a draft is the probability its own law gives its likeliest token there (a function of the tokens before it
+  only, so schedulers may use it); a row stops drafting once the product of its confidences falls below
+  ``STOP_SURVIVAL``.
 - ``BlockProposer``: a DSpark or DFlash drafter. One call drafts the whole block from the target's tapped
   features. Its only state is a cache of context K/V, one entry per committed position, fed exactly once from
   the features of the anchor and accepted drafts (spec §4.4), so it never rolls back.
@@ -79,6 +82,9 @@ class DraftVocabulary:
 
 class DraftLMProposer:
     reads_features = False  # whether ``add`` takes the newcomers' tapped target features
+    has_confidence = True  # whether proposals carry confidence logits
+    # a draft whose chance of being reached and accepted is under this rarely pays for its draft step and verify slot
+    STOP_SURVIVAL = 0.1
 
     def __init__(self, bundle: Bundle, runner, draft_length: int):
         self.bundle = bundle
@@ -98,17 +104,20 @@ class DraftLMProposer:
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
         cache, chunk = self.cache, self.bundle.limits.prefill_chunk
         if not any(caps):
-            return [Proposal([]) for _ in seqs]
-        proposals = [Proposal([], None if s.request.sampling.greedy else []) for s in seqs]
+            return [Proposal([], None, np.zeros(0), sts=False) for _ in seqs]
+        # (its confidences are its own probabilities: no confidence head, so no STS temperatures apply)
+        proposals = [Proposal([], None if s.request.sampling.greedy else [], [], sts=False) for s in seqs]
         # first step: catch up on every committed token this draft has not read
         pending = [self.vocab.draft_ids(s.tokens[cache.lens[r] :]) if caps[r] else [] for r, s in enumerate(seqs)]
         logits = feed(self.runner, cache, pending, chunk)
-        longest = max(caps)
-        for step in range(longest):
+        caps, survival = list(caps), [1.0] * len(seqs)
+        for step in range(max(caps)):
             for r, s in enumerate(seqs):
                 if step < caps[r]:
-                    self._draw(s, proposals[r], logits[r])
-            if step + 1 == longest:
+                    survival[r] *= self._draw(s, proposals[r], logits[r])
+                    if survival[r] < self.STOP_SURVIVAL:
+                        caps[r] = step + 1
+            if step + 1 == max(caps):
                 break
             parts = [self.vocab.draft_ids(proposals[r].tokens[-1:]) if step + 1 < caps[r] else []
                      for r in range(len(seqs))]
@@ -117,16 +126,25 @@ class DraftLMProposer:
             logits = list(out["logits"][:, 0])
         for p in proposals:
             p.probs = np.stack(p.probs) if p.probs else None
+            p.confidence_logits = np.asarray(p.confidence_logits, dtype=np.float64)
         return proposals
 
-    def _draw(self, seq, proposal: Proposal, logits: np.ndarray) -> None:
+    def _draw(self, seq, proposal: Proposal, logits: np.ndarray) -> float:
+        """Draft one token from ``logits`` and record it with its confidence logit; returns the confidence: the
+        likeliest token's probability under the law drafted from (T = 1 when greedy)."""
         params, logits = seq.request.sampling, logits[: self.width]
         if params.greedy:
-            proposal.tokens.append(self.vocab.target_id(int(logits.argmax())))
-            return
-        q = probabilities(logits, params)
-        proposal.tokens.append(self.vocab.target_id(sample(q, seq.rng.random())))
-        proposal.probs.append(self.vocab.target_law(q))
+            best = int(logits.argmax())
+            proposal.tokens.append(self.vocab.target_id(best))
+            others = np.exp(logits.astype(np.float64) - logits[best]).sum() - 1.0  # (1 - p) / p of the likeliest
+        else:
+            q = probabilities(logits, params)
+            proposal.tokens.append(self.vocab.target_id(sample(q, seq.rng.random())))
+            proposal.probs.append(self.vocab.target_law(q))
+            top = q.max()
+            others = (1.0 - top) / top
+        proposal.confidence_logits.append(-np.log(max(others, 1e-300)))
+        return 1.0 / (1.0 + others)
 
     def rewind(self, anchors: list[int]) -> None:
         """Forget what each row read past its anchor, so the next ``propose`` redoes the same round."""
@@ -144,6 +162,7 @@ class BlockProposer:
 
     def __init__(self, bundle: Bundle, runner, draft_length: int):
         self.bundle = bundle
+        self.has_confidence = bundle.draft.confidence_head
         self.context = runner("draft_context")
         self.drafter = runner("draft_propose")
         self.draft = bundle.draft
@@ -183,7 +202,7 @@ class BlockProposer:
         self.pending = [[] for _ in rows]
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
-        has_head = self.draft.confidence_head
+        has_head = self.has_confidence
         if not any(caps):
             return [Proposal([], None, np.zeros(0) if has_head else None) for _ in seqs]
         self._flush_context()
@@ -249,7 +268,7 @@ class LookupProposer:
         self.store = load_store(bundle, min_match, max_match)
         self.reads_features = inner is not None and inner.reads_features
         # lookup rows carry a confidence wherever the other rows do (or there are no others)
-        self.has_head = inner is None or (inner.reads_features and bundle.draft.confidence_head)
+        self.has_head = inner is None or inner.has_confidence
         self.sources: list[int | None] = []  # per row, where this round's draft came from
         # per source and draft position: verified drafts whose earlier positions were all accepted, and of them
         # the accepted ones
