@@ -274,8 +274,8 @@ def test_feature_cache_runs_each_document_from_its_start(setup, tmp_path):
 
 
 def test_answer_masks_steer_anchors(setup, tmp_path):
-    """With make-data's answer masks a block drafter trains on blocks that start in the answers; a mask that does
-    not match its token array is refused."""
+    """With make-data's answer masks a block drafter trains on blocks that start in the answers and a draft LM's
+    acceptance is estimated there; a mask that does not match its token array is refused."""
     target_dir, data, _ = setup
     masked = tmp_path / "data"
     masked.mkdir()
@@ -289,6 +289,12 @@ def test_answer_masks_steer_anchors(setup, tmp_path):
     config = config_for(target_dir, "dspark")
     rec = train_draft(target_dir, masked, tmp_path / "draft", "dspark", config, ARGS, steps=10, threads=1, **QUIET)
     assert rec["step"] == 10 and rec["tau"] >= 1.0
+    # a draft LM estimates its acceptance where the answers are: the same model scores otherwise without the masks
+    lm = method_config(target_dir, "draft-lm", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                       intermediate_size=64, draft_vocab=VOCAB // 2)
+    scores = [train_draft(target_dir, folder, tmp_path / f"lm-{i}", "draft-lm", lm, ARGS, steps=2, threads=1, **QUIET)
+              for i, folder in enumerate((masked, data))]
+    assert scores[0]["heldout_loss"] == scores[1]["heldout_loss"] and scores[0]["tau"] != scores[1]["tau"]
     np.save(masked / "heldout_answers.npy", np.ones(3, dtype=bool))
     with pytest.raises(DsparkError, match="heldout_answers.npy has 3 entries"):
         read_answer_masks(masked, train_tokens, held_tokens)

@@ -24,7 +24,8 @@ Held-out acceptance: the mean accepted length tau under greedy verification, est
 held-out windows: tau = 1 + sum_k prod_{i<=k} [draft_i == target argmax_i], where the target argmax is taken on the
 data prefix and the draft tokens are the drafter's own greedy chain (its Markov head fed its own previous argmax,
 as at inference). For block drafters also ``tau_t1``, DeepSpec's probabilistic estimate at T=1:
-1 + sum_k prod_{i<=k} c*_i. For the draft LM, K = 4 draft tokens from every position.
+1 + sum_k prod_{i<=k} c*_i. For the draft LM, K = 4 draft tokens from every position (with make-data's answer masks:
+every position whose next token the target wrote).
 
 Resumable from ``OUTPUT/train_state.pt`` (saved atomically every ``save_minutes``, on SIGTERM/SIGINT and at the
 end, together with the inference checkpoint), and ``training_log.jsonl``.
@@ -482,10 +483,12 @@ class DraftLMTask:
     log-normalisers, ``dspark.train.features`` without taps) then replaces the target's forward."""
 
     def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
-                 draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None):
+                 draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None,
+                 heldout_answers: np.ndarray | None = None):
         self.method, self.config, self.target, self.args = method, config, target, args
         self.model = init_model(config, args.seed).train()
         self.cache = cache
+        self.heldout_answers = heldout_answers  # tokens the target wrote: acceptance is estimated where it drafts
         self.set_draft_vocab(draft_vocab)
         if draft_vocab is not None:
             self._embed_from_target()
@@ -565,6 +568,8 @@ class DraftLMTask:
         was = self.model.training
         self.model.eval()
         losses, taus, accept_k = [], [], []
+        held = self.heldout_answers  # the windows are eval_windows(held-out tokens): their starts are eval_starts'
+        answers = None if held is None else windows_at(held, eval_starts(len(held), a), windows.shape[1]).bool()
         for i in range(0, len(windows), a.batch_size):
             x = windows[i:i + a.batch_size, :-1]
             loss = kl_loss(self.target, self.model, x) if self.draft_vocab is None else self.reduced_loss(x)
@@ -572,6 +577,8 @@ class DraftLMTask:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 hit = (self.drafts(x) == train_forward(self.target, x).argmax(-1)).float()
             runs = hit.unfold(1, DRAFT_LM_TOKENS, 1).cumprod(-1)  # teacher-forced K-token drafts from every position
+            if answers is not None:  # drafts whose first token is one the target wrote (not a prompt token)
+                runs = runs[answers[i:i + a.batch_size, 1:runs.shape[1] + 1]]
             taus.append((1 + runs.sum(-1)).reshape(-1))
             accept_k.append(runs.reshape(-1, DRAFT_LM_TOKENS))
         self.model.train(was)
@@ -660,7 +667,8 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     if method == "draft-lm":
         size = DecoderConfig.from_hf(config).draft_vocab_size
         cache = feature_cache(target, (), train_tokens, data, digest, progress, log) if cache_features else None
-        task = DraftLMTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache)
+        task = DraftLMTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache,
+                           read_answer_masks(data, train_tokens, held_tokens)[1])
     else:
         dconfig = DrafterConfig.from_hf(config, target.config)
         size = dconfig.draft_vocab_size
