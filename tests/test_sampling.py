@@ -87,6 +87,10 @@ def exact_law(target, params: SamplingParams) -> np.ndarray:
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8, top_k=4)], ids=["T1", "warped"])
 def test_speculative_samples_follow_target_law(small_vocab, params, backend):
     target, bundle, lookup = small_vocab
+    if backend == "torch" and (lookup or params.temperature == 1.0):
+        # acceptance, warping and prompt lookup are host code both backends share, tested here on ONNX Runtime;
+        # what the torch backend adds is its graphs, and the warped law of each model-driven draft covers them
+        pytest.skip("torch backend: only the warped law of model-driven drafts (the rest is shared host code)")
     generator = Generator(bundle, backend=backend, lookup=lookup)
     requests = [Request(PROMPT, max_new_tokens=4, sampling=params, seed=s, ignore_eos=True) for s in range(SAMPLES)]
     seqs = generator.generate(requests)

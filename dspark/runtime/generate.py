@@ -213,8 +213,9 @@ class Generator:
             self.submit(req, trace, None if on_text is None else (lambda delta, i=i: on_text(i, delta)))
             for i, req in enumerate(requests)
         ]
-        while not all(s.done for s in seqs):
-            self.step()
+        for seq in seqs:  # in order: a scan of all of them per step would cost O(requests) each round
+            while not seq.done:
+                self.step()
         return seqs
 
     def step(self) -> list[Sequence]:
