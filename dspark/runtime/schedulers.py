@@ -212,9 +212,16 @@ class AdaptiveBlockSchedule(BlockSchedule):
     every token since its last round: 5% of the run at 16 rows with a fixed period); a faster one starts over, so
     a changed regime gathers the rounds that flip the decision quickly. A decision depends on past rounds only,
     never on the current round's draft, so output stays lossless. Batch sizes are bucketed by powers of two (1,
-    2-3, 4-7, ...)."""
+    2-3, 4-7, ...).
 
-    window = 5  # rounds per (bucket, mode) whose median rate counts: one slow first call does not decide
+    A mode's rate is its tokens over its seconds across its last ``window`` rounds, not a median of per-round
+    rates: a drafting round's tokens are skewed (most rounds of a draft with τ 2 accept nothing, a few accept
+    many), so the median round of a drafter that is 1.5x faster than plain decoding is slower than a plain round.
+    A bucket drafts for its first rounds before it compares (one round says little about a skewed mode), and the
+    first round of each mode is forgotten once a second one arrives: a first call warms up its graph."""
+
+    window = 8  # rounds per (bucket, mode) whose tokens and seconds count
+    explore = 4  # drafting rounds a bucket counts (after the first) before it may turn drafting off
 
     def __init__(self, probe_every: int = 24, max_backoff: int = 16):
         self.probe_every, self.max_backoff = probe_every, max_backoff
@@ -222,14 +229,15 @@ class AdaptiveBlockSchedule(BlockSchedule):
         self.since_probe: dict[int, int] = {}
         self.interval: dict[int, int] = {}  # per bucket: rounds between probes
         self.probing: dict[int, bool] = {}  # per bucket: the mode of the probe whose round is not yet observed
+        self.warmed: set[tuple[int, bool]] = set()  # (bucket, mode) whose first round was forgotten
 
     def rate(self, rows: int, drafted: bool) -> float | None:
         seen = self.rates.get((rows.bit_length(), drafted))
-        return float(np.median(seen)) if seen else None
+        return sum(t for t, _ in seen) / sum(s for _, s in seen) if seen else None
 
     def cap(self, rows: int, default: int) -> int:
         drafting, plain = self.rate(rows, True), self.rate(rows, False)
-        if drafting is None:
+        if drafting is None or len(self.rates[rows.bit_length(), True]) < self.explore:
             return default
         if plain is None:
             return 0
@@ -246,13 +254,18 @@ class AdaptiveBlockSchedule(BlockSchedule):
         if seconds <= 0:
             return
         bucket, rate = rows.bit_length(), tokens / seconds
+        key = (bucket, drafted)
         if self.probing.get(bucket) == drafted:
             del self.probing[bucket]
             chosen = self.rate(rows, not drafted)
             slower = chosen is not None and rate < chosen
             interval = self.interval.get(bucket, self.probe_every)
             self.interval[bucket] = min(2 * interval, self.probe_every * self.max_backoff) if slower else self.probe_every
-        self.rates.setdefault((bucket, drafted), collections.deque(maxlen=self.window)).append(rate)
+        seen = self.rates.setdefault(key, collections.deque(maxlen=self.window))
+        if len(seen) == 1 and key not in self.warmed:  # the mode's first round counts only until a second one
+            self.warmed.add(key)
+            seen.clear()
+        seen.append((tokens, seconds))
 
     def describe(self):
         return "auto"
