@@ -270,7 +270,46 @@ def test_feature_cache_runs_each_document_from_its_start(setup, tmp_path):
     np.save(cached / "train.npy", other)
     cache = feature_cache(target, tuple(TAPS), other, cached, target_digest(target_dir), progress=False,
                           log=lambda _: None)
-    np.testing.assert_allclose(cache.features[64:128], features[:64], atol=0.1, rtol=0.03)  # the old first document
+    # the same documents in another order: every row is copied from the previous cache, none recomputed
+    np.testing.assert_array_equal(cache.features[64:128], features[:64])
+    np.testing.assert_array_equal(cache.lse[:64], lse[-64:])
+
+
+def test_feature_cache_of_grown_data_computes_new_documents_only(setup, tmp_path, monkeypatch):
+    """Data that grew (make-data resumed: new answers between old ones) keeps the cached rows of the documents it
+    had and runs the target on the new ones alone, also when the rebuild was interrupted and resumed."""
+    target_dir, data, target = setup
+    tokens = np.load(data / "train.npy")[: 8 * 64]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.save(folder / "train.npy", tokens)
+    np.save(folder / "train_docs.npy", np.arange(0, len(tokens), 64))
+    digest = target_digest(target_dir)
+    first = feature_cache(target, (), tokens, folder, digest, progress=False, log=lambda _: None)
+    old_hidden = np.array(first.hidden)
+    del first
+    fresh = np.load(data / "heldout.npy")[:128]  # two new 64-token documents, at positions 1 and 5
+    docs = [tokens[i * 64:(i + 1) * 64] for i in range(8)]
+    grown = np.concatenate(docs[:1] + [fresh[:64]] + docs[1:4] + [fresh[64:]] + docs[4:])
+    np.save(folder / "train.npy", grown)
+    np.save(folder / "train_docs.npy", np.arange(0, len(grown), 64))
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # the rebuild stops at its first target forward ...
+        m.setattr("dspark.train.features.target_pass", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            feature_cache(target, (), grown, folder, digest, progress=False, log=lambda _: None)
+    logged = []  # ... and the next call still copies the documents the old cache held
+    cache = feature_cache(target, (), grown, folder, digest, progress=False, log=logged.append)
+    assert any("128 of 640 tokens" in line for line in logged), logged
+    np.testing.assert_array_equal(cache.hidden[:64], old_hidden[:64])
+    np.testing.assert_array_equal(cache.hidden[128:320], old_hidden[64:256])
+    np.testing.assert_array_equal(cache.hidden[384:], old_hidden[256:])
+    with torch.no_grad():
+        want, _ = target_pass(target, torch.from_numpy(fresh[64:].astype(np.int64))[None], ())
+    np.testing.assert_allclose(cache.hidden[320:384], want[0].numpy(), atol=0.1, rtol=0.03)
+    assert sorted(p.name for p in next(folder.glob("features-*")).iterdir()) == ["hidden.npy", "lse.npy", "source.json"]
 
 
 def test_answer_masks_steer_anchors(setup, tmp_path):
@@ -315,14 +354,44 @@ def test_init_from_continues_a_trained_drafter(setup, tmp_path):
     assert rec["step"] == 10
     assert torch.equal(Drafter.from_pretrained(second, setup[2].config, target_dir=target_dir).draft_vocab,
                        Drafter.from_pretrained(first, setup[2].config, target_dir=target_dir).draft_vocab)
-    with pytest.raises(DsparkError, match="not draft-lm"):
-        train_draft(target_dir, data, tmp_path / "lm", "draft-lm", config, ARGS, steps=1, init_from=first, **QUIET)
     # the command: the drafter it starts from gives the config (this target's tokenizer has no <|mask|> to find)
     result = CliRunner().invoke(main, ["train-draft", str(target_dir), "--method", "dspark", "--data", str(data),
                                        "--output", str(tmp_path / "cli"), "--init-from", str(first), "--steps", "2",
                                        "--threads", "1", "--batch-size", "2", "--seq-len", "48", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["draft_vocab_size"] == VOCAB // 2
+
+
+def test_init_from_continues_a_trained_draft_lm(setup, tmp_path):
+    """A reduced draft LM started from a trained one (e.g. on more data) begins at its held-out loss with its draft
+    vocabulary, whatever the new data's most frequent tokens; the command refuses a drafter of the other kind."""
+    target_dir, data, _ = setup
+    first = tmp_path / "first"
+    config = method_config(target_dir, "draft-lm", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                           head_dim=16, intermediate_size=64, draft_vocab=VOCAB // 2)
+    first_log = train_draft(target_dir, data, first, "draft-lm", config, ARGS, steps=20, threads=1, **QUIET)
+    other = tmp_path / "other-data"  # another token set: its frequent tokens are not the first run's
+    other.mkdir()
+    tokens = np.load(data / "train.npy")
+    np.save(other / "train.npy", np.where(tokens % 2 == 0, tokens, VOCAB - 1 - tokens).astype(tokens.dtype))
+    np.save(other / "heldout.npy", np.load(data / "heldout.npy"))
+    rec = train_draft(target_dir, other, tmp_path / "second", "draft-lm", json.loads((first / "config.json").read_text()),
+                      ARGS, steps=5, threads=1, init_from=first, **QUIET)
+    log = [json.loads(line) for line in (tmp_path / "second" / "training_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[0]["heldout_loss"] == pytest.approx(first_log["heldout_loss"], rel=0.02)
+    assert rec["step"] == 5
+    vocab = lambda folder: WeightReader(folder).get("draft_vocab")  # noqa: E731
+    assert torch.equal(vocab(tmp_path / "second"), vocab(first))
+    for method, source in (("dspark", first), ("draft-lm", None)):
+        if source is None:  # a block drafter given to a draft LM
+            source = tmp_path / "block"
+            train_draft(target_dir, data, source, "dspark", config_for(target_dir, "dspark"), ARGS, steps=1, threads=1,
+                        **QUIET)
+        result = CliRunner().invoke(main, ["train-draft", str(target_dir), "--method", method, "--data", str(data),
+                                           "--output", str(tmp_path / f"cli-{method}"), "--init-from", str(source),
+                                           "--steps", "1", "--threads", "1", "--no-progress"])
+        assert result.exit_code == 2 and "cannot start from it" in result.output, result.output
+        assert not (tmp_path / f"cli-{method}").exists()
 
 
 def test_init_from_grows_a_drafter_without_changing_it(setup, tmp_path):

@@ -204,11 +204,11 @@ def _layer_list(_ctx, _param, value):
                    "states, about 1.2 KB, and --draft-vocab) and read them every step instead of running the "
                    "target: several times faster per step on a CPU; evaluation still runs the target.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="dspark/dflash: start from this drafter's weights, draft vocabulary and config (for example one "
-                   "trained on less data) with a fresh optimizer and schedule; its config.json replaces the shape "
-                   "options above, except that --num-layers and --target-layers may grow it (more layers, more "
-                   "taps) without changing what it computes at the start: new taps' fc columns and new layers' "
-                   "output projections start at zero. Ignored when OUTPUT resumes.")
+              help="Start from this drafter's weights, draft vocabulary and config (for example one trained on "
+                   "less data) with a fresh optimizer and schedule; its config.json replaces the shape options "
+                   "above, except that a DSpark/DFlash drafter may grow by --num-layers and --target-layers (more "
+                   "layers, more taps) without changing what it computes at the start: new taps' fc columns and new "
+                   "layers' output projections start at zero. Ignored when OUTPUT resumes.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
                         warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
@@ -219,11 +219,20 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
     from dspark.train.draft import DraftArgs, method_config, train_draft
 
     if init_from is not None:
+        from dspark.errors import DsparkError
         from dspark.graphs.checkpoint import read_config
         from dspark.train.draft import grown_config
 
-        # the drafter it starts from decides the shape, grown by --num-layers / --target-layers when given
-        config = grown_config(read_config(init_from), num_layers, target_layers)
+        # the drafter it starts from decides the shape; a block drafter's grows by --num-layers / --target-layers
+        config = read_config(init_from)
+        if ("target_layer_ids" in config) == (method == "draft-lm"):
+            kind = "a DSpark/DFlash drafter" if "target_layer_ids" in config else "a draft LM"
+            raise DsparkError(f"--init-from {init_from} is {kind}; --method {method} cannot start from it")
+        if method == "draft-lm" and (num_layers or target_layers):
+            raise DsparkError("--num-layers / --target-layers grow a DSpark or DFlash drafter of --init-from; a draft "
+                              "LM starts from the shape it has")
+        if method != "draft-lm":
+            config = grown_config(config, num_layers, target_layers)
     else:
         if num_layers is None:
             num_layers = 4 if method == "draft-lm" else 2

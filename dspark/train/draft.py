@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from dspark.errors import DsparkError
-from dspark.graphs.checkpoint import WeightReader, read_config
+from dspark.graphs.checkpoint import WeightReader, read_config, read_draft_vocab
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.drafter import MARKOV_HEAD_TYPES, Drafter, DrafterConfig, deepspec_config, save_deepspec
 from dspark.runtime.proposers import draft_index
@@ -484,11 +484,16 @@ class DraftLMTask:
 
     def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
                  draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None,
-                 heldout_answers: np.ndarray | None = None):
+                 heldout_answers: np.ndarray | None = None, init: Path | None = None):
         self.method, self.config, self.target, self.args = method, config, target, args
-        self.model = init_model(config, args.seed).train()
         self.cache = cache
         self.heldout_answers = heldout_answers  # tokens the target wrote: acceptance is estimated where it drafts
+        if init is not None:  # a trained draft LM's weights and draft vocabulary (float16 on disk, trained in fp32)
+            self.model = DecoderLM.from_pretrained(init, dtype=torch.float32).train()
+            size = self.model.config.draft_vocab_size
+            self.set_draft_vocab(read_draft_vocab(WeightReader(init), size, target.config.vocab_size) if size else None)
+            return
+        self.model = init_model(config, args.seed).train()
         self.set_draft_vocab(draft_vocab)
         if draft_vocab is not None:
             self._embed_from_target()
@@ -641,13 +646,11 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     ``config`` is the drafter's config.json (``block_config`` or ``draft_lm_config``). Without ``steps`` and
     ``minutes``, trains to ``args.schedule_steps``. Writes the inference checkpoint into ``output`` at every save.
     With ``cache_features`` a block drafter reads the target's features of the train windows from a cache built once
-    (``dspark.train.features``) instead of running the target every step. ``init_from`` (a block drafter of the same
+    (``dspark.train.features``) instead of running the target every step. ``init_from`` (a drafter of the same
     config, e.g. one trained on less data) gives a fresh run its starting weights and draft vocabulary; a resumed run
     ignores it. Returns the last log record."""
     if method not in METHODS:
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if init_from is not None and method == "draft-lm":
-        raise DsparkError("--init-from starts a DSpark or DFlash drafter from another one's weights; not draft-lm")
     if cache_features and method == "draft-lm" and not config.get("draft_vocab_size"):
         raise DsparkError("--feature-cache trains a draft LM over a reduced vocabulary only (its target law comes "
                           "from cached hidden states and normalisers); add --draft-vocab N or drop --feature-cache")
@@ -664,22 +667,23 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
             "continuing against the current target")
     target = load_target(target_dir)
     train_tokens, held_tokens = read_tokens(data, target.config.vocab_size)
+    init = Path(init_from) if init_from is not None and state is None else None
+    if init:
+        log(f"starting from the weights of {init_from}")
     if method == "draft-lm":
         size = DecoderConfig.from_hf(config).draft_vocab_size
         cache = feature_cache(target, (), train_tokens, data, digest, progress, log) if cache_features else None
-        task = DraftLMTask(method, config, target, args, frequent_tokens(train_tokens, size) if size else None, cache,
-                           read_answer_masks(data, train_tokens, held_tokens)[1])
+        task = DraftLMTask(method, config, target, args,
+                           frequent_tokens(train_tokens, size) if size and not init else None, cache,
+                           read_answer_masks(data, train_tokens, held_tokens)[1], init)
     else:
         dconfig = DrafterConfig.from_hf(config, target.config)
         size = dconfig.draft_vocab_size
         cache = (feature_cache(target, dconfig.target_layer_ids, train_tokens, data, digest, progress, log)
                  if cache_features else None)
-        init = (Path(init_from), target_dir) if init_from is not None and state is None else None
-        if init:
-            log(f"starting from the weights of {init_from}")
         task = BlockTask(method, config, target, args,
                          frequent_tokens(train_tokens, size) if size and not init else None, cache,
-                         read_answer_masks(data, train_tokens, held_tokens), init)
+                         read_answer_masks(data, train_tokens, held_tokens), init and (init, target_dir))
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
                f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "

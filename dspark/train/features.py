@@ -11,6 +11,9 @@ the loss then needs the target's logits over the draft vocabulary only; a draft 
 ``DATA/features-<target digest>-<taps>/``, with ``source.json`` naming the token data they were computed from (a
 hash of ``train.npy`` and the document starts: data regenerated since, even to the same length, is recomputed).
 Building resumes where it stopped (``progress.json`` counts the batches written into the ``.partial`` arrays).
+Data that grew (``dspark make-data`` resumed) keeps the rows of documents the cache already holds: ``source.json``
+lists each span's digest, and a rebuild copies those spans' rows from the previous arrays (kept as
+``*.previous.npy`` until the new cache is complete) and runs the target on the new documents only.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ def document_spans(data: Path, total: int) -> list[tuple[int, int]]:
     return spans
 
 
+def span_digests(tokens: np.ndarray, spans: list[tuple[int, int]]) -> list[str]:
+    """A digest of each span's tokens: a span's features depend on its tokens alone (each runs from its start)."""
+    return [hashlib.sha256(np.asarray(tokens[s:e], dtype=np.int64).tobytes()).hexdigest()[:16] for s, e in spans]
+
+
 def _batches(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     """Documents of similar length together (little padding), at most BATCH_TOKENS padded tokens a batch."""
     ordered = sorted(spans, key=lambda se: se[1] - se[0])
@@ -65,6 +73,24 @@ def _batches(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     return batches + ([current] if current else [])
 
 
+def _copy_previous(arrays: dict[str, np.ndarray], spans: list[tuple[int, int]], digests: list[str],
+                   previous: dict[str, Path], previous_source: Path) -> list[tuple[int, int]]:
+    """Copy the rows of every span the previous cache holds into ``arrays``; returns the spans still to compute."""
+    if not previous_source.is_file() or not all(p.is_file() for p in previous.values()):
+        return spans
+    held = {h: (s, e) for s, e, h in json.loads(previous_source.read_text()).get("spans", [])}
+    old = {name: np.load(p, mmap_mode="r") for name, p in previous.items()}
+    missing = []
+    for (s, e), h in zip(spans, digests):
+        if h in held:
+            a, b = held[h]
+            for name, rows in old.items():
+                arrays[name][s:e] = rows[a:b]
+        else:
+            missing.append((s, e))
+    return missing
+
+
 def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, data: Path, digest: str,
                   progress: bool = True, log=print) -> FeatureCache:
     """The cache for ``target`` (``digest`` names its weights) and ``taps`` over ``data``'s train tokens, built
@@ -73,16 +99,20 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
 
     folder = data / f"features-{digest[:16]}-{'_'.join(map(str, taps)) or 'final'}"
     paths = {name: folder / f"{name}.npy" for name in ("features", "hidden", "lse")[0 if taps else 1:]}
+    previous = {name: folder / f"{name}.previous.npy" for name in paths}
     spans = document_spans(data, len(tokens))
     source = {"tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()
                                        + np.asarray(spans, dtype=np.int64).tobytes()).hexdigest()[:16]}
-    source_path = folder / "source.json"
+    source_path, previous_source = folder / "source.json", folder / "source.previous.json"
     if all(p.is_file() for p in paths.values()):
-        if source_path.is_file() and json.loads(source_path.read_text()) == source:
+        built = json.loads(source_path.read_text()) if source_path.is_file() else {}
+        if built.get("tokens") == source["tokens"]:
             return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
-        log(f"{folder}: built for other token data; rebuilding")
-        for p in paths.values():
-            p.unlink()
+        log(f"{folder}: built for other token data; rebuilding (documents it holds are copied, not recomputed)")
+        for name, p in paths.items():  # kept until the new cache is complete, so an interrupted rebuild still reuses
+            p.replace(previous[name])
+        if source_path.is_file():
+            source_path.replace(previous_source)
     folder.mkdir(parents=True, exist_ok=True)
     d = target.config.hidden_size
     shapes = {"features": (len(tokens), len(taps) * d), "hidden": (len(tokens), d), "lse": (len(tokens),)}
@@ -96,9 +126,11 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     arrays = {name: (np.load(partial[name], mmap_mode="r+") if done else
                      np.lib.format.open_memmap(partial[name], mode="w+", dtype=dtypes[name], shape=shapes[name]))
               for name in paths}
-    batches = _batches(spans)
-    log(f"target features: {len(tokens)} tokens in {len(batches)} batches into {folder}"
-        + (f" (resuming at batch {done})" if done else ""))
+    digests = span_digests(tokens, spans)
+    missing = _copy_previous(arrays, spans, digests, previous, previous_source)
+    batches = _batches(missing)
+    log(f"target features: {sum(e - s for s, e in missing)} of {len(tokens)} tokens in {len(batches)} batches "
+        f"into {folder}" + (f" (resuming at batch {done})" if done else ""))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for i in tqdm(range(done, len(batches)), initial=done, total=len(batches), desc="target features",
                       unit="batch", disable=not progress):
@@ -117,9 +149,13 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
                 for a in arrays.values():
                     a.flush()
                 marker.write_text(json.dumps({"batches": i + 1, "source": source}))
+    for a in arrays.values():
+        a.flush()
     for name in paths:
         del arrays[name]
         partial[name].rename(paths[name])
-    source_path.write_text(json.dumps(source))
-    marker.unlink()
+    source_path.write_text(json.dumps({**source, "spans": [[s, e, h] for (s, e), h in zip(spans, digests)]}))
+    marker.unlink(missing_ok=True)
+    for p in [*previous.values(), previous_source]:
+        p.unlink(missing_ok=True)
     return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
