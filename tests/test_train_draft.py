@@ -23,6 +23,7 @@ from dspark.train.features import feature_cache
 from dspark.train.draft import (
     BlockTask,
     DraftArgs,
+    DraftLMTask,
     block_logits,
     default_target_layers,
     drafter_forward,
@@ -34,6 +35,8 @@ from dspark.train.draft import (
     target_digest,
     target_pass,
     train_draft,
+    window_starts,
+    windows_at,
 )
 
 torch.set_num_threads(1)
@@ -328,15 +331,42 @@ def test_answer_masks_steer_anchors(setup, tmp_path):
     config = config_for(target_dir, "dspark")
     rec = train_draft(target_dir, masked, tmp_path / "draft", "dspark", config, ARGS, steps=10, threads=1, **QUIET)
     assert rec["step"] == 10 and rec["tau"] >= 1.0
-    # a draft LM estimates its acceptance where the answers are: the same model scores otherwise without the masks
+    # a draft LM estimates its acceptance where the answers are: trained alike (every train token an answer, so
+    # every position counts, as without masks) it scores otherwise without the held-out mask
+    np.save(masked / "train_answers.npy", np.ones(len(train_tokens), dtype=bool))
     lm = method_config(target_dir, "draft-lm", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                        intermediate_size=64, draft_vocab=VOCAB // 2)
     scores = [train_draft(target_dir, folder, tmp_path / f"lm-{i}", "draft-lm", lm, ARGS, steps=2, threads=1, **QUIET)
               for i, folder in enumerate((masked, data))]
-    assert scores[0]["heldout_loss"] == scores[1]["heldout_loss"] and scores[0]["tau"] != scores[1]["tau"]
+    assert scores[0]["heldout_loss"] == pytest.approx(scores[1]["heldout_loss"], rel=1e-3)
+    assert scores[0]["tau"] != scores[1]["tau"]
     np.save(masked / "heldout_answers.npy", np.ones(3, dtype=bool))
     with pytest.raises(DsparkError, match="heldout_answers.npy has 3 entries"):
         read_answer_masks(masked, train_tokens, held_tokens)
+
+
+@pytest.mark.parametrize("reduced", [False, True], ids=["full", "reduced"])
+def test_draft_lm_loss_counts_the_positions_that_predict_answer_tokens(setup, reduced):
+    """With answer masks a draft LM's loss is KL(target || draft) at the positions whose next token the target
+    wrote, prompt positions only read: one answer token in the batch gives that one position's divergence."""
+    target_dir, data, target = setup
+    tokens = np.load(data / "train.npy")
+    config = method_config(target_dir, "draft-lm", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                           head_dim=16, intermediate_size=64, draft_vocab=VOCAB // 2 if reduced else 0)
+    starts = window_starts(len(tokens), 7, ARGS)
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[starts[1] + 6] = True  # the 6th token of window 1: predicted at its position 5
+    vocab = torch.from_numpy(np.argsort(-np.bincount(tokens, minlength=VOCAB), kind="stable")[: VOCAB // 2].copy())
+    task = DraftLMTask("draft-lm", config, target, ARGS, vocab if reduced else None, answers=(mask, None))
+    loss, _ = task.loss(7, tokens)
+    x = windows_at(tokens, starts, ARGS.seq_len)
+    with torch.no_grad():
+        t = task.target_log_law(x) if reduced else torch.log_softmax(target(x).float(), -1)
+        d = torch.log_softmax(task.model(task.index[x] if reduced else x).float(), -1)
+    want = (t[1, 5].exp() * (t[1, 5] - d[1, 5])).sum()
+    torch.testing.assert_close(loss.detach(), want, atol=2e-3, rtol=2e-2)  # the loss runs in bfloat16
+    everywhere = DraftLMTask("draft-lm", config, target, ARGS, vocab if reduced else None).loss(7, tokens)[0]
+    assert abs(everywhere.item() - want.item()) > 1e-3
 
 
 def test_init_from_continues_a_trained_drafter(setup, tmp_path):

@@ -17,8 +17,9 @@ with T_k the target's logits at the same position and c*_k = 1 - 1/2 ||softmax(L
 ``block_logits`` is the same loop as ``Drafter.propose``; the tests check the training forward against
 ``context_kv`` + ``propose`` for single anchors, so training and inference cannot drift apart.
 
-``draft-lm`` distils a small Qwen3 ``DecoderLM`` (same vocabulary) with KL(target || draft) on train windows and
-saves it in HF layout with the target's tokenizer and generation config.
+``draft-lm`` distils a small Qwen3 ``DecoderLM`` (same vocabulary) with KL(target || draft) on train windows (with
+make-data's answer masks: the mean over the positions whose next token the target wrote) and saves it in HF layout
+with the target's tokenizer and generation config.
 
 Held-out acceptance: the mean accepted length tau under greedy verification, estimated teacher-forced on fixed
 held-out windows: tau = 1 + sum_k prod_{i<=k} [draft_i == target argmax_i], where the target argmax is taken on the
@@ -52,7 +53,6 @@ from dspark.runtime.proposers import draft_index
 from dspark.train.features import FeatureCache, feature_cache
 from dspark.train.target import (
     TrainArgs,
-    batch_at,
     default_log,
     eval_starts,
     export_hf,
@@ -457,15 +457,22 @@ def grow(source: Drafter, config: DrafterConfig) -> Drafter:
 
 
 # -------------------------------------------------------------------------------------------------- draft LM
-def kl_loss(target: DecoderLM, draft: DecoderLM, x: torch.Tensor) -> torch.Tensor:
-    """KL(target || draft) per token (mean over positions), fp32."""
+def kl_divergence(t: torch.Tensor, d: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(target || draft) from the log-laws ``t``, ``d`` [b, n, V]: the mean over positions, or with ``weights``
+    [b, n] their weighted mean."""
+    per_position = (t.exp() * (t - d)).sum(-1)
+    if weights is None:
+        return per_position.mean()
+    return (per_position * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def kl_loss(target: DecoderLM, draft: DecoderLM, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(target || draft) per token (mean over positions, or weighted by ``weights``), fp32."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             t_logits = train_forward(target, x)
         d_logits = train_forward(draft, x)
-    t = F.log_softmax(t_logits.float(), -1)
-    d = F.log_softmax(d_logits.float(), -1)
-    return F.kl_div(d.reshape(-1, d.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True, reduction="batchmean")
+    return kl_divergence(F.log_softmax(t_logits.float(), -1), F.log_softmax(d_logits.float(), -1), weights)
 
 
 def reduced_log_law(law: TargetLaw) -> torch.Tensor:
@@ -484,10 +491,12 @@ class DraftLMTask:
 
     def __init__(self, method: str, config: dict, target: DecoderLM, args: DraftArgs,
                  draft_vocab: torch.Tensor | None = None, cache: FeatureCache | None = None,
-                 heldout_answers: np.ndarray | None = None, init: Path | None = None):
+                 answers: tuple[np.ndarray | None, np.ndarray | None] = (None, None), init: Path | None = None):
         self.method, self.config, self.target, self.args = method, config, target, args
         self.cache = cache
-        self.heldout_answers = heldout_answers  # tokens the target wrote: acceptance is estimated where it drafts
+        # tokens the target wrote (train, held-out): the loss counts the positions that predict them, where the
+        # draft LM drafts at inference (the prompts are only read), and acceptance is estimated there
+        self.train_answers, self.heldout_answers = answers
         if init is not None:  # a trained draft LM's weights and draft vocabulary (float16 on disk, trained in fp32)
             self.model = DecoderLM.from_pretrained(init, dtype=torch.float32).train()
             size = self.model.config.draft_vocab_size
@@ -543,22 +552,23 @@ class DraftLMTask:
                 law = TargetLaw(full[..., self.draft_vocab], torch.logsumexp(full, -1))
         return reduced_log_law(law).float()
 
-    def reduced_loss(self, x: torch.Tensor, cached=None) -> torch.Tensor:
+    def reduced_loss(self, x: torch.Tensor, cached=None, weights: torch.Tensor | None = None) -> torch.Tensor:
         t = self.target_log_law(x, cached)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             d_logits = train_forward(self.model, self.index[x])
-        d = F.log_softmax(d_logits.float(), -1)
-        return F.kl_div(d.reshape(-1, d.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True, reduction="batchmean")
+        return kl_divergence(t, F.log_softmax(d_logits.float(), -1), weights)
 
     def loss(self, step: int, train_tokens: np.ndarray):
+        a = self.args
+        starts = window_starts(len(train_tokens), step, a)
+        x = windows_at(train_tokens, starts, a.seq_len)
+        # position j predicts token j + 1: it counts when the target wrote that token
+        weights = (None if self.train_answers is None else
+                   windows_at(self.train_answers, np.asarray(starts) + 1, a.seq_len).float())
         if self.draft_vocab is None:
-            x, _ = batch_at(train_tokens, step, self.args)
-            loss = kl_loss(self.target, self.model, x)
+            loss = kl_loss(self.target, self.model, x, weights)
         else:
-            a = self.args
-            starts = window_starts(len(train_tokens), step, a)
-            cached = self.cache.windows(starts, a.seq_len) if self.cache else None
-            loss = self.reduced_loss(windows_at(train_tokens, starts, a.seq_len), cached)
+            loss = self.reduced_loss(x, self.cache.windows(starts, a.seq_len) if self.cache else None, weights)
         return loss, {"kl": loss.item()}
 
     def drafts(self, x: torch.Tensor) -> torch.Tensor:
@@ -675,7 +685,7 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
         cache = feature_cache(target, (), train_tokens, data, digest, progress, log) if cache_features else None
         task = DraftLMTask(method, config, target, args,
                            frequent_tokens(train_tokens, size) if size and not init else None, cache,
-                           read_answer_masks(data, train_tokens, held_tokens)[1], init)
+                           read_answer_masks(data, train_tokens, held_tokens), init)
     else:
         dconfig = DrafterConfig.from_hf(config, target.config)
         size = dconfig.draft_vocab_size
