@@ -13,6 +13,7 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.calibration import ece, fit_sts
 from dspark.runtime.generate import Generator, Request
+from dspark.runtime.kv import KVCache, fill_order
 from dspark.runtime.profile import profile_bundle, profile_key
 from dspark.runtime.sampling import SamplingParams, accept
 from dspark.runtime.schedulers import StepsPerSecond, make_block_schedule, sps_lengths
@@ -253,6 +254,25 @@ def test_continuous_batching_equals_each_request_alone(dspark_bundle, backend):
         peak = max(peak, len(gen.running))
     assert peak == 3
     assert [s.generated for s in seqs] == want
+
+
+def test_finished_rows_are_filled_from_the_end_moving_only_live_positions():
+    """A finished request's row is refilled by the last running row (one row moves, not every row after it), and
+    only a moved row's live positions are copied; an order that would overwrite a kept row before it moves is
+    refused."""
+    assert fill_order([True, False, True, True, False, True]) == [0, 5, 2, 3]
+    assert fill_order([False, False, True]) == [2]
+    assert fill_order([True, True]) == [0, 1]
+    cache = KVCache(2, 4, 1, 2, np.float32, max_len=16, capacity=8)
+    cache._k[...] = np.arange(4)[None, :, None, None, None] + 1  # row r holds r + 1 everywhere
+    cache._v[...] = -cache._k
+    cache.lens[:] = [8, 3, 5, 2]
+    cache.keep_rows(fill_order([True, False, True, True]))  # row 3 moves into row 1's slot
+    assert cache.rows == 3 and cache.lens.tolist() == [8, 2, 5]
+    assert (cache.k[:, 1, :, :2] == 4).all() and (cache.k[:, 1, :, 2:] == 2).all()  # past its length: stale
+    assert (cache.v[:, 1, :, :2] == -4).all() and (cache.k[:, 2] == 3).all() and (cache.k[:, 0] == 1).all()
+    with pytest.raises(ValueError, match="overwrite row 0"):
+        cache.keep_rows([1, 0])  # a swap: row 0 would be gone before it moves
 
 
 def test_cancel_frees_the_row(dspark_bundle, backend):

@@ -29,6 +29,7 @@ import numpy as np
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
+from dspark.runtime.kv import fill_order
 from dspark.runtime.profile import load_table
 from dspark.runtime.proposers import Proposal, make_proposer
 from dspark.runtime.backends import check_backend, make_runner
@@ -225,7 +226,7 @@ class Generator:
             self._round()
         finished = [s for s in self.running if s.done]
         if finished:
-            keep = [r for r, s in enumerate(self.running) if not s.done]
+            keep = fill_order([not s.done for s in self.running])
             self.running = [self.running[r] for r in keep]
             if self.device_step:
                 self.device_step.keep(keep)

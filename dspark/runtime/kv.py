@@ -13,11 +13,21 @@ import numpy as np
 from dspark.errors import DsparkError
 
 
+def fill_order(alive: list[bool]) -> list[int]:
+    """The rows to keep, as ``keep_rows`` takes them (new slot i holds old row order[i]): rows that stay within the
+    new row count keep their slots and the survivors past it fill the slots of the finished ones, so a finished
+    request costs at most one row's move, not a shift of every row after it."""
+    n = sum(alive)
+    movers = iter(r for r in range(n, len(alive)) if alive[r])
+    return [r if alive[r] else next(movers) for r in range(n)]
+
+
 class KVCache:
     """``k``/``v`` are views of the first ``rows`` rows of preallocated buffers: rows leave and join without
-    copying the others (a leaving row's slot is filled by moving a later row down; a joining row is written after
-    the last one), so continuous batching does not copy the whole cache each time a request starts or ends. For a
-    given layer, the rows of the view are contiguous (layer is the outer axis), which is what in-place graphs bind.
+    copying the others (a leaving row's slot is filled by moving a row from the end, ``fill_order``; a joining row
+    is written after the last one), so continuous batching does not copy the whole cache each time a request starts
+    or ends. For a given layer, the rows of the view are contiguous (layer is the outer axis), which is what
+    in-place graphs bind.
     """
 
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype, max_len: int, capacity: int = 64):
@@ -63,13 +73,19 @@ class KVCache:
             self._reallocate(self._k.shape[1], max(needed, min(self.max_len, 2 * self.capacity)))
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Keep the listed rows (in that order, ascending), dropping the others: only rows that change slot move."""
+        """Keep the listed rows, old row ``rows[i]`` becoming row i, dropping the others. A row that changes slot
+        must move into the slot of a dropped row (``fill_order`` or ascending order give that); only moved rows
+        are copied, their live positions only (entries past a row's length are masked)."""
         if rows == list(range(self.rows)):
             return
+        kept = set(rows)
         for slot, row in enumerate(rows):
             if row != slot:
-                self._k[:, slot] = self._k[:, row]
-                self._v[:, slot] = self._v[:, row]
+                if slot in kept and rows.index(slot) > slot:
+                    raise ValueError(f"keep_rows: row {row} would overwrite row {slot} before it moves")
+                live = int(self.lens[row])
+                self._k[:, slot, :, :live] = self._k[:, row, :, :live]
+                self._v[:, slot, :, :live] = self._v[:, row, :, :live]
         self.lens = self.lens[rows].copy()
 
     def add_rows(self, other: "KVCache") -> None:
