@@ -120,9 +120,9 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     dtypes = {"features": np.float16, "hidden": np.float16, "lse": np.float32}
     partial = {name: folder / f"{name}.partial.npy" for name in paths}
     marker = folder / "progress.json"
-    progress = json.loads(marker.read_text()) if marker.is_file() else {}
+    marked = json.loads(marker.read_text()) if marker.is_file() else {}
     # a partial build resumes only for the same data
-    done = progress["batches"] if progress.get("source") == source and all(p.is_file() for p in partial.values()) else 0
+    done = marked["batches"] if marked.get("source") == source and all(p.is_file() for p in partial.values()) else 0
     arrays = {name: (np.load(partial[name], mmap_mode="r+") if done else
                      np.lib.format.open_memmap(partial[name], mode="w+", dtype=dtypes[name], shape=shapes[name]))
               for name in paths}
