@@ -296,6 +296,7 @@ def test_feature_cache_of_grown_data_computes_new_documents_only(setup, tmp_path
     grown = np.concatenate(docs[:1] + [fresh[:64]] + docs[1:4] + [fresh[64:]] + docs[4:])
     np.save(folder / "train.npy", grown)
     np.save(folder / "train_docs.npy", np.arange(0, len(grown), 64))
+
     def interrupted(*_):
         raise KeyboardInterrupt
 
@@ -338,8 +339,7 @@ def test_answer_masks_steer_anchors(setup, tmp_path):
                        intermediate_size=64, draft_vocab=VOCAB // 2)
     scores = [train_draft(target_dir, folder, tmp_path / f"lm-{i}", "draft-lm", lm, ARGS, steps=2, threads=1, **QUIET)
               for i, folder in enumerate((masked, data))]
-    assert scores[0]["heldout_loss"] == pytest.approx(scores[1]["heldout_loss"], rel=1e-3)
-    assert scores[0]["tau"] != scores[1]["tau"]
+    assert scores[0]["heldout_loss"] == scores[1]["heldout_loss"] and scores[0]["tau"] != scores[1]["tau"]
     np.save(masked / "heldout_answers.npy", np.ones(3, dtype=bool))
     with pytest.raises(DsparkError, match="heldout_answers.npy has 3 entries"):
         read_answer_masks(masked, train_tokens, held_tokens)

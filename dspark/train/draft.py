@@ -461,8 +461,8 @@ def kl_divergence(t: torch.Tensor, d: torch.Tensor, weights: torch.Tensor | None
     """KL(target || draft) from the log-laws ``t``, ``d`` [b, n, V]: the mean over positions, or with ``weights``
     [b, n] their weighted mean."""
     per_position = (t.exp() * (t - d)).sum(-1)
-    if weights is None:
-        return per_position.mean()
+    if weights is None:  # every position alike, through the same sums: all-ones weights give the same loss exactly
+        weights = torch.ones_like(per_position)
     return (per_position * weights).sum() / weights.sum().clamp(min=1.0)
 
 
@@ -693,7 +693,7 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
                  if cache_features else None)
         task = BlockTask(method, config, target, args,
                          frequent_tokens(train_tokens, size) if size and not init else None, cache,
-                         read_answer_masks(data, train_tokens, held_tokens), init and (init, target_dir))
+                         read_answer_masks(data, train_tokens, held_tokens), (init, target_dir) if init else None)
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
                f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "
