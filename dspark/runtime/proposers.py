@@ -273,8 +273,9 @@ class LookupProposer:
     verifies the one with more expected accepted tokens (the sum of its prefix survivals, the wrapped draft's
     STS-calibrated): the drafter's estimate is per row and token, the lookup's a recent rate per source, so a
     drafter sure of its tokens wins over a lookup that has often been wrong lately, and a lookup source that has
-    been right lately wins over an unsure drafter. Greedy output is plain decoding's whichever is verified. A sampled row takes the lookup draft whenever there is one: choosing after
-    seeing which tokens the drafter sampled would bias the law they were drawn from, and acceptance assumes it.
+    been right lately wins over an unsure drafter. Greedy output is plain decoding's whichever is verified. A
+    sampled row takes the lookup draft whenever there is one: choosing after seeing which tokens the drafter
+    sampled would bias the law they were drawn from, and acceptance assumes it.
 
     A lookup draft is deterministic: its law is a point mass, so a sampled row accepts it with the target's
     probability of that token and otherwise samples the target's law without it (exact, as for any draft). Its
