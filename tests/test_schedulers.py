@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import assert_speculative_equals_plain
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.calibration import ece, fit_sts
-from dspark.runtime.generate import Generator, Request
+from dspark.runtime.generate import Generator, Request, Sequence
 from dspark.runtime.kv import KVCache, fill_order
 from dspark.runtime.profile import profile_bundle, profile_key
 from dspark.runtime.sampling import SamplingParams, accept
@@ -136,7 +137,7 @@ def test_sts_recovers_known_miscalibration():
     logits = 3.0 * np.log(true / (1 - true))  # over-confident by a temperature of 3 at every position
     survive = (rng.random((rounds, block)) < true).cumprod(axis=1)
     accepted = survive.sum(axis=1)
-    fit = fit_sts(logits[: rounds // 2], accepted[: rounds // 2])
+    fit = fit_sts(logits[: rounds // 2], np.full(rounds // 2, block), accepted[: rounds // 2])
     temps = np.asarray(fit["sts_temperatures"])
     # position 1 is identified exactly; later ones only through the product's ECE, so only their direction is
     assert abs(temps[0] - 3.0) < 0.3 and np.all(temps > 1.5), temps
@@ -147,6 +148,55 @@ def test_sts_recovers_known_miscalibration():
         fitted = np.prod(1 / (1 + np.exp(-held_logits[:, : k + 1] / temps[: k + 1])), axis=1)
         assert ece(fitted, labels) < 0.5 * ece(raw, labels)
         assert fit["ece_after"][k] < fit["ece_before"][k]
+
+
+def test_sts_fits_each_position_on_the_rounds_that_verified_it():
+    """Ragged rounds, as a draft LM's stop rule makes them: position k is fitted on the rounds that verified it,
+    logits past a round's verified positions are never read, and a position no round reached keeps t = 1."""
+    rng = np.random.default_rng(1)
+    rounds, block = 6000, 5
+    true = rng.uniform(0.05, 0.95, (rounds, block))
+    logits = 3.0 * np.log(true / (1 - true))
+    survive = (rng.random((rounds, block)) < true).cumprod(axis=1)
+    verified = np.minimum(np.argmax(np.cumprod(true, axis=1) < 0.2, axis=1) + 1, block - 1)  # never position 5
+    accepted = np.minimum(survive.sum(axis=1), verified)
+    garbage = logits.copy()
+    garbage[np.arange(block)[None, :] >= verified[:, None]] = 1e3
+    fit = fit_sts(garbage, verified, accepted)
+    assert fit == fit_sts(np.where(garbage == 1e3, -7.0, garbage), verified, accepted)
+    temps = np.asarray(fit["sts_temperatures"])
+    assert abs(temps[0] - 3.0) < 0.5 and np.all(temps[:4] > 1.5) and temps[4] == 1.0, temps
+    assert fit["rounds_by_position"][0] == rounds and fit["rounds_by_position"][4] == 0
+    assert all(a < b for a, b in zip(fit["ece_after"][:4], fit["ece_before"][:4]))
+
+
+def test_calibrated_draft_lm_bundle_schedules_on_its_temperatures(qwen3_bundle, tmp_path, backend):
+    """'dspark calibrate' takes a draft LM: its temperatures land in the bundle, the draft LM's confidences are
+    scaled by them, and sps over the calibrated bundle writes plain decoding's tokens."""
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(qwen3_bundle, bundle)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\nw3 w3 w3 w3\nw11 w12\n")
+    result = CliRunner().invoke(main, ["calibrate", str(bundle), "--data", str(prompts), "--max-new-tokens", "40",
+                                       "--backend", backend])
+    assert result.exit_code == 0, result.output
+    temps = np.asarray(Bundle.open(bundle).read_json("calibration.json")["sts_temperatures"])
+    assert len(temps) == 6 and not np.allclose(temps, 1.0)
+    profile_bundle(bundle, backend, repeats=2, warmup=1, context=16, progress=False)
+    spec = Generator(bundle, scheduler="sps", backend=backend)
+    assert np.array_equal(spec.calibration, temps)
+    probe = Generator(bundle, backend=backend).proposer
+    probe.add(1)
+    proposal = probe.propose([Sequence(request=Request([5, 6, 7], 8), rng=None, tokens=[5, 6, 7],
+                                               stream=None)], [6])[0]
+    z = proposal.confidence_logits
+    assert len(z) and np.allclose(proposal.acceptance(temps), 1 / (1 + np.exp(-z / temps[: len(z)])))
+    assert_speculative_equals_plain(spec, Generator(bundle, use_draft=False, backend=backend), PROMPTS, 30)
+    assert spec.scheduler.stats.fallbacks == {}
 
 
 @pytest.fixture(scope="module")

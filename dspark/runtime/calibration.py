@@ -1,11 +1,14 @@
-"""``dspark calibrate``: Sequential Temperature Scaling of the confidence head (paper §3.2.1, spec §6.3).
+"""``dspark calibrate``: Sequential Temperature Scaling of draft confidences (paper §3.2.1, spec §6.3).
 
-The head predicts c_k, the chance that draft k survives given drafts 1..k-1 did; what a scheduler uses is the
-prefix survival prod_{i<=k} c_i. STS fits one temperature t_k per position, left to right: with t_1..t_{k-1}
-fixed, t_k minimises the expected calibration error (20 equal-width bins) of prod_{i<=k} sigmoid(z_i / t_i)
-against the observed survival 1[accepted >= k], over rounds that verified position k. Scaling a logit keeps
-its order, so the ranking (AUC) of each position is unchanged. Labels come from the full-block loop at the
-deployment temperature, so calibrate per sampling temperature.
+A confidence c_k (a DSpark drafter's confidence head; a draft LM's probability of its likeliest token) estimates
+the chance that draft k survives given drafts 1..k-1 did; what a scheduler uses is the prefix survival
+prod_{i<=k} c_i. STS fits one temperature t_k per position, left to right: with t_1..t_{k-1} fixed, t_k
+minimises the expected calibration error (20 equal-width bins) of prod_{i<=k} sigmoid(z_i / t_i) against the
+observed survival 1[accepted >= k], over rounds that verified position k. Scaling a logit keeps its order, so
+the ranking (AUC) of each position is unchanged. Labels come from the loop with the fixed scheduler at the
+deployment temperature, so calibrate per sampling temperature. A draft LM stops drafting a row once its
+survival falls below a bar, so its later positions are fitted on the rounds confident enough to reach them,
+which are the rounds that will reach them when deployed.
 """
 
 from __future__ import annotations
@@ -35,24 +38,29 @@ def ece(pred: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
     return total / len(pred)
 
 
-def fit_sts(logits: np.ndarray, accepted: np.ndarray) -> dict:
-    """logits [rounds, B] raw confidence logits of full-block rounds; accepted [rounds] drafts accepted."""
+def fit_sts(logits: np.ndarray, verified: np.ndarray, accepted: np.ndarray) -> dict:
+    """logits [rounds, B] raw confidence logits (any value past a round's verified positions); verified [rounds]
+    positions each round verified; accepted [rounds] drafts accepted. A position no round verified keeps t = 1
+    (and no ECE: None)."""
     rounds, draft_length = logits.shape
     temps = np.ones(draft_length)
-    before, after = [], []
+    before, after, counts = [], [], []
     survival_raw = np.ones(rounds)
     survival_fit = np.ones(rounds)
     for k in range(draft_length):
-        labels = (accepted >= k + 1).astype(np.float64)
+        rows = verified > k
+        labels = (accepted[rows] >= k + 1).astype(np.float64)
         raw = survival_raw * sigmoid(logits[:, k])
-        before.append(ece(raw, labels))
-        scores = [ece(survival_fit * sigmoid(logits[:, k] / t), labels) for t in GRID]
-        temps[k] = GRID[int(np.argmin(scores))]
+        before.append(ece(raw[rows], labels) if rows.any() else None)
+        if rows.any():
+            scores = [ece(survival_fit[rows] * sigmoid(logits[rows, k] / t), labels) for t in GRID]
+            temps[k] = GRID[int(np.argmin(scores))]
         survival_raw = raw
         survival_fit = survival_fit * sigmoid(logits[:, k] / temps[k])
-        after.append(ece(survival_fit, labels))
+        after.append(ece(survival_fit[rows], labels) if rows.any() else None)
+        counts.append(int(rows.sum()))
     return {"sts_temperatures": temps.tolist(), "ece_before": before, "ece_after": after, "ece_bins": BINS,
-            "rounds": int(rounds)}
+            "rounds": int(rounds), "rounds_by_position": counts}
 
 
 def calibrate_bundle(bundle_dir, prompts: list[str], temperature: float = 0.0, max_new_tokens: int = 64,
@@ -60,22 +68,26 @@ def calibrate_bundle(bundle_dir, prompts: list[str], temperature: float = 0.0, m
                      device: str = "cpu") -> dict:
     generator = Generator(bundle_dir, backend=backend, threads=threads, device=device)
     draft = generator.bundle.draft
-    if not draft or not draft.confidence_head:
-        raise DsparkError("this bundle's drafter has no confidence head; calibration needs a DSpark drafter")
+    if not draft or (draft.block and not draft.confidence_head):
+        raise DsparkError("this bundle's draft has no confidences to calibrate (a block drafter without a confidence "
+                          "head, or no draft); calibration needs a DSpark drafter or a draft LM")
     draft_length = generator.draft_length
-    logits, accepted = [], []
+    logits, verified, accepted = [], [], []
     requests = [Request(generator.tokenizer.encode(p), max_new_tokens, SamplingParams(temperature), seed=seed + i,
                         ignore_eos=True) for i, p in enumerate(prompts)]
     for req in tqdm(requests, desc="calibrate", disable=not progress, unit="prompt"):
         seq = generator.generate([req], trace=True)[0]
         for row in seq.trace:
-            if row["verify_length"] == draft_length:
+            if row["verify_length"]:
                 c = np.clip(np.asarray(row["confidence"], dtype=np.float64), 1e-12, 1 - 1e-12)
-                logits.append(np.log(c / (1 - c)))
+                z = np.zeros(draft_length)
+                z[: row["verify_length"]] = np.log(c / (1 - c))[: row["verify_length"]]
+                logits.append(z)
+                verified.append(row["verify_length"])
                 accepted.append(row["accepted"])
     if not logits:
-        raise DsparkError("no full-block rounds were observed; give more prompts or a larger --max-new-tokens")
-    report = fit_sts(np.stack(logits), np.asarray(accepted))
+        raise DsparkError("no round verified a draft; give more prompts or a larger --max-new-tokens")
+    report = fit_sts(np.stack(logits), np.asarray(verified), np.asarray(accepted))
     report.update(temperature_T=temperature, prompts=len(prompts), draft_length=draft_length)
     generator.bundle.add_file(CALIBRATION_FILE, json.dumps(report, indent=2) + "\n")
     return report

@@ -123,9 +123,10 @@ class DraftLMProposer:
         cache, chunk = self.cache, self.bundle.limits.prefill_chunk
         if not any(caps):
             self.drafts = [[] for _ in seqs]
-            return [Proposal([], None, np.zeros(0), sts=False) for _ in seqs]
-        # (its confidences are its own probabilities: no confidence head, so no STS temperatures apply)
-        proposals = [Proposal([], None if s.request.sampling.greedy else [], [], sts=False) for s in seqs]
+            return [Proposal([], None, np.zeros(0)) for _ in seqs]
+        # its confidences are its own probabilities (STS temperatures apply once 'dspark calibrate' fitted them; its
+        # stop rule reads them raw)
+        proposals = [Proposal([], None if s.request.sampling.greedy else [], []) for s in seqs]
         # first step: catch up on every committed token this draft has not read
         pending = [self.vocab.draft_ids(s.tokens[cache.lens[r] :]) if caps[r] else [] for r, s in enumerate(seqs)]
         logits = feed(self.runner, cache, pending, chunk)
