@@ -264,8 +264,7 @@ def lookup_data(bundle_dir, source):
 @backend_options
 def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, backend, device):
     """Fit Sequential Temperature Scaling of the draft's confidences (a DSpark drafter's confidence head, a draft
-    LM's probabilities) on --data; store it in BUNDLE_DIR, where schedulers and prompt lookup's choice of draft use
-    it."""
+    LM's probabilities) on --data; store it in BUNDLE_DIR, where the threshold and sps schedulers use it."""
     from dspark.prompts import read_prompt_file
     from dspark.runtime.calibration import calibrate_bundle
 

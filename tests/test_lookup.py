@@ -8,9 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM
 
 from conftest import assert_speculative_equals_plain
 from dspark.bundle import Bundle
@@ -19,7 +17,6 @@ from dspark.errors import DsparkError
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.proposers import LookupProposer
-from dspark.runtime.sampling import SamplingParams
 from dspark.runtime.store import STORE_FILE, TokenStore
 
 # repetitive prompts find matches at once; the others only once the output repeats
@@ -47,61 +44,10 @@ def test_greedy_with_lookup_equals_plain(qwen3_bundle, dspark_bundle, draft, bac
         tokens = seq.request.prompt_ids + seq.generated
         for r in seq.trace:
             found = spec.proposer.lookup(tokens[: r["position"] + 1], spec.draft_length)
-            if found and r["draft_tokens"] == found[: len(r["draft_tokens"])]:  # (else its drafter's went further)
+            if found:  # a row with a match drafts it (cut to the room left)
+                assert r["draft_tokens"] == found[: len(r["draft_tokens"])]
                 looked.append(r)
-            elif draft == "none":
-                assert not found and not r["draft_tokens"]
     assert looked and any(r["accepted"] for r in looked)
-
-
-def draft_lm_greedy(model, tokens: list[int], n: int) -> list[int]:
-    """The draft LM's greedy chain, each token from a full forward pass (no cache to share a fault with)."""
-    tokens = list(tokens)
-    with torch.no_grad():
-        for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[-n:]
-
-
-@pytest.mark.parametrize("prior", [0.999, 0.5, 0.001])
-def test_greedy_rows_verify_the_draft_expected_to_go_further(qwen3_pair, qwen3_bundle, prior, monkeypatch, backend):
-    """A greedy row with a lookup match and a draft LM draft verifies the one with more expected accepted tokens:
-    with lookup rates pinned high the lookup draft always, pinned low the draft LM's always, in between each
-    sometimes. Either way the output is plain decoding's, and a draft LM that drafted beside a verified lookup
-    draft keeps only what agrees with the committed tokens: its drafts are always its own greedy chain on the
-    row's tokens. A sampled row with a match drafts the lookup tokens whatever the rates."""
-    monkeypatch.setattr(LookupProposer, "PRIOR", prior)
-    monkeypatch.setattr(LookupProposer, "PRIOR_ROUNDS", 1e9)  # the prior stays the rate
-    spec = Generator(qwen3_bundle, backend=backend, lookup=2)
-    plain = Generator(qwen3_bundle, backend=backend, use_draft=False)
-    assert_speculative_equals_plain(spec, plain, PROMPTS, 30)
-    draft_model = AutoModelForCausalLM.from_pretrained(qwen3_pair[2]).eval()
-    sources = {"lookup": 0, "draft": 0}
-    for seq in spec.generate([Request(p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS], trace=True):
-        tokens = seq.request.prompt_ids + seq.generated
-        for r in seq.trace:
-            history, drafted = tokens[: r["position"] + 1], r["draft_tokens"]
-            found = spec.proposer.lookup(history, spec.draft_length)
-            if not drafted:
-                continue
-            mine = drafted == draft_lm_greedy(draft_model, history, len(drafted))
-            looked = bool(found) and drafted == found[: len(drafted)]
-            assert mine or looked
-            if found and mine != looked:  # a choice was made (where both agree, either could have drafted)
-                sources["draft" if mine else "lookup"] += 1
-    if prior == 0.999:
-        assert sources["lookup"] and not sources["draft"]
-    elif prior == 0.001:
-        assert sources["draft"] and not sources["lookup"]
-    else:
-        assert sources["lookup"] and sources["draft"]
-    sampled = Request(PROMPTS[1], max_new_tokens=20, sampling=SamplingParams(1.0), ignore_eos=True, seed=3)
-    seq = spec.generate([sampled], trace=True)[0]
-    tokens = seq.request.prompt_ids + seq.generated
-    for r in seq.trace:
-        found = spec.proposer.lookup(tokens[: r["position"] + 1], spec.draft_length)
-        if found:
-            assert r["draft_tokens"] == found[: len(r["draft_tokens"])]
 
 
 def test_lookup_without_a_draft_needs_a_verify_window(qwen3_pair, tmp_path):

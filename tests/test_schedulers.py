@@ -194,7 +194,7 @@ def test_calibrated_draft_lm_bundle_schedules_on_its_temperatures(qwen3_bundle, 
     proposal = probe.propose([Sequence(request=Request([5, 6, 7], 8), rng=None, tokens=[5, 6, 7],
                                                stream=None)], [6])[0]
     z = proposal.confidence_logits
-    assert len(z) and np.allclose(proposal.acceptance(temps), 1 / (1 + np.exp(-z / temps[: len(z)])))
+    assert len(z) and np.allclose(spec._confidence(proposal), 1 / (1 + np.exp(-z / temps[: len(z)])))
     assert_speculative_equals_plain(spec, Generator(bundle, use_draft=False, backend=backend), PROMPTS, 30)
     assert spec.scheduler.stats.fallbacks == {}
 
@@ -235,14 +235,14 @@ def test_lookup_confidence_is_its_measured_acceptance(profiled, backend):
     table = StepsPerSecond([1], [1, 2, 4], [[100.0, 60.0, 50.0]])
     assert np.allclose(rates(), lookup.PRIOR) and sps_lengths([rates()], [3], table) == [3]
     for _ in range(40):  # 3 drafts verified, the first rejected: position 1 tried and missed, 2 and 3 never tried
-        lookup.matches, lookup.looked = [lookup.OWN], [True]
-        lookup.commit([0], [3], [0], [[9]], None)
+        lookup.sources = [lookup.OWN]
+        lookup.commit([0], [3], [3], [0], None)
     assert rates()[0] < 0.2 and np.allclose(rates()[1:], lookup.PRIOR)
     assert sps_lengths([rates()], [3], table) == [0]
     skipped = 0
     while sps_lengths([rates()], [3], table) == [0]:  # drafts not verified: the failures fade
-        lookup.matches, lookup.looked = [lookup.OWN], [True]
-        lookup.commit([0], [0], [0], [[9]], None)
+        lookup.sources = [lookup.OWN]
+        lookup.commit([0], [3], [0], [0], None)
         skipped += 1
     assert 10 < skipped < 200
 

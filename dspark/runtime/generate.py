@@ -297,7 +297,7 @@ class Generator:
             self.clock.draft_s += time.perf_counter() - drafting
         else:
             proposals = [Proposal([]) for _ in seqs]
-        confidences = [p.acceptance(self.calibration) for p in proposals]
+        confidences = [self._confidence(p) for p in proposals]
         lengths = self.scheduler.choose(confidences, [len(p.tokens) for p in proposals]) if self.proposer else caps
         verified = [p.truncated(n) for p, n in zip(proposals, lengths)]
         parts = [[] if s.done else [s.tokens[-1]] + v.tokens for s, v in zip(seqs, verified)]
@@ -312,7 +312,7 @@ class Generator:
                 emitted[r] = v.tokens[: accepted[r]] + [token]
         commit(self.cache, out, [len(e) for e in emitted])
         if self.proposer:
-            self.proposer.commit(anchors, lengths, accepted, emitted, out)
+            self.proposer.commit(anchors, [len(p.tokens) for p in proposals], lengths, accepted, out)
         for r, s in enumerate(seqs):
             if parts[r]:
                 self._record(s, proposals[r], lengths[r], accepted[r], emitted[r])
@@ -352,6 +352,15 @@ class Generator:
                     "emitted": committed,
                 }
             )
+
+    def _confidence(self, proposal: Proposal) -> np.ndarray | None:
+        """Per-position acceptance estimates, STS-calibrated when the bundle has temperatures."""
+        z = proposal.confidence_logits
+        if z is None:
+            return None
+        if self.calibration is not None and proposal.sts:
+            z = z / self.calibration[: len(z)]
+        return sigmoid(z)
 
     def _emit(self, seq: Sequence, tokens: list[int]) -> list[int]:
         """Commit tokens in order until a stop condition; return the ones committed."""

@@ -1,8 +1,7 @@
 """Drafts: what proposes tokens for the target to verify.
 
 Two proposers share one interface (``keep``/``add`` rows as sequences leave and join, ``propose`` up to a cap
-per row, ``commit`` what the target accepted and the tokens it committed, ``rewind`` to repeat a round when
-timing it):
+per row, ``commit`` what the target accepted, ``rewind`` to repeat a round when timing it):
 
 - ``DraftLMProposer``: a small LM with the target's tokenizer, one sequential single-token step per draft token. Its cache may
   lag the committed tokens; each round it first catches up on what it has not read (the anchor, and the last
@@ -16,8 +15,7 @@ timing it):
 
 ``LookupProposer`` wraps either (or none): a row whose last tokens occurred earlier in its own prompt or output
 proposes what followed them there (prompt lookup), or else what followed them in the bundle's lookup store of
-earlier answers (``store``), at no graph cost; the other rows get the wrapped draft. A greedy row with both a
-lookup and a wrapped draft that carries confidences verifies the one expected to have more tokens accepted.
+earlier answers (``store``), at no graph cost; the other rows get the wrapped draft.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ import numpy as np
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
-from dspark.runtime.sampling import probabilities, sample, sigmoid
-from dspark.runtime.schedulers import load_temperatures
+from dspark.runtime.sampling import probabilities, sample
 from dspark.runtime.store import load_store
 
 
@@ -45,20 +42,6 @@ class Proposal:
     def truncated(self, n: int) -> "Proposal":
         cut = lambda x: None if x is None else x[:n]  # noqa: E731
         return Proposal(self.tokens[:n], cut(self.probs), cut(self.confidence_logits), self.sts)
-
-    def acceptance(self, temperatures: np.ndarray | None) -> np.ndarray | None:
-        """Per-position acceptance estimates (given the positions before were accepted): the confidences,
-        STS-calibrated when the bundle has ``temperatures`` and they apply to this proposal; None without any."""
-        z = self.confidence_logits
-        if z is None:
-            return None
-        if temperatures is not None and self.sts:
-            z = z / temperatures[: len(z)]
-        return sigmoid(z)
-
-    def expected_accepted(self, temperatures: np.ndarray | None) -> float:
-        """Expected number of accepted tokens if all of it is verified: the sum of its prefix survivals."""
-        return float(np.cumprod(self.acceptance(temperatures)).sum())
 
 
 def draft_index(draft_vocab, target_vocab: int) -> np.ndarray:
@@ -111,7 +94,6 @@ class DraftLMProposer:
         # a reduced draft LM's graph reads and scores its own ids: N drafted ones, then the id of every other token
         self.width = bundle.draft.config.vocab_size - (1 if bundle.draft.draft_vocab else 0)
         self.vocab = DraftVocabulary(bundle, self.width)
-        self.drafts: list[list[int]] = []  # per row, this round's draft: its cache has read all but the last
 
     def keep(self, rows: list[int]) -> None:
         self.cache.keep_rows(rows)
@@ -122,7 +104,6 @@ class DraftLMProposer:
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
         cache, chunk = self.cache, self.bundle.limits.prefill_chunk
         if not any(caps):
-            self.drafts = [[] for _ in seqs]
             return [Proposal([], None, np.zeros(0)) for _ in seqs]
         # its confidences are its own probabilities (STS temperatures apply once 'dspark calibrate' fitted them; its
         # stop rule reads them raw)
@@ -147,7 +128,6 @@ class DraftLMProposer:
         for p in proposals:
             p.probs = np.stack(p.probs) if p.probs else None
             p.confidence_logits = np.asarray(p.confidence_logits, dtype=np.float64)
-        self.drafts = [list(p.tokens) for p in proposals]
         return proposals
 
     def _draw(self, seq, proposal: Proposal, logits: np.ndarray) -> float:
@@ -171,14 +151,11 @@ class DraftLMProposer:
         """Forget what each row read past its anchor, so the next ``propose`` redoes the same round."""
         self.cache.lens[:] = anchors
 
-    def commit(self, anchors: list[int], _verified, _accepted, committed: list[list[int]], _out) -> None:
-        """Keep the cache rows that hold committed tokens: the anchor and the drafts it has read that agree with
-        what was committed after it (its accepted drafts, or, where another draft was verified, as far as they
-        agree), short of the last committed token, which the next round feeds to draft from its logits."""
-        for r, own in enumerate(self.drafts):
-            if own:
-                read = min(agreement(own, committed[r]), len(committed[r]) - 1, len(own) - 1)
-                self.cache.lens[r] = anchors[r] + 1 + read
+    def commit(self, anchors: list[int], drafted: list[int], _verified, accepted: list[int], _out) -> None:
+        """Keep the cache rows that hold committed tokens: the anchor and the accepted drafts it has read."""
+        for r, n in enumerate(drafted):
+            if n:
+                self.cache.lens[r] = anchors[r] + 1 + min(accepted[r], n - 1)
 
 
 class BlockProposer:
@@ -257,7 +234,7 @@ class BlockProposer:
     def rewind(self, anchors: list[int]) -> None:
         """Nothing to forget: a proposal reads the context cache without writing it."""
 
-    def commit(self, anchors: list[int], _verified, accepted: list[int], _committed, out) -> None:
+    def commit(self, anchors: list[int], _drafted, _verified, accepted: list[int], out) -> None:
         """Features of the anchor and the accepted drafts become the next round's context."""
         for r in range(len(anchors)):
             self.pending[r].append(out["hidden"][r, : accepted[r] + 1].copy())
@@ -270,27 +247,18 @@ class LookupProposer:
     proposes what most often followed them there. Rows with neither get the wrapped proposer's draft (none without
     one).
 
-    Where the wrapped proposer's drafts carry confidences, a greedy row with a lookup match gets both drafts and
-    verifies the one with more expected accepted tokens (the sum of its prefix survivals, the wrapped draft's
-    STS-calibrated): the drafter's estimate is per row and token, the lookup's a recent rate per source, so a
-    drafter sure of its tokens wins over a lookup that has often been wrong lately, and a lookup source that has
-    been right lately wins over an unsure drafter. Greedy output is plain decoding's whichever is verified. A
-    sampled row takes the lookup draft whenever there is one: choosing after seeing which tokens the drafter
-    sampled would bias the law they were drawn from, and acceptance assumes it.
-
     A lookup draft is deterministic: its law is a point mass, so a sampled row accepts it with the target's
     probability of that token and otherwise samples the target's law without it (exact, as for any draft). Its
     confidence at draft position k is the acceptance rate of drafts from the same source (own tokens or store) at
     k, given positions before k were accepted, over this proposer's recent drafts: counts that start at ``PRIOR``
     worth ``PRIOR_ROUNDS`` drafts (the rate measured for own-token lookup on SmolLM2-135M-Instruct's answers) and
-    fade by ``FADE`` per match from that source, proposed and verified or not, so the rates follow a changing text
-    and one that fell too low for its drafts to be chosen or verified drifts back up until they are tried again.
-    It depends on past rounds only, never on what is drafted now, so schedulers stay non-anticipating; with
-    ``sps`` a lookup draft is verified only as far as its expected gain pays for the wider verify call on this
-    machine."""
+    fade by ``FADE`` per draft of that source, verified or not, so the rates follow a changing text and one that
+    fell too low for drafts to be verified drifts back up until they are tried again. It depends on past rounds
+    only, never on what is drafted now, so schedulers stay non-anticipating; with ``sps`` a lookup draft is
+    verified only as far as its expected gain pays for the wider verify call on this machine."""
 
     PRIOR, PRIOR_ROUNDS, FADE = 0.85, 4.0, 0.97
-    OWN, STORE = 0, 1  # where a row's lookup match came from this round (None: it has none)
+    OWN, STORE = 0, 1  # where a row's draft came from this round (None: the wrapped proposer, or nothing)
 
     def __init__(self, bundle: Bundle, inner, draft_length: int, min_match: int = 2, max_match: int = 4):
         if min_match < 1 or max_match < min_match:
@@ -302,10 +270,7 @@ class LookupProposer:
         self.reads_features = inner is not None and inner.reads_features
         # lookup rows carry a confidence wherever the other rows do (or there are no others)
         self.has_head = inner is None or inner.has_confidence
-        self.matches: list[int | None] = []  # per row, where this round's lookup draft came from (None: no match)
-        self.looked: list[bool] = []  # per row, whether the lookup draft is the one proposed
-        # the wrapped drafter's calibration, to weigh its confidences as the schedulers do
-        self.temperatures = load_temperatures(bundle) if inner is not None else None
+        self.sources: list[int | None] = []  # per row, where this round's draft came from
         # per source and draft position: verified drafts whose earlier positions were all accepted, and of them
         # the accepted ones
         self.trials = np.zeros((2, draft_length))
@@ -352,49 +317,31 @@ class LookupProposer:
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
         drafts = [self.draft(s.tokens, c) for s, c in zip(seqs, caps)]
-        found, self.matches = [d for d, _ in drafts], [source for _, source in drafts]
-        compare = self.inner is not None and self.inner.has_confidence
-        # the wrapped proposer drafts rows without a match, and greedy rows with one when the drafts can be compared
-        rest = [c if not f or (compare and s.request.sampling.greedy) else 0
-                for s, f, c in zip(seqs, found, caps)]
+        found, self.sources = [d for d, _ in drafts], [source for _, source in drafts]
+        rest = [0 if f else c for f, c in zip(found, caps)]
         if self.inner:
             proposals = self.inner.propose(seqs, rest)
         else:
             proposals = [Proposal([]) for _ in seqs]
-        self.looked = [False] * len(seqs)
-        for r, (tokens, source) in enumerate(zip(found, self.matches)):
+        for r, (tokens, source) in enumerate(zip(found, self.sources)):
             if not tokens:
                 continue
             confidence = self.confidence_logits(source, len(tokens)) if self.has_head else None
-            looked = Proposal(tokens, None, confidence, sts=False)  # a point-mass law (sampling.accept)
-            if not rest[r] or looked.expected_accepted(None) > proposals[r].expected_accepted(self.temperatures):
-                proposals[r], self.looked[r] = looked, True
+            proposals[r] = Proposal(tokens, None, confidence, sts=False)  # a point-mass law (sampling.accept)
         return proposals
 
-    def commit(self, anchors: list[int], verified: list[int], accepted: list[int], committed, out) -> None:
-        """Count the looked-up rows' outcomes (a match fades its source's counts even when the wrapped draft was
-        proposed instead, so rates that fell too low for lookup drafts to be chosen drift back up); the wrapped
-        proposer keeps what agrees with the committed tokens."""
-        for source, looked, n, a in zip(self.matches, self.looked, verified, accepted):
-            if source is None:
-                continue
-            self.trials[source] *= self.FADE
-            self.hits[source] *= self.FADE
-            if looked:
+    def commit(self, anchors: list[int], drafted: list[int], verified: list[int], accepted: list[int], out) -> None:
+        """Count the looked-up rows' outcomes; the wrapped proposer drafted nothing on them this round: it is told
+        so."""
+        for source, n, a in zip(self.sources, verified, accepted):
+            if source is not None:
+                self.trials[source] *= self.FADE
+                self.hits[source] *= self.FADE
                 self.trials[source, : min(a + 1, n)] += 1  # positions up to the first rejection (if verified)
                 self.hits[source, :a] += 1
         if self.inner:
-            self.inner.commit(anchors, verified, accepted, committed, out)
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+            inner = [0 if source is not None else n for source, n in zip(self.sources, drafted)]
+            self.inner.commit(anchors, inner, verified, accepted, out)
 
 
 def choose_draft_length(bundle: Bundle, requested: int | None) -> int:
