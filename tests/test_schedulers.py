@@ -191,8 +191,8 @@ def test_calibrated_draft_lm_bundle_schedules_on_its_temperatures(qwen3_bundle, 
     assert np.array_equal(spec.calibration, temps)
     probe = Generator(bundle, backend=backend).proposer
     probe.add(1)
-    proposal = probe.propose([Sequence(request=Request([5, 6, 7], 8), rng=None, tokens=[5, 6, 7],
-                                               stream=None)], [6])[0]
+    probed = Sequence(request=Request([5, 6, 7], 8), rng=None, tokens=[5, 6, 7], stream=None)
+    proposal = probe.propose([probed], [6])[0]
     z = proposal.confidence_logits
     assert len(z) and np.allclose(spec._confidence(proposal), 1 / (1 + np.exp(-z / temps[: len(z)])))
     assert_speculative_equals_plain(spec, Generator(bundle, use_draft=False, backend=backend), PROMPTS, 30)

@@ -49,15 +49,16 @@ def fit_sts(logits: np.ndarray, verified: np.ndarray, accepted: np.ndarray) -> d
     survival_fit = np.ones(rounds)
     for k in range(draft_length):
         rows = verified > k
+        seen = bool(rows.any())
         labels = (accepted[rows] >= k + 1).astype(np.float64)
         raw = survival_raw * sigmoid(logits[:, k])
-        before.append(ece(raw[rows], labels) if rows.any() else None)
-        if rows.any():
+        before.append(ece(raw[rows], labels) if seen else None)
+        if seen:
             scores = [ece(survival_fit[rows] * sigmoid(logits[rows, k] / t), labels) for t in GRID]
             temps[k] = GRID[int(np.argmin(scores))]
         survival_raw = raw
         survival_fit = survival_fit * sigmoid(logits[:, k] / temps[k])
-        after.append(ece(survival_fit[rows], labels) if rows.any() else None)
+        after.append(ece(survival_fit[rows], labels) if seen else None)
         counts.append(int(rows.sum()))
     return {"sts_temperatures": temps.tolist(), "ece_before": before, "ece_after": after, "ece_bins": BINS,
             "rounds": int(rounds), "rounds_by_position": counts}

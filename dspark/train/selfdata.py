@@ -7,7 +7,8 @@ batched generation over a bundle of that target (an int4 bundle is fast and answ
 Prompts are derived from material on this machine (``instruction_prompts``):
 
 - the Python standard library: for each public function with a docstring, "write this function", "explain this
-  code" and "show how to use it", and for each module a request to explain it;
+  code" and "show how to use it"; for each documented public method of a public class, one of the three; for each
+  module a request to explain it;
 - general questions: a fixed list of topics crossed with a few question forms.
 
 Held-out prompts never share a source with training prompts: stdlib prompts are split by the hash of their file
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,22 @@ def _first_sentence(doc: str) -> str:
     return " ".join(line.split())
 
 
+def _function_message(form: str, node: ast.FunctionDef, name: str, owner: str, lines: list[str]) -> str:
+    if form == "write":
+        return (f"Write a Python {owner} `{node.name}({ast.unparse(node.args)})` that does the following: "
+                f"{_first_sentence(ast.get_docstring(node))}")
+    if form == "explain":
+        source = lines[node.lineno - 1 : min(node.end_lineno, node.lineno - 1 + MAX_SOURCE_LINES)]
+        # a method is quoted without its class's indentation (a module-level function is left as it is)
+        return f"Explain what this Python {owner} does:\n\n```python\n" + textwrap.dedent("\n".join(source)) + "\n```"
+    return f"How do I use `{name}` in Python? Show a short example."
+
+
+def _documented_public(body: list[ast.stmt]) -> list[ast.FunctionDef]:
+    return [node for node in body if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")
+            and ast.get_docstring(node)]
+
+
 def _code_prompts(module: str, relpath: str, text: str, held: bool) -> list[Instruction]:
     try:
         tree = ast.parse(text)
@@ -103,28 +121,25 @@ def _code_prompts(module: str, relpath: str, text: str, held: bool) -> list[Inst
     if doc and not module.startswith("_"):
         out.append(Instruction(f"module:{module}", f"What is the Python standard-library module `{module}` for? "
                                f"Explain it briefly and show a short example of using it.", "code", held))
-    for node in tree.body:
-        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-            continue
-        doc = ast.get_docstring(node)
-        if not doc:
-            continue
+    for node in _documented_public(tree.body):
         name = f"{module}.{node.name}"
         # the form a hash of the name picks keeps the bare id: answers written when only that form was asked are
         # still recognised by a resumed run
         first = int(_hashed(name) * len(CODE_FORMS))
         for k in range(len(CODE_FORMS)):
             form = CODE_FORMS[(first + k) % len(CODE_FORMS)]
-            if form == "write":
-                args = ast.unparse(node.args)
-                message = (f"Write a Python function `{node.name}({args})` that does the following: "
-                           f"{_first_sentence(doc)}")
-            elif form == "explain":
-                source = lines[node.lineno - 1 : min(node.end_lineno, node.lineno - 1 + MAX_SOURCE_LINES)]
-                message = "Explain what this Python function does:\n\n```python\n" + "\n".join(source) + "\n```"
-            else:
-                message = f"How do I use `{name}` in Python? Show a short example."
+            message = _function_message(form, node, name, "function", lines)
             out.append(Instruction(f"function:{name}" + (f":{form}" if k else ""), message, "code", held))
+    # documented public methods of public classes: one form each, picked by a hash of the name (there are about
+    # 3,600 in the standard library, more than functions and their forms together)
+    for cls in tree.body:
+        if not isinstance(cls, ast.ClassDef) or cls.name.startswith("_"):
+            continue
+        for node in _documented_public(cls.body):
+            name = f"{module}.{cls.name}.{node.name}"
+            form = CODE_FORMS[int(_hashed(name) * len(CODE_FORMS))]
+            out.append(Instruction(f"method:{name}", _function_message(form, node, name, "method", lines),
+                                   "code", held))
     return out
 
 
