@@ -31,7 +31,7 @@ How it is measured:
   it understates methods whose rounds vary in width (prompt lookup, ``sps``).
 - where a round's time goes, measured inside the timed runs (the generator's ``RoundClock``): ``round_ms`` per
   round (prefill excluded), of it ``draft_ms`` (the proposer's calls), ``verify_ms`` (the target's call) and
-  ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. A call inside the loop
+  ``host_ms``, the rest (all four from the timed pass with the median round time, so they add up): sampling, acceptance, bookkeeping and Python around the calls. A call inside the loop
   can cost more than the same call repeated alone (the draft's and the target's weights evict each other from
   the CPU caches): compare ``draft_ms`` with ``call_costs_ms``. The C++ host keeps the same clock in C++.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
@@ -503,9 +503,11 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         clocks = [r.clock for r in config.runs if r.clock.rounds]
         row["clocked"] = bool(clocks)  # False only when every request ended at its prefill
         if clocks:
-            per_round = lambda field: 1000 * statistics.median(getattr(k, field) / k.rounds for k in clocks)  # noqa: E731
-            row["round_ms"], row["draft_ms"], row["verify_ms"] = (per_round(f) for f in ("round_s", "draft_s",
-                                                                                          "verify_s"))
+            # one pass's split (the pass with the median round): medians taken field by field can come from
+            # different passes and then need not add up (negative host time when passes differ, as under auto)
+            clock = sorted(clocks, key=lambda k: k.round_s / k.rounds)[(len(clocks) - 1) // 2]
+            row["round_ms"], row["draft_ms"], row["verify_ms"] = (1000 * getattr(clock, f) / clock.rounds
+                                                                  for f in ("round_s", "draft_s", "verify_s"))
         else:
             row["round_ms"] = row["draft_ms"] = row["verify_ms"] = 0.0
         row["host_ms"] = row["round_ms"] - row["draft_ms"] - row["verify_ms"]
