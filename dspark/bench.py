@@ -31,9 +31,10 @@ How it is measured:
   it understates methods whose rounds vary in width (prompt lookup, ``sps``).
 - where a round's time goes, measured inside the timed runs (the generator's ``RoundClock``): ``round_ms`` per
   round (prefill excluded), of it ``draft_ms`` (the proposer's calls), ``verify_ms`` (the target's call) and
-  ``host_ms``, the rest (all four from the timed pass with the median round time, so they add up): sampling, acceptance, bookkeeping and Python around the calls. A call inside the loop
-  can cost more than the same call repeated alone (the draft's and the target's weights evict each other from
-  the CPU caches): compare ``draft_ms`` with ``call_costs_ms``. The C++ host keeps the same clock in C++.
+  ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. All four come from the
+  timed pass with the median round time, so they add up. A call inside the loop can cost more than the same call
+  repeated alone (the draft's and the target's weights evict each other from the CPU caches): compare
+  ``draft_ms`` with ``call_costs_ms``. The C++ host keeps the same clock in C++.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
   draft length by how many rows are in flight; 0 turns drafting off there; ``auto`` learns it per method as it
   runs (each generator has its own).
