@@ -49,23 +49,23 @@ class _Private:
 '''
 
 
-def test_documented_public_functions_get_every_form_and_methods_one(tmp_path):
+def test_documented_public_functions_and_methods_get_every_form(tmp_path):
     (tmp_path / "shapes.py").write_text(SOURCE)
     prompts = {p.id: p for p in instruction_prompts(tmp_path)}
     code = {k: p for k, p in prompts.items() if p.domain == "code"}
-    functions = sorted(k for k in code if k.startswith("function:"))
-    # the form a hash picks keeps the bare id (what runs that asked one form per function answered)
-    assert "module:shapes" in code and functions[0] == "function:shapes.area"
-    assert {k.rsplit(":", 1)[1] for k in functions[1:]} < set(CODE_FORMS)
-    # a documented public method of a public class: one form, picked by a hash of its name
-    assert [k for k in code if k.startswith("method:")] == ["method:shapes.Box.volume"]
-    method = code["method:shapes.Box.volume"].text
-    assert method in (
+    # the form a hash picks keeps the bare id (what runs that asked one form per function or method answered)
+    for kind, name in (("function", "shapes.area"), ("method", "shapes.Box.volume")):
+        ids = sorted(k for k in code if k.startswith(f"{kind}:"))
+        assert ids[0] == f"{kind}:{name}" and {k.rsplit(":", 1)[1] for k in ids[1:]} < set(CODE_FORMS)
+        assert len(ids) == len(CODE_FORMS)
+    assert "module:shapes" in code
+    methods = {p.text for k, p in code.items() if k.startswith("method:")}
+    assert methods == {
         "Write a Python method `volume(self, depth)` that does the following: Volume of the box.",
         'Explain what this Python method does:\n\n```python\ndef volume(self, depth):\n    """Volume of the box."""\n'
         "    return depth\n```",
-        "How do I use `shapes.Box.volume` in Python? Show a short example.")
-    assert len(code) == 1 + len(CODE_FORMS) + 1
+        "How do I use `shapes.Box.volume` in Python? Show a short example."}
+    assert len(code) == 1 + 2 * len(CODE_FORMS)
     texts = [p.text for k, p in code.items() if k.startswith("function:")]
     assert sum("Write a Python function `area(width, height=1)`" in t and "Area of a rectangle." in t
                and "Longer text" not in t for t in texts) == 1

@@ -6,9 +6,9 @@ batched generation over a bundle of that target (an int4 bundle is fast and answ
 
 Prompts are derived from material on this machine (``instruction_prompts``):
 
-- the Python standard library: for each public function with a docstring, "write this function", "explain this
-  code" and "show how to use it"; for each documented public method of a public class, one of the three; for each
-  module a request to explain it;
+- the Python standard library: for each public function with a docstring, and each documented public method of a
+  public class, "write this function", "explain this code" and "show how to use it"; for each module a request to
+  explain it;
 - general questions: a fixed list of topics crossed with a few question forms.
 
 Held-out prompts never share a source with training prompts: stdlib prompts are split by the hash of their file
@@ -110,6 +110,15 @@ def _documented_public(body: list[ast.stmt]) -> list[ast.FunctionDef]:
             and ast.get_docstring(node)]
 
 
+def _every_form(kind: str, name: str, node: ast.FunctionDef, lines: list[str], held: bool) -> list[Instruction]:
+    """Write, explain and use prompts for one documented function or method. The form a hash of the name picks
+    keeps the bare id: answers written when only that form was asked are still recognised by a resumed run."""
+    first = int(_hashed(name) * len(CODE_FORMS))
+    forms = [CODE_FORMS[(first + k) % len(CODE_FORMS)] for k in range(len(CODE_FORMS))]
+    return [Instruction(f"{kind}:{name}" + (f":{form}" if k else ""), _function_message(form, node, name, kind, lines),
+                        "code", held) for k, form in enumerate(forms)]
+
+
 def _code_prompts(module: str, relpath: str, text: str, held: bool) -> list[Instruction]:
     try:
         tree = ast.parse(text)
@@ -122,24 +131,11 @@ def _code_prompts(module: str, relpath: str, text: str, held: bool) -> list[Inst
         out.append(Instruction(f"module:{module}", f"What is the Python standard-library module `{module}` for? "
                                f"Explain it briefly and show a short example of using it.", "code", held))
     for node in _documented_public(tree.body):
-        name = f"{module}.{node.name}"
-        # the form a hash of the name picks keeps the bare id: answers written when only that form was asked are
-        # still recognised by a resumed run
-        first = int(_hashed(name) * len(CODE_FORMS))
-        for k in range(len(CODE_FORMS)):
-            form = CODE_FORMS[(first + k) % len(CODE_FORMS)]
-            message = _function_message(form, node, name, "function", lines)
-            out.append(Instruction(f"function:{name}" + (f":{form}" if k else ""), message, "code", held))
-    # documented public methods of public classes: one form each, picked by a hash of the name (there are about
-    # 3,600 in the standard library, more than functions and their forms together)
+        out += _every_form("function", f"{module}.{node.name}", node, lines, held)
     for cls in tree.body:
-        if not isinstance(cls, ast.ClassDef) or cls.name.startswith("_"):
-            continue
-        for node in _documented_public(cls.body):
-            name = f"{module}.{cls.name}.{node.name}"
-            form = CODE_FORMS[int(_hashed(name) * len(CODE_FORMS))]
-            out.append(Instruction(f"method:{name}", _function_message(form, node, name, "method", lines),
-                                   "code", held))
+        if isinstance(cls, ast.ClassDef) and not cls.name.startswith("_"):
+            for node in _documented_public(cls.body):
+                out += _every_form("method", f"{module}.{cls.name}.{node.name}", node, lines, held)
     return out
 
 
