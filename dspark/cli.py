@@ -263,8 +263,9 @@ def lookup_data(bundle_dir, source):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (prompt i uses seed+i).")
 @backend_options
 def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, backend, device):
-    """Fit Sequential Temperature Scaling of the draft's confidences (a DSpark drafter's confidence head, a draft
-    LM's probabilities) on --data; store it in BUNDLE_DIR, where the threshold and sps schedulers use it."""
+    """Fit Sequential Temperature Scaling (a temperature and a bias per position) of the draft's confidences (a
+    DSpark drafter's confidence head, a draft LM's probabilities) on --data; store it in BUNDLE_DIR, where the
+    threshold and sps schedulers and a draft LM's stop rule use it."""
     from dspark.prompts import read_prompt_file
     from dspark.runtime.calibration import calibrate_bundle
 
@@ -272,13 +273,14 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, back
     report = calibrate_bundle(bundle_dir, prompts, temperature, max_new_tokens, threads, seed, backend=backend,
                               device=device)
     click.echo(f"{report['rounds']} rounds from {report['prompts']} prompts at T={temperature}")
-    click.echo("position  rounds  temperature  ECE before  ECE after")
-    for k, (n, t, b, a) in enumerate(zip(report["rounds_by_position"], report["sts_temperatures"],
-                                         report["ece_before"], report["ece_after"]), start=1):
+    click.echo("position  rounds  temperature   bias  ECE before  ECE after")
+    for k, (n, t, bias, b, a) in enumerate(zip(report["rounds_by_position"], report["sts_temperatures"],
+                                               report["sts_biases"], report["ece_before"], report["ece_after"]),
+                                           start=1):
         if n:
-            click.echo(f"{k:8d}  {n:6d}  {t:11.3f}  {b:10.4f}  {a:9.4f}")
+            click.echo(f"{k:8d}  {n:6d}  {t:11.3f}  {bias:5.1f}  {b:10.4f}  {a:9.4f}")
         else:
-            click.echo(f"{k:8d}  {n:6d}  {t:11.3f}  {'-':>10}  {'-':>9}   (no round verified it)")
+            click.echo(f"{k:8d}  {n:6d}  {t:11.3f}  {bias:5.1f}  {'-':>10}  {'-':>9}   (no round verified it)")
 
 
 @main.command()

@@ -12,12 +12,13 @@ import pytest
 from conftest import assert_speculative_equals_plain
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.calibration import ece, fit_sts
+from dspark.runtime.calibration import GRID, ece, fit_sts
 from dspark.runtime.generate import Generator, Request, Sequence
 from dspark.runtime.kv import KVCache, fill_order
 from dspark.runtime.profile import profile_bundle, profile_key
 from dspark.runtime.sampling import SamplingParams, accept
-from dspark.runtime.schedulers import StepsPerSecond, make_block_schedule, sps_lengths
+from dspark.runtime.schedulers import (CALIBRATION_FILE, StepsPerSecond, load_calibration, make_block_schedule,
+                                       sps_lengths)
 
 PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, [11, 12], list(range(1, 60)), [7, 7, 2], [9] * 13, [4, 8, 15, 16, 23, 42], [1]]
 
@@ -170,9 +171,41 @@ def test_sts_fits_each_position_on_the_rounds_that_verified_it():
     assert all(a < b for a, b in zip(fit["ece_after"][:4], fit["ece_before"][:4]))
 
 
-def test_calibrated_draft_lm_bundle_schedules_on_its_temperatures(qwen3_bundle, tmp_path, backend):
-    """'dspark calibrate' takes a draft LM: its temperatures land in the bundle, the draft LM's confidences are
-    scaled by them, and sps over the calibrated bundle writes plain decoding's tokens."""
+def test_sts_bias_fixes_an_understated_confidence():
+    """A draft LM's likeliest-token probability understates greedy acceptance at every level; a temperature keeps
+    sigmoid's midpoint and cannot lift it, the fitted bias does (the SmolLM2 draft LM: ECE 0.12 -> 0.04)."""
+    rng = np.random.default_rng(2)
+    rounds, block = 6000, 3
+    true = rng.uniform(0.2, 0.95, (rounds, block))
+    logits = np.log(true / (1 - true)) - 1.0  # every confidence understated by a shift of one logit
+    survive = (rng.random((rounds, block)) < true).cumprod(axis=1)
+    fit = fit_sts(logits, np.full(rounds, block), survive.sum(axis=1))
+    assert abs(fit["sts_biases"][0] - 1.0) < 0.2 and abs(fit["sts_temperatures"][0] - 1.0) < 0.2, fit
+    assert all(a < 0.3 * b for a, b in zip(fit["ece_after"], fit["ece_before"])), fit
+    temperature_only = min(ece(1 / (1 + np.exp(-logits[:, 0] / t)), survive[:, 0].astype(float)) for t in GRID)
+    assert fit["ece_after"][0] < 0.3 * temperature_only
+
+
+def test_ece_weighs_each_bins_gap_by_its_size():
+    pred = np.array([0.01, 0.04, 0.5, 0.52, 0.99, 1.0])
+    labels = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    # bins of width 0.05: {0.01, 0.04} gap |0.05 - 1|, {0.5, 0.52} gap |1.02 - 2|, {0.99, 1.0} (the last bin) |1.99 - 1|
+    assert ece(pred, labels) == pytest.approx((0.95 + 0.98 + 0.99) / 6)
+
+
+def test_a_calibration_of_temperatures_alone_still_loads(qwen3_bundle, tmp_path):
+    """calibration.json from dspark 0.4.4 and older holds no biases: they are 0, so confidences stay as they were."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(qwen3_bundle, bundle)
+    Bundle.open(bundle).add_file(CALIBRATION_FILE, json.dumps({"sts_temperatures": [2.0, 0.5]}))
+    calibration = load_calibration(Bundle.open(bundle))
+    z = np.array([1.0, -1.0, 3.0])  # the third position was never fitted: raw
+    assert np.allclose(calibration(z), 1 / (1 + np.exp(-np.array([0.5, -2.0, 3.0]))))
+
+
+def test_calibrated_draft_lm_bundle_schedules_on_its_calibration(qwen3_bundle, tmp_path, backend):
+    """'dspark calibrate' takes a draft LM: its temperatures and biases land in the bundle, the draft LM's
+    confidences are calibrated by them, and sps over the calibrated bundle writes plain decoding's tokens."""
     from click.testing import CliRunner
 
     from dspark.cli import main
@@ -184,17 +217,19 @@ def test_calibrated_draft_lm_bundle_schedules_on_its_temperatures(qwen3_bundle, 
     result = CliRunner().invoke(main, ["calibrate", str(bundle), "--data", str(prompts), "--max-new-tokens", "40",
                                        "--backend", backend])
     assert result.exit_code == 0, result.output
-    temps = np.asarray(Bundle.open(bundle).read_json("calibration.json")["sts_temperatures"])
-    assert len(temps) == 6 and not np.allclose(temps, 1.0)
+    fitted = Bundle.open(bundle).read_json("calibration.json")
+    temps, biases = np.asarray(fitted["sts_temperatures"]), np.asarray(fitted["sts_biases"])
+    assert len(temps) == len(biases) == 6 and not (np.allclose(temps, 1.0) and np.allclose(biases, 0.0))
     profile_bundle(bundle, backend, repeats=2, warmup=1, context=16, progress=False)
     spec = Generator(bundle, scheduler="sps", backend=backend)
-    assert np.array_equal(spec.calibration, temps)
+    assert np.array_equal(spec.calibration.temperatures, temps) and np.array_equal(spec.calibration.biases, biases)
     probe = Generator(bundle, backend=backend).proposer
     probe.add(1)
     probed = Sequence(request=Request([5, 6, 7], 8), rng=None, tokens=[5, 6, 7], stream=None)
     proposal = probe.propose([probed], [6])[0]
     z = proposal.confidence_logits
-    assert len(z) and np.allclose(spec._confidence(proposal), 1 / (1 + np.exp(-z / temps[: len(z)])))
+    n = len(z)
+    assert n and np.allclose(spec._confidence(proposal), 1 / (1 + np.exp(-(z / temps[:n] + biases[:n]))))
     assert_speculative_equals_plain(spec, Generator(bundle, use_draft=False, backend=backend), PROMPTS, 30)
     assert spec.scheduler.stats.fallbacks == {}
 

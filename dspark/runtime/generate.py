@@ -34,7 +34,7 @@ from dspark.runtime.profile import load_table
 from dspark.runtime.proposers import Proposal, make_proposer
 from dspark.runtime.backends import check_backend, make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
-from dspark.runtime.schedulers import BlockSchedule, load_temperatures, make_block_schedule, make_scheduler
+from dspark.runtime.schedulers import BlockSchedule, load_calibration, make_block_schedule, make_scheduler
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
 
 W8A8_NOT_EXACT = ("this bundle's target is w8a8, which quantizes each call's activations with one scale for all "
@@ -169,7 +169,7 @@ class Generator:
         if self.draft_length and self.bundle.quantize == "w8a8":
             warnings.warn(W8A8_NOT_EXACT, stacklevel=2)
         self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
-        self.calibration = load_temperatures(self.bundle)
+        self.calibration = load_calibration(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
         self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle)
         self.clock = RoundClock()  # replace it to start counting afresh
@@ -354,13 +354,11 @@ class Generator:
             )
 
     def _confidence(self, proposal: Proposal) -> np.ndarray | None:
-        """Per-position acceptance estimates, STS-calibrated when the bundle has temperatures."""
+        """Per-position acceptance estimates, STS-calibrated when the bundle has a calibration."""
         z = proposal.confidence_logits
         if z is None:
             return None
-        if self.calibration is not None and proposal.sts:
-            z = z / self.calibration[: len(z)]
-        return sigmoid(z)
+        return self.calibration(z) if self.calibration is not None and proposal.sts else sigmoid(z)
 
     def _emit(self, seq: Sequence, tokens: list[int]) -> list[int]:
         """Commit tokens in order until a stop condition; return the ones committed."""

@@ -29,15 +29,38 @@ import numpy as np
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.runtime.sampling import sigmoid
 
 log = logging.getLogger("dspark")
 CALIBRATION_FILE = "calibration.json"  # written by 'dspark calibrate' (calibration.py)
 
 
-def load_temperatures(bundle: Bundle) -> np.ndarray | None:
-    """The bundle's STS temperatures per draft position, or None when it was not calibrated."""
+@dataclass(frozen=True)
+class Calibration:
+    """What 'dspark calibrate' fitted per draft position k: confidence c_k = sigmoid(z_k / t_k + b_k) of a raw
+    confidence logit z_k. Positions past the fitted ones keep their raw confidence."""
+
+    temperatures: np.ndarray
+    biases: np.ndarray
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        """Calibrated confidences of raw logits z for positions 1..len(z)."""
+        z = np.asarray(z, dtype=np.float64)
+        n = min(len(z), len(self.temperatures))
+        scaled = z.copy()
+        scaled[:n] = z[:n] / self.temperatures[:n] + self.biases[:n]
+        return sigmoid(scaled)
+
+
+def load_calibration(bundle: Bundle) -> Calibration | None:
+    """The bundle's STS fit, or None when it was not calibrated."""
     data = bundle.read_json(CALIBRATION_FILE)
-    return None if data is None else np.asarray(data["sts_temperatures"], dtype=np.float64)
+    if data is None:
+        return None
+    temperatures = np.asarray(data["sts_temperatures"], dtype=np.float64)
+    # a calibration written before biases were fitted (dspark 0.4.4 and older) holds temperatures alone
+    biases = np.asarray(data.get("sts_biases", np.zeros_like(temperatures)), dtype=np.float64)
+    return Calibration(temperatures, biases)
 
 
 @dataclass

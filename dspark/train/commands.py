@@ -86,9 +86,9 @@ def make_data_command(bundle_dir, output, max_new_tokens, held_out, limit, minut
                       no_progress):
     """Answer instruction prompts with BUNDLE_DIR's target (greedy, batched) and write drafter training data.
 
-    The prompts come from this machine: Python standard-library functions (write / explain / use), methods of its
-    classes (one of the three each) and modules, and general questions; held-out prompts share no source file or
-    topic with training ones. With --held-out 0 a resumed run keeps the held-out set it has."""
+    The prompts come from this machine: Python standard-library functions and the methods of its classes (write /
+    explain / use each), its modules, and general questions; held-out prompts share no source file or topic with
+    training ones. With --held-out 0 a resumed run keeps the held-out set it has."""
     from dspark.runtime.runners import share_thread_pool
     from dspark.train.selfdata import generate_responses, write_tokens
 
