@@ -1,3 +1,3 @@
 """dspark: lossless speculative decoding over exported ONNX / TensorRT graphs."""
 
-__version__ = "0.4.4"
+__version__ = "0.4.5"

@@ -9,7 +9,9 @@ matches of at least that many tokens) come ``lookup`` (the first bundle's target
 How it is measured:
 
 - After ``warmup`` untimed passes, ``repeats`` passes run every configuration once each, round-robin, the
-  order rotated every pass, so machine drift hits all configurations alike.
+  order rotated every pass, so machine drift hits all configurations alike. At concurrency 1 the round-robin goes
+  request by request (every configuration decodes a prompt before any decodes the next), since a shared 2-core
+  machine's speed swings by 10-30% within the tens of seconds a whole pass takes.
 - Concurrency c: c requests in flight through one engine with ``max_batch=c`` (a closed loop: when one finishes
   the next prompt is submitted), over max(#prompts, c) requests, prompts cycled. Every request generates exactly
   ``max_new_tokens`` (end-of-sequence tokens are ignored) so all configurations do the same work.
@@ -50,7 +52,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +176,13 @@ def run_closed_loop(gen, requests: list, concurrency: int) -> Run:
                 del inflight[key]
         top_up()
     return Run(time.perf_counter() - start, seqs, stamps, gen.clock)
+
+
+def joined(runs: list[Run]) -> Run:
+    """One run made of runs one after the other (a pass decoded request by request)."""
+    clock = RoundClock(**{f.name: sum(getattr(r.clock, f.name) for r in runs) for f in fields(RoundClock)})
+    return Run(sum(r.wall_s for r in runs), [s for r in runs for s in r.seqs], [t for r in runs for t in r.stamps],
+               clock)
 
 
 def summarize(config: Configuration) -> dict:
@@ -468,16 +477,25 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     bar = tqdm(total=(warmup + repeats) * len(configs), desc="bench", unit="run", disable=not progress)
     started = time.time()
     for p in range(warmup + repeats):
-        shift = p % len(configs)
-        for config in configs[shift:] + configs[:shift]:
-            bar.set_postfix_str(config.name)
-            reqs, domains = requests_for(config.concurrency)
-            run = run_closed_loop(config.generator, reqs, config.concurrency)
-            for seq, d in zip(run.seqs, domains):
-                seq.bench_domain = d
-            if p >= warmup:
-                config.runs.append(run)
-            bar.update()
+        for c in concurrency:
+            group = [config for config in configs if config.concurrency == c]
+            shift = p % len(group)
+            group = group[shift:] + group[:shift]
+            requests = {config.name: requests_for(c) for config in group}
+            count = len(requests[group[0].name][0])
+            slices = [slice(i, i + 1) for i in range(count)] if c == 1 else [slice(0, count)]
+            parts = {config.name: [] for config in group}
+            for part in slices:
+                for config in group:
+                    bar.set_postfix_str(config.name)
+                    parts[config.name].append(run_closed_loop(config.generator, requests[config.name][0][part], c))
+            for config in group:
+                run = joined(parts[config.name])
+                for seq, d in zip(run.seqs, requests[config.name][1]):
+                    seq.bench_domain = d
+                if p >= warmup:
+                    config.runs.append(run)
+                bar.update()
     bar.close()
 
     # call costs at every concurrency, for the ideal speed-up
