@@ -573,7 +573,9 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         report["peers"] = run_peers(main, {m: spec_bundles[m] for m in chosen if m in spec_bundles}, prompts, ids,
                                     max_new_tokens, temperature, num_draft_tokens, threads, repeats,
                                     peer_options or PeerOptions(), log)
-        ours = {r["method"]: r["tokens_per_second"] for r in configurations if r["concurrency"] == 1}
+        # one entry per method and scheduler (a method timed under two schedulers has two rates)
+        ours = {" ".join(filter(None, (r["method"], r["scheduler"]))): r["tokens_per_second"]
+                for r in configurations if r["concurrency"] == 1}
         report["peers"]["dspark"] = {
             "status": "ok" if ours else "skipped",
             "reason": None if ours else "peers run one request at a time; add 1 to --concurrency to compare",

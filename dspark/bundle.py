@@ -242,7 +242,7 @@ class DraftEntry:
     target_layer_ids: tuple[int, ...]  # block drafters: the target layers whose features they read
     confidence_head: bool  # block drafters: a confidence logit per drafted token
     gguf: GgufSource | None
-    draft_vocab: tuple[int, ...] = ()  # block drafters with a reduced vocabulary: the target ids their law is over
+    draft_vocab: tuple[int, ...] = ()  # drafters with a reduced vocabulary: the target ids their law is over
 
     @property
     def block(self) -> bool:

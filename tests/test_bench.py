@@ -84,7 +84,7 @@ def test_bench_report_is_complete_and_consistent(qwen3_bundle, tmp_path):
     hf, ours = report["peers"]["transformers"], report["peers"]["dspark"]
     assert hf["status"] == "ok", hf
     for rate in (hf["plain_tokens_per_second"], hf["speculative_tokens_per_second"], ours["plain_tokens_per_second"],
-                 ours["speculative"]["draft-lm"]):
+                 ours["speculative"]["draft-lm fixed"]):
         assert math.isfinite(rate) and rate > 0
     assert hf["num_assistant_tokens"] == k
     assert hf["matches_dspark_plain"] is True  # same checkpoints, same greedy tokens
@@ -206,7 +206,7 @@ def test_bench_lookup_methods(qwen3_bundle, tmp_path):
     assert all(r["matches_plain"] for r in rows.values())
     assert rows["lookup"]["call_costs_ms"]["t_draft_ms"] == 0.0  # a lookup draft runs no graph
     peers = json.loads((tmp_path / "r" / "report.json").read_text())["peers"]
-    assert set(peers["dspark"]["speculative"]) == {"lookup", "draft-lm+lookup"}
+    assert set(peers["dspark"]["speculative"]) == {"lookup fixed", "draft-lm+lookup fixed"}
     code, text = run("bench", qwen3_bundle, "--methods", "plain,lookup", "--output", tmp_path / "r2", "--no-progress")
     assert code == 2 and "--lookup N" in text
 

@@ -11,7 +11,8 @@ Every request generates exactly N tokens (the stop id is one the model never pro
 does with end-of-sequence ignored. Reported: tokens/s = all new tokens / total generate time, median over repeats after one warm-up pass.
 Optional: skipped with a message when transformers is not installed or the checkpoint folders are not on this
 machine; assisted generation is left out (and says why) when the draft is not a draft LM (DSpark and DFlash
-drafters read the target's hidden features; ``assistant_model`` has no interface for them).
+drafters read the target's hidden features; ``assistant_model`` has no interface for them) or is one over a reduced
+draft vocabulary (its ids are not the target's: transformers refuses it as a model with another tokenizer).
 
     python bench/peers/hf_assisted.py BUNDLE [--max-new-tokens 64] [--prompts code|prose|all|FILE] [--repeats 3]
 
@@ -36,7 +37,8 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
 
     bundle = Bundle.open(bundle_dir, verify=False)
     draft = bundle.draft
-    assisted_too = draft is not None and draft.method == "draft-lm"
+    # a draft LM over a reduced vocabulary reads and writes ids of its own, which assistant_model cannot map
+    assisted_too = draft is not None and draft.method == "draft-lm" and not draft.draft_vocab
     try:
         import torch
         import transformers
@@ -114,8 +116,9 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
         "generated_token_ids": outputs["plain"],
     }
     if not assisted_too:
-        report["speculative"] = (f"no assisted generation: the bundle's draft is "
-                                 f"{draft.method if draft else 'missing'}, not a draft LM")
+        what = ("a draft LM over a reduced vocabulary (ids of its own)" if draft and draft.method == "draft-lm"
+                else f"{draft.method if draft else 'missing'}, not a draft LM")
+        report["speculative"] = f"no assisted generation: the bundle's draft is {what}"
         return report
     assisted = statistics.median(rates["assisted"])
     return {**report, "speculative": "assisted generation", "draft_source": sources["draft"],
