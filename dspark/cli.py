@@ -265,7 +265,7 @@ def lookup_data(bundle_dir, source):
 def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, backend, device):
     """Fit Sequential Temperature Scaling (a temperature and a bias per position) of the draft's confidences (a
     DSpark drafter's confidence head, a draft LM's probabilities) on --data; store it in BUNDLE_DIR, where the
-    threshold and sps schedulers and a draft LM's stop rule use it."""
+    threshold and sps schedulers use it."""
     from dspark.prompts import read_prompt_file
     from dspark.runtime.calibration import calibrate_bundle
 
