@@ -227,13 +227,14 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
 @click.option("--context", default=256, show_default=True, help="Cache entries per row while timing (a typical context length).")
 @click.option("--repeats", default=20, show_default=True, help="Timed calls per (rows, width) pair; the median is kept.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls per pair first.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @backend_options
-def profile(bundle_dir, threads, context, repeats, warmup, backend, device):
+def profile(bundle_dir, threads, context, repeats, warmup, no_progress, backend, device):
     """Measure target verify steps/s by rows and new tokens on this machine; store the table in BUNDLE_DIR."""
     from dspark.runtime.profile import profile_bundle
 
     table = profile_bundle(bundle_dir, backend, threads=threads, context=context, repeats=repeats, warmup=warmup,
-                           device=device)
+                           progress=not no_progress, device=device)
     click.echo(f"steps/s on {table['device']} (rows x new tokens, context {table['context']}):")
     click.echo("rows " + "".join(f"{w:>9d}" for w in table["widths"]))
     for r, row in zip(table["rows"], table["steps_per_second"]):
@@ -261,8 +262,9 @@ def lookup_data(bundle_dir, source):
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (prompt i uses seed+i).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @backend_options
-def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, backend, device):
+def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, no_progress, backend, device):
     """Fit Sequential Temperature Scaling (a temperature and a bias per position) of the draft's confidences (a
     DSpark drafter's confidence head, a draft LM's probabilities) on --data; store it in BUNDLE_DIR, where the
     threshold and sps schedulers use it."""
@@ -270,8 +272,8 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, back
     from dspark.runtime.calibration import calibrate_bundle
 
     prompts = [p.text for p in read_prompt_file(data)]
-    report = calibrate_bundle(bundle_dir, prompts, temperature, max_new_tokens, threads, seed, backend=backend,
-                              device=device)
+    report = calibrate_bundle(bundle_dir, prompts, temperature, max_new_tokens, threads, seed,
+                              progress=not no_progress, backend=backend, device=device)
     click.echo(f"{report['rounds']} rounds from {report['prompts']} prompts at T={temperature}")
     click.echo("position  rounds  temperature   bias  ECE before  ECE after")
     for k, (n, t, bias, b, a) in enumerate(zip(report["rounds_by_position"], report["sts_temperatures"],
