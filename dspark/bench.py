@@ -481,17 +481,18 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
             group = [config for config in configs if config.concurrency == c]
             shift = p % len(group)
             group = group[shift:] + group[:shift]
-            requests = {config.name: requests_for(c) for config in group}
-            count = len(requests[group[0].name][0])
-            slices = [slice(i, i + 1) for i in range(count)] if c == 1 else [slice(0, count)]
+            requests = {}  # fresh requests per configuration; every configuration gets the same domains
+            for config in group:
+                requests[config.name], domains = requests_for(c)
+            slices = [slice(i, i + 1) for i in range(len(domains))] if c == 1 else [slice(None)]
             parts = {config.name: [] for config in group}
             for part in slices:
                 for config in group:
                     bar.set_postfix_str(config.name)
-                    parts[config.name].append(run_closed_loop(config.generator, requests[config.name][0][part], c))
+                    parts[config.name].append(run_closed_loop(config.generator, requests[config.name][part], c))
             for config in group:
                 run = joined(parts[config.name])
-                for seq, d in zip(run.seqs, requests[config.name][1]):
+                for seq, d in zip(run.seqs, domains):
                     seq.bench_domain = d
                 if p >= warmup:
                     config.runs.append(run)
