@@ -28,6 +28,7 @@ from dspark.train.draft import (
     default_target_layers,
     drafter_forward,
     grow,
+    grow_draft_lm,
     grown_config,
     method_config,
     read_answer_masks,
@@ -458,3 +459,38 @@ def test_init_from_grows_a_drafter_without_changing_it(setup, tmp_path):
                                        "--target-layers", "0", "--steps", "1", "--no-progress"])
     assert result.exit_code == 2 and "drops the taps [1]" in result.output
     assert not (tmp_path / "cli").exists()
+
+
+def test_init_from_grows_a_draft_lm_without_changing_it(setup, tmp_path):
+    """--num-layers with --init-from on a draft LM: the new layers go on top as no-ops, so the grown LM gives the
+    same logits and training goes on from its held-out loss; --target-layers is refused (a draft LM has no taps)."""
+    target_dir, data, _ = setup
+    first = tmp_path / "first"
+    config = method_config(target_dir, "draft-lm", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                           head_dim=16, intermediate_size=64, draft_vocab=VOCAB // 2)
+    first_log = train_draft(target_dir, data, first, "draft-lm", config, ARGS, steps=20, threads=1, **QUIET)
+    bigger = grown_config(json.loads((first / "config.json").read_text()), 3)
+    assert bigger["num_hidden_layers"] == 3 and len(bigger["layer_types"]) == 3
+    source = DecoderLM.from_pretrained(first)
+    grown = grow_draft_lm(source, bigger)
+    assert grown.config.num_layers == 3
+    x = torch.randint(0, VOCAB // 2 + 1, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x), source(x), rtol=0, atol=1e-5)
+    rec = train_draft(target_dir, data, tmp_path / "grown", "draft-lm", bigger, ARGS, steps=10, threads=1,
+                      init_from=first, **QUIET)
+    log = [json.loads(line) for line in (tmp_path / "grown" / "training_log.jsonl").read_text().splitlines()]
+    assert log[0]["heldout_loss"] == pytest.approx(first_log["heldout_loss"], rel=0.02) and rec["step"] == 10
+    trained = DecoderLM.from_pretrained(tmp_path / "grown")
+    assert trained.config.num_layers == 3
+    assert trained.model.layers[2].mlp.down_proj.weight.abs().sum() > 0  # the new layers trained
+    vocab = lambda folder: WeightReader(folder).get("draft_vocab")  # noqa: E731
+    assert torch.equal(vocab(tmp_path / "grown"), vocab(first))
+    command = ["train-draft", str(target_dir), "--method", "draft-lm", "--data", str(data), "--init-from", str(first),
+               "--steps", "1", "--threads", "1", "--batch-size", "2", "--seq-len", "48", "--no-progress"]
+    result = CliRunner().invoke(main, command + ["--output", str(tmp_path / "cli"), "--num-layers", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["num_hidden_layers"] == 2
+    result = CliRunner().invoke(main, command + ["--output", str(tmp_path / "taps"), "--target-layers", "0"])
+    assert result.exit_code == 2 and "a draft LM reads no target layers" in result.output, result.output
+    assert not (tmp_path / "taps").exists()

@@ -174,7 +174,7 @@ def _layer_list(_ctx, _param, value):
               help="Step at which the cosine decay reaches its floor (0.1 x --lr).")
 @click.option("--block-size", default=7, show_default=True, help="dspark/dflash: block size B (draft tokens per round).")
 @click.option("--num-layers", type=int, default=None,
-              help="Draft layers (default: 2 for dspark/dflash, 4 for draft-lm).")
+              help="Draft layers (default: 2 for dspark/dflash, 4 for draft-lm; with --init-from, the grown count).")
 @click.option("--markov-rank", default=256, show_default=True, help="dspark: rank r of the Markov head.")
 @click.option("--markov-head", default="vanilla", show_default=True, type=click.Choice(["vanilla", "gated", "rnn"]),
               help="dspark: Markov head type.")
@@ -207,9 +207,9 @@ def _layer_list(_ctx, _param, value):
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Start from this drafter's weights, draft vocabulary and config (for example one trained on "
                    "less data) with a fresh optimizer and schedule; its config.json replaces the shape options "
-                   "above, except that a DSpark/DFlash drafter may grow by --num-layers and --target-layers (more "
-                   "layers, more taps) without changing what it computes at the start: new taps' fc columns and new "
-                   "layers' output projections start at zero. Ignored when OUTPUT resumes.")
+                   "above, except that it may grow by --num-layers (layers added on top), and a DSpark/DFlash "
+                   "drafter by --target-layers (more taps), without changing what it computes at the start: new "
+                   "taps' fc columns and new layers' output projections start at zero. Ignored when OUTPUT resumes.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
                         warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
@@ -224,16 +224,13 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
         from dspark.graphs.checkpoint import read_config
         from dspark.train.draft import grown_config
 
-        # the drafter it starts from decides the shape; a block drafter's grows by --num-layers / --target-layers
+        # the drafter it starts from decides the shape; it grows by --num-layers (and a block drafter's by
+        # --target-layers)
         config = read_config(init_from)
         if ("target_layer_ids" in config) == (method == "draft-lm"):
             kind = "a DSpark/DFlash drafter" if "target_layer_ids" in config else "a draft LM"
             raise DsparkError(f"--init-from {init_from} is {kind}; --method {method} cannot start from it")
-        if method == "draft-lm" and (num_layers or target_layers):
-            raise DsparkError("--num-layers / --target-layers grow a DSpark or DFlash drafter of --init-from; a draft "
-                              "LM starts from the shape it has")
-        if method != "draft-lm":
-            config = grown_config(config, num_layers, target_layers)
+        config = grown_config(config, num_layers, target_layers)
     else:
         if num_layers is None:
             num_layers = 4 if method == "draft-lm" else 2

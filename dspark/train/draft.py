@@ -419,23 +419,44 @@ class BlockTask:
 
 
 def grown_config(config: dict, num_layers: int | None = None, target_layers: list[int] | None = None) -> dict:
-    """A trained block drafter's ``config`` with more draft layers and/or more target taps (None: as it is)."""
-    layers = num_layers or config["num_hidden_layers"]
-    taps = sorted(set(target_layers or config["target_layer_ids"]))
-    if layers < config["num_hidden_layers"]:
-        raise DsparkError(f"--num-layers {layers}: the drafter of --init-from has {config['num_hidden_layers']}; "
+    """A trained drafter's ``config`` with more layers and, for a block drafter, more target taps (None: as it is)."""
+    have = config["num_hidden_layers"]
+    layers = num_layers or have
+    if layers < have:
+        raise DsparkError(f"--num-layers {layers}: the drafter of --init-from has {have}; "
                           "growing adds layers, it does not remove them")
+    grown = {**config, "num_hidden_layers": layers}
+    if "layer_types" in config:  # new layers attend as the last one does
+        grown["layer_types"] = config["layer_types"] + config["layer_types"][-1:] * (layers - have)
+    if "max_window_layers" in config:
+        grown["max_window_layers"] = layers
+    if "target_layer_ids" not in config:  # a draft LM
+        if target_layers:
+            raise DsparkError("--target-layers: a draft LM reads no target layers; only --num-layers grows it")
+        return grown
+    taps = sorted(set(target_layers or config["target_layer_ids"]))
     dropped = [t for t in config["target_layer_ids"] if t not in taps]
     if dropped:
         raise DsparkError(f"--target-layers drops the taps {dropped} the drafter of --init-from reads; list all of "
                           f"{','.join(map(str, config['target_layer_ids']))} and the ones to add")
-    return {**config, "num_hidden_layers": layers, "target_layer_ids": taps, "layer_types": ["full_attention"] * layers}
+    return {**grown, "target_layer_ids": taps}
+
+
+def append_noop_layers(state: dict, prefix: str, have: int, want: int) -> None:
+    """Append layers ``have`` .. ``want - 1`` under ``prefix`` (``layers.``) to ``state``: each a copy of the last
+    layer whose output projections (attention and MLP) are zero, so it adds nothing to the residual stream until
+    training moves them (their inputs are not zero, so they get gradients from the first step)."""
+    last = f"{prefix}{have - 1}."
+    for k in range(have, want):
+        for name in [n for n in list(state) if n.startswith(last)]:
+            new = f"{prefix}{k}." + name[len(last):]
+            zero = ".o_proj." in name or ".down_proj." in name
+            state[new] = torch.zeros_like(state[name]) if zero else state[name].clone()
 
 
 def grow(source: Drafter, config: DrafterConfig) -> Drafter:
     """``source`` grown to ``config`` (``grown_config``) computing exactly what it computed: a new tap's columns of
-    ``fc`` are zero, and each new layer, appended on top, is a copy of the last one whose output projections
-    (attention and MLP) are zero, so it adds nothing to the residual stream until training moves them."""
+    ``fc`` are zero, and new layers are appended on top as no-ops (``append_noop_layers``)."""
     old, state = source.config, source.state_dict()
     d = old.feature_size // len(old.target_layer_ids)  # one tap's columns: the target's width
     fc = state["fc.weight"].new_zeros(old.hidden_size, d * len(config.target_layer_ids))
@@ -443,12 +464,7 @@ def grow(source: Drafter, config: DrafterConfig) -> Drafter:
         i = config.target_layer_ids.index(tap)
         fc[:, i * d:(i + 1) * d] = state["fc.weight"][:, j * d:(j + 1) * d]
     state["fc.weight"] = fc
-    last = f"layers.{old.num_layers - 1}."
-    for k in range(old.num_layers, config.num_layers):
-        for name in [n for n in list(state) if n.startswith(last)]:
-            new = f"layers.{k}." + name[len(last):]
-            zero = ".o_proj." in name or ".down_proj." in name
-            state[new] = torch.zeros_like(state[name]) if zero else state[name].clone()
+    append_noop_layers(state, "layers.", old.num_layers, config.num_layers)
     model = Drafter(config).to(state["fc.weight"].dtype)
     model.load_state_dict(state)
     if config.draft_vocab_size:
@@ -483,6 +499,19 @@ def reduced_log_law(law: TargetLaw) -> torch.Tensor:
     return torch.cat([inside, outside[..., None]], -1)
 
 
+def grow_draft_lm(source: DecoderLM, config: dict) -> DecoderLM:
+    """``source`` with ``config``'s layer count (``grown_config``), computing exactly what it computed: the new
+    layers are appended on top of the others as no-ops (``append_noop_layers``)."""
+    have, want = source.config.num_layers, config["num_hidden_layers"]
+    if want == have:
+        return source
+    state = source.state_dict()
+    append_noop_layers(state, "model.layers.", have, want)
+    model = DecoderLM(DecoderConfig.from_hf(config))
+    model.load_state_dict(state)
+    return model
+
+
 class DraftLMTask:
     """A small Qwen3 DecoderLM distilled from the target with KL(target || draft). With ``draft_vocab`` (a draft
     vocabulary of N target ids) it reads and predicts its own N + 1 ids (``DecoderConfig.draft_vocab_size``) and
@@ -498,7 +527,7 @@ class DraftLMTask:
         # draft LM drafts at inference (the prompts are only read), and acceptance is estimated there
         self.train_answers, self.heldout_answers = answers
         if init is not None:  # a trained draft LM's weights and draft vocabulary (float16 on disk, trained in fp32)
-            self.model = DecoderLM.from_pretrained(init, dtype=torch.float32).train()
+            self.model = grow_draft_lm(DecoderLM.from_pretrained(init, dtype=torch.float32), config).train()
             size = self.model.config.draft_vocab_size
             self.set_draft_vocab(read_draft_vocab(WeightReader(init), size, target.config.vocab_size) if size else None)
             return
