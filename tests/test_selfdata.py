@@ -6,9 +6,19 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+from click.testing import CliRunner
 
+from dspark.cli import main
 from dspark.train.draft import sample_anchors
-from dspark.train.selfdata import CODE_FORMS, QUESTION_FORMS, TOPICS, instruction_prompts, write_tokens
+from dspark.train.selfdata import (
+    CODE_FORMS,
+    QUESTION_FORMS,
+    TOPICS,
+    instruction_prompts,
+    read_responses,
+    write_tokens,
+)
 
 SOURCE = '''"""A module about shapes."""
 
@@ -118,3 +128,54 @@ def test_anchors_go_to_answers_first():
     assert answers[0][masked[0] + 1].all()  # the first target of every block is an answer token
     assert set(np.flatnonzero(answers[1][np.arange(1, seq_len - block + 1) + 1]) + 1) <= set(masked[1].tolist())
     assert not answers[2].any() and len(set(masked[2].tolist())) == count  # no answers: any position
+
+
+def test_make_data_answers_resumes_and_stops_on_time(tmp_path):
+    """make-data on a chat model (a tiny GGUF with a template): held-out prompts first, then training ones up to
+    --limit; a rerun answers only what is missing, also after a run killed mid-line; --minutes 0 answers nothing
+    and rewrites the arrays; a negative count is refused with exit 2."""
+    pytest.importorskip("gguf")
+    from test_gguf import CASES, OPTIONS, write_gguf
+
+    from dspark.export.bundle import ExportOptions, export_bundle
+
+    arch, qtypes, tied, opts, _ = CASES["llama"]
+    export_bundle(write_gguf(tmp_path / "tiny.gguf", arch, qtypes, tied, **opts), tmp_path / "bundle",
+                  options=ExportOptions(**{**OPTIONS, "max_context": 1024}), progress=False)  # byte-level prompts
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "shapes.py").write_text(SOURCE)
+    out = tmp_path / "data"
+
+    def make_data(*options):
+        return CliRunner().invoke(main, ["make-data", str(tmp_path / "bundle"), "--output", str(out), "--stdlib",
+                                         str(tmp_path / "lib"), "--max-new-tokens", "3", "--no-progress", *options])
+
+    def answered():  # in the order written; a line that is not a record is skipped
+        return list(read_responses(out))
+
+    result = make_data("--held-out", "2", "--limit", "2")
+    assert result.exit_code == 0, result.output
+    first = answered()
+    assert len(first) == 4 and json.loads((out / "stats.json").read_text())["heldout"]["documents"] == 2
+    with (out / "responses.jsonl").open("a") as f:  # a run killed while writing its next record
+        f.write('{"id": "cut')
+    result = make_data("--held-out", "2", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert answered()[:4] == first and len(answered()) == 5  # the cut line is skipped, the new record whole
+    assert json.loads((out / "stats.json").read_text())["train"]["documents"] == 3
+    (out / "stats.json").unlink()
+    result = make_data("--held-out", "2", "--limit", "9", "--minutes", "0")
+    assert result.exit_code == 0, result.output
+    assert len(answered()) == 5 and json.loads((out / "stats.json").read_text())["train"]["documents"] == 3
+    short = tmp_path / "short"  # a bundle too short for some prompts: they are skipped, the others answered
+    export_bundle(tmp_path / "tiny.gguf", short, options=ExportOptions(**{**OPTIONS, "max_context": 60}),
+                  progress=False)
+    result = CliRunner().invoke(main, ["make-data", str(short), "--output", str(tmp_path / "short-data"), "--stdlib",
+                                       str(tmp_path / "lib"), "--max-new-tokens", "2", "--held-out", "3", "--limit",
+                                       "40", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    skipped = int(result.output.split("skipped ")[1].split()[0])
+    assert 0 < skipped < 43 and len(read_responses(tmp_path / "short-data")) == 43 - skipped
+    for option in ("--limit", "--held-out", "--minutes"):
+        result = make_data(option, "-1")
+        assert result.exit_code == 2 and option in result.output, result.output

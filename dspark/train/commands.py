@@ -71,13 +71,17 @@ def _evaluation_options(evaluated: str, eval_windows: int, saved: str):
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Data folder: responses.jsonl (appended as answers finish; a rerun resumes), then train.npy, "
                    "heldout.npy, their answer masks, heldout_prompts.jsonl and stats.json for 'dspark train-draft' and 'dspark bench'.")
-@click.option("--max-new-tokens", default=256, show_default=True, help="Longest answer, in tokens.")
-@click.option("--held-out", "held_out", default=48, show_default=True,
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Longest answer, in tokens.")
+@click.option("--held-out", "held_out", default=48, show_default=True, type=click.IntRange(min=0),
               help="Held-out prompts answered first (kept out of train.npy; their prompts go to heldout_prompts.jsonl).")
-@click.option("--limit", type=int, default=None, help="Answer at most this many training prompts (default: all).")
-@click.option("--minutes", type=float, default=None,
-              help="Stop submitting new prompts after this much wall time in this call (running ones finish).")
-@click.option("--max-batch", type=int, default=None, help="Requests decoded together (default: the bundle's max_batch).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="Answer at most this many training prompts (default: all).")
+@click.option("--minutes", type=click.FloatRange(min=0), default=None,
+              help="Stop submitting new prompts after this much wall time in this call (running ones finish); 0 "
+                   "answers nothing new and rewrites the arrays from the answers so far.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Requests decoded together (default: the bundle's max_batch).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--stdlib", "root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Source folder the code prompts are derived from (default: this Python's standard library).")

@@ -168,6 +168,15 @@ def read_responses(folder: Path) -> dict[str, dict]:
     return done
 
 
+def ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` ends in a partial line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_tokens: int = 256,
                        held_out: int = 48, limit: int | None = None, minutes: float | None = None,
                        max_batch: int | None = None, threads: int = 0, root: str | Path | None = None,
@@ -175,7 +184,7 @@ def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_to
     """Answer instruction prompts with the bundle's target (greedy, plain decoding, continuous batching).
 
     The first ``held_out`` held-out prompts are answered first, then training prompts until ``limit`` answers
-    or ``minutes`` of wall time in this call. Answers already in ``output/responses.jsonl`` are skipped."""
+    or ``minutes`` of wall time in this call (0: none). Answers already in ``output/responses.jsonl`` are skipped."""
     from tqdm import tqdm
 
     from dspark.runtime.generate import Generator, Request
@@ -194,11 +203,15 @@ def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_to
     todo = [p for p in held + train if p.id not in done]
     log(f"{len(prompts)} instructions ({sum(p.held_out for p in prompts)} held out); answering {len(held)} held-out "
         f"and {len(train)} training ones, {len(done)} already answered, {len(todo)} to go")
-    deadline = time.monotonic() + 60 * minutes if minutes else None
+    deadline = time.monotonic() + 60 * minutes if minutes is not None else None  # 0: nothing new, arrays only
     written = tokens = 0
     started = time.perf_counter()
     queue = iter(todo)
     live: dict[int, tuple[Instruction, str]] = {}
+    too_long: list[str] = []
+
+    def in_time() -> bool:
+        return deadline is None or time.monotonic() < deadline
 
     def refill():
         while len(gen.waiting) < gen.max_batch:
@@ -207,11 +220,19 @@ def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_to
                 return
             rendered = template.render([{"role": "user", "content": p.text}])
             ids = gen.tokenizer.encode(rendered, add_special_tokens=False)
+            if len(ids) + 1 > gen.bundle.limits.max_context:  # one such prompt must not stop (or block) a long run
+                too_long.append(p.id)
+                bar.update(1)
+                continue
             live[id(gen.submit(Request(ids, max_new_tokens=max_new_tokens)))] = (p, rendered)
 
+    cut = ends_mid_line(output / RESPONSES)
     with (output / RESPONSES).open("a") as sink, tqdm(total=len(todo), desc="answers", unit="answer",
                                                        disable=not progress) as bar:
-        refill()
+        if cut:  # a run killed while writing left a partial record: ours start on a line of their own
+            sink.write("\n")
+        if in_time():
+            refill()
         while gen.has_work():
             for seq in gen.step():
                 p, rendered = live.pop(id(seq))
@@ -222,12 +243,17 @@ def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_to
                 written += 1
                 tokens += len(seq.generated)
                 bar.update(1)
-            if deadline is None or time.monotonic() < deadline:
+            if in_time():
                 refill()
     seconds = time.perf_counter() - started
     summary = {"answers_written": written, "tokens_generated": tokens, "seconds": round(seconds, 1),
                "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-               "answers_total": len(done) + written, "remaining": len(todo) - written}
+               "answers_total": len(done) + written, "remaining": len(todo) - written - len(too_long)}
+    if too_long:
+        summary["skipped_longer_than_context"] = len(too_long)
+        log(f"skipped {len(too_long)} prompts longer than the bundle's max context "
+            f"({gen.bundle.limits.max_context} tokens; re-export with a larger --max-context to answer them), "
+            f"for example {too_long[0]}")
     log(json.dumps(summary))
     return summary
 
