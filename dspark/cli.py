@@ -180,7 +180,7 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--max-batch", type=int, help="Most requests running at once (default and ceiling: the bundle's).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not included in the output.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt (text, token_ids, finish_reason, stats), in input order.")
 @click.option("--trace", type=click.Path(path_type=Path), help="Write one JSON line per speculative round to this file.")
 @backend_options
@@ -223,7 +223,7 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--context", default=256, show_default=True, help="Cache entries per row while timing (a typical context length).")
 @click.option("--repeats", default=20, show_default=True, help="Timed calls per (rows, width) pair; the median is kept.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls per pair first.")
@@ -260,7 +260,7 @@ def lookup_data(bundle_dir, source):
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Held-out prompts: one per line or JSON lines with 'prompt'.")
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature the calibration is for (labels depend on it).")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (prompt i uses seed+i).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @backend_options
@@ -300,7 +300,7 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, no_p
 @click.option("--lookup", default=2, show_default=True, type=click.IntRange(min=0),
               help="Prompt lookup in the speculative run (see 'dspark generate --lookup'): where the last 2+ tokens "
                    "occurred before, draft what followed them; 0 turns it off.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores).")
 @backend_options
 def demo(model, prompt, draft, max_new_tokens, lookup, threads, backend, device):
     """Export a real model (cached), then decode one prompt plainly and speculatively, side by side."""
@@ -371,7 +371,7 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--repeats", default=3, show_default=True, help="Timed passes over all configurations (median tokens/s).")
 @click.option("--warmup", default=1, show_default=True, help="Untimed passes first.")
 @click.option("--cost-repeats", default=20, show_default=True, help="Timed calls per call-cost measurement (median).")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed (request i uses seed+i).")
 @click.option("--peers", is_flag=True,
               help="Also time other engines on the same prompts, one request at a time, greedy (bench/peers/): "
@@ -429,11 +429,11 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port to listen on.")
 @click.option("--model-name", help="Model id clients send and /v1/models lists (default: the bundle folder's name).")
 @click.option("--api-key", envvar="DSPARK_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set DSPARK_API_KEY).")
 @click.option("--max-batch", type=int, help="Most requests running at once (default and ceiling: the bundle's).")
-@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for a row; beyond it the server answers 429.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0), help="Requests that may wait for a row; beyond it the server answers 429.")
 @click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
               help="How many draft tokens to verify per round (see 'dspark generate').")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
@@ -449,7 +449,7 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                    "--num-draft-tokens at export.")
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores; with replicas, the "
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores; with replicas, the "
                    "cluster's CPUs shared out among them), also the CPU slots each replica takes on Ray.")
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="On SIGTERM, seconds in-flight requests get to finish before they are cancelled (each still gets a "

@@ -164,6 +164,21 @@ def test_bad_sampling_options_are_one_line(qwen3_bundle, value, option):
     assert_one_line_error(code, out, option.lstrip("-"))
 
 
+@pytest.mark.parametrize("command,option,value", [
+    ("generate", "--num-draft-tokens", "0"), ("generate", "--num-draft-tokens", "-1"), ("generate", "--max-batch", "0"),
+    ("generate", "--threads", "-1"), ("profile", "--repeats", "0"), ("profile", "--warmup", "-1"),
+    ("profile", "--context", "-5"), ("bench", "--threads", "-2")])
+def test_counts_out_of_range_are_refused(qwen3_bundle, command, option, value):
+    """A count that cannot work is refused before anything runs (0 draft tokens or rows used to mean the default,
+    0 timed calls crashed profile, a negative thread count reached ONNX Runtime)."""
+    extra = ["--prompt", "w1", "--max-new-tokens", 3] if command == "generate" else ["--no-progress"]
+    profiles = lambda: sorted((qwen3_bundle / "profiles").glob("*"))  # noqa: E731
+    before = profiles()
+    code, out = run(command, qwen3_bundle, *extra, option, value)
+    assert code == 2 and option in out and "Traceback" not in out, out
+    assert profiles() == before  # nothing written
+
+
 def test_a_negative_seed_is_a_usage_error(qwen3_bundle):
     code, out = run("generate", qwen3_bundle, "--prompt", "w1", "--seed", -1)
     assert code == 2 and "--seed" in out and "Traceback" not in out

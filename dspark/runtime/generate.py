@@ -144,6 +144,8 @@ class Generator:
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         limits = self.bundle.limits
+        if max_batch is not None and max_batch < 1:
+            raise DsparkError(f"--max-batch {max_batch}: run at least 1 request at once")
         self.max_batch = min(max_batch or limits.max_batch, limits.max_batch)
         self.tokenizer = Tokenizer(self.bundle)
         self.eos_ids = set(self.bundle.tokenizer.eos_token_ids)

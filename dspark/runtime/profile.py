@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dspark.bundle import Bundle
+from dspark.errors import DsparkError
 from dspark.runtime.decoder import decoder_cache, run_decoder
 from dspark.runtime.backends import make_runner
 
@@ -57,6 +58,9 @@ def ladder(limit: int) -> list[int]:
 
 def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: int = 256, repeats: int = 20,
                    warmup: int = 3, progress: bool = True, device: str = "cpu") -> dict:
+    if repeats < 1 or warmup < 0 or context < 0:
+        raise DsparkError(f"need --repeats >= 1, --warmup >= 0 and --context >= 0 (got {repeats}, {warmup}, "
+                          f"{context})")
     bundle = Bundle.open(bundle_dir)
     runner = make_runner(bundle, "target", backend, threads, device)
     limits = bundle.limits

@@ -346,6 +346,9 @@ class LookupProposer:
 
 def choose_draft_length(bundle: Bundle, requested: int | None) -> int:
     """Draft tokens per round: ``requested`` or the bundle's, refused when the verify graph cannot take it."""
+    if requested is not None and requested < 1:
+        raise DsparkError(f"--num-draft-tokens {requested}: draft at least 1 token a round (or decode plainly with "
+                          "--no-draft)")
     draft_length = requested or (bundle.draft.draft_length if bundle.draft else bundle.limits.max_verify_tokens - 1)
     if draft_length < 1:
         raise DsparkError("prompt lookup on a bundle without a draft needs room to verify drafts: re-export it with "

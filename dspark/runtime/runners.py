@@ -77,6 +77,8 @@ def ort_session(path: Path, threads: int, providers: list[str], spin: bool):
     """The process's ONNX Runtime session for the graph at ``path`` with these options, made on first use."""
     import onnxruntime as ort
 
+    if threads < 0:
+        raise DsparkError(f"--threads {threads}: give a number of threads, or 0 for all cores")
     key = (*file_identity(path), threads, tuple(providers), spin, _thread_pool["shared"])
     session = _sessions.get(key)
     if session is not None:

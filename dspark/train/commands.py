@@ -41,15 +41,15 @@ def _run_options(counted: str, seeded: str, sequence: str):
     """--minutes to --seq-len, shared by train-target and train-draft; the help names what each trainer counts as a
     step (``counted``), what the seed draws (``seeded``) and what a sequence is (``sequence``)."""
     return _options(
-        click.option("--minutes", type=float, default=None,
+        click.option("--minutes", type=click.FloatRange(min=0), default=None,
                      help="Stop (and save) after this much wall time in this call."),
-        click.option("--steps", type=int, default=None,
+        click.option("--steps", type=click.IntRange(min=0), default=None,
                      help=f"Stop (and save) at this total {counted} count. Without --steps and --minutes: "
                           "train to --schedule-steps."),
-        click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice)."),
         click.option("--seed", default=0, show_default=True, help=f"Seed for initialisation, {seeded}."),
-        click.option("--batch-size", default=8, show_default=True, help="Sequences per optimizer step."),
-        click.option("--seq-len", default=512, show_default=True, help=sequence),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per optimizer step."),
+        click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2), help=sequence),
     )
 
 
@@ -57,11 +57,11 @@ def _evaluation_options(evaluated: str, eval_windows: int, saved: str):
     """--eval-every, --eval-windows and --save-minutes, shared by train-target and train-draft; the help names what
     an evaluation reports (``evaluated``) and what a save writes (``saved``)."""
     return _options(
-        click.option("--eval-every", default=100, show_default=True,
+        click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=1),
                      help=f"Held-out evaluation interval in steps{evaluated}."),
-        click.option("--eval-windows", default=eval_windows, show_default=True,
+        click.option("--eval-windows", default=eval_windows, show_default=True, type=click.IntRange(min=1),
                      help="Number of fixed held-out windows evaluated."),
-        click.option("--save-minutes", default=5.0, show_default=True,
+        click.option("--save-minutes", default=5.0, show_default=True, type=click.FloatRange(min=0),
                      help=f"{saved} interval in minutes (also saved at the end and on SIGTERM/SIGINT)."),
     )
 
@@ -110,10 +110,10 @@ def make_data_command(bundle_dir, output, max_new_tokens, held_out, limit, minut
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder: HF layout plus train_state.pt and training_log.jsonl; resumed if present.")
 @_run_options("optimizer step", "batches and held-out windows", "Tokens per training sequence.")
-@click.option("--lr", default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate.")
 @click.option("--min-lr-ratio", default=0.1, show_default=True, help="Final learning rate as a fraction of --lr.")
-@click.option("--warmup-steps", default=200, show_default=True, help="Linear warmup steps.")
-@click.option("--schedule-steps", default=4000, show_default=True,
+@click.option("--warmup-steps", default=200, show_default=True, type=click.IntRange(min=0), help="Linear warmup steps.")
+@click.option("--schedule-steps", default=4000, show_default=True, type=click.IntRange(min=1),
               help="Step at which the cosine decay reaches its floor (the LR stays there afterwards).")
 @click.option("--weight-decay", default=0.1, show_default=True, help="AdamW weight decay (matrices only).")
 @click.option("--grad-clip", default=1.0, show_default=True, help="Gradient norm clip.")
@@ -172,9 +172,9 @@ def _layer_list(_ctx, _param, value):
               help="Drafter checkpoint folder (loadable by 'dspark export TARGET --draft OUTPUT') plus "
                    "train_state.pt and training_log.jsonl; resumed if present.")
 @_run_options("step", "batches, anchors, held-out windows", "Tokens per training sequence (target context).")
-@click.option("--lr", default=6e-4, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--warmup-steps", default=50, show_default=True, help="Linear warmup steps.")
-@click.option("--schedule-steps", default=2000, show_default=True,
+@click.option("--lr", default=6e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate.")
+@click.option("--warmup-steps", default=50, show_default=True, type=click.IntRange(min=0), help="Linear warmup steps.")
+@click.option("--schedule-steps", default=2000, show_default=True, type=click.IntRange(min=1),
               help="Step at which the cosine decay reaches its floor (0.1 x --lr).")
 @click.option("--block-size", default=7, show_default=True, help="dspark/dflash: block size B (draft tokens per round).")
 @click.option("--num-layers", type=int, default=None,
