@@ -176,6 +176,6 @@ def test_make_data_answers_resumes_and_stops_on_time(tmp_path):
     assert result.exit_code == 0, result.output
     skipped = int(result.output.split("skipped ")[1].split()[0])
     assert 0 < skipped < 43 and len(read_responses(tmp_path / "short-data")) == 43 - skipped
-    for option in ("--limit", "--held-out", "--minutes"):
+    for option in ("--limit", "--held-out", "--minutes", "--threads"):
         result = make_data(option, "-1")
         assert result.exit_code == 2 and option in result.output, result.output

@@ -82,7 +82,8 @@ def _evaluation_options(evaluated: str, eval_windows: int, saved: str):
                    "answers nothing new and rewrites the arrays from the answers so far.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Requests decoded together (default: the bundle's max_batch).")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--stdlib", "root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Source folder the code prompts are derived from (default: this Python's standard library).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
