@@ -155,6 +155,14 @@ def test_drafter_without_frozen_copies_loads_beside_its_target(qwen3_pair, tmp_p
     slim = Drafter.from_pretrained(slim_dir, target_config, target_dir=target_dir)
     for (name, a), (_, b) in zip(full.state_dict().items(), slim.state_dict().items()):
         assert torch.equal(a, b), name
+    # the torch backend and `dspark check` rebuild it from a bundle's manifest, beside the target recorded there
+    from dspark.runtime.torch_runner import load_module
+
+    export_bundle(target_dir, tmp_path / "bundle", slim_dir, ExportOptions(max_context=128, prefill_chunk=32),
+                  progress=False)
+    rebuilt = load_module(Bundle.open(tmp_path / "bundle"), "draft")
+    for (name, a), (_, b) in zip(full.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_quantized_drafter_is_still_lossless(qwen3_pair, tmp_path):

@@ -43,7 +43,7 @@ def _load(kind: str, source: str, target_source: str, tap_layers: tuple, dtype: 
 
     if kind == "drafter":
         target_config = DecoderConfig.from_hf(read_config(target_source))
-        module = Drafter.from_pretrained(source, target_config, dtype=dtype)
+        module = Drafter.from_pretrained(source, target_config, dtype=dtype, target_dir=target_source)
     else:
         module = DecoderLM.from_pretrained(source, tap_layers=tap_layers, dtype=dtype)
     return module.to(device).eval()
