@@ -76,8 +76,9 @@ _register_training_commands()
                    "cheaper round). With the target's own checkpoint as --draft this makes the target's int4 copy its "
                    "draft: no training, high acceptance, lossless output of the fp32 target. w8a8 is for a draft LM only.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk, num_draft_tokens, dtype, runtime,
-           quantize, draft_quantize, force):
+           quantize, draft_quantize, force, no_progress):
     """Export TARGET_DIR (and --draft) into a bundle of ONNX graphs.
 
     TARGET_DIR is a Hugging Face checkpoint folder or a .gguf file (llama, qwen2, qwen3; dequantized to fp32
@@ -89,7 +90,7 @@ def export(target_dir, draft_dir, output, max_batch, max_context, prefill_chunk,
     options = ExportOptions(max_batch, max_context, prefill_chunk, dtype, num_draft_tokens, runtime, quantize,
                             draft_quantize)
     started = time.perf_counter()
-    export_bundle(target_dir, output, draft_dir, options, force=force)
+    export_bundle(target_dir, output, draft_dir, options, force=force, progress=not no_progress)
     seconds = time.perf_counter() - started
     bundle = Bundle.open(output, verify=False)  # just written: the summary needs the fields, not the hashes
     size = sum(f.bytes for f in bundle.files.values())
