@@ -169,8 +169,8 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),
               help="Prompt lookup: a request whose last N or more tokens (longest match up to 4) occurred earlier in "
                    "its prompt or output drafts what followed them there, at no graph cost; other requests use the "
-                   "bundle's draft, or none with --no-draft. 0 turns it off. A bundle without a draft needs "
-                   "--num-draft-tokens at export.")
+                   "bundle's draft, or with --no-draft the bundle's lookup store where it has one ('dspark "
+                   "lookup-data'). 0 turns it off. A bundle without a draft needs --num-draft-tokens at export.")
 @click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
               help="How many draft tokens to verify: all, up to the first confidence below --threshold, or paper Algorithm 1 over the profiled table.")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
@@ -248,8 +248,10 @@ def profile(bundle_dir, threads, context, repeats, warmup, no_progress, backend,
 def lookup_data(bundle_dir, source):
     """Give BUNDLE_DIR's prompt lookup a store of text its target wrote before: SOURCE is a 'dspark make-data'
     folder (its train.npy: prompts and the target's answers) or a .npy file of token ids. With --lookup, a request
-    whose own tokens have no match then drafts what most often followed its last tokens in the store; drafts are
-    verified as always, so output does not change. Replaces the bundle's store if it has one."""
+    whose own tokens have no match then drafts what most often followed its last tokens in the store, where the
+    bundle's draft is not used (--no-draft, bench method 'lookup'); with the draft, rows without a match of their
+    own get the draft's. Drafts are verified as always, so output does not change. Replaces the bundle's store if
+    it has one."""
     from dspark.runtime.store import add_store
 
     summary = add_store(bundle_dir, source)
@@ -446,8 +448,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),
               help="Prompt lookup: a request whose last N or more tokens (longest match up to 4) occurred earlier in "
                    "its prompt or output drafts what followed them there, at no graph cost; other requests use the "
-                   "bundle's draft, or none with --no-draft. 0 turns it off. A bundle without a draft needs "
-                   "--num-draft-tokens at export.")
+                   "bundle's draft, or with --no-draft the bundle's lookup store where it has one ('dspark "
+                   "lookup-data'). 0 turns it off. A bundle without a draft needs --num-draft-tokens at export.")
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores; with replicas, the "

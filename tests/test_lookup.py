@@ -108,3 +108,9 @@ def test_lookup_store_drafts_when_own_tokens_do_not_match(qwen3_bundle, tmp_path
     assert gen.proposer.trials[gen.proposer.STORE, 0] > 0
     # another Generator of the bundle reads the same index instead of building its own
     assert Generator(bundle, use_draft=False, lookup=2).proposer.store is gen.proposer.store
+    # with the bundle's draft, rows without a match of their own get the draft's drafts, not the store's
+    spec = Generator(bundle, lookup=2)
+    assert spec.proposer.store is None and spec.proposer.inner is not None
+    seqs = spec.generate([Request(p, max_new_tokens=24, ignore_eos=True) for p in prompts], trace=True)
+    assert [s.generated for s in seqs] == answers
+    assert not spec.proposer.trials[spec.proposer.STORE].any()
