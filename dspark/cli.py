@@ -121,6 +121,15 @@ def fetch(name):
     click.echo(str(fetch_model(name, log=lambda line: click.echo(line, err=True))))
 
 
+# prompt lookup as generate and serve take it (demo and bench word theirs for what they compare)
+lookup_option = click.option(
+    "--lookup", default=0, show_default=True, type=click.IntRange(min=0),
+    help="Prompt lookup: a request whose last N or more tokens (longest match up to 4) occurred earlier in its "
+         "prompt or output drafts what followed them there, at no graph cost; other requests use the bundle's "
+         "draft, or with --no-draft the bundle's lookup store where it has one ('dspark lookup-data'). 0 turns it "
+         "off. A bundle without a draft needs --num-draft-tokens at export.")
+
+
 def backend_options(command):
     """--backend and --device, the same on every command that runs graphs; with ONNX Runtime the command's sessions
     share one thread pool (``share_thread_pool``: a speculative round alternates between sessions)."""
@@ -166,11 +175,7 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling; the same seed gives the same output (prompt i uses seed+i).")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's; at most the block for DSpark).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
-@click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Prompt lookup: a request whose last N or more tokens (longest match up to 4) occurred earlier in "
-                   "its prompt or output drafts what followed them there, at no graph cost; other requests use the "
-                   "bundle's draft, or with --no-draft the bundle's lookup store where it has one ('dspark "
-                   "lookup-data'). 0 turns it off. A bundle without a draft needs --num-draft-tokens at export.")
+@lookup_option
 @click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
               help="How many draft tokens to verify: all, up to the first confidence below --threshold, or paper Algorithm 1 over the profiled table.")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
@@ -445,11 +450,7 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
               help="Draft length by number of running requests (see 'dspark generate'); auto drafts only at the "
                    "batch sizes where drafting has measured faster than plain decoding on this server.")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
-@click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Prompt lookup: a request whose last N or more tokens (longest match up to 4) occurred earlier in "
-                   "its prompt or output drafts what followed them there, at no graph cost; other requests use the "
-                   "bundle's draft, or with --no-draft the bundle's lookup store where it has one ('dspark "
-                   "lookup-data'). 0 turns it off. A bundle without a draft needs --num-draft-tokens at export.")
+@lookup_option
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Jinja chat template file for /v1/chat/completions (default: tokenizer_config.json's).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores; with replicas, the "
