@@ -86,3 +86,34 @@ def test_serve_on_the_torch_backend(qwen3_bundle):
     with cli_server(qwen3_bundle, "--backend", "torch", "--threads", "1") as (_process, url):
         with httpx.Client(base_url=url, timeout=120) as client:
             check_sixteen_concurrent_greedy(client, qwen3_bundle)
+
+
+@pytest.mark.parametrize("installed, hinted", [("1.31.0", True), ("1.32.0", False)])
+def test_an_older_onnxruntime_is_told_which_version_the_graphs_need(tmp_path, monkeypatch, installed, hinted):
+    """A GroupQueryAttention node this ONNX Runtime refuses: on a version below the ort flavour's floor the error
+    names the floor and the pip command (1.30 and 1.31 refuse every exported ort-flavour graph this way)."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from dspark.runtime.runners import ort_session
+
+    # 18 inputs: one past what any GroupQueryAttention schema takes, so this ONNX Runtime refuses it as well
+    inputs = ["q", "", "", "past", "past", "lens", "total"] + [""] * 11
+    node = helper.make_node("GroupQueryAttention", inputs, ["out", "pk", "pv"], domain="com.microsoft",
+                            num_heads=2, kv_num_heads=1)
+    graph = helper.make_graph(
+        [node], "gqa",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 1, 64]),
+         helper.make_tensor_value_info("past", TensorProto.FLOAT, [1, 1, 8, 16]),
+         helper.make_tensor_value_info("lens", TensorProto.INT32, [1]),
+         helper.make_tensor_value_info("total", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "gqa.onnx"
+    onnx.save(model, path)
+    monkeypatch.setattr(onnxruntime, "__version__", installed)
+    with pytest.raises(DsparkError, match="GroupQueryAttention") as error:
+        ort_session(path, 1, ["CPUExecutionProvider"], spin=False)
+    assert ("onnxruntime 1.32 or newer" in str(error.value)) == hinted
+    assert ("pip install -U 'onnxruntime>=1.32'" in str(error.value)) == hinted

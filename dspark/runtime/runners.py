@@ -8,6 +8,7 @@ views of those buffers and stay valid until the runner's next call.
 
 from __future__ import annotations
 
+import re
 import weakref
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from dspark.errors import DsparkError
 # inputs up to this many elements (ids, lengths, positions) are copied into buffers bound once per shape, which
 # costs less than binding a new array every call
 STAGE_LIMIT = 4096
+
+# the oldest ONNX Runtime that loads the ``ort`` flavour: its GroupQueryAttention takes per-row query lengths
+# (input 16, ``query_seqlens``), without which a batched verify call is refused; 1.30 and 1.31 reject the node
+ORT_FLAVOUR_MIN = (1, 32)
 
 
 class GraphRunner:
@@ -100,7 +105,13 @@ def ort_session(path: Path, threads: int, providers: list[str], spin: bool):
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # ORT raises its own exception types for unreadable graphs
-        raise DsparkError(f"ONNX Runtime cannot load {path}: {e}") from None
+        installed = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2])
+        hint = ""
+        if installed < ORT_FLAVOUR_MIN and "GroupQueryAttention" in str(e):
+            wanted = ".".join(map(str, ORT_FLAVOUR_MIN))
+            hint = (f"\nthis graph needs onnxruntime {wanted} or newer (installed: {ort.__version__}); "
+                    f"run: pip install -U 'onnxruntime>={wanted}'")
+        raise DsparkError(f"ONNX Runtime cannot load {path}: {e}{hint}") from None
     _sessions[key] = session
     return session
 
