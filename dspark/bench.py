@@ -36,7 +36,9 @@ How it is measured:
   ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. All four come from the
   timed pass with the median round time, so they add up. A call inside the loop can cost more than the same call
   repeated alone (the draft's and the target's weights evict each other from the CPU caches): compare
-  ``draft_ms`` with ``call_costs_ms``. The C++ host keeps the same clock in C++.
+  ``draft_ms`` with ``call_costs_ms``. The C++ host keeps the same clock in C++. On the device step (the torch
+  backend on CUDA) drafting, verification and acceptance are one captured call, counted as ``verify_ms``
+  (``draft_ms`` 0); its calls cannot be timed apart, so ``call_costs_ms`` and ``ideal_speedup_alone`` are None.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
   draft length by how many rows are in flight; 0 turns drafting off there; ``auto`` learns it per method as it
   runs (each generator has its own).
@@ -232,12 +234,14 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def call_costs(gen, rows: int, context: int, repeats: int) -> dict:
+def call_costs(gen, rows: int, context: int, repeats: int) -> dict | None:
     """Median ms of a target call with ``rows`` rows of 1 and of draft_length + 1 tokens, and of one draft round
-    for ``rows``."""
+    for ``rows``; None for the device step, whose round is one captured call that cannot be timed apart."""
     from dspark.runtime.decoder import decoder_cache, run_decoder
     from dspark.runtime.generate import Request
 
+    if gen.device_step is not None:
+        return None
     bundle, draft_length = gen.bundle, gen.draft_length
     context = max(1, min(context, bundle.limits.max_context - draft_length - 2))
     cache = decoder_cache(bundle.target.config, rows, bundle)
@@ -519,7 +523,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         row["call_costs_ms"] = costs[config.name]
         c = costs[config.name]
         tau = row["mean_accepted_length"]
-        row["ideal_speedup_alone"] = tau * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"])
+        row["ideal_speedup_alone"] = tau * c["t1_ms"] / (c["t_draft_ms"] + c["t_verify_ms"]) if c else None
         clocks = [r.clock for r in config.runs if r.clock.rounds]
         row["clocked"] = bool(clocks)  # False only when every request ended at its prefill
         if clocks:
@@ -547,7 +551,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
             row["ideal_speedup"] = row["mean_accepted_length"] * step / (row["draft_ms"] + row["verify_ms"])
         else:
             row["ideal_speedup"] = row["ideal_speedup_alone"]
-        row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
+        row["of_ideal"] = row["speedup"] / row["ideal_speedup"] if row["ideal_speedup"] else None
         row["matches_plain"] = (None if temperature != 0 else
                                 [s.generated for s in config.runs[0].seqs] == plain_tokens[config.concurrency])
         configurations.append(row)
@@ -635,8 +639,8 @@ def table(report: dict) -> str:
         acc = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
         split = f"{r['round_ms']:.2f} = {r['draft_ms']:.2f} + {r['verify_ms']:.2f} + {r['host_ms']:.2f}"
         lines.append(f"{r['method']:<10} {r['scheduler'] or '-':<9} {r['concurrency']:>3} "
-                     f"{r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x "
-                     f"{r['of_ideal']:>6.2f} {r['mean_accepted_length']:>6.2f} {split:>33} {r['ttft_ms']:>9.1f} "
+                     f"{r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x {_fmt(r['ideal_speedup']):>6}x "
+                     f"{_fmt(r['of_ideal']):>6} {r['mean_accepted_length']:>6.2f} {split:>33} {r['ttft_ms']:>9.1f} "
                      f"{r['itl_p50_ms']:>8.2f}  {acc}")
     if report.get("peers"):
         lines += ["", "peers (one request at a time, greedy, same prompts):"]
@@ -685,7 +689,7 @@ def markdown(report: dict, plots: list[str]) -> str:
     for r in report["configurations"]:
         acc = ", ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
         out.append(f"| {r['method']} | {r['scheduler'] or '-'} | {r['concurrency']} | {r['tokens_per_second']:.1f} | "
-                   f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['of_ideal']:.2f} | "
+                   f"{r['speedup']:.2f}x | {_fmt(r['ideal_speedup'])}x | {_fmt(r['of_ideal'])} | "
                    f"{r['mean_accepted_length']:.2f} | {r['round_ms']:.2f} | {r['draft_ms']:.2f} | "
                    f"{r['verify_ms']:.2f} | {r['host_ms']:.2f} | {r['ttft_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
                    f"{r['itl_p99_ms']:.2f} | {acc} |")
@@ -694,6 +698,9 @@ def markdown(report: dict, plots: list[str]) -> str:
             "| method | scheduler | c | T(1) | T_verify | T_draft | ideal alone |", "|" + "---|" * 7]
     for r in report["configurations"]:
         c = r["call_costs_ms"]
+        if c is None:  # the device step: drafting, verification and acceptance are one captured call
+            out.append(f"| {r['method']} | {r['scheduler'] or '-'} | {r['concurrency']} | - | - | - | - |")
+            continue
         out.append(f"| {r['method']} | {r['scheduler'] or '-'} | {r['concurrency']} | {c['t1_ms']:.3f} | "
                    f"{c['t_verify_ms']:.3f} | {c['t_draft_ms']:.3f} | {r['ideal_speedup_alone']:.2f}x |")
     if report.get("peers"):
@@ -737,7 +744,8 @@ def plot(report: dict, output: Path) -> list[str]:
         left.plot(cs, [r["tokens_per_second"] for r in mine], marker="o", label=name)
         right.plot(cs, [r["speedup"] for r in mine], marker="o", label=f"{name} measured")
         if name != "plain":
-            right.plot(cs, [r["ideal_speedup"] for r in mine], marker="x", linestyle="--", label=f"{name} ideal")
+            ideal = [float("nan") if r["ideal_speedup"] is None else r["ideal_speedup"] for r in mine]
+            right.plot(cs, ideal, marker="x", linestyle="--", label=f"{name} ideal")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")

@@ -220,3 +220,29 @@ def test_rows_that_are_not_lossless_are_named():
     lines = mismatches({"configurations": rows})
     assert len(lines) == 1 and lines[0].startswith("dspark (sps, c=1) wrote other tokens than plain decoding")
     assert mismatches({"configurations": rows[:1] + rows[2:]}) == []
+
+
+def test_bench_through_the_device_step(dspark_bundle, tmp_path, monkeypatch):
+    """The device step (the torch backend's round on CUDA; here on torch-CPU tensors, the same code) runs a round as
+    one call: bench counts it as the verify call, reports no call costs for it, and still derives the in-run ideal
+    (it crashed on the H200 asking the device step's generator for a target runner it does not have)."""
+    import functools
+
+    import dspark.runtime.generate
+    from dspark.runtime.generate import Generator
+
+    monkeypatch.setattr(dspark.runtime.generate, "Generator", functools.partial(Generator, device_step=True))
+    out = tmp_path / "report"
+    code, text = run("bench", dspark_bundle, "--backend", "torch", "--prompts", "prose", "--num-prompts", 2,
+                     "--max-new-tokens", 8, "--concurrency", "1,2", "--repeats", 1, "--warmup", 0, "--threads", 1,
+                     "--output", out, "--no-progress")
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert check_finite(report) == []
+    for r in report["configurations"]:
+        assert r["call_costs_ms"] is None
+        assert r["draft_ms"] == 0 and r["verify_ms"] > 0 and r["matches_plain"] is True
+        assert r["round_ms"] == pytest.approx(r["verify_ms"] + r["host_ms"])
+    spec = [r for r in report["configurations"] if r["method"] == "dspark"]
+    assert spec and all(r["ideal_speedup_alone"] is None and r["of_ideal"] > 0 for r in spec)
+    assert "| dspark | fixed | 1 | - | - | - | - |" in (out / "report.md").read_text()

@@ -323,7 +323,11 @@ class Generator:
     def _device_round(self, seqs: list[Sequence], caps: list[int]) -> int:
         """The round on the device: drafts, verify, acceptance and KV commit in one (captured) step."""
         active = [not s.done for s in seqs]
+        # drafting, verification and acceptance are one captured call here: the clock counts it as the verify
+        # call (draft_s stays 0), so a round's host work is what remains around it, as on the host loop
+        verifying = time.perf_counter()
         out = self.device_step.round(seqs, caps)
+        self.clock.verify_s += time.perf_counter() - verifying
         first = self.device_step.draft_length + 2  # out[r]: accepted count, the emitted tokens, then the drafts
         emitted = 0
         for r, s in enumerate(seqs):
