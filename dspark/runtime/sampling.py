@@ -67,12 +67,18 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     temperature, so a small temperature cannot overflow into inf - inf.
     """
     x = np.asarray(logits, dtype=np.float64)
-    x = np.where(np.isnan(x), -np.inf, x)
+    temperature = max(params.temperature, GREEDY_TEMPERATURE)
     top = x.max(axis=-1, keepdims=True)
-    with np.errstate(over="ignore", invalid="ignore"):
-        # rows whose maximum is +inf keep only their +inf entries; rows of -inf are flat
-        x = np.where(np.isposinf(top), np.where(np.isposinf(x), 0.0, -np.inf),
-                     np.where(np.isneginf(top), 0.0, (x - top) / max(params.temperature, GREEDY_TEMPERATURE)))
+    if np.isfinite(top).all():
+        # the common case in one pass: a finite maximum means no NaN (it would be the maximum) and no +inf
+        x = (x - top) / temperature
+    else:
+        x = np.where(np.isnan(x), -np.inf, x)
+        top = x.max(axis=-1, keepdims=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            # rows whose maximum is +inf keep only their +inf entries; rows of -inf are flat
+            x = np.where(np.isposinf(top), np.where(np.isposinf(x), 0.0, -np.inf),
+                         np.where(np.isneginf(top), 0.0, (x - top) / temperature))
     if params.top_k and params.top_k < x.shape[-1]:
         kth = np.partition(x, -params.top_k, axis=-1)[..., -params.top_k, None]
         x = np.where(x >= kth, x, -np.inf)
@@ -121,22 +127,23 @@ def accept(
         while accepted < len(draft_tokens) and draft_tokens[accepted] == choices[accepted]:
             accepted += 1
         return accepted, int(choices[accepted])
-    p = probabilities(target_logits, params)
+    # row by row, as far as the drafts survive: a round reads about τ of its K + 1 vocabulary-sized rows
     for k, token in enumerate(draft_tokens):
+        p = probabilities(target_logits[k], params)
         if draft_probs is None:  # point mass on the token: accepted with probability p(token), else p without it
-            if rng.random() < p[k, token]:
+            if rng.random() < p[token]:
                 continue
-            residual = p[k].copy()
+            residual = p.copy()
             residual[token] = 0.0
         else:
-            q = np.asarray(draft_probs[k], dtype=np.float64)
             # a draft law with NaN or negative entries (a broken drafter) must not turn into "accept everything"
-            q = np.where(np.isfinite(q) & (q > 0), q, 0.0)
-            ratio = p[k, token] / max(q[token], 1e-30)
-            if rng.random() < min(1.0, ratio):
+            q_token = float(draft_probs[k][token])
+            q_token = q_token if math.isfinite(q_token) and q_token > 0 else 0.0
+            if rng.random() < min(1.0, p[token] / max(q_token, 1e-30)):
                 continue
-            residual = np.maximum(p[k] - q, 0.0)
+            q = np.asarray(draft_probs[k], dtype=np.float64)
+            residual = np.maximum(p - np.where(np.isfinite(q) & (q > 0), q, 0.0), 0.0)
         if residual.sum() <= 1e-12:
-            residual = p[k]
+            residual = p
         return k, sample(residual, rng.random())
-    return len(draft_tokens), sample(p[len(draft_tokens)], rng.random())
+    return len(draft_tokens), sample(probabilities(target_logits[len(draft_tokens)], params), rng.random())
