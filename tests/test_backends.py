@@ -20,21 +20,36 @@ from dspark.runtime.generate import Generator
 
 @pytest.mark.parametrize("flavour", ["ort", "standard"])
 def test_torch_runner_keeps_the_flavours_cache_contract(qwen3_bundle, qwen3_trt_bundle, flavour):
-    """Prefill then a ragged verify call: logits and the K/V the cache ends up holding match ONNX Runtime's."""
+    """Prefill, a ragged verify call, a partial commit, a finished row replaced by a new one, another call: logits
+    and the K/V the cache ends up holding match ONNX Runtime's, with the torch runner's cache in numpy buffers and
+    in torch tensors (``cache_device``, how a GPU runner keeps it; here a torch tensor on the CPU, the same code)."""
+    import torch
+
+    from dspark.runtime.decoder import commit
+
     bundle = Bundle.open(qwen3_bundle if flavour == "ort" else qwen3_trt_bundle)
     assert bundle.graph("target").flavour == flavour
     results = {}
-    for backend in ("ort", "torch"):
+    for backend, device in (("ort", None), ("torch", None), ("torch", "cpu")):
         runner = make_runner(bundle, "target", backend)
-        cache = decoder_cache(bundle.target.config, 2, bundle)
+        cache = decoder_cache(bundle.target.config, 2, bundle, device=device)
+        assert isinstance(cache.k, torch.Tensor if device else np.ndarray)
         last = feed(runner, cache, [[5, 6, 7, 8], list(range(1, 40))], chunk=16)
         out = run_decoder(runner, cache, [[9, 10, 11], [12]])
-        lens = cache.lens.copy()
-        filled = [cache.k[:, r, :, : lens[r]].copy() for r in range(2)]
-        results[backend] = (np.stack(last), out["logits"][0, :3].copy(), out["logits"][1, :1].copy(), filled)
+        verify = (out["logits"][0, :3].copy(), out["logits"][1, :1].copy())
         assert set(out) == {o.name for o in bundle.graph("target").outputs if not o.name.startswith("present_")}
-    for want, got in zip(results["ort"], results["torch"]):
-        for a, b in zip(want, got):
+        commit(cache, out, [2, 1])  # row 0 keeps 2 of its 3 tokens: the third is rolled back
+        cache.keep_rows([1])  # row 0 finished; row 1 moves into its slot
+        cache.add_rows(cache.empty_like(1))
+        joined = feed(runner, cache, [[], [20, 21, 22]], chunk=16)[1]
+        out = run_decoder(runner, cache, [[13, 14], [23]])
+        lens = cache.lens.copy()
+        k = cache.k.cpu().numpy() if device else cache.k
+        filled = [k[:, r, :, : lens[r]].copy() for r in range(2)]
+        results[(backend, device)] = (np.stack(last), *verify, joined, out["logits"][:, :1].copy(), *filled)
+    want = results[("ort", None)]
+    for key in (("torch", None), ("torch", "cpu")):
+        for a, b in zip(want, results[key]):
             np.testing.assert_allclose(b, a, atol=2e-4, rtol=1e-4)
 
 

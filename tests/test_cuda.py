@@ -204,6 +204,18 @@ def test_graph_replay_equals_eager(dspark_bundle):
 
 
 @needs_cuda
+def test_cuda_host_loop_keeps_its_caches_on_the_device(qwen3_bundle):
+    """A draft LM runs the host loop on a GPU: the target's and the draft's caches stay there as torch tensors (no
+    copy across each call) and the tokens are ONNX Runtime's."""
+    want = [s.generated for s in Generator(qwen3_bundle).generate(greedy_requests())]
+    generator = Generator(qwen3_bundle, backend="torch", device="cuda", device_step=False)
+    got = [s.generated for s in generator.generate(greedy_requests())]
+    assert got == want
+    for cache in (generator.cache, generator.proposer.cache):
+        assert isinstance(cache.k, torch.Tensor) and cache.k.is_cuda
+
+
+@needs_cuda
 def test_memory_budget_refuses_with_numbers(dspark_bundle):
     from dspark.bundle import Bundle
     from dspark.runtime.cuda import DeviceStep

@@ -20,9 +20,10 @@ def cache_dtype(bundle: Bundle) -> type:
     return np.float16 if bundle.dtype == "fp16" else np.float32
 
 
-def decoder_cache(config: ModelConfig, rows: int, bundle: Bundle) -> KVCache:
+def decoder_cache(config: ModelConfig, rows: int, bundle: Bundle, device: str | None = None) -> KVCache:
+    """An empty cache for ``config``'s decoder; ``device``: where its buffers live (a runner's ``cache_device``)."""
     return KVCache(config.num_layers, rows, config.num_kv_heads, config.head_dim, cache_dtype(bundle),
-                   bundle.limits.max_context)
+                   bundle.limits.max_context, device=device)
 
 
 def run_decoder(runner: GraphRunner, cache: KVCache, parts: list[list[int]], last_only: bool = False) -> dict:

@@ -173,7 +173,8 @@ class Generator:
         self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
         self.calibration = load_calibration(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
-        self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle)
+        self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle,
+                                   device=self.target.cache_device if self.target else None)
         self.clock = RoundClock()  # replace it to start counting afresh
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()

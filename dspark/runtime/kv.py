@@ -4,6 +4,8 @@ Layout [layer, row, kv_head, position, head_dim] (the manifest's ``kv_layout``).
 window a graph reads, bound without a copy; its position capacity doubles when a row needs more room (capped
 at the bundle's max context), so the window stays within 2x the longest row and growth copies are amortised.
 Rejected tokens are rolled back by lowering a row's length: stale entries past it are masked by the graph.
+The buffers are numpy arrays on the host, or torch tensors on a device (``device``) for a torch runner there,
+which then updates them in place without copying the cache across each call; the lengths stay on the host.
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ class KVCache:
     in-place graphs bind.
     """
 
-    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype, max_len: int, capacity: int = 64):
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype, max_len: int, capacity: int = 64,
+                 device: str | None = None):
         self.max_len = max_len
+        self.dtype, self.device = np.dtype(dtype), device
         shape = (layers, rows, kv_heads, min(capacity, max_len), head_dim)
-        self._k = np.zeros(shape, dtype=dtype)
-        self._v = np.zeros(shape, dtype=dtype)
+        self._k = self._zeros(shape)
+        self._v = self._zeros(shape)
         self.lens = np.zeros(rows, dtype=np.int64)
+
+    def _zeros(self, shape: tuple):
+        if self.device is None:
+            return np.zeros(shape, dtype=self.dtype)
+        import torch
+
+        return torch.zeros(shape, dtype=getattr(torch, self.dtype.name), device=self.device)
 
     @property
     def rows(self) -> int:
@@ -58,8 +69,8 @@ class KVCache:
         n, old = self.rows, self._k.shape[3]
         for name in ("_k", "_v"):
             buffer = getattr(self, name)
-            new = np.zeros(buffer.shape[:1] + (rows,) + buffer.shape[2:3] + (positions,) + buffer.shape[4:],
-                           dtype=buffer.dtype)
+            new = self._zeros(tuple(buffer.shape[:1]) + (rows,) + tuple(buffer.shape[2:3]) + (positions,)
+                              + tuple(buffer.shape[4:]))
             new[:, :n, :, : min(old, positions)] = buffer[:, :n, :, :positions]
             setattr(self, name, new)
 
@@ -102,7 +113,7 @@ class KVCache:
 
     def empty_like(self, rows: int) -> "KVCache":
         layers, _, heads, _, dim = self._k.shape
-        return KVCache(layers, rows, heads, dim, self._k.dtype, self.max_len)
+        return KVCache(layers, rows, heads, dim, self.dtype, self.max_len, device=self.device)
 
     def advance(self, counts) -> None:
         """Count the first ``counts[r]`` positions past each row's length, already written by an in-place graph."""
@@ -111,6 +122,10 @@ class KVCache:
     def append(self, new_k: np.ndarray, new_v: np.ndarray, counts) -> None:
         """Write the first ``counts[r]`` new positions of each row at that row's length and advance it."""
         self.reserve(int(max(self.lens + np.asarray(counts))))
+        if self.device is not None:
+            import torch
+
+            new_k, new_v = (torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in (new_k, new_v))
         for row, count in enumerate(counts):
             if count:
                 start = self.lens[row]

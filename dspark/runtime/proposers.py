@@ -90,7 +90,7 @@ class DraftLMProposer:
         self.bundle = bundle
         self.runner = runner("draft")
         self.draft_length = draft_length
-        self.cache = decoder_cache(bundle.draft.config, 0, bundle)
+        self.cache = decoder_cache(bundle.draft.config, 0, bundle, device=self.runner.cache_device)
         # a reduced draft LM's graph reads and scores its own ids: N drafted ones, then the id of every other token
         self.width = bundle.draft.config.vocab_size - (1 if bundle.draft.draft_vocab else 0)
         self.vocab = DraftVocabulary(bundle, self.width)

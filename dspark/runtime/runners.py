@@ -32,6 +32,9 @@ class GraphRunner:
 
     input_names: list[str]
     output_names: list[str]
+    # where the KV caches this runner's in-place graph updates should live: None for numpy buffers on the host,
+    # or a torch device (``decoder_cache(..., device=)``), which a torch runner there updates without copies
+    cache_device: str | None = None
 
     def run(self, feeds: dict[str, np.ndarray], cache=None) -> dict[str, np.ndarray]:
         """Outputs by name for numpy feeds by name; ``cache`` is the KVCache an ``ort``-flavour decoder graph

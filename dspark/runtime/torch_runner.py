@@ -98,6 +98,8 @@ class TorchRunner(GraphRunner):
         self.input_names = [i.name for i in self.spec.inputs]
         self.output_names = [o.name for o in self.spec.outputs]
         self.in_place = self.spec.in_place
+        if self.in_place and self.device.type != "cpu":
+            self.cache_device = str(self.device)
         # the in-place graph's present_* outputs are the cache buffers themselves, not results
         self.result_specs = [o for o in self.spec.outputs if not o.name.startswith("present_")]
 
@@ -129,13 +131,15 @@ class TorchRunner(GraphRunner):
     def _run_in_place(self, t: dict, cache) -> tuple:
         if cache is None:
             raise ValueError(f"graph {self.graph} updates its KV cache in place; pass the cache")
-        on_host = self.device.type == "cpu"
-        # on the CPU the cache's numpy buffers are shared, not copied; a device computes on a copy it writes back
-        past_k, past_v = (torch.from_numpy(cache.k), torch.from_numpy(cache.v)) if on_host else \
-            (self._tensor(cache.k), self._tensor(cache.v))
+        if cache.device is not None:  # tensors already where this runner computes (its cache_device)
+            past_k, past_v = cache.k, cache.v
+        elif self.device.type == "cpu":  # the cache's numpy buffers, shared
+            past_k, past_v = torch.from_numpy(cache.k), torch.from_numpy(cache.v)
+        else:  # a host cache on a device runner (made without its cache_device): computed on a copy written back
+            past_k, past_v = self._tensor(cache.k), self._tensor(cache.v)
         logits, hidden = in_place_step(self.module, t["input_ids"], t["cache_lens"], t["query_lens"],
                                        t["logit_index"], past_k, past_v)
-        if not on_host:
+        if cache.device is None and self.device.type != "cpu":
             cache.k[...] = past_k.cpu().numpy()
             cache.v[...] = past_v.cpu().numpy()
         return logits, hidden
