@@ -206,13 +206,20 @@ def test_graph_replay_equals_eager(dspark_bundle):
 @needs_cuda
 def test_cuda_host_loop_keeps_its_caches_on_the_device(qwen3_bundle):
     """A draft LM runs the host loop on a GPU: the target's and the draft's caches stay there as torch tensors (no
-    copy across each call) and the tokens are ONNX Runtime's."""
+    copy across each call), with CUDA graphs its draft steps and verify calls replay captures, and the tokens are
+    ONNX Runtime's either way."""
     want = [s.generated for s in Generator(qwen3_bundle).generate(greedy_requests())]
-    generator = Generator(qwen3_bundle, backend="torch", device="cuda", device_step=False)
-    got = [s.generated for s in generator.generate(greedy_requests())]
-    assert got == want
-    for cache in (generator.cache, generator.proposer.cache):
-        assert isinstance(cache.k, torch.Tensor) and cache.k.is_cuda
+    for graphs in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a capture that falls back to eager would warn
+            generator = Generator(qwen3_bundle, backend="torch", device="cuda", device_step=False, cuda_graphs=graphs)
+            got = [s.generated for s in generator.generate(greedy_requests())]
+        assert got == want
+        for cache in (generator.cache, generator.proposer.cache):
+            assert isinstance(cache.k, torch.Tensor) and cache.k.is_cuda
+        for runner in (generator.target, generator.proposer.runner):
+            assert runner.graphs.captured() == (len(runner.graphs.graphs) if graphs else 0)
+            assert runner.graphs.captured() > 0 or not graphs
 
 
 @needs_cuda

@@ -32,15 +32,15 @@ def check_backend(backend: str, device: str) -> None:
 
 def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0, device: str = "cpu",
                 cuda_graphs: bool = False) -> GraphRunner:
-    """A runner for ``graph``; with ``cuda_graphs`` the trt backend replays one captured graph per shape bucket
-    (the other runners capture nothing: ONNX Runtime runs on the CPU, torch runners eagerly)."""
+    """A runner for ``graph``; with ``cuda_graphs`` the trt backend replays one captured graph per shape bucket and
+    a torch runner on a GPU one per call shape of its in-place decoder calls (ONNX Runtime runs on the CPU)."""
     check_backend(backend, device)
     if backend == "ort":
         return OrtRunner(bundle, graph, threads=threads, spin=graph == "target")
     if backend == "torch":
         from dspark.runtime.torch_runner import TorchRunner
 
-        return TorchRunner(bundle, graph, device, threads)
+        return TorchRunner(bundle, graph, device, threads, cuda_graphs=cuda_graphs)
     from dspark.runtime.trt import TrtRunner  # engines from 'dspark build' for this GPU and TensorRT version
 
     index = device.split(":")[1] if ":" in device else 0

@@ -80,5 +80,9 @@ class CudaGraphs:
         for tensor, value in zip(self.state, saved):
             tensor.copy_(value)
 
+    def forget(self, key: Hashable) -> None:
+        """Drop bucket ``key``'s graph, if any (its memory goes back to the shared pool)."""
+        self.graphs.pop(key, None)
+
     def captured(self) -> int:
         return sum(g is not None for g in self.graphs.values())

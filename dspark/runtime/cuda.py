@@ -33,7 +33,7 @@ from dspark.errors import DsparkError
 from dspark.runtime.buckets import Buckets
 from dspark.runtime.capture import CudaGraphs, cuda_capture
 from dspark.runtime.proposers import choose_draft_length
-from dspark.runtime.torch_runner import load_module, module_problem
+from dspark.runtime.torch_runner import load_module, module_problem, write_block
 
 
 # ------------------------------------------------------------------------------------------------ acceptance
@@ -95,13 +95,6 @@ def accept_on_device(logits, drafts, q, lengths, temperature, top_p, top_k, unif
     u = uniforms.double().gather(1, (n + rejected.long())[:, None]).squeeze(1)
     sampled = inverse_cdf(dist, u)
     return torch.where(hot, n, greedy_n), torch.where(hot, sampled, greedy_next)
-
-
-def write_block(cache: torch.Tensor, block: torch.Tensor, lens: torch.Tensor) -> None:
-    """Write block [L, B, H, n, D] into cache [L, B, H, S, D] at positions lens[b] .. lens[b] + n - 1 (in place)."""
-    n = block.shape[3]
-    index = (lens[:, None] + torch.arange(n, device=lens.device)[None, :])[None, :, None, :, None]
-    cache.scatter_(3, index.expand_as(block), block)
 
 
 # ------------------------------------------------------------------------------------------------ the step

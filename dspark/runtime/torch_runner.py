@@ -5,7 +5,9 @@ Weights come from the checkpoint folders the manifest records (``models.<role>.s
 graphs were exported from, so the torch and ONNX Runtime backends compute the same functions. For a decoder
 graph of the ``ort`` flavour, this runner keeps that flavour's in-place contract on the runtime's KV cache
 (``in_place_step``): each row's new tokens' K/V are written into the cache at ``cache_lens``, and logits are
-returned only for the rows ``logit_index`` asks for.
+returned only for the rows ``logit_index`` asks for. On a GPU, with ``cuda_graphs``, such calls as wide as a verify
+call at most (the host loop's draft steps and verify calls) replay a CUDA graph captured per call shape and cache
+buffer; prefill chunks run eagerly.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import torch
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.runtime.capture import CudaGraphs, cuda_capture
 from dspark.runtime.runners import GraphRunner
+
+# captured call shapes a runner keeps; past it the oldest goes (caches made for one prefill each bring new buffers)
+MAX_GRAPHS = 64
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -75,17 +81,25 @@ def in_place_step(model, input_ids, cache_lens, query_lens, logit_index, past_k,
     lens = cache_lens.long()
     positions = lens[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
     logits, new_k, new_v, hidden = model.step(input_ids, positions, lens, past_k, past_v)
-    for r, (start, count) in enumerate(zip(lens.tolist(), query_lens.tolist())):
-        past_k[:, r, :, start : start + count] = new_k[:, r, :, :count]
-        past_v[:, r, :, start : start + count] = new_v[:, r, :, :count]
+    # the whole padded chunk is written (no host sync, so it can be captured): slots past a row's query_lens lie
+    # past its length, masked until a later call overwrites them, as the exact-rows ONNX graph does
+    write_block(past_k, new_k, lens)
+    write_block(past_v, new_v, lens)
     picked = torch.gather(logits, 1, logit_index.long()[:, :, None].expand(-1, -1, logits.shape[-1]))
     return picked, hidden
+
+
+def write_block(cache: torch.Tensor, block: torch.Tensor, lens: torch.Tensor) -> None:
+    """Write block [L, B, H, n, D] into cache [L, B, H, S, D] at positions lens[b] .. lens[b] + n - 1 (in place)."""
+    n = block.shape[3]
+    index = (lens[:, None] + torch.arange(n, device=lens.device)[None, :])[None, :, None, :, None]
+    cache.scatter_(3, index.expand_as(block), block)
 
 
 class TorchRunner(GraphRunner):
     """A bundle graph computed by its PyTorch module; numpy feeds and outputs, like the other runners."""
 
-    def __init__(self, bundle: Bundle, graph: str, device: str = "cpu", threads: int = 0):
+    def __init__(self, bundle: Bundle, graph: str, device: str = "cpu", threads: int = 0, cuda_graphs: bool = False):
         self.device = torch.device(device)
         if threads:  # process-wide in torch; small models run fastest on few threads
             torch.set_num_threads(threads)
@@ -100,6 +114,12 @@ class TorchRunner(GraphRunner):
         self.in_place = self.spec.in_place
         if self.in_place and self.device.type != "cpu":
             self.cache_device = str(self.device)
+        on_gpu = cuda_graphs and self.in_place and self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self.graphs = CudaGraphs(cuda_capture(self.device, self.stream) if on_gpu else None,
+                                 synchronize=self.stream.synchronize if on_gpu else lambda: None, name=self.spec.file)
+        self.graph_width = bundle.limits.max_verify_tokens  # wider calls (prefill chunks) run eagerly
+        self.static: dict = {}  # captured call shape -> the inputs it reads and the outputs it writes
         # the in-place graph's present_* outputs are the cache buffers themselves, not results
         self.result_specs = [o for o in self.spec.outputs if not o.name.startswith("present_")]
 
@@ -131,6 +151,8 @@ class TorchRunner(GraphRunner):
     def _run_in_place(self, t: dict, cache) -> tuple:
         if cache is None:
             raise ValueError(f"graph {self.graph} updates its KV cache in place; pass the cache")
+        if cache.device is not None and self.graphs.enabled and t["input_ids"].shape[1] <= self.graph_width:
+            return self._replay(t, cache)
         if cache.device is not None:  # tensors already where this runner computes (its cache_device)
             past_k, past_v = cache.k, cache.v
         elif self.device.type == "cpu":  # the cache's numpy buffers, shared
@@ -143,3 +165,31 @@ class TorchRunner(GraphRunner):
             cache.k[...] = past_k.cpu().numpy()
             cache.v[...] = past_v.cpu().numpy()
         return logits, hidden
+
+    def _replay(self, t: dict, cache) -> tuple:
+        """The call through a CUDA graph captured for its shape and cache buffer (the buffer moves when the cache
+        grows or rows join, so its address and strides are part of the key)."""
+        names = ("input_ids", "cache_lens", "query_lens", "logit_index")
+        key = tuple(t[n].shape for n in names) + (cache.k.data_ptr(), cache.k.shape, cache.k.stride())
+        if key not in self.static:
+            if len(self.static) >= MAX_GRAPHS:
+                oldest = next(iter(self.static))
+                del self.static[oldest]
+                self.graphs.forget(oldest)
+            self.static[key] = ({n: t[n].clone() for n in names}, {})
+        inputs, outputs = self.static[key]
+        past_k, past_v = cache.k, cache.v
+        default = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(default)  # the feeds and any cache edits were made on the default stream
+        with torch.cuda.stream(self.stream):
+            for n in names:
+                inputs[n].copy_(t[n])
+
+            def work():
+                outputs["logits"], outputs["hidden"] = in_place_step(
+                    self.module, inputs["input_ids"], inputs["cache_lens"], inputs["query_lens"],
+                    inputs["logit_index"], past_k, past_v)
+
+            self.graphs.run(key, work)
+        default.wait_stream(self.stream)  # the results are read back, and the cache edited, on the default stream
+        return outputs["logits"], outputs["hidden"]
