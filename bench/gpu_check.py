@@ -145,9 +145,8 @@ def main() -> int:
     steps.run("ONNX Runtime greedy (the reference)", ort_greedy)
 
     def torch_cuda(**options) -> Generator:
-        # the device step for DSpark/DFlash bundles and plain decoding; the host loop over torch runners otherwise
-        return Generator(bundle, backend="torch", device="cuda", device_step=block or not options.get("use_draft", True),
-                         **options)
+        # the Generator's choice: the device step for DSpark/DFlash bundles and plain decoding, else the host loop
+        return Generator(bundle, backend="torch", device="cuda", **options)
 
     def torch_cuda_equivalence():
         for graphs in (False, True):

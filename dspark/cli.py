@@ -146,8 +146,9 @@ def backend_options(command):
                        help="Where the graphs run: cpu, or cuda / cuda:N (torch and trt backends).")(run)
     return click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
                         help="Graph backend: ONNX Runtime on the CPU; torch (the PyTorch modules, rebuilt from the "
-                             "checkpoint folders the bundle was exported from; on a CUDA device the whole round runs "
-                             "there, captured as CUDA graphs); trt (TensorRT engines from 'dspark build', --device cuda, "
+                             "checkpoint folders the bundle was exported from; on a CUDA device plain decoding and "
+                             "DSpark/DFlash rounds run there whole, a draft LM's calls one by one, all as CUDA "
+                             "graphs); trt (TensorRT engines from 'dspark build', --device cuda, "
                              "CUDA graphs per shape bucket).")(run)
 
 

@@ -203,6 +203,22 @@ def test_graph_replay_equals_eager(dspark_bundle):
     assert graphs.graphs and graphs.captured() == len(graphs.graphs)
 
 
+@pytest.mark.parametrize("name, options, device_step", [
+    ("draft LM", {}, False), ("draft LM", {"use_draft": False}, True), ("dspark", {}, True),
+    ("dspark", {"scheduler": "threshold"}, False), ("dspark", {"lookup": 2}, False)])
+def test_the_torch_backend_on_a_gpu_takes_the_device_step_where_it_can(qwen3_bundle, dspark_bundle, name, options,
+                                                                        device_step):
+    """Plain decoding and whole DSpark blocks run as the device step; a draft LM, a confidence scheduler or lookup
+    take the host loop over torch runners instead of being refused. Without a GPU each path names what it lacks."""
+    bundle = qwen3_bundle if name == "draft LM" else dspark_bundle
+    if torch.cuda.is_available():
+        generator = Generator(bundle, backend="torch", device="cuda", **options)
+        assert (generator.device_step is not None) == device_step
+    else:
+        with pytest.raises(DsparkError, match="the device step needs" if device_step else "--device cuda needs"):
+            Generator(bundle, backend="torch", device="cuda", **options)
+
+
 @needs_cuda
 def test_cuda_host_loop_keeps_its_caches_on_the_device(qwen3_bundle):
     """A draft LM runs the host loop on a GPU: the target's and the draft's caches stay there as torch tensors (no

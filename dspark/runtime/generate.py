@@ -123,7 +123,7 @@ class Generator:
 
     ``backend``/``device`` pick the runners (``backends.make_runner``); ``cuda_graphs`` lets a device backend
     replay captured graphs per shape bucket; ``device_step`` runs each round on the device (default: for the
-    torch backend on a GPU).
+    torch backend on a GPU, decoding plainly or with a block drafter, the fixed scheduler and no lookup).
     """
 
     def __init__(
@@ -151,8 +151,11 @@ class Generator:
         self.eos_ids = set(self.bundle.tokenizer.eos_token_ids)
         use_draft = use_draft and self.bundle.draft is not None
         check_backend(backend, device)
-        if device_step is None:  # the torch backend on a GPU runs the round on the device
-            device_step = backend == "torch" and device != "cpu"
+        if device_step is None:
+            # the torch backend on a GPU runs the round on the device where that step can: plain decoding, or a
+            # DSpark/DFlash block verified whole; a draft LM, lookup or a confidence scheduler take the host loop
+            device_step = (backend == "torch" and device != "cpu" and scheduler == "fixed" and not lookup
+                           and (not use_draft or self.bundle.draft.block))
         self.device_step = None
         self.target = self.proposer = None
         if device_step:
