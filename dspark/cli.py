@@ -301,10 +301,11 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, no_p
 @click.option("--prompt", help="Prompt: a chat message for smollm2, the start of Python code for shipped "
                                "(default: a palindrome question / a function with a docstring).")
 @click.option("--draft", type=click.Choice(["self-int4", "dspark", "draft-lm"]), default=None,
-              help="The draft. smollm2: self-int4 (default), its own int4 copy as a draft LM (nothing trained); "
-                   "draft-lm, the small draft LM trained for it (examples/smollm2-draft-lm); or dspark, the DSpark "
-                   "drafter trained for it (examples/smollm2-dspark). shipped: dspark (default, "
-                   "examples/dspark-drafter) or draft-lm (examples/draft-lm).")
+              help="The draft. smollm2: draft-lm (default), the small draft LM trained for it "
+                   "(examples/smollm2-draft-lm, int8 weights, 6 tokens a round: the fastest); dspark, the DSpark "
+                   "drafter trained for it (examples/smollm2-dspark); or self-int4, its own int4 copy as a draft LM "
+                   "(nothing trained, needs no checkout). shipped: dspark (default, examples/dspark-drafter) or "
+                   "draft-lm (examples/draft-lm).")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
 @click.option("--lookup", default=2, show_default=True, type=click.IntRange(min=0),
               help="Prompt lookup in the speculative run (see 'dspark generate --lookup'): where the last 2+ tokens "
@@ -313,7 +314,7 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, no_p
 @backend_options
 def demo(model, prompt, draft, max_new_tokens, lookup, threads, backend, device):
     """Export a real model (cached), then decode one prompt plainly and speculatively, side by side."""
-    from dspark.demo import run_demo
+    from dspark.demo import DEMO_REPEATS, run_demo
 
     r = run_demo(prompt, model, draft, max_new_tokens, threads, log=lambda m: click.echo(m, err=True), backend=backend,
                  device=device, lookup=lookup)
@@ -322,7 +323,8 @@ def demo(model, prompt, draft, max_new_tokens, lookup, threads, backend, device)
     click.echo("-" * 60)
     for name in ("plain", "speculative"):
         x = r[name]
-        click.echo(f"{name:12s} {x['tokens']:4d} tokens in {x['seconds']:.2f} s = {x['tokens_per_second']:7.1f} tok/s")
+        click.echo(f"{name:12s} {x['tokens']:4d} tokens in {x['seconds']:.2f} s = {x['tokens_per_second']:7.1f} tok/s "
+                   f"(median of {DEMO_REPEATS} runs in turn)")
     stats = spec["stats"]
     click.echo(f"speed-up {r['speedup']:.2f}x; identical output: {r['identical']}; rounds {stats['rounds']}; "
                f"mean accepted length {stats['mean_accepted_length']:.2f} (bonus included)")

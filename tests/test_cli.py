@@ -272,3 +272,18 @@ def test_exported_files_are_readable_by_everyone(qwen3_bundle):
     for path in [qwen3_bundle, *qwen3_bundle.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
+
+
+def test_demo_on_the_shipped_family_exports_once_and_times_both_in_turn(tmp_path, monkeypatch):
+    """`dspark demo --model shipped`: the 29 M pair exported into the cache (reused the second time), plain and
+    speculative output identical, median speeds of runs taken in turn."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    outputs = []
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["demo", "--model", "shipped", "--max-new-tokens", "12"])
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    assert "exporting the shipped pair" in outputs[0] and "(cached)" in outputs[1]
+    for out in outputs:
+        assert "identical output: True" in out and out.count("(median of 3 runs in turn)") == 2
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("demo-dspark-")]) == 1
