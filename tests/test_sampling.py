@@ -159,3 +159,13 @@ def test_a_tiny_temperature_is_exactly_greedy(request, bundle):
         seqs = generator.generate([Request(p, max_new_tokens=24, sampling=SamplingParams(temperature), seed=s,
                                            ignore_eos=True) for s, p in enumerate(prompts)])
         assert [s.generated for s in seqs] == [g.generated for g in greedy], temperature
+
+
+def test_a_gap_past_the_float_range_is_no_mass_and_no_warning():
+    """(x - max) / T below -1.8e308 overflows to -inf: exactly zero mass, as intended, so nothing is warned about."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = probabilities(np.array([[0.0, -1e304, 1.0]]), SamplingParams(temperature=1e-5))
+    assert p[0, 1] == 0.0 and p[0].sum() == pytest.approx(1.0) and p[0, 2] == 1.0

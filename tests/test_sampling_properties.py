@@ -60,6 +60,7 @@ def test_parameters_are_accepted_exactly_when_finite_and_in_range(temperature, t
     assert params.temperature == (0.0 if params.greedy else temperature)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NaN/inf logits are handled, not warned about
 @FAST
 @given(params=finite_params, logits=logit_rows(3))
 def test_the_warped_law_is_always_a_distribution(params, logits):
@@ -80,6 +81,7 @@ def test_a_draw_always_has_mass(probs, u):
     assert 0 <= token < len(probs) and probs[token] > 0
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NaN/inf logits are handled, not warned about
 @FAST
 @given(data=st.data(), params=finite_params, n_draft=st.integers(0, 4))
 def test_acceptance_returns_valid_tokens_for_any_input(data, params, n_draft):

@@ -69,13 +69,13 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     temperature = max(params.temperature, GREEDY_TEMPERATURE)
     top = x.max(axis=-1, keepdims=True)
-    if np.isfinite(top).all():
-        # the common case in one pass: a finite maximum means no NaN (it would be the maximum) and no +inf
-        x = (x - top) / temperature
-    else:
-        x = np.where(np.isnan(x), -np.inf, x)
-        top = x.max(axis=-1, keepdims=True)
-        with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge gap over a tiny temperature is -inf, as it should be
+        if np.isfinite(top).all():
+            # the common case in one pass: a finite maximum means no NaN (it would be the maximum) and no +inf
+            x = (x - top) / temperature
+        else:
+            x = np.where(np.isnan(x), -np.inf, x)
+            top = x.max(axis=-1, keepdims=True)
             # rows whose maximum is +inf keep only their +inf entries; rows of -inf are flat
             x = np.where(np.isposinf(top), np.where(np.isposinf(x), 0.0, -np.inf),
                          np.where(np.isneginf(top), 0.0, (x - top) / temperature))
