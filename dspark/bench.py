@@ -244,7 +244,7 @@ def call_costs(gen, rows: int, context: int, repeats: int) -> dict | None:
         return None
     bundle, draft_length = gen.bundle, gen.draft_length
     context = max(1, min(context, bundle.limits.max_context - draft_length - 2))
-    cache = decoder_cache(bundle.target.config, rows, bundle)
+    cache = decoder_cache(bundle.target.config, rows, bundle, device=gen.target.cache_device)
     cache.reserve(context + draft_length + 1)
     cache.lens[:] = context
     costs = {"context": context, "t1_ms": median_ms(lambda: run_decoder(gen.target, cache, [[1]] * rows), repeats)}

@@ -69,7 +69,7 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
     context = min(context, limits.max_context - widths[-1])
     caches = {}
     for r in rows:
-        cache = decoder_cache(bundle.target.config, r, bundle)
+        cache = decoder_cache(bundle.target.config, r, bundle, device=runner.cache_device)
         cache.reserve(context + widths[-1])
         cache.lens[:] = context
         caches[r] = cache
