@@ -179,3 +179,10 @@ def test_make_data_answers_resumes_and_stops_on_time(tmp_path):
     for option in ("--limit", "--held-out", "--minutes", "--threads"):
         result = make_data(option, "-1")
         assert result.exit_code == 2 and option in result.output, result.output
+    # the torch backend (the path a GPU takes, here on the CPU) writes the same greedy answers
+    torch_out = tmp_path / "torch-data"
+    result = CliRunner().invoke(main, ["make-data", str(tmp_path / "bundle"), "--output", str(torch_out), "--stdlib",
+                                       str(tmp_path / "lib"), "--max-new-tokens", "3", "--no-progress",
+                                       "--held-out", "2", "--limit", "3", "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    assert read_responses(torch_out) == read_responses(out)

@@ -219,6 +219,42 @@ def train_kind(setup, tmp_path, method):
     return out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_train_draft_refuses_a_device_it_cannot_use(setup, tmp_path):
+    target_dir, data, _ = setup
+    for device, problem in (("cuda", "sees no CUDA device"), ("tpu", "use cpu, cuda or cuda:N"),
+                            ("meta", "training runs on cpu, cuda or cuda:N")):
+        result = CliRunner().invoke(main, ["train-draft", str(target_dir), "--method", "draft-lm", "--data",
+                                           str(data), "--output", str(tmp_path / device), "--steps", "1",
+                                           "--device", device])
+        assert result.exit_code == 2 and problem in result.output, result.output
+        assert not (tmp_path / device).exists() or not any((tmp_path / device).iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("method", ["dspark-reduced", "draft-lm", "draft-lm-reduced"])
+def test_trains_on_cuda_and_resumes_on_the_cpu(setup, tmp_path, method):
+    """--device cuda: each kind learns there as on the CPU (held-out loss falls), writes a checkpoint that loads,
+    and its train_state.pt resumes on the CPU."""
+    target_dir, data, _ = setup
+    cache = method == "draft-lm-reduced"
+    if method.startswith("draft-lm"):
+        config = method_config(target_dir, "draft-lm", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                               head_dim=16, intermediate_size=64, draft_vocab=VOCAB // 2 if cache else None)
+    else:
+        config = config_for(target_dir, "dspark", draft_vocab=VOCAB // 2)
+    kind = method.removesuffix("-reduced")
+    out = tmp_path / "draft"
+    rec = train_draft(target_dir, data, out, kind, config, ARGS, steps=30, cache_features=cache, device="cuda",
+                      **QUIET)
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert rec["step"] == 30 and log[-1]["heldout_loss"] < 0.8 * log[0]["heldout_loss"], log
+    found, _ = load_draft(out, target_dir, DecoderLM.from_pretrained(target_dir).config)
+    assert found == kind
+    rec = train_draft(target_dir, data, out, kind, config, ARGS, steps=32, cache_features=cache, **QUIET)
+    assert rec["step"] == 32
+
+
 def test_resume_continues(setup, tmp_path):
     target_dir, data, _ = setup
     config = config_for(target_dir, "dspark")

@@ -84,11 +84,17 @@ def _evaluation_options(evaluated: str, eval_windows: int, saved: str):
               help="Requests decoded together (default: the bundle's max_batch).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True,
+              help="ort: the bundle's ONNX graphs on the CPU; torch: the PyTorch modules rebuilt from the checkpoint "
+                   "folder the bundle was exported from (on --device cuda, plain decoding runs there whole as CUDA "
+                   "graphs: the fast way to answer many prompts).")
+@click.option("--device", default="cpu", show_default=True, help="Where --backend torch runs: cpu, or cuda / cuda:N.")
 @click.option("--stdlib", "root", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Source folder the code prompts are derived from (default: this Python's standard library).")
+              help="Source folder the code prompts are derived from (default: this Python's standard library; any "
+                   "folder of Python sources works, e.g. a site-packages folder for more prompts).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def make_data_command(bundle_dir, output, max_new_tokens, held_out, limit, minutes, max_batch, threads, root,
-                      no_progress):
+def make_data_command(bundle_dir, output, max_new_tokens, held_out, limit, minutes, max_batch, threads, backend, device,
+                      root, no_progress):
     """Answer instruction prompts with BUNDLE_DIR's target (greedy, batched) and write drafter training data.
 
     The prompts come from this machine: Python standard-library functions and the methods of its classes (write /
@@ -100,7 +106,7 @@ def make_data_command(bundle_dir, output, max_new_tokens, held_out, limit, minut
     share_thread_pool(threads)
     generate_responses(bundle_dir, output, max_new_tokens=max_new_tokens, held_out=held_out, limit=limit,
                        minutes=minutes, max_batch=max_batch, threads=threads, root=root,
-                       progress=not no_progress, log=click.echo)
+                       progress=not no_progress, log=click.echo, backend=backend, device=device)
     write_tokens(output, log=click.echo)
     click.echo(f"saved {Path(output)}")
 
@@ -215,12 +221,15 @@ def _layer_list(_ctx, _param, value):
                    "above, except that it may grow by --num-layers (layers added on top), and a DSpark/DFlash "
                    "drafter by --target-layers (more taps), without changing what it computes at the start: new "
                    "taps' fc columns and new layers' output projections start at zero. Ignored when OUTPUT resumes.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the target runs and the drafter trains: cpu, or cuda / cuda:N (bfloat16 autocast on "
+                   "either; a GPU runs the target every step faster than --feature-cache reads it back).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_draft_command(target_dir, method, data, output, minutes, steps, threads, seed, batch_size, seq_len, lr,
                         warmup_steps, schedule_steps, block_size, num_layers, markov_rank, markov_head,
                         target_layers, mask_token_id, draft_vocab, anchors_per_seq, hidden_size, heads, kv_heads, head_dim,
                         intermediate_size, eval_every, eval_windows, save_minutes, frozen_copies, feature_cache,
-                        init_from, no_progress):
+                        init_from, device, no_progress):
     """Train a drafter for the frozen target in TARGET_DIR (resuming from OUTPUT/train_state.pt when present)."""
     from dspark.train.draft import DraftArgs, method_config, train_draft
 
@@ -249,7 +258,8 @@ def train_draft_command(target_dir, method, data, output, minutes, steps, thread
                      frozen_copies=frozen_copies)
     record = train_draft(target_dir, data, output, method, config, args, minutes=minutes, steps=steps,
                          threads=threads, save_minutes=save_minutes, eval_every=eval_every,
-                         progress=not no_progress, cache_features=feature_cache, init_from=init_from)
+                         progress=not no_progress, cache_features=feature_cache, init_from=init_from,
+                         device=device)
     click.echo(json.dumps(record))
     click.echo(f"saved {Path(output)}")
 

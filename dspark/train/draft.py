@@ -53,10 +53,12 @@ from dspark.runtime.proposers import draft_index
 from dspark.train.features import FeatureCache, feature_cache
 from dspark.train.target import (
     TrainArgs,
+    autocast,
     default_log,
     eval_starts,
     export_hf,
     init_model,
+    model_device,
     qwen3_config,
     read_tokens,
     read_train_state,
@@ -109,10 +111,10 @@ def default_target_layers(num_layers: int) -> list[int]:
     return sorted({1 + round(i * (num_layers - 4) / (m - 1)) for i in range(m)})
 
 
-def load_target(target_dir: str | Path) -> DecoderLM:
+def load_target(target_dir: str | Path, device: str = "cpu") -> DecoderLM:
     target = DecoderLM.from_pretrained(target_dir, dtype=torch.float32)
     target.requires_grad_(False)
-    return target.eval()
+    return target.to(device).eval()
 
 
 def file_digest(path: Path) -> str:
@@ -163,6 +165,11 @@ def sample_anchors(seed: int, step: int, batch: int, seq_len: int, block: int, c
         picked = np.concatenate([order[preferred[order]], order[~preferred[order]]])[:count]
         rows.append(picked + 1)
     return torch.from_numpy(np.sort(np.stack(rows), axis=1).astype(np.int64))
+
+
+def on_device(tensors: tuple, device: torch.device) -> tuple:
+    """A feature-cache window tuple (``FeatureCache.windows``) moved to ``device`` (None entries stay None)."""
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in tensors)
 
 
 def read_answer_masks(data: Path, train_tokens: np.ndarray, held_tokens: np.ndarray):
@@ -319,7 +326,8 @@ class BlockTask:
         self.answers = answers  # (train, held-out) masks of target-written tokens: anchors go there
         self.dconfig = DrafterConfig.from_hf(config, target.config)
         self.taps = self.dconfig.target_layer_ids
-        self.model = self._init(args.seed, draft_vocab, init)
+        self.device = model_device(target)  # the drafter trains where the target runs
+        self.model = self._init(args.seed, draft_vocab, init).to(self.device)
 
     def _init(self, seed: int, vocab: torch.Tensor | None, init: tuple[Path, Path] | None) -> Drafter:
         if init is not None:  # (drafter folder, its target folder): its weights and its draft vocabulary
@@ -354,7 +362,7 @@ class BlockTask:
         vocabulary's logits are computed (the drafter's frozen head is those rows of the target's)."""
         n = window.shape[1] - 1
         blk = self.dconfig.block_size
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(self.device):
             with torch.no_grad():
                 hidden, features, lse = cached or (*target_pass(self.target, window[:, :n], self.taps), None)
                 truth, positions = block_targets(window, anchors, blk)
@@ -371,13 +379,14 @@ class BlockTask:
     def loss(self, step: int, train_tokens: np.ndarray):
         a = self.args
         starts = window_starts(len(train_tokens), step, a)  # the windows batch_at draws, seq_len + 1 tokens each
-        window = windows_at(train_tokens, starts, a.seq_len + 1)
+        window = windows_at(train_tokens, starts, a.seq_len + 1).to(self.device)
         answers = self.answers[0]
         anchors = sample_anchors(a.seed, step, a.batch_size, a.seq_len, self.dconfig.block_size, a.anchors_per_seq,
                                  None if answers is None else windows_at(answers, starts, a.seq_len + 1).numpy())
-        cached = self.cache.windows(starts, a.seq_len) if self.cache else None
+        anchors = anchors.to(self.device)
+        cached = on_device(self.cache.windows(starts, a.seq_len), self.device) if self.cache else None
         h, truth, law = self._forward(window, anchors, cached)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(self.device):
             logits, conf = block_logits(self.model, h, window.gather(1, anchors), truth[..., :-1])
         return block_loss(self.model, logits, conf, truth, law, a, self.method)
 
@@ -392,9 +401,10 @@ class BlockTask:
         anchors_all = sample_anchors(a.seed, 2**31, len(windows), n, blk, a.anchors_per_seq, answers)
         losses, taus, taus_t1, accept_k = [], [], [], []
         for i in range(0, len(windows), a.batch_size):
-            window, anchors = windows[i:i + a.batch_size], anchors_all[i:i + a.batch_size]
+            window = windows[i:i + a.batch_size].to(self.device)
+            anchors = anchors_all[i:i + a.batch_size].to(self.device)
             h, truth, law = self._forward(window, anchors)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(self.device):
                 anchor_tokens = window.gather(1, anchors)
                 logits, conf = block_logits(self.model, h, anchor_tokens, truth[..., :-1])
                 greedy, _ = block_logits(self.model, h, anchor_tokens)
@@ -415,7 +425,8 @@ class BlockTask:
         # with the frozen copies: in the target's storage dtype, so they stay bit-identical to the target's tensors;
         # without them only trained weights are stored, and float16 halves the file (training ran in bfloat16)
         dtype = stored_dtype(target_dir) if self.args.frozen_copies else torch.float16
-        save_deepspec(output, self.config, copy.deepcopy(self.model).to(dtype), frozen_copies=self.args.frozen_copies)
+        save_deepspec(output, self.config, copy.deepcopy(self.model).to("cpu", dtype),
+                      frozen_copies=self.args.frozen_copies)
 
 
 def grown_config(config: dict, num_layers: int | None = None, target_layers: list[int] | None = None) -> dict:
@@ -484,7 +495,7 @@ def kl_divergence(t: torch.Tensor, d: torch.Tensor, weights: torch.Tensor | None
 
 def kl_loss(target: DecoderLM, draft: DecoderLM, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """KL(target || draft) per token (mean over positions, or weighted by ``weights``), fp32."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(x.device):
         with torch.no_grad():
             t_logits = train_forward(target, x)
         d_logits = train_forward(draft, x)
@@ -526,12 +537,14 @@ class DraftLMTask:
         # tokens the target wrote (train, held-out): the loss counts the positions that predict them, where the
         # draft LM drafts at inference (the prompts are only read), and acceptance is estimated there
         self.train_answers, self.heldout_answers = answers
+        self.device = model_device(target)  # the draft LM trains where the target runs
         if init is not None:  # a trained draft LM's weights and draft vocabulary (float16 on disk, trained in fp32)
-            self.model = grow_draft_lm(DecoderLM.from_pretrained(init, dtype=torch.float32), config).train()
+            model = grow_draft_lm(DecoderLM.from_pretrained(init, dtype=torch.float32), config)
+            self.model = model.to(self.device).train()
             size = self.model.config.draft_vocab_size
             self.set_draft_vocab(read_draft_vocab(WeightReader(init), size, target.config.vocab_size) if size else None)
             return
-        self.model = init_model(config, args.seed).train()
+        self.model = init_model(config, args.seed).to(self.device).train()
         self.set_draft_vocab(draft_vocab)
         if draft_vocab is not None:
             self._embed_from_target()
@@ -542,7 +555,7 @@ class DraftLMTask:
         of the other tokens' rows) projected onto their leading principal directions and scaled to the
         initialiser's spread: tokens the target embeds alike start alike, which a small training set cannot teach."""
         table = self.target.model.embed_tokens.weight.float()
-        others = torch.ones(len(table), dtype=torch.bool)
+        others = torch.ones(len(table), dtype=torch.bool, device=table.device)
         others[self.draft_vocab] = False
         rows = torch.cat([table[self.draft_vocab], table[others].mean(0, keepdim=True)])
         width = self.model.config.hidden_size
@@ -554,10 +567,11 @@ class DraftLMTask:
         self.model.model.embed_tokens.weight.copy_(projected * (std / projected.std()))
 
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
-        self.draft_vocab = ids
+        self.draft_vocab = None if ids is None else ids.to(self.device)
         if ids is not None:
-            self.index = torch.from_numpy(draft_index(ids.numpy(), self.target.config.vocab_size))
-            self.head = self.target.lm_head.weight[ids]  # the target's logits over the draft vocabulary
+            index = draft_index(ids.cpu().numpy(), self.target.config.vocab_size)
+            self.index = torch.from_numpy(index).to(self.device)
+            self.head = self.target.lm_head.weight[self.draft_vocab]  # the target's logits over the draft vocabulary
 
     def trainable_state(self) -> dict:
         state = self.model.state_dict()
@@ -572,7 +586,7 @@ class DraftLMTask:
 
     def target_log_law(self, x: torch.Tensor, cached=None) -> torch.Tensor:
         """The target's log-law at every position of ``x`` over a reduced draft LM's ids."""
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), autocast(self.device):
             if cached is not None:
                 hidden, _, lse = cached
                 law = TargetLaw((hidden @ self.head.T).float(), lse)
@@ -583,21 +597,22 @@ class DraftLMTask:
 
     def reduced_loss(self, x: torch.Tensor, cached=None, weights: torch.Tensor | None = None) -> torch.Tensor:
         t = self.target_log_law(x, cached)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(self.device):
             d_logits = train_forward(self.model, self.index[x])
         return kl_divergence(t, F.log_softmax(d_logits.float(), -1), weights)
 
     def loss(self, step: int, train_tokens: np.ndarray):
         a = self.args
         starts = window_starts(len(train_tokens), step, a)
-        x = windows_at(train_tokens, starts, a.seq_len)
+        x = windows_at(train_tokens, starts, a.seq_len).to(self.device)
         # position j predicts token j + 1: it counts when the target wrote that token
         weights = (None if self.train_answers is None else
-                   windows_at(self.train_answers, np.asarray(starts) + 1, a.seq_len).float())
+                   windows_at(self.train_answers, np.asarray(starts) + 1, a.seq_len).float().to(self.device))
         if self.draft_vocab is None:
             loss = kl_loss(self.target, self.model, x, weights)
         else:
-            loss = self.reduced_loss(x, self.cache.windows(starts, a.seq_len) if self.cache else None, weights)
+            cached = on_device(self.cache.windows(starts, a.seq_len), self.device) if self.cache else None
+            loss = self.reduced_loss(x, cached, weights)
         return loss, {"kl": loss.item()}
 
     def drafts(self, x: torch.Tensor) -> torch.Tensor:
@@ -613,12 +628,13 @@ class DraftLMTask:
         self.model.eval()
         losses, taus, accept_k = [], [], []
         held = self.heldout_answers  # the windows are eval_windows(held-out tokens): their starts are eval_starts'
-        answers = None if held is None else windows_at(held, eval_starts(len(held), a), windows.shape[1]).bool()
+        answers = (None if held is None else
+                   windows_at(held, eval_starts(len(held), a), windows.shape[1]).bool().to(self.device))
         for i in range(0, len(windows), a.batch_size):
-            x = windows[i:i + a.batch_size, :-1]
+            x = windows[i:i + a.batch_size, :-1].to(self.device)
             loss = kl_loss(self.target, self.model, x) if self.draft_vocab is None else self.reduced_loss(x)
             losses.append(loss.item() * len(x))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(self.device):
                 hit = (self.drafts(x) == train_forward(self.target, x).argmax(-1)).float()
             runs = hit.unfold(1, DRAFT_LM_TOKENS, 1).cumprod(-1)  # teacher-forced K-token drafts from every position
             if answers is not None:  # drafts whose first token is one the target wrote (not a prompt token)
@@ -630,7 +646,7 @@ class DraftLMTask:
                 "accept_at_k": [round(v, 3) for v in torch.cat(accept_k).mean(0).tolist()]}
 
     def save(self, output: Path, target_dir: Path) -> None:
-        extra = {} if self.draft_vocab is None else {"draft_vocab": self.draft_vocab}
+        extra = {} if self.draft_vocab is None else {"draft_vocab": self.draft_vocab.cpu()}
         export_hf(self.model, self.config, output, target_dir, extra)  # also copies the target's tokenizer files
         if (target_dir / "generation_config.json").is_file():
             shutil.copyfile(target_dir / "generation_config.json", output / "generation_config.json")
@@ -679,7 +695,7 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
                 args: DraftArgs, *, minutes: float | None = None, steps: int | None = None,
                 threads: int | None = None, save_minutes: float = 5.0, eval_every: int = 100,
                 progress: bool = True, log=None, cache_features: bool = False,
-                init_from: str | Path | None = None) -> dict:
+                init_from: str | Path | None = None, device: str = "cpu") -> dict:
     """Train (or resume) a drafter until ``steps`` total steps or ``minutes`` of wall time in this call.
 
     ``config`` is the drafter's config.json (``block_config`` or ``draft_lm_config``). Without ``steps`` and
@@ -687,12 +703,14 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     With ``cache_features`` a block drafter reads the target's features of the train windows from a cache built once
     (``dspark.train.features``) instead of running the target every step. ``init_from`` (a drafter of the same
     config, e.g. one trained on less data) gives a fresh run its starting weights and draft vocabulary; a resumed run
-    ignores it. Returns the last log record."""
+    ignores it. ``device`` (cpu, cuda, cuda:N) is where the target runs and the drafter trains. Returns the last log
+    record."""
     if method not in METHODS:
         raise DsparkError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if cache_features and method == "draft-lm" and not config.get("draft_vocab_size"):
         raise DsparkError("--feature-cache trains a draft LM over a reduced vocabulary only (its target law comes "
                           "from cached hidden states and normalisers); add --draft-vocab N or drop --feature-cache")
+    dev = training_device(device)
     log = log or default_log
     if threads:
         torch.set_num_threads(threads)
@@ -704,7 +722,7 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     if state is not None and state["target_digest"] != digest:
         log(f"warning: the target weights in {target_dir} changed since this drafter started; "
             "continuing against the current target")
-    target = load_target(target_dir)
+    target = load_target(target_dir, dev)
     train_tokens, held_tokens = read_tokens(data, target.config.vocab_size)
     init = Path(init_from) if init_from is not None and state is None else None
     if init:
@@ -726,13 +744,36 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     summary = (f"{method}: {n_train / 1e6:.2f} M trainable parameters; target {target_dir} "
                f"({sum(p.numel() for p in target.parameters()) / 1e6:.1f} M, frozen); "
-               f"threads {torch.get_num_threads()}; batch {args.batch_size}x{args.seq_len}"
+               f"{device_name(target)}; batch {args.batch_size}x{args.seq_len}"
                + (f", {args.anchors_per_seq} anchors/seq x block {task.dconfig.block_size}"
                   if method != "draft-lm" else ""))
     return run_training(task, args, train_tokens, held_tokens, output, state,
                         state_fields={**identity, "target_digest": digest, "target_dir": str(target_dir)},
                         export=lambda out: task.save(out, target_dir), summary=summary, minutes=minutes,
                         steps=steps, save_minutes=save_minutes, eval_every=eval_every, progress=progress, log=log)
+
+
+def training_device(device: str) -> torch.device:
+    """``device`` checked: a DsparkError names the problem and the fix when torch cannot train there."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DsparkError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DsparkError(f"--device {device!r}: training runs on cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DsparkError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; train on "
+                          "--device cpu or install a CUDA build of torch")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise DsparkError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def device_name(model: torch.nn.Module) -> str:
+    dev = model_device(model)
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def method_config(target_dir: str | Path, method: str, **options) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dspark.graphs.decoder import DecoderLM
-from dspark.train.target import target_pass
+from dspark.train.target import autocast, target_pass
 
 CHUNK = 1024  # document length assumed when the data has no document starts
 BATCH_TOKENS = 8192  # padded tokens per target forward
@@ -131,7 +131,8 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     batches = _batches(missing)
     log(f"target features: {sum(e - s for s, e in missing)} of {len(tokens)} tokens in {len(batches)} batches "
         f"into {folder}" + (f" (resuming at batch {done})" if done else ""))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    device = next(target.parameters()).device
+    with torch.no_grad(), autocast(device):
         for i in tqdm(range(done, len(batches)), initial=done, total=len(batches), desc="target features",
                       unit="batch", disable=not progress):
             batch = batches[i]
@@ -139,12 +140,13 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
             ids = np.zeros((len(batch), width), dtype=np.int64)  # right-padded: causal, so padding changes nothing
             for r, (s, e) in enumerate(batch):
                 ids[r, : e - s] = tokens[s:e]
-            hidden, features = target_pass(target, torch.from_numpy(ids), taps)
+            hidden, features = target_pass(target, torch.from_numpy(ids).to(device), taps)
             for r, (s, e) in enumerate(batch):
                 if taps:
-                    arrays["features"][s:e] = features[r, : e - s].float().numpy()
-                arrays["hidden"][s:e] = hidden[r, : e - s].float().numpy()
-                arrays["lse"][s:e] = torch.logsumexp(target.lm_head(hidden[r, : e - s]).float(), -1).numpy()
+                    arrays["features"][s:e] = features[r, : e - s].float().cpu().numpy()
+                arrays["hidden"][s:e] = hidden[r, : e - s].float().cpu().numpy()
+                lse = torch.logsumexp(target.lm_head(hidden[r, : e - s]).float(), -1)
+                arrays["lse"][s:e] = lse.cpu().numpy()
             if i % 16 == 15 or i + 1 == len(batches):
                 for a in arrays.values():
                     a.flush()

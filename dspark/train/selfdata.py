@@ -128,7 +128,7 @@ def _code_prompts(module: str, relpath: str, text: str, held: bool) -> list[Inst
     out = []
     doc = ast.get_docstring(tree)
     if doc and not module.startswith("_"):
-        out.append(Instruction(f"module:{module}", f"What is the Python standard-library module `{module}` for? "
+        out.append(Instruction(f"module:{module}", f"What is the Python module `{module}` for? "
                                f"Explain it briefly and show a short example of using it.", "code", held))
     for node in _documented_public(tree.body):
         out += _every_form("function", f"{module}.{node.name}", node, lines, held)
@@ -180,8 +180,9 @@ def ends_mid_line(path: Path) -> bool:
 def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_tokens: int = 256,
                        held_out: int = 48, limit: int | None = None, minutes: float | None = None,
                        max_batch: int | None = None, threads: int = 0, root: str | Path | None = None,
-                       progress: bool = True, log=print) -> dict:
-    """Answer instruction prompts with the bundle's target (greedy, plain decoding, continuous batching).
+                       progress: bool = True, log=print, backend: str = "ort", device: str = "cpu") -> dict:
+    """Answer instruction prompts with the bundle's target (greedy, plain decoding, continuous batching) on
+    ``backend`` / ``device`` (as ``Generator`` takes them).
 
     The first ``held_out`` held-out prompts are answered first, then training prompts until ``limit`` answers
     or ``minutes`` of wall time in this call (0: none). Answers already in ``output/responses.jsonl`` are skipped."""
@@ -192,7 +193,7 @@ def generate_responses(bundle_dir: str | Path, output: str | Path, *, max_new_to
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    gen = Generator(bundle_dir, threads=threads, use_draft=False, max_batch=max_batch)
+    gen = Generator(bundle_dir, backend=backend, threads=threads, use_draft=False, max_batch=max_batch, device=device)
     template = ChatTemplate.load(gen.tokenizer)
     if template is None:
         raise DsparkError(f"{bundle_dir}: the tokenizer has no chat template; instruction data needs a chat model")

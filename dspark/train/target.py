@@ -149,6 +149,15 @@ def eval_windows(tokens: np.ndarray, a: TrainArgs) -> torch.Tensor:
     return windows_at(tokens, eval_starts(len(tokens), a), a.seq_len + 1)
 
 
+def autocast(device: torch.device | str):
+    """bfloat16 mixed precision on ``device``'s kind (cpu or cuda): every trainer's forward passes run under it."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def target_pass(target: DecoderLM, ids: torch.Tensor, taps: tuple[int, ...] = ()):
     """Post-norm hidden states [b, n, d] and the raw outputs of layers ``taps`` concatenated [b, n, m*d] (None
     without taps) for a full causal forward, computed the fast way for training: fused causal attention
@@ -180,7 +189,7 @@ def train_forward(model: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def loss_of(model: DecoderLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(x.device):
         logits = train_forward(model, x)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
@@ -203,7 +212,7 @@ def hf_tensors(model: DecoderLM, dtype: torch.dtype = torch.float16) -> dict[str
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    return {k: v.detach().to(dtype).clone() for k, v in sd.items()}
+    return {k: v.detach().to("cpu", dtype).clone() for k, v in sd.items()}
 
 
 def export_hf(model: DecoderLM, config: dict, out: str | Path, tokenizer_dir: str | Path | None = None,
@@ -249,7 +258,8 @@ def read_train_state(output: Path, args: TrainArgs, identity: dict, what: str,
     state_path = output / STATE_FILE
     if not state_path.is_file():
         return None, args
-    state = torch.load(state_path, weights_only=False)
+    # on the CPU whatever device wrote it: a run may resume on another device (the model's load copies it over)
+    state = torch.load(state_path, weights_only=False, map_location="cpu")
     if any(state[k] != v for k, v in identity.items()):
         raise DsparkError(f"{state_path} was trained with a different {what}; use a new --output")
     stored = type(args)(**state["args"])
