@@ -235,7 +235,7 @@ def test_train_draft_refuses_a_device_it_cannot_use(setup, tmp_path):
 @pytest.mark.parametrize("method", ["dspark-reduced", "draft-lm", "draft-lm-reduced"])
 def test_trains_on_cuda_and_resumes_on_the_cpu(setup, tmp_path, method):
     """--device cuda: each kind learns there as on the CPU (held-out loss falls), writes a checkpoint that loads,
-    and its train_state.pt resumes on the CPU."""
+    and its train_state.pt resumes there and on the CPU."""
     target_dir, data, _ = setup
     cache = method == "draft-lm-reduced"
     if method.startswith("draft-lm"):
@@ -251,6 +251,9 @@ def test_trains_on_cuda_and_resumes_on_the_cpu(setup, tmp_path, method):
     assert rec["step"] == 30 and log[-1]["heldout_loss"] < 0.8 * log[0]["heldout_loss"], log
     found, _ = load_draft(out, target_dir, DecoderLM.from_pretrained(target_dir).config)
     assert found == kind
+    rec = train_draft(target_dir, data, out, kind, config, ARGS, steps=31, cache_features=cache, device="cuda",
+                      **QUIET)
+    assert rec["step"] == 31
     rec = train_draft(target_dir, data, out, kind, config, ARGS, steps=32, cache_features=cache, **QUIET)
     assert rec["step"] == 32
 

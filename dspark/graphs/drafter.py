@@ -322,7 +322,7 @@ class Drafter(nn.Module):
         with torch.no_grad():
             self.draft_vocab.copy_(ids)
             self.vocab_index.fill_(self.config.draft_vocab_size)
-            self.vocab_index[ids] = torch.arange(len(ids), dtype=self.vocab_index.dtype)
+            self.vocab_index[ids] = torch.arange(len(ids), dtype=self.vocab_index.dtype, device=ids.device)
 
     def to_target(self, index: torch.Tensor) -> torch.Tensor:
         """Target token ids of draft-vocabulary indices."""
