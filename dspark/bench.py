@@ -386,7 +386,9 @@ def run_peers(main: Bundle, spec_bundles: dict, prompts: list[Prompt], prompt_id
 
 
 def open_bundles(bundle_dir, extra_bundles=()) -> tuple[Bundle, dict[str, Bundle]]:
-    """The main bundle and every speculative method by name; extra bundles must share the main target."""
+    """The main bundle and every speculative method by name; extra bundles must share the main target. A second
+    bundle with the same kind of draft (two checkpoints of one drafter, say) is the method ``<kind>@<its folder
+    name>``: both are timed in the same interleaved passes, which is how two drafts compare on a noisy machine."""
     main = Bundle.open(bundle_dir)
     methods: dict[str, Bundle] = {}
     for b in [main] + [Bundle.open(p) for p in extra_bundles]:
@@ -396,7 +398,10 @@ def open_bundles(bundle_dir, extra_bundles=()) -> tuple[Bundle, dict[str, Bundle
             continue
         method = b.draft.method
         if method in methods:
-            raise DsparkError(f"two bundles have a {method} draft ({methods[method].path}, {b.path}); give one")
+            method = f"{method}@{b.path.name}"
+            if method in methods:
+                raise DsparkError(f"two bundles named {b.path.name} have a {b.draft.method} draft "
+                                  f"({methods[method].path}, {b.path}); give one, or rename a folder")
         methods[method] = b
     return main, methods
 

@@ -372,7 +372,9 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--concurrency", default="1,4", show_default=True, help="Requests in flight, comma-separated (each at most the bundle's max_batch).")
 @click.option("--methods", help="Comma-separated: plain and the draft methods of the bundles (default: all; plain always runs).")
 @click.option("--extra-bundle", "extra_bundles", multiple=True, type=click.Path(path_type=Path),
-              help="Another bundle with the same target and a different draft method (repeatable).")
+              help="Another bundle with the same target (repeatable). Its draft is the method of its kind (dspark, "
+                   "dflash, draft-lm), or <kind>@<folder name> when an earlier bundle has that kind: two checkpoints "
+                   "of one drafter timed side by side in the same passes.")
 @click.option("--scheduler", default="fixed", show_default=True, help="Verify-length scheduler(s): fixed, threshold, sps, comma-separated.")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for the threshold scheduler.")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: each bundle's).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -140,6 +141,25 @@ def test_bench_block_drafter_with_extra_bundle_and_schedulers(dspark_bundle, qwe
     assert hf["status"] == "ok" and "not a draft LM" in hf["speculative"]
     assert "speculative_tokens_per_second" not in hf
     assert "peers (one request at a time" in text and "not a draft LM" in text
+
+
+def test_bench_times_two_drafts_of_one_kind_side_by_side(dspark_bundle, tmp_path):
+    """A second bundle with the same kind of draft is its own method, named after its folder, timed in the same
+    passes; the same folder name twice is refused."""
+    twin = tmp_path / "twin"
+    shutil.copytree(dspark_bundle, twin)
+    out = tmp_path / "report"
+    code, text = run("bench", dspark_bundle, "--extra-bundle", twin, "--prompts", "prose", "--num-prompts", 2,
+                     "--max-new-tokens", 6, "--concurrency", 1, "--repeats", 1, "--warmup", 0, "--cost-repeats", 2,
+                     "--threads", 1, "--output", out, "--no-progress")
+    assert code == 0, text
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["configurations"]}
+    assert set(rows) == {"plain", "dspark", "dspark@twin"}
+    assert rows["dspark@twin"]["bundle"] == str(twin) and rows["dspark@twin"]["matches_plain"] is True
+    assert rows["dspark@twin"]["mean_accepted_length"] == rows["dspark"]["mean_accepted_length"]  # the same drafter
+    code, text = run("bench", dspark_bundle, "--extra-bundle", twin, "--extra-bundle", twin, "--output", out,
+                     "--no-progress")
+    assert code == 2 and "two bundles named twin" in text
 
 
 def test_bench_peers_onnxruntime_genai(qwen3_pair, qwen3_bundle, tmp_path):
