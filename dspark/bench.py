@@ -637,13 +637,14 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def table(report: dict) -> str:
-    head = (f"{'method':<10} {'sched':<9} {'c':>3} {'tok/s':>9} {'speedup':>8} {'ideal':>7} {'of id':>6} {'tau':>6} "
+    w = max([10] + [len(r["method"]) for r in report["configurations"]])  # method@folder names can be long
+    head = (f"{'method':<{w}} {'sched':<9} {'c':>3} {'tok/s':>9} {'speedup':>8} {'ideal':>7} {'of id':>6} {'tau':>6} "
             f"{'round ms = draft + verify + host':>33} {'ttft ms':>9} {'itl p50':>8}  acceptance by position")
     lines = [head, "-" * len(head)]
     for r in report["configurations"]:
         acc = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
         split = f"{r['round_ms']:.2f} = {r['draft_ms']:.2f} + {r['verify_ms']:.2f} + {r['host_ms']:.2f}"
-        lines.append(f"{r['method']:<10} {r['scheduler'] or '-':<9} {r['concurrency']:>3} "
+        lines.append(f"{r['method']:<{w}} {r['scheduler'] or '-':<9} {r['concurrency']:>3} "
                      f"{r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x {_fmt(r['ideal_speedup']):>6}x "
                      f"{_fmt(r['of_ideal']):>6} {r['mean_accepted_length']:>6.2f} {split:>33} {r['ttft_ms']:>9.1f} "
                      f"{r['itl_p50_ms']:>8.2f}  {acc}")
