@@ -263,10 +263,13 @@ class DeviceStep:
             return
         n = len(rows)
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        # only the positions a kept row has written: the rest is masked garbage, and a whole cache at the largest
+        # bucket (256 rows x 1024 positions of a 30-layer model: 12 GB) would otherwise move every time a row ends
+        used = int(self.cache_lens[rows].max()) if n else 0
         with self._on_stream():
             for t in (self.tk, self.tv, self.dk, self.dv):
                 if t is not None:
-                    t[:, :n] = t[:, index]
+                    t[:, :n, :, :used] = t[:, index, :, :used]
             for t in (self.lens, self.dlens, self.pending, self.anchor, self.features):
                 t[:n] = t[index]
             for t in (self.lens, self.dlens, self.pending):
