@@ -28,7 +28,9 @@ as at inference). For block drafters also ``tau_t1``, DeepSpec's probabilistic e
 1 + sum_k prod_{i<=k} c*_i. For the draft LM, K = 4 draft tokens from every position (with make-data's answer masks:
 every position whose next token the target wrote).
 
-Resumable from ``OUTPUT/train_state.pt`` (saved atomically every ``save_minutes``, on SIGTERM/SIGINT and at the
+Both run where the target is loaded (``--device``: the CPU or a CUDA GPU) in bfloat16 autocast; every batch is
+drawn on the host and moved there, so a run's batches are the same on either device. Resumable from
+``OUTPUT/train_state.pt`` (saved atomically every ``save_minutes``, on SIGTERM/SIGINT and at the
 end, together with the inference checkpoint), and ``training_log.jsonl``.
 """
 
