@@ -72,6 +72,8 @@ def test_generate_cli_takes_a_backend(qwen3_bundle):
     (["--backend", "trt"], "pass --device cuda"),
     (["--backend", "ort", "--device", "cuda"], "ort backend runs on the CPU"),
     (["--backend", "torch", "--device", "tpu"], "device 'tpu' is not supported"),
+    pytest.param(["--backend", "torch", "--device", "cuda"], "sees no CUDA device; use --device cpu",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")),
 ])
 def test_unavailable_backend_is_one_clear_line(qwen3_bundle, args, message):
     result = CliRunner().invoke(main, ["generate", str(qwen3_bundle), "--prompt", "w5", "--max-new-tokens", "2", *args])

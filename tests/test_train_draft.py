@@ -223,7 +223,7 @@ def train_kind(setup, tmp_path, method):
 def test_train_draft_refuses_a_device_it_cannot_use(setup, tmp_path):
     target_dir, data, _ = setup
     for device, problem in (("cuda", "sees no CUDA device"), ("tpu", "use cpu, cuda or cuda:N"),
-                            ("meta", "training runs on cpu, cuda or cuda:N")):
+                            ("meta", "dspark runs torch on cpu, cuda or cuda:N")):
         result = CliRunner().invoke(main, ["train-draft", str(target_dir), "--method", "draft-lm", "--data",
                                            str(data), "--output", str(tmp_path / device), "--steps", "1",
                                            "--device", device])

@@ -30,6 +30,7 @@ import torch
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.runtime.backends import torch_device
 from dspark.runtime.buckets import Buckets
 from dspark.runtime.capture import CudaGraphs, cuda_capture
 from dspark.runtime.proposers import choose_draft_length
@@ -104,10 +105,7 @@ class DeviceStep:
 
     def __init__(self, bundle: Bundle, use_draft: bool = True, draft_length: int | None = None,
                  cuda_graphs: bool = True, device: str = "cuda", memory_fraction: float = 0.9):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise DsparkError("the device step needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() "
-                              "is False); use --device cpu")
+        self.device = torch_device(device)
         self.bundle = bundle
         draft = bundle.draft if use_draft else None
         if draft is not None and not draft.block:

@@ -20,6 +20,7 @@ import torch
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.runtime.backends import torch_device
 from dspark.runtime.capture import CudaGraphs, cuda_capture
 from dspark.runtime.runners import GraphRunner
 
@@ -100,12 +101,9 @@ class TorchRunner(GraphRunner):
     """A bundle graph computed by its PyTorch module; numpy feeds and outputs, like the other runners."""
 
     def __init__(self, bundle: Bundle, graph: str, device: str = "cpu", threads: int = 0, cuda_graphs: bool = False):
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         if threads:  # process-wide in torch; small models run fastest on few threads
             torch.set_num_threads(threads)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise DsparkError("--device cuda needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is "
-                              "False); use --device cpu")
         self.spec = bundle.graph(graph)
         self.graph = graph
         self.module = load_module(bundle, graph_role(bundle, graph), device=self.device)

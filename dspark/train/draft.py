@@ -51,6 +51,7 @@ from dspark.errors import DsparkError
 from dspark.graphs.checkpoint import WeightReader, read_config, read_draft_vocab
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.drafter import MARKOV_HEAD_TYPES, Drafter, DrafterConfig, deepspec_config, save_deepspec
+from dspark.runtime.backends import torch_device
 from dspark.runtime.proposers import draft_index
 from dspark.train.features import FeatureCache, feature_cache
 from dspark.train.target import (
@@ -712,7 +713,7 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
     if cache_features and method == "draft-lm" and not config.get("draft_vocab_size"):
         raise DsparkError("--feature-cache trains a draft LM over a reduced vocabulary only (its target law comes "
                           "from cached hidden states and normalisers); add --draft-vocab N or drop --feature-cache")
-    dev = training_device(device)
+    dev = torch_device(device)
     log = log or default_log
     if threads:
         torch.set_num_threads(threads)
@@ -753,22 +754,6 @@ def train_draft(target_dir: str | Path, data: str | Path, output: str | Path, me
                         state_fields={**identity, "target_digest": digest, "target_dir": str(target_dir)},
                         export=lambda out: task.save(out, target_dir), summary=summary, minutes=minutes,
                         steps=steps, save_minutes=save_minutes, eval_every=eval_every, progress=progress, log=log)
-
-
-def training_device(device: str) -> torch.device:
-    """``device`` checked: a DsparkError names the problem and the fix when torch cannot train there."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DsparkError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise DsparkError(f"--device {device!r}: training runs on cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DsparkError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; train on "
-                          "--device cpu or install a CUDA build of torch")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise DsparkError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def device_name(model: torch.nn.Module) -> str:
