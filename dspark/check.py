@@ -19,6 +19,7 @@ import torch
 
 from dspark.bundle import SLOTS_PAST_CALL, Bundle, GraphSpec
 from dspark.export.lint import lint_graph
+from dspark.runtime.runners import ort_session
 from dspark.runtime.torch_runner import in_place_step, load_module, module_problem
 
 # (atol, rtol) per output dtype: fp32 is round-off only; fp16 carries ~1e-3 relative error per op
@@ -199,7 +200,7 @@ def output_tolerances(spec, reference_iterations) -> dict[str, tuple[float, floa
 
 
 def compare_graph(bundle: Bundle, name: str, fn, engine: Path | None) -> list[Row]:
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
     try:
@@ -210,7 +211,10 @@ def compare_graph(bundle: Bundle, name: str, fn, engine: Path | None) -> list[Ro
         SimpleCompareFunc = CompareFunc.simple
 
     spec = bundle.graph(name)
-    runners = [torch_runner("torch", fn, spec), OnnxrtRunner(SessionFromOnnx(str(bundle.file(spec.file))), name="onnxruntime")]
+    # dspark's session, not polygraphy's SessionFromOnnx: where the process's dspark sessions share one thread pool
+    # (share_thread_pool), ONNX Runtime refuses any session that asks for threads of its own
+    session = ort_session(bundle.file(spec.file), 0, ["CPUExecutionProvider"], spin=False)
+    runners = [torch_runner("torch", fn, spec), OnnxrtRunner(session, name="onnxruntime")]
     feeds = graph_feeds(bundle, name)
     if engine is not None:
         from dspark.runtime.trt import polygraphy_trt_runner

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -39,6 +41,16 @@ def dspark_bundle(qwen3_pair, tmp_path_factory):
 def run_check(bundle):
     result = CliRunner().invoke(main, ["check", str(bundle), "--max-new-tokens", "16"])
     return result.exit_code, result.output
+
+
+def test_check_runs_where_dspark_shares_the_thread_pool(qwen3_bundle):
+    """A process whose dspark sessions share one ONNX Runtime thread pool (every CLI command over ONNX Runtime, a
+    server) can still check a bundle: its comparison session is dspark's, which ONNX Runtime accepts there."""
+    script = ("import sys; from dspark.runtime.runners import share_thread_pool; assert share_thread_pool(0); "
+              "from dspark.check import check_bundle; sys.exit(0 if check_bundle(sys.argv[1], max_new_tokens=8).ok "
+              "else 1)")
+    result = subprocess.run([sys.executable, "-c", script, str(qwen3_bundle)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_check_passes_on_draft_lm_bundle(qwen3_bundle):
