@@ -177,8 +177,10 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's; at most the block for DSpark).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @lookup_option
-@click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
-              help="How many draft tokens to verify: all, up to the first confidence below --threshold, or paper Algorithm 1 over the profiled table.")
+@click.option("--scheduler", type=click.Choice(["auto", "fixed", "threshold", "sps"]), default="auto", show_default=True,
+              help="How many draft tokens to verify: all (fixed), up to the first confidence below --threshold, or "
+                   "paper Algorithm 1 over the table 'dspark profile' measured (sps); auto is sps where the bundle "
+                   "is profiled for this backend and device and the drafts carry confidences, else fixed.")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
 @click.option("--block-schedule", callback=parse_block_schedule,
               help="Draft length by number of running requests, e.g. 1:7,4:4,16:0 (0 turns speculation off), or "
@@ -447,8 +449,9 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--api-key", envvar="DSPARK_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set DSPARK_API_KEY).")
 @click.option("--max-batch", type=int, help="Most requests running at once (default and ceiling: the bundle's).")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0), help="Requests that may wait for a row; beyond it the server answers 429.")
-@click.option("--scheduler", type=click.Choice(["fixed", "threshold", "sps"]), default="fixed", show_default=True,
-              help="How many draft tokens to verify per round (see 'dspark generate').")
+@click.option("--scheduler", type=click.Choice(["auto", "fixed", "threshold", "sps"]), default="auto", show_default=True,
+              help="How many draft tokens to verify per round (see 'dspark generate'; auto: sps on a profiled "
+                   "bundle, else fixed).")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's).")
 @click.option("--block-schedule", callback=parse_block_schedule,

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_speculative_equals_plain
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.calibration import GRID, ece, fit_sts
+from dspark.runtime.calibration import GRID, calibrate_bundle, ece, fit_sts
 from dspark.runtime.generate import Generator, Request, Sequence
 from dspark.runtime.kv import KVCache, fill_order
 from dspark.runtime.profile import profile_bundle, profile_key
@@ -244,7 +244,7 @@ def profiled(dspark_bundle, tmp_path_factory, backend):
     return copy
 
 
-@pytest.mark.parametrize("scheduler", ["fixed", "threshold", "sps"])
+@pytest.mark.parametrize("scheduler", ["fixed", "threshold", "sps", "auto"])
 def test_greedy_output_is_unchanged_by_scheduler(profiled, scheduler, backend):
     plain = Generator(profiled, use_draft=False, backend=backend)
     requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (20, 33, 7, 25, 18, 30, 12, 9))]
@@ -287,6 +287,23 @@ def test_lookup_confidence_is_its_measured_acceptance(profiled, backend):
     plain = Generator(profiled, use_draft=False, backend=backend).generate(requests)
     assert [s.generated for s in got] == [s.generated for s in plain]
     assert any(r["draft_tokens"] for s in got for r in s.trace)
+
+
+def test_auto_scheduler_is_sps_where_the_bundle_is_profiled(profiled, dspark_bundle, backend, tmp_path):
+    """The default, auto: sps over a profiled bundle's table, fixed (with nothing to fall back from) where there is
+    no table or nothing drafted; calibration verifies every drafted position whatever the bundle has."""
+    assert Generator(profiled, backend=backend).scheduler.name == "sps"
+    assert Generator(profiled, use_draft=False, backend=backend).scheduler.name == "fixed"
+    unprofiled = Generator(dspark_bundle, backend=backend)
+    assert unprofiled.scheduler.name == "fixed"
+    unprofiled.generate([Request(PROMPTS[0], max_new_tokens=12, ignore_eos=True)])
+    assert unprofiled.scheduler.stats.fallbacks == {}
+    prompts = [" ".join(f"w{t}" for t in p) for p in PROMPTS[:3]]
+    reports = []
+    for name, source in (("profiled", profiled), ("unprofiled", dspark_bundle)):
+        shutil.copytree(source, tmp_path / name)
+        reports.append(calibrate_bundle(tmp_path / name, prompts, max_new_tokens=16, progress=False, backend=backend))
+    assert reports[0]["rounds_by_position"] == reports[1]["rounds_by_position"]
 
 
 def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle, backend):

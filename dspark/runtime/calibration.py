@@ -73,7 +73,8 @@ def fit_sts(logits: np.ndarray, verified: np.ndarray, accepted: np.ndarray) -> d
 def calibrate_bundle(bundle_dir, prompts: list[str], temperature: float = 0.0, max_new_tokens: int = 64,
                      threads: int = 0, seed: int = 0, progress: bool = True, backend: str = "ort",
                      device: str = "cpu") -> dict:
-    generator = Generator(bundle_dir, backend=backend, threads=threads, device=device)
+    # every round verifies its whole draft, so each position's acceptance is seen wherever its draft got there
+    generator = Generator(bundle_dir, backend=backend, threads=threads, device=device, scheduler="fixed")
     draft = generator.bundle.draft
     if not draft or (draft.block and not draft.confidence_head):
         raise DsparkError("this bundle's draft has no confidences to calibrate (a block drafter without a confidence "

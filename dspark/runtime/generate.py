@@ -133,7 +133,7 @@ class Generator:
         threads: int = 0,
         use_draft: bool = True,
         num_draft_tokens: int | None = None,
-        scheduler: str = "fixed",
+        scheduler: str = "auto",
         threshold: float = 0.5,
         block_schedule: BlockSchedule | dict[int, int] | str | None = None,
         max_batch: int | None = None,
@@ -154,14 +154,14 @@ class Generator:
         if device_step is None:
             # the torch backend on a GPU runs the round on the device where that step can: plain decoding, or a
             # DSpark/DFlash block verified whole; a draft LM, lookup or a confidence scheduler take the host loop
-            device_step = (backend == "torch" and device != "cpu" and scheduler == "fixed" and not lookup
+            device_step = (backend == "torch" and device != "cpu" and scheduler in ("auto", "fixed") and not lookup
                            and (not use_draft or self.bundle.draft.block))
         self.device_step = None
         self.target = self.proposer = None
         if device_step:
             from dspark.runtime.cuda import DeviceStep  # imports torch, which the host loop over ONNX Runtime never needs
 
-            if backend != "torch" or scheduler != "fixed" or lookup:
+            if backend != "torch" or scheduler not in ("auto", "fixed") or lookup:
                 raise DsparkError(f"the device step runs the torch modules and verifies whole blocks: it takes "
                                   f"--backend torch and --scheduler fixed without --lookup, not {backend} and "
                                   f"{scheduler}" + (" with --lookup" if lookup else ""))
@@ -173,7 +173,9 @@ class Generator:
             self.proposer = make_proposer(self.bundle, runner, num_draft_tokens, use_draft, lookup)
         if self.draft_length and self.bundle.quantize == "w8a8":
             warnings.warn(W8A8_NOT_EXACT, stacklevel=2)
-        self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device))
+        # auto: fixed where nothing is proposed (plain decoding, or the device step's whole blocks)
+        self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device),
+                                        has_confidence=bool(self.proposer and self.proposer.has_confidence))
         self.calibration = load_calibration(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
         self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle,

@@ -275,7 +275,7 @@ class LookupProposer:
         self.store = load_store(bundle, min_match, max_match) if inner is None else None
         self.reads_features = inner is not None and inner.reads_features
         # lookup rows carry a confidence wherever the other rows do (or there are no others)
-        self.has_head = inner is None or inner.has_confidence
+        self.has_confidence = inner is None or inner.has_confidence
         self.sources: list[int | None] = []  # per row, where this round's draft came from
         # per source and draft position: verified drafts whose earlier positions were all accepted, and of them
         # the accepted ones
@@ -332,7 +332,7 @@ class LookupProposer:
         for r, (tokens, source) in enumerate(zip(found, self.sources)):
             if not tokens:
                 continue
-            confidence = self.confidence_logits(source, len(tokens)) if self.has_head else None
+            confidence = self.confidence_logits(source, len(tokens)) if self.has_confidence else None
             proposals[r] = Proposal(tokens, None, confidence, sts=False)  # a point-mass law (sampling.accept)
         return proposals
 
