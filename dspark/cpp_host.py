@@ -32,7 +32,7 @@ class COptions(ctypes.Structure):
 
     _fields_ = [("use_draft", ctypes.c_int), ("num_draft_tokens", ctypes.c_int), ("max_batch", ctypes.c_int),
                 ("threads", ctypes.c_int), ("verify_sha256", ctypes.c_int), ("backend", ctypes.c_char_p),
-                ("provider", ctypes.c_char_p), ("lookup", ctypes.c_int)]
+                ("provider", ctypes.c_char_p), ("lookup", ctypes.c_int), ("scheduler", ctypes.c_char_p)]
 
 
 class CClock(ctypes.Structure):
@@ -128,11 +128,13 @@ class CppGenerator:
     """A C++ host engine over ``bundle_dir``, stepped from Python."""
 
     def __init__(self, library: str | Path, bundle_dir: str | Path, use_draft: bool = True,
-                 num_draft_tokens: int | None = None, threads: int = 0, max_batch: int | None = None, lookup: int = 0):
+                 num_draft_tokens: int | None = None, threads: int = 0, max_batch: int | None = None, lookup: int = 0,
+                 scheduler: str = "auto"):
         self.lib = load_library(library)
         self.bundle = Bundle.open(bundle_dir)
         # Bundle.open has checked the files already; NULL backend and provider are ONNX Runtime on the CPU
-        options = COptions(int(use_draft), num_draft_tokens or 0, max_batch or 0, threads, 0, None, None, lookup)
+        options = COptions(int(use_draft), num_draft_tokens or 0, max_batch or 0, threads, 0, None, None, lookup,
+                           scheduler.encode())
         self.engine = self.lib.dspark_open(str(self.bundle.path).encode(), ctypes.byref(options))
         if not self.engine:
             raise DsparkError(self.lib.dspark_last_error().decode())

@@ -26,7 +26,9 @@ import pytest
 from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm, save_hf
 from dspark.cpp_host import COptions, CRequest, load_library
 from dspark.export.bundle import ExportOptions, export_bundle
+from dspark.runtime.calibration import calibrate_bundle
 from dspark.runtime.generate import Generator, Request
+from dspark.runtime.profile import profile_bundle
 from dspark.runtime.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +238,30 @@ def test_cli_plain_equals_speculative_and_python(host, name, request, tmp_path):
         same_trace_rows(got_row, want_row)
     assert all(r["draft_tokens"] == [] and r["accepted"] == 0 for r in plain_trace)
     assert 0 < sum(r["accepted"] for r in spec_trace) < sum(r["verify_length"] for r in spec_trace)
+
+
+@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+def test_sps_verifies_what_the_python_runtime_verifies(host, name, request, tmp_path):
+    """On a bundle profiled for this machine (the DSpark one calibrated too), the host's default scheduler (auto)
+    is sps: round by round the verify lengths, and the tokens, of the Python runtime's sps; --scheduler fixed
+    verifies every draft."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(request.getfixturevalue(name), bundle)
+    profile_bundle(bundle, "ort", repeats=3, warmup=1, context=32, progress=False)
+    if name == "dspark_bundle":
+        calibrate_bundle(bundle, ["w5 w6 w7 w8", "w3 w3 w3 w3 w3", "w9 w1"], max_new_tokens=24, progress=False)
+    want = Generator(bundle, scheduler="sps").generate([Request(p, max(LENGTHS), ignore_eos=True) for p in PROMPTS],
+                                                       trace=True)
+    assert any(v < d for w in want for v, d in zip(w.verified, w.drafted))  # sps cut some rounds short
+    got, trace = cpp_run(host, bundle, tmp_path)
+    assert [g["token_ids"] for g in got] == [w.generated for w in want]
+    rows = [dict(r, prompt=i) for i, w in enumerate(want) for r in w.trace]
+    assert len(trace) == len(rows)
+    for got_row, want_row in zip(trace, rows):
+        same_trace_rows(got_row, want_row)
+    fixed, fixed_trace = cpp_run(host, bundle, tmp_path, "--scheduler", "fixed")
+    assert [g["token_ids"] for g in fixed] == [w.generated for w in want]
+    assert all(r["verify_length"] == len(r["draft_tokens"]) for r in fixed_trace)
 
 
 @pytest.mark.parametrize("name,use_draft", [("qwen3_bundle", False), ("qwen3_bundle", True), ("dspark_bundle", True)])
@@ -548,6 +574,7 @@ def test_bad_bundle_is_refused_with_a_clear_message(host, case, tmp_path, reques
     (["--prompt-ids", "1", "--provider", "abc"], "unknown execution provider 'abc'"),
     (["--prompt-ids", "1", "--backend", "trt"], "built without TensorRT"),
     (["--prompt-ids", "1", "--frobnicate"], "unknown option --frobnicate"),
+    (["--prompt-ids", "1", "--scheduler", "threshold"], "scheduler 'threshold' is not available here; choose auto, fixed or sps"),
     ([], "give a prompt"),
 ])
 def test_bad_request_is_refused_with_a_clear_message(host, qwen3_bundle, args, message):
@@ -561,7 +588,8 @@ def test_missing_bundle_and_help(host, tmp_path):
     text = host.run("--help").stdout
     for option in ("--prompt", "--prompt-ids", "--prompts-file", "--max-new-tokens", "--temperature", "--top-p",
                    "--top-k", "--seed", "--num-draft-tokens", "--no-draft", "--max-batch", "--ignore-eos", "--stop",
-                   "--threads", "--backend", "--provider", "--engines", "--skip-sha256", "--json", "--trace"):
+                   "--threads", "--backend", "--provider", "--engines", "--skip-sha256", "--json", "--trace",
+                   "--scheduler"):
         assert option in text
 
 

@@ -92,7 +92,7 @@ const char* dspark_last_error(void) { return last_error.c_str(); }
 
 void dspark_options_init(dspark_options* o) {
   if (!o) return;
-  *o = dspark_options{1, 0, 0, 0, 1, nullptr, nullptr, 0};
+  *o = dspark_options{1, 0, 0, 0, 1, nullptr, nullptr, 0, nullptr};
 }
 
 void dspark_request_init(dspark_request* r) {
@@ -115,6 +115,7 @@ dspark_engine* dspark_open(const char* bundle_dir, const dspark_options* options
     opts.verify_sha256 = o.verify_sha256 != 0;
     if (o.backend) opts.backend = o.backend;
     if (o.provider) opts.provider = o.provider;
+    if (o.scheduler) opts.scheduler = o.scheduler;
     auto* handle = new dspark_engine{std::make_unique<dspark::Engine>(bundle_dir, opts), {}, {}};
     return handle;
   });

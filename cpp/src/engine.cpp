@@ -15,6 +15,7 @@
 #include "dspark/tokenizer.hpp"
 #include "proposers.hpp"
 #include "sampling.hpp"
+#include "scheduler.hpp"
 #include "sequence.hpp"
 
 namespace dspark {
@@ -40,6 +41,7 @@ struct Engine::Impl {
       throw Error("num-draft-tokens must be positive, got " + std::to_string(o.num_draft_tokens));
     max_batch = o.max_batch ? std::min(o.max_batch, bundle.max_batch) : bundle.max_batch;
     proposer = make_proposer(bundle, o);
+    scheduler = std::make_unique<Scheduler>(bundle, o, proposer && proposer->has_confidence());
   }
 
   Options options;
@@ -49,6 +51,7 @@ struct Engine::Impl {
   std::unique_ptr<Decoder> target;
   KVCache cache;
   std::unique_ptr<Proposer> proposer;
+  std::unique_ptr<Scheduler> scheduler;
   int max_batch = 1;
   std::vector<Sequence*> running;
   std::deque<Sequence*> waiting;
@@ -104,12 +107,17 @@ struct Engine::Impl {
     std::vector<Proposal> proposals = proposer ? proposer->propose(seqs, caps) : std::vector<Proposal>(n);
     if (proposer) clock.draft_s += since(drafting);
     std::vector<std::vector<int64_t>> parts(n);
-    std::vector<int> lengths(n), drafted(n);
+    std::vector<int> lengths = scheduler->choose(proposals), drafted(n);
+    std::vector<Proposal> verified(n);  // each row's first lengths[r] drafts, with their laws
     for (size_t r = 0; r < n; ++r) {
-      drafted[r] = lengths[r] = static_cast<int>(proposals[r].tokens.size());  // the fixed scheduler: verify all
+      const Proposal& p = proposals[r];
+      drafted[r] = static_cast<int>(p.tokens.size());
+      verified[r].tokens.assign(p.tokens.begin(), p.tokens.begin() + lengths[r]);
+      if (!p.probs.empty())
+        verified[r].probs.assign(p.probs.begin(), p.probs.begin() + p.probs.size() / p.tokens.size() * lengths[r]);
       if (seqs[r]->done()) continue;
       parts[r].push_back(seqs[r]->tokens.back());
-      parts[r].insert(parts[r].end(), proposals[r].tokens.begin(), proposals[r].tokens.end());
+      parts[r].insert(parts[r].end(), verified[r].tokens.begin(), verified[r].tokens.end());
     }
     auto verifying = Clock::now();
     target->run(cache, parts, false);
@@ -118,7 +126,7 @@ struct Engine::Impl {
     std::vector<std::vector<int64_t>> emitted(n);
     for (size_t r = 0; r < n; ++r) {
       if (parts[r].empty()) continue;
-      const Proposal& p = proposals[r];
+      const Proposal& p = verified[r];
       Verdict v = dspark::accept(target->logits(static_cast<int>(r), 0), target->vocab, p.tokens, p.probs,
                                  seqs[r]->request.sampling, seqs[r]->rng);
       accepted[r] = v.accepted;

@@ -162,6 +162,7 @@ class BlockProposer : public Proposer {
   }
 
   bool wants_features() const override { return true; }
+  bool has_confidence() const override { return bundle_.confidence_head; }
 
   void keep(const std::vector<int>& rows) override {
     cache_.keep_rows(rows);
@@ -276,7 +277,7 @@ class BlockProposer : public Proposer {
 // Prompt lookup in front of another proposer (or none): a row whose last max_match .. min_match tokens (longest
 // first) occurred earlier in its own tokens drafts what followed their most recent occurrence; the other rows
 // get the wrapped proposer's drafts. A lookup draft's law is a point mass. (The Python runtime's lookup store and
-// learned confidences serve its schedulers; this host verifies every draft, so it needs neither.)
+// learned confidences serve its schedulers; here a round with a lookup draft verifies whole, so it needs neither.)
 class LookupProposer : public Proposer {
  public:
   LookupProposer(std::unique_ptr<Proposer> inner, int num_draft_tokens, int min_match)
@@ -285,6 +286,8 @@ class LookupProposer : public Proposer {
   }
 
   bool wants_features() const override { return inner_ && inner_->wants_features(); }
+  // its own drafts carry none (see above), so a round with one verifies whole
+  bool has_confidence() const override { return inner_ && inner_->has_confidence(); }
   void keep(const std::vector<int>& rows) override {
     if (inner_) inner_->keep(rows);
   }

@@ -24,6 +24,8 @@ class Proposer {
   virtual void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
                       const std::vector<int>& accepted) = 0;
   virtual bool wants_features() const { return false; }
+  // whether its drafts carry confidence logits (what the sps scheduler reads)
+  virtual bool has_confidence() const { return true; }
   int k = 0;
 };
 

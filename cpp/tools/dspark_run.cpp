@@ -37,6 +37,9 @@ options:
   --lookup N               prompt lookup: a request whose last N or more tokens (longest match up to 4)
                            occurred earlier in its prompt or output drafts what followed them there; the
                            other requests use the bundle's draft (none with --no-draft); 0: off (default 0)
+  --scheduler NAME         how many drafts to verify: fixed (all), sps (the paper's Algorithm 1 over the table
+                           `dspark profile` wrote for this machine), auto (sps where the bundle has that table
+                           and the draft carries confidences, else fixed; default)
   --max-batch N            most requests running at once (default and ceiling: the bundle's)
   --ignore-eos             keep generating past end-of-sequence tokens
   --stop TEXT              stop when this text appears (repeatable); it is not included in the output
@@ -123,6 +126,7 @@ int run(int argc, char** argv) {
     else if (a == "--num-draft-tokens") options.num_draft_tokens = static_cast<int>(to_int(a, value()));
     else if (a == "--no-draft") options.use_draft = false;
     else if (a == "--lookup") options.lookup = static_cast<int>(to_int(a, value()));
+    else if (a == "--scheduler") options.scheduler = value();
     else if (a == "--max-batch") options.max_batch = static_cast<int>(to_int(a, value()));
     else if (a == "--ignore-eos") base.ignore_eos = true;
     else if (a == "--stop") base.stop.push_back(value());

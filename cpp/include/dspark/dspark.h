@@ -28,6 +28,7 @@ typedef struct {
   const char* backend;    /* "ort" (default when NULL) or "trt" */
   const char* provider;   /* "cpu" (default when NULL), "cuda", "tensorrt" */
   int lookup;             /* prompt lookup from earlier occurrences of a row's last N+ tokens; 0: off */
+  const char* scheduler;  /* verify lengths: "auto" (default when NULL), "fixed", "sps" */
 } dspark_options;
 
 typedef struct {

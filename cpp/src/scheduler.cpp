@@ -1,0 +1,150 @@
+#include "scheduler.hpp"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <thread>
+#include <tuple>
+
+#include "sampling.hpp"
+
+namespace dspark {
+
+namespace {
+
+// a fractional index of x on a sorted axis, clamped to its ends
+double axis_index(const std::vector<double>& axis, double x) {
+  if (axis.size() < 2) return 0.0;
+  x = std::min(std::max(x, axis.front()), axis.back());
+  size_t i = static_cast<size_t>(std::upper_bound(axis.begin(), axis.end(), x) - axis.begin());
+  i = std::min(i == 0 ? 0 : i - 1, axis.size() - 2);
+  return static_cast<double>(i) + (x - axis[i]) / (axis[i + 1] - axis[i]);
+}
+
+std::vector<double> numbers(const json::Value& v, const char* what) {
+  std::vector<double> out;
+  for (const auto& item : v.items(what)) out.push_back(item.number(what));
+  return out;
+}
+
+std::optional<json::Value> bundle_json(const Bundle& bundle, const std::string& rel) {
+  // a file the manifest lists (checked when the bundle opened); absent: not profiled or not calibrated
+  const json::Value* files = bundle.manifest.find("files");
+  if (!files || !files->has(rel)) return std::nullopt;
+  std::ifstream f(bundle.file(rel), std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return json::Value::parse(ss.str());
+}
+
+}  // namespace
+
+double StepsPerSecond::operator()(double r, double w) const {
+  double ri = axis_index(rows, r), wi = axis_index(widths, w);
+  size_t r0 = static_cast<size_t>(std::floor(ri)), w0 = static_cast<size_t>(std::floor(wi));
+  size_t r1 = std::min(r0 + 1, rows.size() - 1), w1 = std::min(w0 + 1, widths.size() - 1);
+  double fr = ri - static_cast<double>(r0), fw = wi - static_cast<double>(w0);
+  const auto& t = steps_per_second;
+  double top = t[r0][w0] * (1 - fw) + t[r0][w1] * fw;
+  double bottom = t[r1][w0] * (1 - fw) + t[r1][w1] * fw;
+  // beyond the profiled range a call is assumed throughput-bound: cost grows with tokens
+  double scale = std::max(1.0, r / rows.back()) * std::max(1.0, w / widths.back());
+  return (top * (1 - fr) + bottom * fr) / scale;
+}
+
+std::vector<int> sps_lengths(const std::vector<std::vector<double>>& confidences, const std::vector<int>& proposed,
+                             const StepsPerSecond& table) {
+  size_t rows = proposed.size();
+  std::vector<std::tuple<double, size_t, int>> candidates;  // (-survival, row, length): the order Python sorts in
+  for (size_t r = 0; r < rows; ++r) {
+    double survival = 1.0;
+    for (int j = 1; j <= proposed[r]; ++j) {
+      survival *= confidences[r][static_cast<size_t>(j - 1)];
+      if (survival > 0) candidates.emplace_back(-survival, r, j);
+    }
+  }
+  std::sort(candidates.begin(), candidates.end());
+  std::vector<int> lengths(rows, 0), chosen(rows, 0);
+  double tau = static_cast<double>(rows);
+  double best = tau * table(static_cast<double>(rows), 1);
+  int widest = 0;
+  for (const auto& [neg_a, r, j] : candidates) {
+    lengths[r] = j;
+    widest = std::max(widest, j);
+    tau -= neg_a;
+    double throughput = tau * table(static_cast<double>(rows), 1.0 + widest);
+    if (!(throughput > best)) break;  // early stop at the first non-improvement
+    best = throughput;
+    chosen = lengths;
+  }
+  return chosen;
+}
+
+std::string cpu_device_name() {
+  std::string model;
+  std::ifstream f("/proc/cpuinfo");
+  for (std::string line; std::getline(f, line);) {
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
+      model = line.substr(line.find(':') + 1);
+      model.erase(0, model.find_first_not_of(" \t"));
+      model.erase(model.find_last_not_of(" \t\r") + 1);
+      break;
+    }
+  }
+  std::string slug;
+  for (char c : model) {
+    char l = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    bool keep = (l >= 'a' && l <= 'z') || (l >= '0' && l <= '9');
+    if (keep) slug += l;
+    else if (!slug.empty() && slug.back() != '-') slug += '-';
+  }
+  while (!slug.empty() && slug.back() == '-') slug.pop_back();
+  return "cpu-" + slug + "-" + std::to_string(std::thread::hardware_concurrency()) + "c";
+}
+
+Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_with_confidence) {
+  const std::string& asked = options.scheduler;
+  if (asked != "auto" && asked != "fixed" && asked != "sps")
+    throw Error("scheduler '" + asked + "' is not available here; choose auto, fixed or sps (threshold is the "
+                "Python runtime's)");
+  if (asked != "fixed" && options.backend == "ort" && options.provider == "cpu") {
+    if (auto table = bundle_json(bundle, "profiles/ort-" + cpu_device_name() + ".json")) {
+      StepsPerSecond t{numbers(table->at("rows"), "rows"), numbers(table->at("widths"), "widths"), {}};
+      for (const auto& row : table->at("steps_per_second").items("steps_per_second"))
+        t.steps_per_second.push_back(numbers(row, "steps_per_second"));
+      table_ = std::move(t);
+    }
+  }
+  // sps without its table or without confidences verifies whole drafts, as the Python runtime falls back
+  name_ = table_ && drafts_with_confidence ? "sps" : "fixed";
+  if (name_ == "sps") {
+    if (auto fit = bundle_json(bundle, "calibration.json")) {
+      temperatures_ = numbers(fit->at("sts_temperatures"), "sts_temperatures");
+      // a calibration from dspark 0.4.4 and older holds temperatures alone
+      biases_ = fit->has("sts_biases") ? numbers(fit->at("sts_biases"), "sts_biases")
+                                       : std::vector<double>(temperatures_.size(), 0.0);
+    }
+  }
+}
+
+std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const {
+  std::vector<int> proposed;
+  for (const auto& p : proposals) proposed.push_back(static_cast<int>(p.tokens.size()));
+  if (name_ != "sps") return proposed;
+  std::vector<std::vector<double>> confidences(proposals.size());
+  for (size_t r = 0; r < proposals.size(); ++r) {
+    const Proposal& p = proposals[r];
+    if (p.tokens.empty()) continue;
+    if (!p.has_confidence) return proposed;  // a lookup draft: this round verifies whole
+    for (size_t k = 0; k < p.confidence.size(); ++k) {
+      double z = p.confidence[k];
+      if (k < temperatures_.size()) z = z / temperatures_[k] + biases_[k];  // c_k = sigmoid(z_k / t_k + b_k)
+      confidences[r].push_back(sigmoid(z));
+    }
+  }
+  return sps_lengths(confidences, proposed, table_ ? *table_ : StepsPerSecond{});
+}
+
+}  // namespace dspark
