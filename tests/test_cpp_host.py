@@ -241,25 +241,27 @@ def test_cli_plain_equals_speculative_and_python(host, name, request, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
-def test_sps_verifies_what_the_python_runtime_verifies(host, name, request, tmp_path):
+@pytest.mark.parametrize("lookup", [0, 2])
+def test_sps_verifies_what_the_python_runtime_verifies(host, name, lookup, request, tmp_path):
     """On a bundle profiled for this machine (the DSpark one calibrated too), the host's default scheduler (auto)
-    is sps: round by round the verify lengths, and the tokens, of the Python runtime's sps; --scheduler fixed
-    verifies every draft."""
+    is sps: round by round the verify lengths, and the tokens, of the Python runtime's sps, with prompt lookup in
+    front of the draft too (its confidences are its measured acceptance rates); --scheduler fixed verifies every
+    draft."""
     bundle = tmp_path / "bundle"
     shutil.copytree(request.getfixturevalue(name), bundle)
     profile_bundle(bundle, "ort", repeats=3, warmup=1, context=32, progress=False)
     if name == "dspark_bundle":
         calibrate_bundle(bundle, ["w5 w6 w7 w8", "w3 w3 w3 w3 w3", "w9 w1"], max_new_tokens=24, progress=False)
-    want = Generator(bundle, scheduler="sps").generate([Request(p, max(LENGTHS), ignore_eos=True) for p in PROMPTS],
-                                                       trace=True)
+    gen = Generator(bundle, scheduler="sps", lookup=lookup)
+    want = gen.generate([Request(p, max(LENGTHS), ignore_eos=True) for p in PROMPTS], trace=True)
     assert any(v < d for w in want for v, d in zip(w.verified, w.drafted))  # sps cut some rounds short
-    got, trace = cpp_run(host, bundle, tmp_path)
+    got, trace = cpp_run(host, bundle, tmp_path, "--lookup", lookup)
     assert [g["token_ids"] for g in got] == [w.generated for w in want]
     rows = [dict(r, prompt=i) for i, w in enumerate(want) for r in w.trace]
     assert len(trace) == len(rows)
     for got_row, want_row in zip(trace, rows):
         same_trace_rows(got_row, want_row)
-    fixed, fixed_trace = cpp_run(host, bundle, tmp_path, "--scheduler", "fixed")
+    fixed, fixed_trace = cpp_run(host, bundle, tmp_path, "--scheduler", "fixed", "--lookup", lookup)
     assert [g["token_ids"] for g in fixed] == [w.generated for w in want]
     assert all(r["verify_length"] == len(r["draft_tokens"]) for r in fixed_trace)
 
@@ -281,9 +283,10 @@ def test_prompt_lookup_equals_python(host, name, use_draft, temperature, request
     gen = Generator(bundle, use_draft=use_draft, lookup=2)
     want = gen.generate([Request(p, 30, params, 3 + i, ignore_eos=True) for i, p in enumerate(prompts)], trace=True)
     assert [g["tokens"] for g in got] == [w.generated for w in want]
-    for g, w in zip(got, want):  # the host verifies every draft and carries no lookup confidences
-        assert [{k: v for k, v in r.items() if k != "confidence"} for r in g["trace"]] == \
-               [{k: v for k, v in r.items() if k != "confidence"} for r in w.trace]
+    for g, w in zip(got, want):  # lookup drafts' confidences too: their measured acceptance rates
+        assert len(g["trace"]) == len(w.trace)
+        for a, b in zip(g["trace"], w.trace):
+            same_trace_rows(a, b)
     looked = [r for w in want for r in w.trace if r["draft_tokens"] and gen.proposer.lookup(
         (w.request.prompt_ids + w.generated)[: r["position"] + 1], gen.draft_length)]
     assert looked and any(r["accepted"] for r in looked)

@@ -135,7 +135,7 @@ struct Engine::Impl {
       counts[r] = static_cast<int>(emitted[r].size());
     }
     target->commit(cache, counts);
-    if (proposer) proposer->commit(*target, anchors, drafted, accepted);
+    if (proposer) proposer->commit(*target, anchors, drafted, lengths, accepted);
     for (size_t r = 0; r < n; ++r) {
       if (parts[r].empty()) continue;
       Sequence& s = *seqs[r];

@@ -93,7 +93,7 @@ class DraftLMProposer : public Proposer {
   }
 
   void commit(const Decoder&, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
-              const std::vector<int>& accepted) override {
+              const std::vector<int>&, const std::vector<int>& accepted) override {
     // keep the cache rows that hold committed tokens: the anchor and the accepted drafts it has read
     for (size_t r = 0; r < drafted.size(); ++r)
       if (drafted[r]) cache_.lens[r] = anchors[r] + 1 + std::min(accepted[r], drafted[r] - 1);
@@ -219,7 +219,7 @@ class BlockProposer : public Proposer {
   }
 
   void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>&,
-              const std::vector<int>& accepted) override {
+              const std::vector<int>&, const std::vector<int>& accepted) override {
     // features of the anchor and the accepted drafts become the next round's context
     for (size_t r = 0; r < anchors.size(); ++r) {
       const float* h = target.hidden(static_cast<int>(r), 0);
@@ -276,18 +276,23 @@ class BlockProposer : public Proposer {
 
 // Prompt lookup in front of another proposer (or none): a row whose last max_match .. min_match tokens (longest
 // first) occurred earlier in its own tokens drafts what followed their most recent occurrence; the other rows
-// get the wrapped proposer's drafts. A lookup draft's law is a point mass. (The Python runtime's lookup store and
-// learned confidences serve its schedulers; here a round with a lookup draft verifies whole, so it needs neither.)
+// get the wrapped proposer's drafts. A lookup draft's law is a point mass. Its confidence at draft position j is
+// the acceptance rate of recent lookup drafts at j given the positions before it were accepted: counts that start
+// at kPrior worth kPriorRounds drafts and fade by kFade per lookup draft, as the Python runtime's LookupProposer
+// (which also has a store of the target's answers; this host has none).
 class LookupProposer : public Proposer {
  public:
   LookupProposer(std::unique_ptr<Proposer> inner, int num_draft_tokens, int min_match)
-      : inner_(std::move(inner)), min_(min_match), max_(std::max(min_match, 4)) {
+      : inner_(std::move(inner)), min_(min_match), max_(std::max(min_match, 4)),
+        trials_(static_cast<size_t>(num_draft_tokens), 0.0), hits_(static_cast<size_t>(num_draft_tokens), 0.0) {
     k = num_draft_tokens;
   }
 
+  static constexpr double kPrior = 0.85, kPriorRounds = 4.0, kFade = 0.97;
+
   bool wants_features() const override { return inner_ && inner_->wants_features(); }
-  // its own drafts carry none (see above), so a round with one verifies whole
-  bool has_confidence() const override { return inner_ && inner_->has_confidence(); }
+  // lookup rows carry a confidence wherever the other rows do (or there are no others)
+  bool has_confidence() const override { return !inner_ || inner_->has_confidence(); }
   void keep(const std::vector<int>& rows) override {
     if (inner_) inner_->keep(rows);
   }
@@ -327,25 +332,48 @@ class LookupProposer : public Proposer {
       if (!looked_[r]) continue;
       Proposal p;
       p.tokens = std::move(found[r]);  // no probs: a point-mass law (see accept)
+      p.has_confidence = has_confidence();
+      p.sts = false;
+      if (p.has_confidence) {
+        for (size_t j = 0; j < p.tokens.size(); ++j) {
+          double rate = (hits_[j] + kPrior * kPriorRounds) / (trials_[j] + kPriorRounds);
+          p.confidence.push_back(std::log(rate / (1 - rate)));
+        }
+      }
       proposals[r] = std::move(p);
     }
     return proposals;
   }
 
-  // the wrapped proposer drafted nothing on looked-up rows this round: it is told so
+  // count the looked-up rows' outcomes; the wrapped proposer drafted nothing on them this round: it is told so
   void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
-              const std::vector<int>& accepted) override {
+              const std::vector<int>& verified, const std::vector<int>& accepted) override {
+    // the round's lookup drafts fade the counts together, so the rates do not depend on the order of the rows
+    double fade = std::pow(kFade, static_cast<double>(std::count(looked_.begin(), looked_.end(), true)));
+    if (fade < 1) {
+      for (size_t j = 0; j < trials_.size(); ++j) {
+        trials_[j] *= fade;
+        hits_[j] *= fade;
+      }
+    }
+    for (size_t r = 0; r < looked_.size(); ++r) {
+      if (!looked_[r]) continue;
+      // positions up to the first rejection (if verified), and the accepted ones
+      for (int j = 0; j < std::min(accepted[r] + 1, verified[r]); ++j) trials_[static_cast<size_t>(j)] += 1;
+      for (int j = 0; j < accepted[r]; ++j) hits_[static_cast<size_t>(j)] += 1;
+    }
     if (!inner_) return;
     std::vector<int> inner(drafted);
     for (size_t r = 0; r < inner.size(); ++r)
       if (looked_[r]) inner[r] = 0;
-    inner_->commit(target, anchors, inner, accepted);
+    inner_->commit(target, anchors, inner, verified, accepted);
   }
 
  private:
   std::unique_ptr<Proposer> inner_;
   int min_, max_;
   std::vector<bool> looked_;  // per row: whether this round's draft came from lookup
+  std::vector<double> trials_, hits_;  // per draft position: faded counts of verified and of accepted lookup drafts
 };
 
 }  // namespace

@@ -20,9 +20,10 @@ class Proposer {
   // `features` (block drafters): per new row, the prompt's tapped target features, row-major [tokens, width]
   virtual void add(int count, std::vector<std::vector<float>>* features) = 0;
   virtual std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& caps) = 0;
-  // the target's verify call (for its tapped features), each row's anchor, proposal length and accepted count
+  // the target's verify call (for its tapped features), each row's anchor, proposal length, verified length and
+  // accepted count
   virtual void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
-                      const std::vector<int>& accepted) = 0;
+                      const std::vector<int>& verified, const std::vector<int>& accepted) = 0;
   virtual bool wants_features() const { return false; }
   // whether its drafts carry confidence logits (what the sps scheduler reads)
   virtual bool has_confidence() const { return true; }

@@ -137,10 +137,10 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
   for (size_t r = 0; r < proposals.size(); ++r) {
     const Proposal& p = proposals[r];
     if (p.tokens.empty()) continue;
-    if (!p.has_confidence) return proposed;  // a lookup draft: this round verifies whole
+    if (!p.has_confidence) return proposed;  // a drafter without a confidence head: this round verifies whole
     for (size_t k = 0; k < p.confidence.size(); ++k) {
       double z = p.confidence[k];
-      if (k < temperatures_.size()) z = z / temperatures_[k] + biases_[k];  // c_k = sigmoid(z_k / t_k + b_k)
+      if (p.sts && k < temperatures_.size()) z = z / temperatures_[k] + biases_[k];  // c_k = sigmoid(z_k/t_k + b_k)
       confidences[r].push_back(sigmoid(z));
     }
   }

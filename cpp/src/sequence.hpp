@@ -34,6 +34,7 @@ struct Proposal {
   std::vector<double> probs;        // [tokens, vocab]: the law each token was drawn from (empty: greedy or point mass)
   std::vector<double> confidence;   // raw confidence-head logits, one per token
   bool has_confidence = false;
+  bool sts = true;  // the STS fit applies to them (a lookup draft's are its measured acceptance rates)
 };
 
 }  // namespace dspark

@@ -338,11 +338,15 @@ class LookupProposer:
 
     def commit(self, anchors: list[int], drafted: list[int], verified: list[int], accepted: list[int], out) -> None:
         """Count the looked-up rows' outcomes; the wrapped proposer drafted nothing on them this round: it is told
-        so."""
-        for source, n, a in zip(self.sources, verified, accepted):
-            if source is not None:
-                self.trials[source] *= self.FADE
-                self.hits[source] *= self.FADE
+        so. A round's drafts of one source fade the counts together, so the rates do not depend on the order of
+        the rows (the C++ host orders a batch's rows its own way)."""
+        for source in (self.OWN, self.STORE):
+            outcomes = [(n, a) for s, n, a in zip(self.sources, verified, accepted) if s == source]
+            if not outcomes:
+                continue
+            self.trials[source] *= self.FADE ** len(outcomes)
+            self.hits[source] *= self.FADE ** len(outcomes)
+            for n, a in outcomes:
                 self.trials[source, : min(a + 1, n)] += 1  # positions up to the first rejection (if verified)
                 self.hits[source, :a] += 1
         if self.inner:
