@@ -110,11 +110,14 @@ struct Engine::Impl {
     std::vector<int> lengths = scheduler->choose(proposals), drafted(n);
     std::vector<Proposal> verified(n);  // each row's first lengths[r] drafts, with their laws
     for (size_t r = 0; r < n; ++r) {
-      const Proposal& p = proposals[r];
+      Proposal& p = proposals[r];
       drafted[r] = static_cast<int>(p.tokens.size());
       verified[r].tokens.assign(p.tokens.begin(), p.tokens.begin() + lengths[r]);
-      if (!p.probs.empty())
-        verified[r].probs.assign(p.probs.begin(), p.probs.begin() + p.probs.size() / p.tokens.size() * lengths[r]);
+      if (!p.probs.empty()) {  // only acceptance reads the laws: moved, not copied
+        size_t width = p.probs.size() / p.tokens.size();
+        verified[r].probs = std::move(p.probs);
+        verified[r].probs.resize(width * static_cast<size_t>(lengths[r]));
+      }
       if (seqs[r]->done()) continue;
       parts[r].push_back(seqs[r]->tokens.back());
       parts[r].insert(parts[r].end(), verified[r].tokens.begin(), verified[r].tokens.end());

@@ -29,26 +29,9 @@ def check_backend(backend: str, device: str) -> None:
     if backend == "trt" and kind != "cuda":
         raise DsparkError("the trt backend runs TensorRT engines on a CUDA device; pass --device cuda")
     if backend == "torch":
+        from dspark.runtime.torch_runner import torch_device  # imports torch, which the ort backend never needs
+
         torch_device(device)
-
-
-def torch_device(device: str):
-    """``device`` as a ``torch.device``, refused with the fix where this torch cannot compute there: the one check
-    of the torch backend, the device step and drafter training (torch is imported here only when asked)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DsparkError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type not in DEVICES:
-        raise DsparkError(f"--device {device!r}: dspark runs torch on cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DsparkError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
-                          "or install a CUDA build of torch")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise DsparkError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def make_runner(bundle: Bundle, graph: str, backend: str = "ort", threads: int = 0, device: str = "cpu",

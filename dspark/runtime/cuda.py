@@ -30,11 +30,10 @@ import torch
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.backends import torch_device
 from dspark.runtime.buckets import Buckets
 from dspark.runtime.capture import CudaGraphs, cuda_capture
 from dspark.runtime.proposers import choose_draft_length
-from dspark.runtime.torch_runner import load_module, module_problem, write_block
+from dspark.runtime.torch_runner import load_module, module_problem, torch_device, write_block
 
 
 # ------------------------------------------------------------------------------------------------ acceptance

@@ -20,7 +20,6 @@ import torch
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.backends import torch_device
 from dspark.runtime.capture import CudaGraphs, cuda_capture
 from dspark.runtime.runners import GraphRunner
 
@@ -39,6 +38,23 @@ def module_problem(bundle: Bundle, role: str) -> str | None:
         return (f"the bundle's graphs are {bundle.quantize}-quantized and the checkpoint is not, so the "
                 "two would decode differently")
     return None
+
+
+def torch_device(device: str):
+    """``device`` as a ``torch.device``, refused with the fix where this torch cannot compute there: the one check
+    of the torch backend, the device step and drafter training."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DsparkError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DsparkError(f"--device {device!r}: dspark runs torch on cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DsparkError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
+                          "or install a CUDA build of torch")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise DsparkError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 @functools.lru_cache(maxsize=8)

@@ -51,8 +51,8 @@ from dspark.errors import DsparkError
 from dspark.graphs.checkpoint import WeightReader, read_config, read_draft_vocab
 from dspark.graphs.decoder import DecoderConfig, DecoderLM
 from dspark.graphs.drafter import MARKOV_HEAD_TYPES, Drafter, DrafterConfig, deepspec_config, save_deepspec
-from dspark.runtime.backends import torch_device
 from dspark.runtime.proposers import draft_index
+from dspark.runtime.torch_runner import torch_device
 from dspark.train.features import FeatureCache, feature_cache
 from dspark.train.target import (
     TrainArgs,
