@@ -85,6 +85,12 @@ const GraphSpec& Bundle::graph(const std::string& name) const {
   return it->second;
 }
 
+std::optional<json::Value> Bundle::read_json(const std::string& rel) const {
+  const json::Value* files = manifest.find("files");
+  if (!files || !files->has(rel)) return std::nullopt;
+  return json::Value::parse(read_text(file(rel)));
+}
+
 Bundle::Bundle(const std::string& folder, bool verify_sha256) : dir(folder) {
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
   if (!is_dir(dir)) throw Error("bundle folder not found: " + dir + " (create one with 'dspark export')");

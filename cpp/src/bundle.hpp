@@ -3,6 +3,7 @@
 #pragma once
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,9 @@ class Bundle {
 
   const GraphSpec& graph(const std::string& name) const;
   std::string file(const std::string& rel) const { return dir + "/" + rel; }
+  // a JSON file the manifest lists (checked when the bundle opened), or nullopt where it lists none by that name
+  // (as dspark/bundle.py's read_json: a profile or a calibration the bundle may not have)
+  std::optional<json::Value> read_json(const std::string& rel) const;
 };
 
 }  // namespace dspark

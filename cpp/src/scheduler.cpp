@@ -4,7 +4,6 @@
 #include <cctype>
 #include <cmath>
 #include <fstream>
-#include <sstream>
 #include <thread>
 #include <tuple>
 
@@ -27,16 +26,6 @@ std::vector<double> numbers(const json::Value& v, const char* what) {
   std::vector<double> out;
   for (const auto& item : v.items(what)) out.push_back(item.number(what));
   return out;
-}
-
-std::optional<json::Value> bundle_json(const Bundle& bundle, const std::string& rel) {
-  // a file the manifest lists (checked when the bundle opened); absent: not profiled or not calibrated
-  const json::Value* files = bundle.manifest.find("files");
-  if (!files || !files->has(rel)) return std::nullopt;
-  std::ifstream f(bundle.file(rel), std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return json::Value::parse(ss.str());
 }
 
 }  // namespace
@@ -110,7 +99,7 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
     throw Error("scheduler '" + asked + "' is not available here; choose auto, fixed or sps (threshold is the "
                 "Python runtime's)");
   if (asked != "fixed" && options.backend == "ort" && options.provider == "cpu") {
-    if (auto table = bundle_json(bundle, "profiles/ort-" + cpu_device_name() + ".json")) {
+    if (auto table = bundle.read_json("profiles/ort-" + cpu_device_name() + ".json")) {
       StepsPerSecond t{numbers(table->at("rows"), "rows"), numbers(table->at("widths"), "widths"), {}};
       for (const auto& row : table->at("steps_per_second").items("steps_per_second"))
         t.steps_per_second.push_back(numbers(row, "steps_per_second"));
@@ -118,9 +107,9 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
     }
   }
   // sps without its table or without confidences verifies whole drafts, as the Python runtime falls back
-  name_ = table_ && drafts_with_confidence ? "sps" : "fixed";
-  if (name_ == "sps") {
-    if (auto fit = bundle_json(bundle, "calibration.json")) {
+  if (!drafts_with_confidence) table_.reset();
+  if (table_) {
+    if (auto fit = bundle.read_json("calibration.json")) {
       temperatures_ = numbers(fit->at("sts_temperatures"), "sts_temperatures");
       // a calibration from dspark 0.4.4 and older holds temperatures alone
       biases_ = fit->has("sts_biases") ? numbers(fit->at("sts_biases"), "sts_biases")
@@ -132,7 +121,7 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
 std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const {
   std::vector<int> proposed;
   for (const auto& p : proposals) proposed.push_back(static_cast<int>(p.tokens.size()));
-  if (name_ != "sps") return proposed;
+  if (!table_) return proposed;  // fixed
   std::vector<std::vector<double>> confidences(proposals.size());
   for (size_t r = 0; r < proposals.size(); ++r) {
     const Proposal& p = proposals[r];
@@ -144,7 +133,7 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
       confidences[r].push_back(sigmoid(z));
     }
   }
-  return sps_lengths(confidences, proposed, table_ ? *table_ : StepsPerSecond{});
+  return sps_lengths(confidences, proposed, *table_);
 }
 
 }  // namespace dspark

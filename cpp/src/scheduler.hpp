@@ -33,13 +33,11 @@ std::string cpu_device_name();
 class Scheduler {
  public:
   Scheduler(const Bundle& bundle, const Options& options, bool drafts_with_confidence);
-  const std::string& name() const { return name_; }
   // verify lengths for the round's proposals
   std::vector<int> choose(const std::vector<Proposal>& proposals) const;
 
  private:
-  std::string name_;  // "fixed" or "sps"
-  std::optional<StepsPerSecond> table_;
+  std::optional<StepsPerSecond> table_;  // set: sps over it; unset: fixed
   std::vector<double> temperatures_, biases_;  // the STS fit; empty: raw confidences
 };
 
