@@ -27,16 +27,17 @@ How it is measured:
 - ideal speed-up: τ × T(1) / (T_draft + T_verify), the speed-up the graph calls alone would give (no host work).
   ``ideal_speedup`` takes the calls as they cost inside the timed runs (``draft_ms``, ``verify_ms`` below, T(1)
   the plain run's ``verify_ms`` at the same concurrency), so ``of_ideal`` measures host work only;
-  ``ideal_speedup_alone`` takes call costs measured in this process at concurrency c, each call repeated alone:
-  T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for c rows,
-  all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). It assumes full-width rounds, so
-  it understates methods whose rounds vary in width (prompt lookup, ``sps``).
+  ``ideal_speedup_alone`` takes call costs measured in this process at concurrency c, each call alone (outside
+  the loop): T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for
+  c rows, all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). They are measured once per
+  method (its schedulers and the C++ host make the same calls), every method's calls in turn, repeat after
+  repeat, so drift moves them alike. It assumes full-width rounds, so it understates methods whose rounds vary
+  in width (prompt lookup, ``sps``, a draft LM that stops early).
 - where a round's time goes, measured inside the timed runs (the generator's ``RoundClock``): ``round_ms`` per
   round (prefill excluded), of it ``draft_ms`` (the proposer's calls), ``verify_ms`` (the target's call) and
   ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. All four come from the
-  timed pass with the median round time, so they add up. A call inside the loop can cost more than the same call
-  repeated alone (the draft's and the target's weights evict each other from the CPU caches): compare
-  ``draft_ms`` with ``call_costs_ms``. The C++ host keeps the same clock in C++. On the device step (the torch
+  timed pass with the median round time, so they add up. ``verify_ms`` is over the widths the rounds verified,
+  ``call_costs_ms``' T_verify over full ones: compare the two for what a round's drafts cost the target. The C++ host keeps the same clock in C++. On the device step (the torch
   backend on CUDA) drafting, verification and acceptance are one captured call, counted as ``verify_ms``
   (``draft_ms`` 0); its calls cannot be timed apart, so ``call_costs_ms`` and ``ideal_speedup_alone`` are None.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
@@ -224,19 +225,13 @@ def summarize(config: Configuration) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ call costs
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def call_costs(gen, rows: int, context: int, repeats: int) -> dict | None:
-    """Median ms of a target call with ``rows`` rows of 1 and of draft_length + 1 tokens, and of one draft round
-    for ``rows``; None for the device step, whose round is one captured call that cannot be timed apart."""
+def cost_probe(gen, rows: int, context: int):
+    """The calls a round of ``gen`` is made of, each a closure over ``rows`` rows with a cache filled to ``context``:
+    ``t1_ms`` (a target call of 1 token a row) and, with a proposer, ``t_verify_ms`` (draft_length + 1 tokens a
+    row) and ``t_draft_ms`` (one draft round; a lookup draft runs no graph, so a round costs what the draft it
+    wraps costs on rows without a match); returned with the context used (at most the bundle's limit allows) and
+    the clean-up that drops the rows it set up. None for the device step, whose round is one captured call that
+    cannot be timed apart."""
     from dspark.runtime.decoder import decoder_cache, run_decoder
     from dspark.runtime.generate import Request
 
@@ -247,33 +242,63 @@ def call_costs(gen, rows: int, context: int, repeats: int) -> dict | None:
     cache = decoder_cache(bundle.target.config, rows, bundle, device=gen.target.cache_device)
     cache.reserve(context + draft_length + 1)
     cache.lens[:] = context
-    costs = {"context": context, "t1_ms": median_ms(lambda: run_decoder(gen.target, cache, [[1]] * rows), repeats)}
+    calls = {"t1_ms": lambda: run_decoder(gen.target, cache, [[1]] * rows)}
+    proposer = getattr(gen.proposer, "inner", gen.proposer)
     if not gen.proposer:
-        costs.update(t_verify_ms=costs["t1_ms"], t_draft_ms=0.0)
-        return costs
-    costs["t_verify_ms"] = median_ms(lambda: run_decoder(gen.target, cache, [[1] * (draft_length + 1)] * rows), repeats)
+        return context, calls, lambda: None
+    calls["t_verify_ms"] = lambda: run_decoder(gen.target, cache, [[1] * (draft_length + 1)] * rows)
+    if proposer is None:
+        return context, calls, lambda: None
     # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
     gen.max_batch = rows
     seqs = [gen.submit(Request([1] * context, max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
     gen.admit()
-    # a lookup draft costs next to nothing: a round costs what the wrapped draft costs on rows without a match
-    proposer = getattr(gen.proposer, "inner", gen.proposer)
     anchors = [len(s.tokens) - 1 for s in seqs]
 
     def draft_round():
         proposer.rewind(anchors)
         proposer.propose(seqs, [draft_length] * rows)
 
-    try:
-        if proposer is None:
-            costs["t_draft_ms"] = 0.0
-        else:
-            proposer.propose(seqs, [draft_length] * rows)
-            costs["t_draft_ms"] = median_ms(draft_round, repeats)
-    finally:
+    def clean_up():
         for s in seqs:
             gen.cancel(s)
         gen.step()  # drops the cancelled rows from the target and draft caches
+
+    calls["t_draft_ms"] = draft_round
+    return context, calls, clean_up
+
+
+def call_costs(generators: dict, rows: int, context: int, repeats: int) -> dict:
+    """Median ms of each generator's round calls (``cost_probe``) at ``rows`` rows, keyed as ``generators``.
+
+    The calls go round-robin, every generator's once per repeat after one untimed call each, so a machine whose
+    speed drifts during the measurement (a shared 2-core host's does, by 10-30%) moves every generator's costs
+    alike and their ratios stay fair. Without a proposer T_verify is T(1); without a draft graph T_draft is 0."""
+    probes = {key: cost_probe(gen, rows, context) for key, gen in generators.items()}
+    live = {key: probe for key, probe in probes.items() if probe is not None}
+    times = {key: {name: [] for name in calls} for key, (_, calls, _) in live.items()}
+    try:
+        for _, calls, _ in live.values():
+            for fn in calls.values():
+                fn()
+        for _ in range(repeats):
+            for key, (_, calls, _) in live.items():
+                for name, fn in calls.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[key][name].append(time.perf_counter() - start)
+    finally:
+        for _, _, clean_up in live.values():
+            clean_up()
+    costs = {}
+    for key, probe in probes.items():
+        if probe is None:
+            costs[key] = None
+            continue
+        c = {"context": probe[0], **{name: 1000 * statistics.median(t) for name, t in times[key].items()}}
+        c.setdefault("t_verify_ms", c["t1_ms"])
+        c.setdefault("t_draft_ms", 0.0)
+        costs[key] = c
     return costs
 
 
@@ -511,17 +536,20 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
                 bar.update()
     bar.close()
 
-    # call costs at every concurrency, for the ideal speed-up
+    # call costs at every concurrency, for the ideal speed-up: one measurement per method (its schedulers, and the
+    # C++ host's, make the same graph calls), every method's calls interleaved
     mean_prompt = statistics.mean(len(i) for i in ids)
     context = int(mean_prompt + max_new_tokens // 2)
     costs = {}
-    python_configs = {(c.method, c.concurrency): c for c in configs if not c.method.startswith("cpp-")}
-    for config in tqdm(configs, desc="call costs", unit="cfg", disable=not progress):
-        if not config.method.startswith("cpp-"):
-            costs[config.name] = call_costs(config.generator, config.concurrency, context, cost_repeats)
-    for config in configs:
-        if config.method.startswith("cpp-"):  # the same graph calls as the Python runtime's
-            costs[config.name] = costs[python_configs[(config.method[4:], config.concurrency)].name]
+    for c in tqdm(concurrency, desc="call costs", unit="c", disable=not progress):
+        python_configs = {}
+        for config in configs:
+            if config.concurrency == c and not config.method.startswith("cpp-"):
+                python_configs.setdefault(config.method, config)
+        measured = call_costs({m: config.generator for m, config in python_configs.items()}, c, context, cost_repeats)
+        for config in configs:
+            if config.concurrency == c:
+                costs[config.name] = measured[config.method.removeprefix("cpp-")]
 
     rows = []
     plain_rate, plain_step, plain_tokens = {}, {}, {}
@@ -616,12 +644,13 @@ def definitions() -> dict:
         "speedup": "tokens_per_second / plain tokens_per_second at the same concurrency (cpp-* methods: over cpp-plain)",
         "ideal_speedup": "mean_accepted_length * T(1) / (draft_ms + verify_ms), T(1) the plain run's verify_ms: the "
                          "calls as they cost in the runs, no host work (C++ host: ideal_speedup_alone)",
-        "ideal_speedup_alone": "the same from call_costs_ms, each call repeated alone at full width",
+        "ideal_speedup_alone": "the same from call_costs_ms: each call alone at full width, once per method, every "
+                               "method's calls interleaved",
         "of_ideal": "speedup / ideal_speedup",
         "round_ms": "a round's time measured in the runs, prefill excluded (C++ host: (wall time - sum of times to "
                     "first token) x concurrency / rounds)",
         "draft_ms/verify_ms": "of a round, the proposer's calls and the target's verify call, measured in the runs "
-                              "(call_costs_ms: the same calls repeated alone)",
+                              "(call_costs_ms: the same calls alone)",
         "host_ms": "round_ms - draft_ms - verify_ms: sampling, acceptance, bookkeeping, Python",
         "ttft_ms": "submit to first token (prefill and any wait for a free row); median over requests",
         "itl_p50_ms/itl_p99_ms": "percentiles of the gaps between successive tokens of a request; tokens of one "
@@ -703,7 +732,7 @@ def markdown(report: dict, plots: list[str]) -> str:
                    f"{r['verify_ms']:.2f} | {r['host_ms']:.2f} | {r['ttft_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
                    f"{r['itl_p99_ms']:.2f} | {acc} |")
     out += [f"\n**Not lossless:** {line}" for line in mismatches(report)]
-    out += ["", "Call costs (ms, median), each call repeated alone, and the ideal speed-up they give:", "",
+    out += ["", "Call costs (ms, median), each call alone (every method's in turn), and the ideal speed-up they give:", "",
             "| method | scheduler | c | T(1) | T_verify | T_draft | ideal alone |", "|" + "---|" * 7]
     for r in report["configurations"]:
         c = r["call_costs_ms"]

@@ -137,6 +137,9 @@ def test_bench_block_drafter_with_extra_bundle_and_schedulers(dspark_bundle, qwe
         assert r["speedup"] == pytest.approx(r["tokens_per_second"] / rows[("plain", None)]["tokens_per_second"])
         assert r["matches_plain"] is True
     assert rows[("dspark", "fixed")]["call_costs_ms"]["t_draft_ms"] > 0
+    # one measurement per method: its schedulers make the same calls
+    assert rows[("dspark", "fixed")]["call_costs_ms"] == rows[("dspark", "threshold")]["call_costs_ms"]
+    assert rows[("plain", None)]["call_costs_ms"]["t_draft_ms"] == 0.0
     hf = report["peers"]["transformers"]  # plain only: a block drafter is no assistant_model
     assert hf["status"] == "ok" and "not a draft LM" in hf["speculative"]
     assert "speculative_tokens_per_second" not in hf

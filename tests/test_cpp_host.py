@@ -375,6 +375,7 @@ def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, 
             assert cpp["matches_plain"] is True and cpp["generated_tokens"] == py["generated_tokens"]
             assert cpp["mean_accepted_length"] == py["mean_accepted_length"]
             assert cpp["acceptance_by_position"] == py["acceptance_by_position"]
+            assert cpp["call_costs_ms"] == py["call_costs_ms"]  # the same graph calls, measured once
         assert rows[("cpp-draft-lm", c)]["speedup"] == pytest.approx(
             rows[("cpp-draft-lm", c)]["tokens_per_second"] / rows[("cpp-plain", c)]["tokens_per_second"])
         for m in ("cpp-plain", "cpp-draft-lm"):  # the host's own clock splits its rounds
