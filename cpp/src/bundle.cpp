@@ -1,34 +1,11 @@
 #include "bundle.hpp"
 
-#include <sys/stat.h>
-
-#include <fstream>
-#include <sstream>
-
 #include "dspark/dspark.hpp"
+#include "files.hpp"
 #include "sha256.hpp"
 
 namespace dspark {
 namespace {
-
-bool is_dir(const std::string& p) {
-  struct stat st;
-  return stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-// size of a regular file, or -1 when there is none
-long long file_size(const std::string& p) {
-  struct stat st;
-  if (stat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return -1;
-  return static_cast<long long>(st.st_size);
-}
-
-std::string read_text(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 ModelConfig model_config(const json::Value& config) {
   ModelConfig c;
@@ -88,17 +65,19 @@ const GraphSpec& Bundle::graph(const std::string& name) const {
 std::optional<json::Value> Bundle::read_json(const std::string& rel) const {
   const json::Value* files = manifest.find("files");
   if (!files || !files->has(rel)) return std::nullopt;
-  return json::Value::parse(read_text(file(rel)));
+  auto text = read_file(file(rel));
+  if (!text) throw Error(file(rel) + " cannot be read; re-export the bundle");
+  return json::Value::parse(*text);
 }
 
 Bundle::Bundle(const std::string& folder, bool verify_sha256) : dir(folder) {
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
   if (!is_dir(dir)) throw Error("bundle folder not found: " + dir + " (create one with 'dspark export')");
   std::string mpath = dir + "/manifest.json";
-  if (file_size(mpath) < 0)
-    throw Error(dir + " has no manifest.json; it is not a dspark bundle (create one with 'dspark export')");
+  auto text = file_size(mpath) < 0 ? std::nullopt : read_file(mpath);
+  if (!text) throw Error(dir + " has no manifest.json; it is not a dspark bundle (create one with 'dspark export')");
   try {
-    manifest = json::Value::parse(read_text(mpath));
+    manifest = json::Value::parse(*text);
   } catch (const std::exception& e) {
     throw Error(mpath + " is not valid JSON: " + e.what());
   }

@@ -11,11 +11,9 @@
 
 #include <array>
 #include <cctype>
-#include <fstream>
 #include <iostream>
-#include <sstream>
-#include <sys/stat.h>
 
+#include "files.hpp"
 #include "json.hpp"
 
 namespace dspark {
@@ -47,12 +45,11 @@ DType from_trt(nvinfer1::DataType t, const std::string& name) {
   }
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error("cannot read " + path + "; build the engines with 'dspark build'");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+// an engine folder's file; a missing one means the engines were never built here
+std::string engine_file(const std::string& path) {
+  auto bytes = read_file(path);
+  if (!bytes) throw Error("cannot read " + path + "; build the engines with 'dspark build'");
+  return *bytes;
 }
 
 // this machine's engine folder: bundle/engines/sm<major><minor>-trt<version of the headers built against>
@@ -66,8 +63,7 @@ std::string engine_folder(const Bundle& bundle, const Options& options) {
                      std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) + "." +
                      std::to_string(NV_TENSORRT_PATCH) + "." + std::to_string(NV_TENSORRT_BUILD);
   std::string folder = bundle.file("engines/" + name);
-  struct stat st;
-  if (stat((folder + "/build.json").c_str(), &st) != 0)
+  if (file_size(folder + "/build.json") < 0)
     throw Error("no TensorRT engines for this machine (" + name + ") in " + bundle.file("engines") +
                 "; run 'dspark build' here, or point at another folder with the engines option");
   return folder;
@@ -84,10 +80,10 @@ class TrtRunner : public GraphRunner {
  public:
   TrtRunner(const Bundle& bundle, const GraphSpec& spec, const Options& options) : spec_(spec) {
     std::string folder = engine_folder(bundle, options);
-    json::Value info = json::Value::parse(read_file(folder + "/build.json"));
+    json::Value info = json::Value::parse(engine_file(folder + "/build.json"));
     const json::Value* entry = info.at("engines").find(spec.name);
     if (!entry) throw Error(folder + " has no engine for graph " + spec.name + "; rebuild with 'dspark build'");
-    std::string plan = read_file(folder + "/" + entry->at("file").str());
+    std::string plan = engine_file(folder + "/" + entry->at("file").str());
     runtime_.reset(nvinfer1::createInferRuntime(logger()));
     if (!runtime_) throw Error("TensorRT could not create a runtime (is a CUDA GPU and driver present?)");
     engine_.reset(runtime_->deserializeCudaEngine(plan.data(), plan.size()));

@@ -4,13 +4,12 @@
 // semantics. Any other pattern is refused by name.
 #include <algorithm>
 #include <cctype>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <unordered_map>
 
 #include "dspark/dspark.hpp"
 #include "dspark/tokenizer.hpp"
+#include "files.hpp"
 #include "json.hpp"
 #include "unicode.hpp"
 
@@ -465,12 +464,10 @@ class JsonTokenizer : public Tokenizer {
 }  // namespace
 
 std::unique_ptr<Tokenizer> Tokenizer::from_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error("tokenizer not found: " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
+  auto text = read_file(path);
+  if (!text) throw Error("tokenizer not found: " + path);
   try {
-    return std::make_unique<JsonTokenizer>(json::Value::parse(ss.str()));
+    return std::make_unique<JsonTokenizer>(json::Value::parse(*text));
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
