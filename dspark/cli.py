@@ -184,8 +184,8 @@ def parse_block_schedule(_ctx, _param, value):
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
 @click.option("--block-schedule", callback=parse_block_schedule,
               help="Draft length by number of running requests, e.g. 1:7,4:4,16:0 (0 turns speculation off), or "
-                   "auto: draft at a batch size only while drafting rounds there emit more tokens/s than plain ones "
-                   "(measured as it runs).")
+                   "auto: draft at a batch size unless drafting rounds there emit fewer tokens/s than plain ones by "
+                   "more than their noise (measured as it runs).")
 @click.option("--max-batch", type=int, help="Most requests running at once (default and ceiling: the bundle's).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not included in the output.")
@@ -455,8 +455,8 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's).")
 @click.option("--block-schedule", callback=parse_block_schedule,
-              help="Draft length by number of running requests (see 'dspark generate'); auto drafts only at the "
-                   "batch sizes where drafting has measured faster than plain decoding on this server.")
+              help="Draft length by number of running requests (see 'dspark generate'); auto drafts except at the "
+                   "batch sizes where drafting has measured slower than plain decoding on this server.")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @lookup_option
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),

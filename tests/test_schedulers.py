@@ -83,19 +83,19 @@ def test_auto_block_schedule_drafts_where_drafting_measured_faster():
             auto.observe(rows, cap > 0, drafting_rate if cap else plain_rate, 1.0)
         return caps
 
-    one = run(1, 52, 300, 100)  # one row: drafting pays
-    assert one[:6] == [7] * 5 + [0]  # drafting explored first (its first round forgotten), then plain once
-    assert one[6:30] == [7] * 24 and one[30] == 0  # then the faster one, with a probe of the other after 24 rounds
+    one = run(1, 60, 300, 100)  # one row: drafting pays
+    assert one[:10] == [7] * 9 + [0]  # drafting explored first (its first round forgotten), then plain once
+    assert one[10:34] == [7] * 24 and one[34] == 0  # then the faster one, with a probe of the other after 24 rounds
     assert one.count(0) == 2  # the probe confirmed the decision: the next one waits 48 rounds
-    four = run(4, 52, 80, 120)  # 4-7 rows: plain is faster, drafting is only probed
-    assert four[:6] == [7] * 5 + [0] and four.count(7) == 6
+    four = run(4, 60, 80, 120)  # 4-7 rows: plain is faster, drafting is only probed
+    assert four[:10] == [7] * 9 + [0] and four.count(7) == 10
     assert run(5, 10, 80, 120) == [0] * 10  # same bucket as 4
     assert run(1, 3, 300, 100) == [7] * 3  # buckets keep their own state
     slow_start = make_block_schedule("auto")
     slow_start.observe(2, True, 3, 20.0)  # one slow first drafting round (warm-up) ...
-    for _ in range(4):
+    for _ in range(8):
         slow_start.observe(2, True, 300, 1.0)
-    slow_start.observe(2, False, 100, 1.0)
+    slow_start.observe(2, False, 250, 1.0)
     assert slow_start.cap(2, 7) == 7  # ... does not decide (with it, drafting would rate 50 tokens/s): it is forgotten
 
 
@@ -109,14 +109,15 @@ def test_auto_block_schedule_probes_less_while_probes_confirm():
         cap = auto.cap(4, 7)
         caps.append(cap)
         auto.observe(4, cap > 0, rates[cap > 0], 1.0)
-    probes = [i for i, c in enumerate(caps[:1500]) if c and i > 4]  # (after the five exploring rounds)
+    probes = [i for i, c in enumerate(caps[:1500]) if c and i > 8]  # (after the nine exploring rounds)
     gaps = np.diff(probes)
     assert list(gaps[:4]) == [49, 97, 193, 385]  # each confirming probe doubles the wait (24 rounds x 2^k, + the probe)
     assert max(gaps) <= 24 * 16 + 1 and len(probes) < 10  # at most 16x the base period
-    # after the change the next probe is faster, so the one after comes 25 rounds later; with it drafting's rounds
-    # outweigh the old ones and it drafts from then on, probing plain decoding every 24 rounds
+    # after the change the next probe is faster: with it drafting's rate, within two standard errors of plain's (one
+    # round unlike the others spreads them), no longer says drafting is slower, and it drafts from then on, probing
+    # plain decoding every 24 rounds
     late = [i for i, c in enumerate(caps) if c and i >= 1500]
-    assert late[1] - late[0] == 25 and caps[late[1]:late[1] + 25] == [7] * 25 and caps[-50:].count(0) <= 2
+    assert late[0] <= 1500 + 24 * 16 and caps[late[0]:late[0] + 25] == [7] * 25 and caps[-50:].count(0) <= 2
 
 
 def test_auto_block_schedule_judges_skewed_drafting_rounds_by_their_total_rate():
@@ -130,6 +131,26 @@ def test_auto_block_schedule_judges_skewed_drafting_rounds_by_their_total_rate()
         caps.append(cap)
         auto.observe(1, cap > 0, next(tokens) if cap else 1, 1.3 if cap else 1.0)
     assert caps[2:].count(0) <= 8  # plain is only probed
+
+def test_auto_block_schedule_keeps_a_noisy_faster_drafter_on():
+    """Rounds as SmolLM2's DSpark drafter has them at one request (P(at least k accepted) 0.56 0.32 0.20 0.12 0.09
+    0.06 0.04, a drafting round 20.5 ms against a plain one of 11.4, so 1.3x faster drafting): a window of such rounds
+    is noisy, and drafting must not be turned off by an unlucky one (with a window of 8, 4 exploring rounds and no
+    margin, 9% of the rounds drafted); where drafting is 0.73x of plain it is turned off."""
+    at_least = np.array([0.56, 0.32, 0.20, 0.12, 0.09, 0.06, 0.04])
+
+    def share_drafted(draft_s, plain_s, seed, rounds=2000):
+        rng, auto, drafted = np.random.default_rng(seed), make_block_schedule("auto"), 0
+        for _ in range(rounds):
+            cap = auto.cap(1, 7)
+            tokens = 1 + int((rng.random() < at_least).sum()) if cap else 1
+            auto.observe(1, cap > 0, tokens, (draft_s if cap else plain_s) * rng.uniform(0.95, 1.05))
+            drafted += cap > 0
+        return drafted / rounds
+
+    assert np.mean([share_drafted(0.0205, 0.0114, seed) for seed in range(10)]) > 0.85
+    assert np.mean([share_drafted(0.0205, 0.0067, seed) for seed in range(10)]) < 0.06
+
 
 def test_sts_recovers_known_miscalibration():
     rng = np.random.default_rng(0)
@@ -320,12 +341,12 @@ def test_missing_table_or_head_falls_back_to_fixed(dspark_bundle, qwen3_bundle, 
 
 
 def test_auto_block_schedule_is_lossless(dspark_bundle, backend):
-    requests = [Request(p, max_new_tokens=15, ignore_eos=True) for p in PROMPTS[:3]]
+    requests = [Request(p, max_new_tokens=40, ignore_eos=True) for p in PROMPTS[:3]]
     gen = Generator(dspark_bundle, block_schedule="auto", backend=backend)
     got = gen.generate(requests)
     plain = Generator(dspark_bundle, use_draft=False, backend=backend).generate(requests)
     assert [s.generated for s in got] == [s.generated for s in plain]
-    assert min(got[0].verified[:5]) > 0 and got[0].verified[5] == 0  # it measured both modes
+    assert min(got[0].verified[:9]) > 0 and got[0].verified[9] == 0  # it measured both modes
 
 
 def test_zero_block_length_means_plain_decoding(dspark_bundle, backend):
