@@ -254,6 +254,7 @@ def cost_probe(gen, rows: int, context: int):
     seqs = [gen.submit(Request([1] * context, max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
     gen.admit()
     anchors = [len(s.tokens) - 1 for s in seqs]
+    proposer.propose(seqs, [draft_length] * rows)  # a draft LM reads the context here, once
 
     def draft_round():
         proposer.rewind(anchors)
