@@ -29,16 +29,16 @@ How it is measured:
   the plain run's ``verify_ms`` at the same concurrency), so ``of_ideal`` measures host work only;
   ``ideal_speedup_alone`` takes call costs measured in this process at concurrency c, each call alone (outside
   the loop): T(1) a target call with c rows of 1 token, T_verify c rows of K+1 tokens, T_draft one draft round for
-  c rows, all on a cache filled to the mean prompt length + max_new_tokens/2 (medians). They are measured once per
-  method (its schedulers and the C++ host make the same calls), every method's calls in turn, repeat after
-  repeat, so drift moves them alike. It assumes full-width rounds, so it understates methods whose rounds vary
-  in width (prompt lookup, ``sps``, a draft LM that stops early).
+  c rows, all on a cache filled to the mean prompt length + max_new_tokens/2 with the prompts' tokens (medians).
+  They are measured once per method (its schedulers and the C++ host make the same calls), every method's calls
+  in turn, repeat after repeat, so drift moves them alike. It assumes full-width rounds, so it understates
+  methods whose rounds vary in width (prompt lookup, ``sps``, a draft LM that stops early).
 - where a round's time goes, measured inside the timed runs (the generator's ``RoundClock``): ``round_ms`` per
   round (prefill excluded), of it ``draft_ms`` (the proposer's calls), ``verify_ms`` (the target's call) and
   ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. All four come from the
   timed pass with the median round time, so they add up. ``verify_ms`` is over the widths the rounds verified,
-  ``call_costs_ms``' T_verify over full ones: compare the two for what a round's drafts cost the target. The C++ host keeps the same clock in C++. On the device step (the torch
-  backend on CUDA) drafting, verification and acceptance are one captured call, counted as ``verify_ms``
+  ``call_costs_ms``' T_verify over full ones: compare the two for what a round's drafts cost the target. The C++
+  host keeps the same clock in C++. On the device step (the torch backend on CUDA) drafting, verification and acceptance are one captured call, counted as ``verify_ms``
   (``draft_ms`` 0); its calls cannot be timed apart, so ``call_costs_ms`` and ``ideal_speedup_alone`` are None.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
   draft length by how many rows are in flight; 0 turns drafting off there; ``auto`` learns it per method as it
@@ -225,11 +225,12 @@ def summarize(config: Configuration) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ call costs
-def cost_probe(gen, rows: int, context: int):
-    """The calls a round of ``gen`` is made of, each a closure over ``rows`` rows with a cache filled to ``context``:
+def cost_probe(gen, rows: int, text: list[int]):
+    """The calls a round of ``gen`` is made of, each a closure over ``rows`` rows with a cache filled to ``len(text)``:
     ``t1_ms`` (a target call of 1 token a row) and, with a proposer, ``t_verify_ms`` (draft_length + 1 tokens a
     row) and ``t_draft_ms`` (one draft round; a lookup draft runs no graph, so a round costs what the draft it
-    wraps costs on rows without a match); returned with the context used (at most the bundle's limit allows) and
+    wraps costs on rows without a match, and it drafts after ``text``: a draft LM that stops early where it is
+    unsure drafts what it would on real text); returned with the context used (at most the bundle's limit allows) and
     the clean-up that drops the rows it set up. None for the device step, whose round is one captured call that
     cannot be timed apart."""
     from dspark.runtime.decoder import decoder_cache, run_decoder
@@ -238,7 +239,8 @@ def cost_probe(gen, rows: int, context: int):
     if gen.device_step is not None:
         return None
     bundle, draft_length = gen.bundle, gen.draft_length
-    context = max(1, min(context, bundle.limits.max_context - draft_length - 2))
+    text = text[: bundle.limits.max_context - draft_length - 2] or [1]
+    context = len(text)
     cache = decoder_cache(bundle.target.config, rows, bundle, device=gen.target.cache_device)
     cache.reserve(context + draft_length + 1)
     cache.lens[:] = context
@@ -251,7 +253,7 @@ def cost_probe(gen, rows: int, context: int):
         return context, calls, lambda: None
     # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
     gen.max_batch = rows
-    seqs = [gen.submit(Request([1] * context, max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
+    seqs = [gen.submit(Request(list(text), max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
     gen.admit()
     anchors = [len(s.tokens) - 1 for s in seqs]
     proposer.propose(seqs, [draft_length] * rows)  # a draft LM reads the context here, once
@@ -269,13 +271,13 @@ def cost_probe(gen, rows: int, context: int):
     return context, calls, clean_up
 
 
-def call_costs(generators: dict, rows: int, context: int, repeats: int) -> dict:
+def call_costs(generators: dict, rows: int, text: list[int], repeats: int) -> dict:
     """Median ms of each generator's round calls (``cost_probe``) at ``rows`` rows, keyed as ``generators``.
 
     The calls go round-robin, every generator's once per repeat after one untimed call each, so a machine whose
     speed drifts during the measurement (a shared 2-core host's does, by 10-30%) moves every generator's costs
     alike and their ratios stay fair. Without a proposer T_verify is T(1); without a draft graph T_draft is 0."""
-    probes = {key: cost_probe(gen, rows, context) for key, gen in generators.items()}
+    probes = {key: cost_probe(gen, rows, text) for key, gen in generators.items()}
     live = {key: probe for key, probe in probes.items() if probe is not None}
     times = {key: {name: [] for name in calls} for key, (_, calls, _) in live.items()}
     try:
@@ -541,13 +543,15 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     # C++ host's, make the same graph calls), every method's calls interleaved
     mean_prompt = statistics.mean(len(i) for i in ids)
     context = int(mean_prompt + max_new_tokens // 2)
+    tokens = [t for i in ids for t in i]
+    text = (tokens * (context // len(tokens) + 1))[:context]  # the prompts' own tokens, run together (and cycled)
     costs = {}
     for c in tqdm(concurrency, desc="call costs", unit="c", disable=not progress):
         python_configs = {}
         for config in configs:
             if config.concurrency == c and not config.method.startswith("cpp-"):
                 python_configs.setdefault(config.method, config)
-        measured = call_costs({m: config.generator for m, config in python_configs.items()}, c, context, cost_repeats)
+        measured = call_costs({m: config.generator for m, config in python_configs.items()}, c, text, cost_repeats)
         for config in configs:
             if config.concurrency == c:
                 costs[config.name] = measured[config.method.removeprefix("cpp-")]
@@ -733,7 +737,8 @@ def markdown(report: dict, plots: list[str]) -> str:
                    f"{r['verify_ms']:.2f} | {r['host_ms']:.2f} | {r['ttft_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
                    f"{r['itl_p99_ms']:.2f} | {acc} |")
     out += [f"\n**Not lossless:** {line}" for line in mismatches(report)]
-    out += ["", "Call costs (ms, median), each call alone (every method's in turn), and the ideal speed-up they give:", "",
+    out += ["", "Call costs (ms, median), each call alone (every method's in turn), and the ideal speed-up they give:",
+            "",
             "| method | scheduler | c | T(1) | T_verify | T_draft | ideal alone |", "|" + "---|" * 7]
     for r in report["configurations"]:
         c = r["call_costs_ms"]
