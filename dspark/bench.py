@@ -38,8 +38,9 @@ How it is measured:
   ``host_ms``, the rest: sampling, acceptance, bookkeeping and Python around the calls. All four come from the
   timed pass with the median round time, so they add up. ``verify_ms`` is over the widths the rounds verified,
   ``call_costs_ms``' T_verify over full ones: compare the two for what a round's drafts cost the target. The C++
-  host keeps the same clock in C++. On the device step (the torch backend on CUDA) drafting, verification and acceptance are one captured call, counted as ``verify_ms``
-  (``draft_ms`` 0); its calls cannot be timed apart, so ``call_costs_ms`` and ``ideal_speedup_alone`` are None.
+  host keeps the same clock in C++. On the device step (the torch backend on CUDA) drafting, verification and
+  acceptance are one captured call, counted as ``verify_ms`` (``draft_ms`` 0); its calls cannot be timed apart,
+  so ``call_costs_ms`` and ``ideal_speedup_alone`` are None.
 - a block schedule (``block_schedule``, rows -> draft tokens, as ``dspark generate --block-schedule``) caps the
   draft length by how many rows are in flight; 0 turns drafting off there; ``auto`` learns it per method as it
   runs (each generator has its own).
