@@ -154,14 +154,15 @@ def backend_options(command):
 
 
 def parse_block_schedule(_ctx, _param, value):
-    """Checks 'auto' or '1:7,4:4,16:0'; each generator builds its own schedule from it (an adaptive one learns)."""
+    """Checks 'auto', 'off' or '1:7,4:4,16:0'; each generator builds its own schedule from it (an adaptive one
+    learns)."""
     from dspark.runtime.schedulers import make_block_schedule
 
     try:
         make_block_schedule(value or None)
     except DsparkError as e:
         raise click.BadParameter(str(e)) from None
-    return value or None
+    return None if not value or value.strip() == "off" else value
 
 
 @main.command()
@@ -454,9 +455,11 @@ def bench(bundle_dir, prompts, num_prompts, max_new_tokens, temperature, concurr
                    "bundle, else fixed).")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for --scheduler threshold.")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: the bundle's).")
-@click.option("--block-schedule", callback=parse_block_schedule,
+@click.option("--block-schedule", callback=parse_block_schedule, default="auto", show_default=True,
               help="Draft length by number of running requests (see 'dspark generate'); auto drafts except at the "
-                   "batch sizes where drafting has measured slower than plain decoding on this server.")
+                   "batch sizes where drafting has measured slower than plain decoding on this server (a server's "
+                   "load varies: at 16 requests a verify of 8 tokens a row can cost more than it saves); off drafts "
+                   "at every batch size.")
 @click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
 @lookup_option
 @click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),

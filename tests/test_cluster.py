@@ -192,7 +192,7 @@ def test_past_the_shutdown_timeout_every_replica_ends_its_responses(cluster, qwe
     """A second deployment (one replica, one row, so requests queue): the gateway's shutdown gives in-flight
     requests 0.5 s, then every replica's engine cancels the rest, and each response still ends cleanly."""
     body = {"prompt": "w9 w10", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
-    with cluster_thread(qwen3_bundle, ClusterOptions(replicas=1), threads=1, max_batch=1, max_queue=8,
+    with cluster_thread(qwen3_bundle, ClusterOptions(replicas=1), threads=1, max_batch=1, max_queue=16,
                         shutdown_timeout=0.5, app_name="drain", log_level="warning") as (cs, url):
         with httpx.Client(base_url=url, timeout=60) as c:
             def one(i):
@@ -213,10 +213,12 @@ def test_past_the_shutdown_timeout_every_replica_ends_its_responses(cluster, qwe
                     return "cancelled"
                 return chunks[-1]["choices"][0]["finish_reason"]
 
-            with ThreadPoolExecutor(8) as pool:
-                futures = [pool.submit(one, i) for i in range(8)]
+            # 16 queued requests of 240 tokens on one row outlast 0.5 s whether the replica drafts or not (with
+            # 8, a replica whose block schedule turned the tiny test draft off finished them all in time)
+            with ThreadPoolExecutor(16) as pool:
+                futures = [pool.submit(one, i) for i in range(16)]
                 deadline = time.monotonic() + 30
-                while cs.gateway.active < 8:  # all in flight
+                while cs.gateway.active < 16:  # all in flight
                     assert time.monotonic() < deadline
                     time.sleep(0.02)
                 cs.server.should_exit = True

@@ -313,9 +313,11 @@ class AdaptiveBlockSchedule(BlockSchedule):
 
 
 def make_block_schedule(value: dict[int, int] | str | BlockSchedule | None) -> BlockSchedule | None:
-    """A block schedule from ``auto``, ``'1:7,4:4,16:0'``, a {rows: length} dict, or None (always draft)."""
+    """A block schedule from ``auto``, ``'1:7,4:4,16:0'``, a {rows: length} dict, or None or ``off`` (always draft)."""
     if value is None or isinstance(value, BlockSchedule):
         return value
+    if isinstance(value, str) and value.strip() == "off":
+        return None
     if isinstance(value, dict):
         return BlockSchedule(value)
     if value.strip() == "auto":
@@ -323,8 +325,8 @@ def make_block_schedule(value: dict[int, int] | str | BlockSchedule | None) -> B
     try:
         return BlockSchedule({int(k): int(v) for k, v in (item.split(":") for item in value.split(","))})
     except ValueError:
-        raise DsparkError(f"block schedule {value!r}: use auto or BATCH:LENGTH pairs separated by commas, for "
-                          "example 1:7,4:4,16:0") from None
+        raise DsparkError(f"block schedule {value!r}: use auto, off or BATCH:LENGTH pairs separated by commas, "
+                          "for example 1:7,4:4,16:0") from None
 
 
 def make_scheduler(name: str, threshold: float = 0.5, table: dict | None = None,

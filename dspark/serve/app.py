@@ -480,7 +480,7 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdow
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
           api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64, scheduler: str = "auto",
           threshold: float = 0.5, num_draft_tokens: int | None = None, use_draft: bool = True,
-          block_schedule: dict[int, int] | str | None = None, lookup: int = 0, threads: int = 0,
+          block_schedule: dict[int, int] | str | None = "auto", lookup: int = 0, threads: int = 0,
           chat_template: str | None = None, shutdown_timeout: float = 30.0, keep_alive_timeout: float = 5.0,
           max_request_bytes: int | None = None, log_level: str = "info", backend: str = "ort",
           device: str = "cpu") -> None:

@@ -391,7 +391,7 @@ def replica_resources(threads: int, most_replicas: int) -> tuple[dict, int]:
 def application(bundle_dir: str | Path, cluster: ClusterOptions, *, model_name: str | None = None,
                 api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64, scheduler: str = "auto",
                 threshold: float = 0.5, num_draft_tokens: int | None = None, use_draft: bool = True,
-          block_schedule: dict[int, int] | str | None = None, lookup: int = 0, threads: int = 0,
+          block_schedule: dict[int, int] | str | None = "auto", lookup: int = 0, threads: int = 0,
                 chat_template: str | None = None, shutdown_timeout: float = 30.0, max_request_bytes: int | None = None,
                 backend: str = "ort", device: str = "cpu"):
     """The Ray Serve application of ``cluster``'s replicas of ``bundle_dir`` (Ray must be initialized), and the
