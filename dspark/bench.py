@@ -598,6 +598,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
                                 [s.generated for s in config.runs[0].seqs] == plain_tokens[config.concurrency])
         configurations.append(row)
 
+    schedule = make_block_schedule(block_schedule)  # for the report (None: off); each generator built its own
     report = {
         "bundle": str(main.path),
         "extra_bundles": [str(p) for p in extra_bundles],
@@ -607,7 +608,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
                      "num_draft_tokens": num_draft_tokens, "repeats": repeats, "warmup": warmup,
                      "cost_repeats": cost_repeats, "threads": threads, "seed": seed, "ignore_eos": True,
                      "cpp_host": None if cpp_host is None else str(cpp_host), "backend": backend, "device": device,
-                     "block_schedule": block_schedule and make_block_schedule(block_schedule).describe()},
+                     "block_schedule": schedule and schedule.describe()},
         "prompts": {"count": len(prompts), "domains": dict(collections.Counter(p.domain for p in prompts)),
                     "mean_prompt_tokens": mean_prompt},
         "configurations": configurations,

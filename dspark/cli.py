@@ -162,7 +162,7 @@ def parse_block_schedule(_ctx, _param, value):
         make_block_schedule(value or None)
     except DsparkError as e:
         raise click.BadParameter(str(e)) from None
-    return None if not value or value.strip() == "off" else value
+    return value or None
 
 
 @main.command()

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
-from dspark.runtime.runners import GraphRunner, OrtRunner
+from dspark.runtime.runners import DEVICES, GraphRunner, OrtRunner
 
 BACKENDS = ("ort", "torch", "trt")
-DEVICES = ("cpu", "cuda")
 
 
 def check_backend(backend: str, device: str) -> None:

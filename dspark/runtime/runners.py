@@ -18,6 +18,10 @@ from dspark.bundle import Bundle, TensorSpec, file_identity
 from dspark.errors import DsparkError
 
 
+# the devices dspark computes on (ONNX Runtime on the CPU; torch and TensorRT on the CPU or a CUDA device), for
+# the backend check and the torch device check alike
+DEVICES = ("cpu", "cuda")
+
 # inputs up to this many elements (ids, lengths, positions) are copied into buffers bound once per shape, which
 # costs less than binding a new array every call
 STAGE_LIMIT = 4096

@@ -21,7 +21,7 @@ import torch
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.capture import CudaGraphs, cuda_capture
-from dspark.runtime.runners import GraphRunner
+from dspark.runtime.runners import DEVICES, GraphRunner
 
 # captured call shapes a runner keeps; past it the oldest goes (caches made for one prefill each bring new buffers)
 MAX_GRAPHS = 64
@@ -47,7 +47,7 @@ def torch_device(device: str):
         dev = torch.device(device)
     except RuntimeError:
         raise DsparkError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in DEVICES:
         raise DsparkError(f"--device {device!r}: dspark runs torch on cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DsparkError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
