@@ -445,7 +445,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
     ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (with the fixed and sps
-    schedulers among ``schedulers``, else fixed), timed in the same closed loop; their speed-up is over
+    schedulers among ``schedulers``, else fixed, and the same block schedule), timed in the same closed loop; their speed-up is over
     ``cpp-plain``, their call costs are the Python runtime's (same graphs, same ONNX Runtime)."""
     from tqdm import tqdm
 
@@ -455,6 +455,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     if max_new_tokens < 1 or repeats < 1 or warmup < 0 or cost_repeats < 1:
         raise DsparkError("need --max-new-tokens >= 1, --repeats >= 1, --warmup >= 0 and --cost-repeats >= 1")
     main, spec_bundles = open_bundles(bundle_dir, extra_bundles)
+    schedule = make_block_schedule(block_schedule)  # checked, and its description (None: off); each generator
+    # builds its own from it, since an adaptive one learns per generator
 
     def engine(method: str) -> tuple[Bundle, bool, int]:
         """(bundle, use its draft, prompt lookup) of a method name."""
@@ -504,7 +506,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
             for s in [None] if m == "plain" else host_schedulers:
                 generators[(f"cpp-{m}", s)] = CppGenerator(
                     cpp_host, bundle.path, use_draft=use_draft, num_draft_tokens=num_draft_tokens, threads=threads,
-                    max_batch=concurrency[-1], lookup=looked, scheduler=s or "fixed")
+                    max_batch=concurrency[-1], lookup=looked, scheduler=s or "fixed",
+                    block_schedule=schedule.describe() if schedule else "off")
     tokenizer = generators[("plain", None)].tokenizer
     ids = [tokenizer.encode(p.text) or [tokenizer_fallback(main)] for p in prompts]
     sampling = SamplingParams(temperature)
@@ -598,7 +601,6 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
                                 [s.generated for s in config.runs[0].seqs] == plain_tokens[config.concurrency])
         configurations.append(row)
 
-    schedule = make_block_schedule(block_schedule)  # for the report (None: off); each generator built its own
     report = {
         "bundle": str(main.path),
         "extra_bundles": [str(p) for p in extra_bundles],

@@ -409,7 +409,7 @@ def check(bundle_dir, max_new_tokens, no_engines):
 @click.option("--block-schedule", callback=parse_block_schedule,
               help="Draft length by number of running requests for every speculative method, e.g. 1:7,4:4,16:0 "
                    "(0 turns speculation off there), or auto (learned per run from measured tokens/s); the C++ "
-                   "host ignores it.")
+                   "host's methods take it too.")
 @click.option("--output", "-o", default="bench-report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.json, report.md and the PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -106,7 +106,7 @@ def test_bench_block_schedule_turns_drafting_off_where_asked(qwen3_bundle, tmp_p
                      "--cost-repeats", 2, "--threads", 1, "--output", tmp_path / "r", "--no-progress")
     assert code == 0, text
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["settings"]["block_schedule"] == {"1": 3, "2": 0}
+    assert report["settings"]["block_schedule"] == "1:3,2:0"
     rows = {(r["method"], r["concurrency"]): r for r in report["configurations"]}
     assert rows[("draft-lm", 2)]["mean_accepted_length"] == 1.0  # two rows in flight: no drafts
     assert 1 < rows[("draft-lm", 1)]["mean_accepted_length"] <= 4 and rows[("draft-lm", 1)]["num_draft_tokens"] == 6

@@ -266,6 +266,66 @@ def test_sps_verifies_what_the_python_runtime_verifies(host, name, lookup, reque
     assert all(r["verify_length"] == len(r["draft_tokens"]) for r in fixed_trace)
 
 
+@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+def test_block_schedule_caps_drafts_as_python(host, name, request):
+    """A block schedule table caps a round's draft length by its running requests as the Python runtime's does
+    (the three prompts run three, then two, then one at a time as they finish): the same trace rows."""
+    bundle = request.getfixturevalue(name)
+    engine = host.lib.dspark_open(str(bundle).encode(),
+                                  ctypes.byref(COptions(1, 0, 0, 0, 1, None, None, 0, None, b"1:2,2:0,3:3")))
+    assert engine, host.error()
+    try:
+        got = c_generate(host, engine, PROMPTS, LENGTHS)
+    finally:
+        host.lib.dspark_close(engine)
+    want = python_run(bundle, block_schedule={1: 2, 2: 0, 3: 3})
+    for g, w in zip(got, want):
+        assert g["tokens"] == w.generated
+        assert len(g["trace"]) == len(w.trace)
+        for a, b in zip(g["trace"], w.trace):
+            same_trace_rows(a, b)
+    drafted = {len(r["draft_tokens"]) for w in want for r in w.trace}
+    assert 0 in drafted and max(drafted) == 3  # two rows decoded plainly, three drafted
+
+
+def test_auto_block_schedule_explores_then_measures_plain_rounds(host, dspark_bundle, tmp_path):
+    """--block-schedule auto: the plain tokens; it drafts its first 9 rounds (the first warms the graphs and is
+    forgotten, then 8 explore), then decodes plainly to measure plain rounds, as the Python runtime's does; after
+    that it follows the measured rates."""
+    trace = tmp_path / "trace.jsonl"
+    args = ("--prompt-ids", "5,6,7,8,9", "--max-new-tokens", 120, "--ignore-eos", "--json")
+    auto = json.loads(host.run(dspark_bundle, *args, "--block-schedule", "auto", "--trace", trace).stdout)
+    plain = json.loads(host.run(dspark_bundle, *args, "--no-draft").stdout)
+    assert auto["token_ids"] == plain["token_ids"]
+    drafts = [len(json.loads(line)["draft_tokens"]) for line in trace.read_text().splitlines()]
+    assert all(drafts[:9]) and drafts[9] == 0
+
+
+@pytest.mark.parametrize("spec", ["auto", "1:5,4:2,8:0"])
+def test_block_schedule_decides_as_python_on_the_same_rounds(host, spec):
+    """The host's block schedule and the Python runtime's, fed the same round outcomes (batch sizes 1-20, drafting
+    1.3x faster than plain for 1,500 rounds, then 0.6x), allow the same draft length at every round: the same
+    window, error margin, probes and back-off."""
+    from dspark.runtime.schedulers import make_block_schedule
+
+    rng, schedule, commands, caps = np.random.default_rng(0), make_block_schedule(spec), [], []
+    for i in range(3000):
+        rows = int(rng.choice([1, 1, 1, 2, 3, 5, 9, 20]))
+        cap = schedule.cap(rows, 7)
+        commands.append(f"cap {rows} 7")
+        caps.append(cap)
+        tokens = rows * (1 + int((rng.random(7) < [0.6, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1]).sum())) if cap else rows
+        seconds = (0.02 if cap and i < 1500 else 0.045 if cap else 0.0114) * rows ** 0.5 * rng.uniform(0.9, 1.1)
+        schedule.observe(rows, cap > 0, tokens, seconds)
+        commands.append(f"observe {rows} {int(cap > 0)} {tokens} {seconds!r}")
+    replay = subprocess.run([str(host.cli.parent / "dspark-block-schedule-replay"), spec], input="\n".join(commands),
+                            capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    assert [int(c) for c in replay.stdout.split()] == caps
+    if spec == "auto":  # both regimes were seen, and probes happened in each
+        assert 0.5 < np.mean([c > 0 for c in caps[300:1500]]) < 1 and np.mean([c > 0 for c in caps[1800:]]) < 0.2
+
+
 @pytest.mark.parametrize("name,use_draft", [("qwen3_bundle", False), ("qwen3_bundle", True), ("dspark_bundle", True)])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_prompt_lookup_equals_python(host, name, use_draft, temperature, request):
@@ -353,8 +413,8 @@ def test_streamed_text_and_example(host, qwen3_bundle):
 
 def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, tmp_path):
     """`dspark bench --cpp-host`: cpp-plain and cpp-draft-lm rows in the same closed loop, the same tokens and
-    acceptance as the Python runtime's rows, speed-up over the host's own plain decoding, rounds split by the
-    host's own clock."""
+    acceptance as the Python runtime's rows (under the same block schedule: 3 drafts at one request, none at two),
+    speed-up over the host's own plain decoding, rounds split by the host's own clock."""
     from click.testing import CliRunner
 
     from dspark.cli import main
@@ -365,7 +425,7 @@ def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, 
     result = CliRunner().invoke(main, [str(a) for a in (
         "bench", qwen3_bundle, "--prompts", prompts, "--max-new-tokens", 6, "--concurrency", "1,2", "--repeats", 1,
         "--warmup", 0, "--cost-repeats", 1, "--threads", 1, "--cpp-host", BUILD / "libdspark.so", "--output", out,
-        "--no-progress")])
+        "--block-schedule", "1:3,2:0", "--no-progress")])
     assert result.exit_code == 0, result.output
     rows = {(r["method"], r["concurrency"]): r for r in json.loads((out / "report.json").read_text())["configurations"]}
     assert set(rows) == {(m, c) for m in ("plain", "draft-lm", "cpp-plain", "cpp-draft-lm") for c in (1, 2)}
@@ -383,6 +443,7 @@ def test_bench_times_the_cpp_host_beside_the_python_runtime(host, qwen3_bundle, 
             assert r["round_ms"] == pytest.approx(r["draft_ms"] + r["verify_ms"] + r["host_ms"])
             assert r["verify_ms"] > 0 and r["host_ms"] > 0 and (r["draft_ms"] > 0) == (m != "cpp-plain")
             assert r["round_ms"] < 1000 * max(r["wall_s_runs"])
+    assert rows[("cpp-draft-lm", 2)]["mean_accepted_length"] == 1 < rows[("cpp-draft-lm", 1)]["mean_accepted_length"]
 
 
 # ------------------------------------------------------------------------------------------------- sampling law
@@ -579,6 +640,8 @@ def test_bad_bundle_is_refused_with_a_clear_message(host, case, tmp_path, reques
     (["--prompt-ids", "1", "--backend", "trt"], "built without TensorRT"),
     (["--prompt-ids", "1", "--frobnicate"], "unknown option --frobnicate"),
     (["--prompt-ids", "1", "--scheduler", "threshold"], "scheduler 'threshold' is not available here; choose auto, fixed or sps"),
+    (["--prompt-ids", "1", "--block-schedule", "1:x"], "block schedule '1:x': use auto, off or BATCH:LENGTH pairs"),
+    (["--prompt-ids", "1", "--block-schedule", "0:3"], "give BATCH:LENGTH pairs with BATCH >= 1 and LENGTH >= 0"),
     ([], "give a prompt"),
 ])
 def test_bad_request_is_refused_with_a_clear_message(host, qwen3_bundle, args, message):
@@ -593,7 +656,7 @@ def test_missing_bundle_and_help(host, tmp_path):
     for option in ("--prompt", "--prompt-ids", "--prompts-file", "--max-new-tokens", "--temperature", "--top-p",
                    "--top-k", "--seed", "--num-draft-tokens", "--no-draft", "--max-batch", "--ignore-eos", "--stop",
                    "--threads", "--backend", "--provider", "--engines", "--skip-sha256", "--json", "--trace",
-                   "--scheduler"):
+                   "--scheduler", "--lookup", "--block-schedule"):
         assert option in text
 
 

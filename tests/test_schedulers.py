@@ -64,7 +64,7 @@ def test_block_schedule():
     fixed = make_block_schedule("1:5,4:2,8:0")
     assert [fixed.cap(n, 5) for n in (1, 3, 4, 7, 8, 16)] == [5, 5, 2, 2, 0, 0]
     assert fixed.cap(1, 3) == 3  # never above the proposer's length
-    assert make_block_schedule({8: 0, 1: 5, 4: 2}).describe() == {1: 5, 4: 2, 8: 0}
+    assert make_block_schedule({8: 0, 1: 5, 4: 2}).describe() == "1:5,4:2,8:0"
     assert make_block_schedule(None) is None and make_block_schedule("off") is None  # draft at every batch size
     for bad in ("1:x", "0:3", "2:-1", "4", "fast"):
         with pytest.raises(DsparkError, match="block schedule"):

@@ -42,6 +42,7 @@ struct Engine::Impl {
     max_batch = o.max_batch ? std::min(o.max_batch, bundle.max_batch) : bundle.max_batch;
     proposer = make_proposer(bundle, o);
     scheduler = std::make_unique<Scheduler>(bundle, o, proposer && proposer->has_confidence());
+    block_schedule = make_block_schedule(o.block_schedule);
   }
 
   Options options;
@@ -52,6 +53,7 @@ struct Engine::Impl {
   KVCache cache;
   std::unique_ptr<Proposer> proposer;
   std::unique_ptr<Scheduler> scheduler;
+  std::unique_ptr<BlockSchedule> block_schedule;  // unset: the draft length at every batch size
   int max_batch = 1;
   std::vector<Sequence*> running;
   std::deque<Sequence*> waiting;
@@ -94,6 +96,8 @@ struct Engine::Impl {
     auto started = Clock::now();
     std::vector<Sequence*>& seqs = running;
     size_t n = seqs.size();
+    int rows = static_cast<int>(n);
+    int draft_length = block_schedule ? block_schedule->cap(rows, k()) : k();
     std::vector<int64_t> anchors(n);
     std::vector<int> caps(n);
     for (size_t r = 0; r < n; ++r) {
@@ -101,7 +105,7 @@ struct Engine::Impl {
       anchors[r] = static_cast<int64_t>(s.tokens.size()) - 1;
       int64_t room = std::min<int64_t>(s.request.max_new_tokens - static_cast<int64_t>(s.result.generated.size()),
                                        bundle.max_context - static_cast<int64_t>(s.tokens.size())) - 1;
-      caps[r] = s.done() ? 0 : static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(k(), room)));
+      caps[r] = s.done() ? 0 : static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(draft_length, room)));
     }
     auto drafting = Clock::now();
     std::vector<Proposal> proposals = proposer ? proposer->propose(seqs, caps) : std::vector<Proposal>(n);
@@ -160,8 +164,14 @@ struct Engine::Impl {
         res.trace.push_back(std::move(row));
       }
     }
+    double seconds = since(started);
     clock.rounds += 1;
-    clock.round_s += since(started);
+    clock.round_s += seconds;
+    if (block_schedule) {
+      int tokens = 0;
+      for (const auto& e : emitted) tokens += static_cast<int>(e.size());
+      block_schedule->observe(rows, draft_length > 0, tokens, seconds);
+    }
   }
 
   // commit tokens in order until a stop condition; return the ones committed

@@ -4,6 +4,8 @@
 #include <cctype>
 #include <cmath>
 #include <fstream>
+#include <limits>
+#include <sstream>
 #include <thread>
 #include <tuple>
 
@@ -134,6 +136,106 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
     }
   }
   return sps_lengths(confidences, proposed, *table_);
+}
+
+BlockSchedule::BlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}
+
+int BlockSchedule::cap(int rows, int default_length) {
+  auto above = table_.upper_bound(rows);  // the first listed size above rows; the one before it decides
+  int length = above == table_.begin() ? table_.begin()->second : std::prev(above)->second;
+  return std::min(default_length, length);
+}
+
+namespace {
+
+int bucket_of(int rows) {  // Python's int.bit_length: 1, 2-3, 4-7, ...
+  int bits = 0;
+  for (; rows > 0; rows >>= 1) ++bits;
+  return bits;
+}
+
+}  // namespace
+
+std::optional<double> AdaptiveBlockSchedule::rate(int bucket, bool drafted) const {
+  auto it = rounds_.find({bucket, drafted});
+  if (it == rounds_.end() || it->second.empty()) return std::nullopt;
+  double tokens = 0, seconds = 0;
+  for (const auto& [t, s] : it->second) tokens += t, seconds += s;
+  return tokens / seconds;
+}
+
+double AdaptiveBlockSchedule::rate_error(int bucket, bool drafted) const {
+  const auto& seen = rounds_.at({bucket, drafted});
+  if (seen.size() < 2) return std::numeric_limits<double>::infinity();
+  double n = static_cast<double>(seen.size()), r = *rate(bucket, drafted);
+  double spread = 0, seconds = 0;
+  for (const auto& [t, s] : seen) spread += (t - r * s) * (t - r * s);
+  for (const auto& [t, s] : seen) seconds += s;
+  return std::sqrt(spread / (n - 1) / n) / (seconds / n);
+}
+
+int AdaptiveBlockSchedule::cap(int rows, int default_length) {
+  int bucket = bucket_of(rows);
+  std::optional<double> drafting = rate(bucket, true), plain = rate(bucket, false);
+  if (!drafting || rounds_.at({bucket, true}).size() < kExplore) return default_length;
+  if (!plain) return 0;
+  bool drafts = *drafting + kMargin * rate_error(bucket, true) >= *plain;
+  int& since = since_probe_[bucket];
+  auto interval = interval_.find(bucket);
+  if (since >= (interval == interval_.end() ? kProbeEvery : interval->second)) {
+    since = 0;
+    probing_[bucket] = !drafts;
+    return drafts ? 0 : default_length;  // the other mode, once
+  }
+  since += 1;
+  return drafts ? default_length : 0;
+}
+
+void AdaptiveBlockSchedule::observe(int rows, bool drafted, int tokens, double seconds) {
+  if (seconds <= 0) return;
+  int bucket = bucket_of(rows);
+  double this_rate = tokens / seconds;
+  auto probe = probing_.find(bucket);
+  if (probe != probing_.end() && probe->second == drafted) {
+    probing_.erase(probe);
+    std::optional<double> chosen = rate(bucket, !drafted);
+    bool slower = chosen && this_rate < *chosen;
+    auto it = interval_.find(bucket);
+    int interval = it == interval_.end() ? kProbeEvery : it->second;
+    interval_[bucket] = slower ? std::min(2 * interval, kProbeEvery * kMaxBackoff) : kProbeEvery;
+  }
+  Key key{bucket, drafted};
+  auto& seen = rounds_[key];
+  if (seen.size() == 1 && warmed_.insert(key).second) seen.clear();  // a mode's first round counts until a second
+  seen.emplace_back(tokens, seconds);
+  if (seen.size() > kWindow) seen.pop_front();
+}
+
+std::unique_ptr<BlockSchedule> make_block_schedule(const std::string& spec) {
+  if (spec.empty() || spec == "off") return nullptr;
+  if (spec == "auto") return std::make_unique<AdaptiveBlockSchedule>();
+  const std::string usage = "block schedule '" + spec + "': use auto, off or BATCH:LENGTH pairs separated by commas, "
+                            "for example 1:7,4:4,16:0";
+  std::map<int, int> table;
+  std::stringstream items(spec);
+  for (std::string item; std::getline(items, item, ',');) {
+    size_t colon = item.find(':');
+    if (colon == std::string::npos) throw Error(usage);
+    int rows = 0, length = 0;
+    try {
+      size_t used_rows = 0, used_length = 0;
+      rows = std::stoi(item.substr(0, colon), &used_rows);
+      length = std::stoi(item.substr(colon + 1), &used_length);
+      if (used_rows != colon || used_length != item.size() - colon - 1) throw Error(usage);
+    } catch (const std::logic_error&) {  // stoi: not a number, or out of range
+      throw Error(usage);
+    }
+    if (rows < 1 || length < 0)
+      throw Error("block schedule '" + spec + "': give BATCH:LENGTH pairs with BATCH >= 1 and LENGTH >= 0");
+    table[rows] = length;
+  }
+  if (table.empty()) throw Error(usage);
+  return std::make_unique<BlockSchedule>(std::move(table));
 }
 
 }  // namespace dspark

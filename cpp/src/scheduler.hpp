@@ -5,8 +5,13 @@
 // bundle has a table for this machine and the drafts carry confidences, else fixed.
 #pragma once
 
+#include <deque>
+#include <map>
+#include <memory>
 #include <optional>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bundle.hpp"
@@ -40,5 +45,50 @@ class Scheduler {
   std::optional<StepsPerSecond> table_;  // set: sps over it; unset: fixed
   std::vector<double> temperatures_, biases_;  // the STS fit; empty: raw confidences
 };
+
+// Draft length by number of running rows, as dspark/runtime/schedulers.py's BlockSchedule: from a {rows: length}
+// table (0 = plain decoding there), the largest listed batch size at or below the rows deciding.
+class BlockSchedule {
+ public:
+  explicit BlockSchedule(std::map<int, int> table = {});
+  virtual ~BlockSchedule() = default;
+  virtual int cap(int rows, int default_length);
+  // a round's outcome: whether it drafted, the tokens it emitted, its seconds (a table learns nothing from it)
+  virtual void observe(int /*rows*/, bool /*drafted*/, int /*tokens*/, double /*seconds*/) {}
+
+ private:
+  std::map<int, int> table_;
+};
+
+// `auto`: drafts at a batch size only while drafting rounds there have emitted more tokens per second than plain
+// rounds, both measured on this run, with the Python runtime's AdaptiveBlockSchedule's rules and constants (its
+// docstring gives the reasons and the measurements behind them): batch sizes bucketed by bit length, rates over
+// the last 32 rounds of a mode, 8 drafting rounds before drafting may be turned off, off only when below plain by
+// more than 2 standard errors, the other mode probed once every 24 rounds, the wait doubling (to 16x) while
+// probes lose. Decisions read past rounds only, so output stays lossless.
+class AdaptiveBlockSchedule : public BlockSchedule {
+ public:
+  static constexpr size_t kWindow = 32;
+  static constexpr size_t kExplore = 8;
+  static constexpr double kMargin = 2.0;
+  static constexpr int kProbeEvery = 24;
+  static constexpr int kMaxBackoff = 16;
+
+  int cap(int rows, int default_length) override;
+  void observe(int rows, bool drafted, int tokens, double seconds) override;
+
+ private:
+  using Key = std::pair<int, bool>;  // (bucket, drafted)
+  std::optional<double> rate(int bucket, bool drafted) const;
+  double rate_error(int bucket, bool drafted) const;
+
+  std::map<Key, std::deque<std::pair<double, double>>> rounds_;  // (tokens, seconds) of a mode's last rounds
+  std::map<int, int> since_probe_, interval_;
+  std::map<int, bool> probing_;  // per bucket: the mode of the probe whose round is not yet observed
+  std::set<Key> warmed_;         // modes whose first round was forgotten
+};
+
+// "" or "off": none (draft at every batch size); "auto"; or BATCH:LENGTH pairs, e.g. "1:7,4:4,16:0"
+std::unique_ptr<BlockSchedule> make_block_schedule(const std::string& spec);
 
 }  // namespace dspark

@@ -40,6 +40,10 @@ options:
   --scheduler NAME         how many drafts to verify: fixed (all), sps (the paper's Algorithm 1 over the table
                            `dspark profile` wrote for this machine), auto (sps where the bundle has that table
                            and the draft carries confidences, else fixed; default)
+  --block-schedule SPEC    draft length by number of running requests: auto (draft at a batch size only while
+                           drafting rounds there emit more tokens/s than plain rounds, both measured as it
+                           runs), BATCH:LENGTH pairs (e.g. 1:7,4:4,16:0: the largest BATCH at or below the
+                           running requests decides; 0 is plain decoding), or off (always draft; default)
   --max-batch N            most requests running at once (default and ceiling: the bundle's)
   --ignore-eos             keep generating past end-of-sequence tokens
   --stop TEXT              stop when this text appears (repeatable); it is not included in the output
@@ -127,6 +131,7 @@ int run(int argc, char** argv) {
     else if (a == "--no-draft") options.use_draft = false;
     else if (a == "--lookup") options.lookup = static_cast<int>(to_int(a, value()));
     else if (a == "--scheduler") options.scheduler = value();
+    else if (a == "--block-schedule") options.block_schedule = value();
     else if (a == "--max-batch") options.max_batch = static_cast<int>(to_int(a, value()));
     else if (a == "--ignore-eos") base.ignore_eos = true;
     else if (a == "--stop") base.stop.push_back(value());

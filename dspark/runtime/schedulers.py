@@ -222,8 +222,9 @@ class BlockSchedule:
     def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
         """A round's outcome (a fixed table learns nothing from it)."""
 
-    def describe(self):
-        return self.table
+    def describe(self) -> str:
+        """The schedule as ``--block-schedule`` takes it (the C++ host reads the same)."""
+        return ",".join(f"{rows}:{length}" for rows, length in self.table.items())
 
 
 class AdaptiveBlockSchedule(BlockSchedule):
@@ -308,7 +309,7 @@ class AdaptiveBlockSchedule(BlockSchedule):
             seen.clear()
         seen.append((tokens, seconds))
 
-    def describe(self):
+    def describe(self) -> str:
         return "auto"
 
 

@@ -46,6 +46,7 @@ struct Options {
   int num_draft_tokens = 0;       // 0: the bundle's
   int lookup = 0;                 // prompt lookup from earlier occurrences of a row's last N+ tokens; 0: off
   std::string scheduler = "auto";  // verify lengths: "fixed" (all drafts), "sps" (the profiled table), "auto"
+  std::string block_schedule;     // draft length by running rows: "auto", "1:7,4:4,16:0", "" or "off" (always draft)
   int max_batch = 0;              // 0: the bundle's (and its ceiling)
   int threads = 0;                // ONNX Runtime intra-op threads; 0: all cores
   bool verify_sha256 = true;      // file sizes are always checked; sha256 too unless false
