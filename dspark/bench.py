@@ -444,9 +444,10 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
               progress: bool = True, log=print, backend: str = "ort", device: str = "cpu") -> dict:
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
-    ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (with the fixed and sps
-    schedulers among ``schedulers``, else fixed, and the same block schedule), timed in the same closed loop; their speed-up is over
-    ``cpp-plain``, their call costs are the Python runtime's (same graphs, same ONNX Runtime)."""
+    ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (with the auto, fixed and
+    sps schedulers among ``schedulers``, else fixed, and the same block schedule), timed in the same closed loop;
+    their speed-up is over ``cpp-plain``, their call costs are the Python runtime's (same graphs, same ONNX
+    Runtime)."""
     from tqdm import tqdm
 
     from dspark.runtime.generate import Generator, Request
@@ -481,8 +482,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
             raise DsparkError(f"--concurrency {concurrency[-1]} exceeds the bundle's max_batch "
                               f"{b.limits.max_batch} ({b.path}); re-export with --max-batch {concurrency[-1]}")
     for s in schedulers:
-        if s not in ("fixed", "threshold", "sps"):
-            raise DsparkError(f"unknown scheduler {s!r}: use fixed, threshold or sps")
+        if s not in ("auto", "fixed", "threshold", "sps"):
+            raise DsparkError(f"unknown scheduler {s!r}: use auto, fixed, threshold or sps")
 
     machine = machine_info(threads)
     generators = {("plain", None): Generator(main, backend=backend, threads=threads, use_draft=False,
@@ -500,7 +501,7 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
         from dspark.cpp_host import CppGenerator
 
         # the host's schedulers among those asked for (it has no threshold scheduler): fixed when none is
-        host_schedulers = [s for s in schedulers if s in ("fixed", "sps")] or ["fixed"]
+        host_schedulers = [s for s in schedulers if s in ("auto", "fixed", "sps")] or ["fixed"]
         for m in chosen:
             bundle, use_draft, looked = engine(m)
             for s in [None] if m == "plain" else host_schedulers:

@@ -378,7 +378,10 @@ def check(bundle_dir, max_new_tokens, no_engines):
               help="Another bundle with the same target (repeatable). Its draft is the method of its kind (dspark, "
                    "dflash, draft-lm), or <kind>@<folder name> when an earlier bundle has that kind: two checkpoints "
                    "of one drafter timed side by side in the same passes.")
-@click.option("--scheduler", default="fixed", show_default=True, help="Verify-length scheduler(s): fixed, threshold, sps, comma-separated.")
+@click.option("--scheduler", default="fixed", show_default=True,
+              help="Verify-length scheduler(s), comma-separated: fixed, threshold, sps, or auto (what 'dspark "
+                   "generate' uses by default: sps on a bundle profiled for this machine whose drafts carry "
+                   "confidences, else fixed).")
 @click.option("--threshold", default=0.5, show_default=True, help="Per-position confidence cut for the threshold scheduler.")
 @click.option("--num-draft-tokens", type=int, help="Draft tokens per round (default: each bundle's).")
 @click.option("--lookup", default=0, show_default=True, type=click.IntRange(min=0),

@@ -125,14 +125,16 @@ def test_bench_refuses_unknown_method(qwen3_bundle, tmp_path):
 def test_bench_block_drafter_with_extra_bundle_and_schedulers(dspark_bundle, qwen3_bundle, tmp_path):
     out = tmp_path / "report"
     code, text = run("bench", dspark_bundle, "--extra-bundle", qwen3_bundle, "--methods", "plain,dspark",
-                     "--scheduler", "fixed,threshold", "--prompts", "prose", "--num-prompts", 2, "--max-new-tokens", 6,
+                     "--scheduler", "fixed,threshold,auto", "--prompts", "prose", "--num-prompts", 2, "--max-new-tokens", 6,
                      "--concurrency", 2, "--repeats", 1, "--warmup", 0, "--cost-repeats", 2, "--threads", 1, "--peers",
                      "--output", out, "--no-progress")
     assert code == 0, text
     report = json.loads((out / "report.json").read_text())
     assert check_finite(report) == []
     rows = {(r["method"], r["scheduler"]): r for r in report["configurations"]}
-    assert set(rows) == {("plain", None), ("dspark", "fixed"), ("dspark", "threshold")}
+    assert set(rows) == {("plain", None), ("dspark", "fixed"), ("dspark", "threshold"), ("dspark", "auto")}
+    # auto is what `dspark generate` does by default: fixed on a bundle not profiled for this machine
+    assert rows[("dspark", "auto")]["acceptance_by_position"] == rows[("dspark", "fixed")]["acceptance_by_position"]
     for r in rows.values():
         assert r["speedup"] == pytest.approx(r["tokens_per_second"] / rows[("plain", None)]["tokens_per_second"])
         assert r["matches_plain"] is True
