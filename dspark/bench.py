@@ -444,8 +444,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
               progress: bool = True, log=print, backend: str = "ort", device: str = "cpu") -> dict:
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
-    ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (with the auto, fixed and
-    sps schedulers among ``schedulers``, else fixed, and the same block schedule), timed in the same closed loop;
+    ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (with the same schedulers,
+    threshold and block schedule), timed in the same closed loop;
     their speed-up is over ``cpp-plain``, their call costs are the Python runtime's (same graphs, same ONNX
     Runtime)."""
     from tqdm import tqdm
@@ -500,14 +500,12 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     if cpp_host is not None:
         from dspark.cpp_host import CppGenerator
 
-        # the host's schedulers among those asked for (it has no threshold scheduler): fixed when none is
-        host_schedulers = [s for s in schedulers if s in ("auto", "fixed", "sps")] or ["fixed"]
         for m in chosen:
             bundle, use_draft, looked = engine(m)
-            for s in [None] if m == "plain" else host_schedulers:
+            for s in [None] if m == "plain" else schedulers:
                 generators[(f"cpp-{m}", s)] = CppGenerator(
                     cpp_host, bundle.path, use_draft=use_draft, num_draft_tokens=num_draft_tokens, threads=threads,
-                    max_batch=concurrency[-1], lookup=looked, scheduler=s or "fixed",
+                    max_batch=concurrency[-1], lookup=looked, scheduler=s or "fixed", threshold=threshold,
                     block_schedule=schedule.describe() if schedule else "off")
     tokenizer = generators[("plain", None)].tokenizer
     ids = [tokenizer.encode(p.text) or [tokenizer_fallback(main)] for p in prompts]

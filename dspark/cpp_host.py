@@ -33,7 +33,7 @@ class COptions(ctypes.Structure):
     _fields_ = [("use_draft", ctypes.c_int), ("num_draft_tokens", ctypes.c_int), ("max_batch", ctypes.c_int),
                 ("threads", ctypes.c_int), ("verify_sha256", ctypes.c_int), ("backend", ctypes.c_char_p),
                 ("provider", ctypes.c_char_p), ("lookup", ctypes.c_int), ("scheduler", ctypes.c_char_p),
-                ("block_schedule", ctypes.c_char_p)]
+                ("block_schedule", ctypes.c_char_p), ("threshold", ctypes.c_double)]
 
 
 class CClock(ctypes.Structure):
@@ -130,12 +130,12 @@ class CppGenerator:
 
     def __init__(self, library: str | Path, bundle_dir: str | Path, use_draft: bool = True,
                  num_draft_tokens: int | None = None, threads: int = 0, max_batch: int | None = None, lookup: int = 0,
-                 scheduler: str = "auto", block_schedule: str = "off"):
+                 scheduler: str = "auto", threshold: float = 0.5, block_schedule: str = "off"):
         self.lib = load_library(library)
         self.bundle = Bundle.open(bundle_dir)
         # Bundle.open has checked the files already; NULL backend and provider are ONNX Runtime on the CPU
         options = COptions(int(use_draft), num_draft_tokens or 0, max_batch or 0, threads, 0, None, None, lookup,
-                           scheduler.encode(), block_schedule.encode())
+                           scheduler.encode(), block_schedule.encode(), threshold)
         self.engine = self.lib.dspark_open(str(self.bundle.path).encode(), ctypes.byref(options))
         if not self.engine:
             raise DsparkError(self.lib.dspark_last_error().decode())

@@ -242,20 +242,22 @@ def test_cli_plain_equals_speculative_and_python(host, name, request, tmp_path):
 
 @pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
 @pytest.mark.parametrize("lookup", [0, 2])
-def test_sps_verifies_what_the_python_runtime_verifies(host, name, lookup, request, tmp_path):
+@pytest.mark.parametrize("scheduler", ["sps", "threshold"])
+def test_schedulers_verify_what_the_python_runtime_verifies(host, name, lookup, scheduler, request, tmp_path):
     """On a bundle profiled for this machine (the DSpark one calibrated too), the host's default scheduler (auto)
     is sps: round by round the verify lengths, and the tokens, of the Python runtime's sps, with prompt lookup in
-    front of the draft too (its confidences are its measured acceptance rates); --scheduler fixed verifies every
-    draft."""
+    front of the draft too (its confidences are its measured acceptance rates); the threshold scheduler's too, on
+    the calibrated confidences; --scheduler fixed verifies every draft."""
     bundle = tmp_path / "bundle"
     shutil.copytree(request.getfixturevalue(name), bundle)
     profile_bundle(bundle, "ort", repeats=3, warmup=1, context=32, progress=False)
     if name == "dspark_bundle":
         calibrate_bundle(bundle, ["w5 w6 w7 w8", "w3 w3 w3 w3 w3", "w9 w1"], max_new_tokens=24, progress=False)
-    gen = Generator(bundle, scheduler="sps", lookup=lookup)
+    gen = Generator(bundle, scheduler=scheduler, threshold=0.6, lookup=lookup)
     want = gen.generate([Request(p, max(LENGTHS), ignore_eos=True) for p in PROMPTS], trace=True)
-    assert any(v < d for w in want for v, d in zip(w.verified, w.drafted))  # sps cut some rounds short
-    got, trace = cpp_run(host, bundle, tmp_path, "--lookup", lookup)
+    assert any(v < d for w in want for v, d in zip(w.verified, w.drafted))  # the scheduler cut some rounds short
+    chosen = () if scheduler == "sps" else ("--scheduler", "threshold", "--threshold", 0.6)  # sps: the default
+    got, trace = cpp_run(host, bundle, tmp_path, "--lookup", lookup, *chosen)
     assert [g["token_ids"] for g in got] == [w.generated for w in want]
     rows = [dict(r, prompt=i) for i, w in enumerate(want) for r in w.trace]
     assert len(trace) == len(rows)
@@ -639,7 +641,8 @@ def test_bad_bundle_is_refused_with_a_clear_message(host, case, tmp_path, reques
     (["--prompt-ids", "1", "--provider", "abc"], "unknown execution provider 'abc'"),
     (["--prompt-ids", "1", "--backend", "trt"], "built without TensorRT"),
     (["--prompt-ids", "1", "--frobnicate"], "unknown option --frobnicate"),
-    (["--prompt-ids", "1", "--scheduler", "threshold"], "scheduler 'threshold' is not available here; choose auto, fixed or sps"),
+    (["--prompt-ids", "1", "--scheduler", "best"], "scheduler 'best' is unknown; choose auto, fixed, threshold or sps"),
+    (["--prompt-ids", "1", "--scheduler", "threshold", "--threshold", "1.5"], "threshold must be in [0, 1], got 1.5\n"),
     (["--prompt-ids", "1", "--block-schedule", "1:x"], "block schedule '1:x': use auto, off or BATCH:LENGTH pairs"),
     (["--prompt-ids", "1", "--block-schedule", "0:3"], "give BATCH:LENGTH pairs with BATCH >= 1 and LENGTH >= 0"),
     ([], "give a prompt"),
@@ -656,7 +659,7 @@ def test_missing_bundle_and_help(host, tmp_path):
     for option in ("--prompt", "--prompt-ids", "--prompts-file", "--max-new-tokens", "--temperature", "--top-p",
                    "--top-k", "--seed", "--num-draft-tokens", "--no-draft", "--max-batch", "--ignore-eos", "--stop",
                    "--threads", "--backend", "--provider", "--engines", "--skip-sha256", "--json", "--trace",
-                   "--scheduler", "--lookup", "--block-schedule"):
+                   "--scheduler", "--threshold", "--lookup", "--block-schedule"):
         assert option in text
 
 

@@ -92,7 +92,7 @@ const char* dspark_last_error(void) { return last_error.c_str(); }
 
 void dspark_options_init(dspark_options* o) {
   if (!o) return;
-  *o = dspark_options{1, 0, 0, 0, 1, nullptr, nullptr, 0, nullptr, nullptr};
+  *o = dspark_options{1, 0, 0, 0, 1, nullptr, nullptr, 0, nullptr, nullptr, 0.5};
 }
 
 void dspark_request_init(dspark_request* r) {
@@ -117,6 +117,7 @@ dspark_engine* dspark_open(const char* bundle_dir, const dspark_options* options
     if (o.provider) opts.provider = o.provider;
     if (o.scheduler) opts.scheduler = o.scheduler;
     if (o.block_schedule) opts.block_schedule = o.block_schedule;
+    opts.threshold = o.threshold;
     auto* handle = new dspark_engine{std::make_unique<dspark::Engine>(bundle_dir, opts), {}, {}};
     return handle;
   });

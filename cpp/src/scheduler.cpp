@@ -95,12 +95,17 @@ std::string cpu_device_name() {
   return "cpu-" + slug + "-" + std::to_string(std::thread::hardware_concurrency()) + "c";
 }
 
-Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_with_confidence) {
+Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_with_confidence)
+    : threshold_(options.threshold) {
   const std::string& asked = options.scheduler;
-  if (asked != "auto" && asked != "fixed" && asked != "sps")
-    throw Error("scheduler '" + asked + "' is not available here; choose auto, fixed or sps (threshold is the "
-                "Python runtime's)");
-  if (asked != "fixed" && options.backend == "ort" && options.provider == "cpu") {
+  if (asked != "auto" && asked != "fixed" && asked != "threshold" && asked != "sps")
+    throw Error("scheduler '" + asked + "' is unknown; choose auto, fixed, threshold or sps");
+  if (!(threshold_ >= 0 && threshold_ <= 1)) {
+    std::ostringstream got;
+    got << threshold_;
+    throw Error("threshold must be in [0, 1], got " + got.str());
+  }
+  if ((asked == "auto" || asked == "sps") && options.backend == "ort" && options.provider == "cpu") {
     if (auto table = bundle.read_json("profiles/ort-" + cpu_device_name() + ".json")) {
       StepsPerSecond t{numbers(table->at("rows"), "rows"), numbers(table->at("widths"), "widths"), {}};
       for (const auto& row : table->at("steps_per_second").items("steps_per_second"))
@@ -108,9 +113,12 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
       table_ = std::move(t);
     }
   }
-  // sps without its table or without confidences verifies whole drafts, as the Python runtime falls back
-  if (!drafts_with_confidence) table_.reset();
-  if (table_) {
+  // sps without its table, and any scheduler without confidences, verifies whole drafts, as the Python runtime
+  // falls back
+  if (table_) kind_ = Kind::sps;
+  if (asked == "threshold") kind_ = Kind::threshold;
+  if (!drafts_with_confidence) kind_ = Kind::fixed;
+  if (kind_ != Kind::fixed) {
     if (auto fit = bundle.read_json("calibration.json")) {
       temperatures_ = numbers(fit->at("sts_temperatures"), "sts_temperatures");
       // a calibration from dspark 0.4.4 and older holds temperatures alone
@@ -123,7 +131,7 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
 std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const {
   std::vector<int> proposed;
   for (const auto& p : proposals) proposed.push_back(static_cast<int>(p.tokens.size()));
-  if (!table_) return proposed;  // fixed
+  if (kind_ == Kind::fixed) return proposed;
   std::vector<std::vector<double>> confidences(proposals.size());
   for (size_t r = 0; r < proposals.size(); ++r) {
     const Proposal& p = proposals[r];
@@ -135,7 +143,11 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
       confidences[r].push_back(sigmoid(z));
     }
   }
-  return sps_lengths(confidences, proposed, *table_);
+  if (kind_ == Kind::sps) return sps_lengths(confidences, proposed, *table_);
+  std::vector<int> lengths(proposed.size());  // threshold: up to the first draft below it
+  for (size_t r = 0; r < proposed.size(); ++r)
+    while (lengths[r] < proposed[r] && confidences[r][static_cast<size_t>(lengths[r])] >= threshold_) ++lengths[r];
+  return lengths;
 }
 
 BlockSchedule::BlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}

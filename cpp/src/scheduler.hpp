@@ -1,5 +1,5 @@
 // How many of a round's drafts the target verifies, as dspark/runtime/schedulers.py: `fixed` verifies them all;
-// `sps` is the paper's Algorithm 1 (admission by prefix survival, throughput from the steps-per-second table
+// `threshold` up to the first whose confidence is below Options::threshold; `sps` is the paper's Algorithm 1 (admission by prefix survival, throughput from the steps-per-second table
 // `dspark profile` wrote into the bundle for this machine, early stop at the first non-improvement) on the
 // confidences `dspark calibrate` fitted (a lookup draft's: its measured acceptance rates). `auto` is sps where the
 // bundle has a table for this machine and the drafts carry confidences, else fixed.
@@ -42,7 +42,10 @@ class Scheduler {
   std::vector<int> choose(const std::vector<Proposal>& proposals) const;
 
  private:
-  std::optional<StepsPerSecond> table_;  // set: sps over it; unset: fixed
+  enum class Kind { fixed, threshold, sps };
+  Kind kind_ = Kind::fixed;
+  double threshold_ = 0.5;
+  std::optional<StepsPerSecond> table_;  // sps's
   std::vector<double> temperatures_, biases_;  // the STS fit; empty: raw confidences
 };
 

@@ -37,9 +37,11 @@ options:
   --lookup N               prompt lookup: a request whose last N or more tokens (longest match up to 4)
                            occurred earlier in its prompt or output drafts what followed them there; the
                            other requests use the bundle's draft (none with --no-draft); 0: off (default 0)
-  --scheduler NAME         how many drafts to verify: fixed (all), sps (the paper's Algorithm 1 over the table
-                           `dspark profile` wrote for this machine), auto (sps where the bundle has that table
-                           and the draft carries confidences, else fixed; default)
+  --scheduler NAME         how many drafts to verify: fixed (all), threshold (up to the first whose confidence
+                           is below --threshold), sps (the paper's Algorithm 1 over the table `dspark profile`
+                           wrote for this machine), auto (sps where the bundle has that table and the draft
+                           carries confidences, else fixed; default)
+  --threshold C            per-position confidence cut for --scheduler threshold, in [0, 1] (default 0.5)
   --block-schedule SPEC    draft length by number of running requests: auto (draft at a batch size only while
                            drafting rounds there emit more tokens/s than plain rounds, both measured as it
                            runs), BATCH:LENGTH pairs (e.g. 1:7,4:4,16:0: the largest BATCH at or below the
@@ -131,6 +133,7 @@ int run(int argc, char** argv) {
     else if (a == "--no-draft") options.use_draft = false;
     else if (a == "--lookup") options.lookup = static_cast<int>(to_int(a, value()));
     else if (a == "--scheduler") options.scheduler = value();
+    else if (a == "--threshold") options.threshold = to_double(a, value());
     else if (a == "--block-schedule") options.block_schedule = value();
     else if (a == "--max-batch") options.max_batch = static_cast<int>(to_int(a, value()));
     else if (a == "--ignore-eos") base.ignore_eos = true;

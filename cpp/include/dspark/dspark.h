@@ -28,8 +28,9 @@ typedef struct {
   const char* backend;    /* "ort" (default when NULL) or "trt" */
   const char* provider;   /* "cpu" (default when NULL), "cuda", "tensorrt" */
   int lookup;             /* prompt lookup from earlier occurrences of a row's last N+ tokens; 0: off */
-  const char* scheduler;  /* verify lengths: "auto" (default when NULL), "fixed", "sps" */
+  const char* scheduler;  /* verify lengths: "auto" (default when NULL), "fixed", "threshold", "sps" */
   const char* block_schedule; /* draft length by running rows: "auto", "1:7,4:4,16:0"; NULL or "off": always draft */
+  double threshold;       /* scheduler "threshold": verify up to the first draft whose confidence is below it */
 } dspark_options;
 
 typedef struct {
