@@ -1,8 +1,9 @@
 // How many of a round's drafts the target verifies, as dspark/runtime/schedulers.py: `fixed` verifies them all;
-// `threshold` up to the first whose confidence is below Options::threshold; `sps` is the paper's Algorithm 1 (admission by prefix survival, throughput from the steps-per-second table
-// `dspark profile` wrote into the bundle for this machine, early stop at the first non-improvement) on the
-// confidences `dspark calibrate` fitted (a lookup draft's: its measured acceptance rates). `auto` is sps where the
-// bundle has a table for this machine and the drafts carry confidences, else fixed.
+// `threshold` up to the first whose confidence is below Options::threshold; `sps` is the paper's Algorithm 1
+// (admission by prefix survival, throughput from the steps-per-second table `dspark profile` wrote into the bundle
+// for this machine, early stop at the first non-improvement). Both read the confidences `dspark calibrate` fitted
+// (a lookup draft's: its measured acceptance rates). `auto` is sps where the bundle has a table for this machine
+// and the drafts carry confidences, else fixed.
 #pragma once
 
 #include <deque>

@@ -45,7 +45,7 @@ struct Options {
   bool use_draft = true;          // false: plain decoding with the target alone
   int num_draft_tokens = 0;       // 0: the bundle's
   int lookup = 0;                 // prompt lookup from earlier occurrences of a row's last N+ tokens; 0: off
-  std::string scheduler = "auto";  // verify lengths: "fixed" (all drafts), "threshold", "sps" (the profiled table), "auto"
+  std::string scheduler = "auto";  // verify lengths: "fixed" (all drafts), "threshold", "sps" (profiled), "auto"
   double threshold = 0.5;         // "threshold": verify drafts up to the first whose confidence is below this
   std::string block_schedule;     // draft length by running rows: "auto", "1:7,4:4,16:0", "" or "off" (always draft)
   int max_batch = 0;              // 0: the bundle's (and its ceiling)
