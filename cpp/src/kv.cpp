@@ -2,14 +2,19 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 
 namespace dspark {
+
+ZeroedBytes::ZeroedBytes(size_t size) : data_(static_cast<unsigned char*>(std::calloc(size ? size : 1, 1))) {
+  if (!data_) throw std::bad_alloc();
+}
 
 KVCache::KVCache(int layers, int rows, int heads, int head_dim, DType dtype, int max_len, int capacity)
     : lens(rows, 0), layers_(layers), rows_(rows), heads_(heads), dim_(head_dim), max_len_(max_len),
       capacity_(std::min(capacity, max_len)), dtype_(dtype), esize_(dtype_size(dtype)) {
-  k_.assign(bytes(rows_, capacity_), 0);
-  v_.assign(bytes(rows_, capacity_), 0);
+  k_ = ZeroedBytes(bytes(rows_, capacity_));
+  v_ = ZeroedBytes(bytes(rows_, capacity_));
 }
 
 size_t KVCache::bytes(int rows, int capacity) const {
@@ -30,13 +35,13 @@ TensorView KVCache::layer_view(bool key, int layer) {
 void KVCache::regrid(int rows, int capacity, const std::vector<int>& take, const KVCache* tail) {
   size_t line = static_cast<size_t>(dim_) * esize_;
   for (int which = 0; which < 2; ++which) {
-    std::vector<unsigned char>& dst_buf = which ? v_ : k_;
-    std::vector<unsigned char> out(bytes(rows, capacity), 0);
+    ZeroedBytes& dst_buf = which ? v_ : k_;
+    ZeroedBytes out(bytes(rows, capacity));
     for (int l = 0; l < layers_; ++l)
       for (int r = 0; r < rows; ++r) {
         const KVCache* src = r < static_cast<int>(take.size()) ? this : tail;
         int sr = r < static_cast<int>(take.size()) ? take[r] : r - static_cast<int>(take.size());
-        const std::vector<unsigned char>& sb = which ? src->v_ : src->k_;
+        const ZeroedBytes& sb = which ? src->v_ : src->k_;
         for (int h = 0; h < heads_; ++h) {
           const unsigned char* s = sb.data() + ((((static_cast<size_t>(l) * src->rows_ + sr) * heads_ + h) *
                                                  src->capacity_) * line);
@@ -44,7 +49,7 @@ void KVCache::regrid(int rows, int capacity, const std::vector<int>& take, const
           std::memcpy(d, s, static_cast<size_t>(src->capacity_) * line);
         }
       }
-    dst_buf.swap(out);
+    dst_buf = std::move(out);
   }
   rows_ = rows;
   capacity_ = capacity;

@@ -5,11 +5,28 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "runner.hpp"
 
 namespace dspark {
+
+// Zeroed bytes from calloc: a fresh large block comes zeroed from the operating system, so pages the cache never
+// writes are never touched (std::vector zero-fills, and faults in, every byte of every regrown buffer)
+class ZeroedBytes {
+ public:
+  explicit ZeroedBytes(size_t size = 0);
+  unsigned char* data() { return data_.get(); }
+  const unsigned char* data() const { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  std::unique_ptr<unsigned char, Free> data_;
+};
 
 class KVCache {
  public:
@@ -37,7 +54,7 @@ class KVCache {
   int layers_, rows_, heads_, dim_, max_len_, capacity_;
   DType dtype_;
   size_t esize_;
-  std::vector<unsigned char> k_, v_;
+  ZeroedBytes k_, v_;
   TensorView view(unsigned char* p);
   size_t bytes(int rows, int capacity) const;
   void regrid(int rows, int capacity, const std::vector<int>& take, const KVCache* tail);
