@@ -13,9 +13,8 @@ How it is measured:
   the cost of following another engine: a C++ engine's 16-request prefill took 1.4 s after another C++ engine
   and 2.7 s after a Python one in the same process, and a rotated order gave each configuration the same
   predecessor in every pass (cpp-plain ran at 0.74x of the C++ drafters' plain rounds). At concurrency 1 the
-  round-robin goes
-  request by request (every configuration decodes a prompt before any decodes the next), since a shared 2-core
-  machine's speed swings by 10-30% within the tens of seconds a whole pass takes.
+  round-robin goes request by request (every configuration decodes a prompt before any decodes the next), since
+  a shared 2-core machine's speed swings by 10-30% within the tens of seconds a whole pass takes.
 - Concurrency c: c requests in flight through one engine with ``max_batch=c`` (a closed loop: when one finishes
   the next prompt is submitted), over max(#prompts, c) requests, prompts cycled. Every request generates exactly
   ``max_new_tokens`` (end-of-sequence tokens are ignored) so all configurations do the same work.
@@ -450,9 +449,8 @@ def run_bench(bundle_dir, prompts: list[Prompt], *, extra_bundles=(), methods=No
     """Run every configuration, interleaved; return the report (see the module docstring for definitions).
 
     ``cpp_host`` (a built ``libdspark.so``) adds the C++ host as methods ``cpp-<method>`` (with the same schedulers,
-    threshold and block schedule), timed in the same closed loop;
-    their speed-up is over ``cpp-plain``, their call costs are the Python runtime's (same graphs, same ONNX
-    Runtime)."""
+    threshold and block schedule), timed in the same closed loop; their speed-up is over ``cpp-plain``, their call
+    costs are the Python runtime's (same graphs, same ONNX Runtime)."""
     from tqdm import tqdm
 
     from dspark.runtime.generate import Generator, Request
