@@ -354,6 +354,39 @@ def test_prompt_lookup_equals_python(host, name, use_draft, temperature, request
     assert looked and any(r["accepted"] for r in looked)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_lookup_store_equals_python(host, qwen3_bundle, temperature, tmp_path):
+    """A bundle with a lookup store (`dspark lookup-data`) and no draft: rows with no match in their own tokens
+    draft what most often followed their last tokens in the store, with the store's own acceptance rates as
+    confidences; the Python runtime's tokens and rounds (greedy and sampled, same seeds)."""
+    from dspark.runtime.store import add_store
+
+    bundle = tmp_path / "b"
+    shutil.copytree(qwen3_bundle, bundle)
+    earlier = Generator(bundle, use_draft=False).generate(
+        [Request(p, 40, ignore_eos=True) for p in ([7, 8, 9], [20, 21], [2, 4, 6, 8])])
+    noise = np.random.default_rng(0).integers(0, VOCAB, 500)
+    np.save(tmp_path / "store.npy", np.concatenate([s.request.prompt_ids + s.generated for s in earlier] + [noise]))
+    add_store(bundle, tmp_path / "store.npy")
+    prompts, params = [[7, 8, 9], [20, 21, 22], [5, 6], [2, 4, 6, 8, 10]], SamplingParams(temperature)
+    engine = host.lib.dspark_open(str(bundle).encode(), ctypes.byref(COptions(0, 0, 0, 0, 1, None, None, 2)))
+    assert engine, host.error()
+    try:
+        got = c_generate(host, engine, prompts, [30] * len(prompts), params, seed=3)
+    finally:
+        host.lib.dspark_close(engine)
+    gen = Generator(bundle, use_draft=False, lookup=2)
+    want = gen.generate([Request(p, 30, params, 3 + i, ignore_eos=True) for i, p in enumerate(prompts)], trace=True)
+    assert [g["tokens"] for g in got] == [w.generated for w in want]
+    for g, w in zip(got, want):
+        assert len(g["trace"]) == len(w.trace)
+        for a, b in zip(g["trace"], w.trace):
+            same_trace_rows(a, b)
+    from_store = [r for w in want for r in w.trace if r["draft_tokens"] and not gen.proposer.lookup(
+        (w.request.prompt_ids + w.generated)[: r["position"] + 1], gen.draft_length)]
+    assert from_store and any(r["accepted"] for r in from_store)
+
+
 @pytest.mark.parametrize("name", ["qwen3_bundle", "qwen3_trt_bundle", "dspark_bundle"])
 def test_sampled_tokens_equal_python_for_the_same_seed(host, name, request):
     """The host draws numpy's default_rng(seed) stream: the same sampled tokens as the Python runtime."""

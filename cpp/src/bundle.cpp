@@ -62,9 +62,13 @@ const GraphSpec& Bundle::graph(const std::string& name) const {
   return it->second;
 }
 
-std::optional<json::Value> Bundle::read_json(const std::string& rel) const {
+bool Bundle::lists(const std::string& rel) const {
   const json::Value* files = manifest.find("files");
-  if (!files || !files->has(rel)) return std::nullopt;
+  return files && files->has(rel);
+}
+
+std::optional<json::Value> Bundle::read_json(const std::string& rel) const {
+  if (!lists(rel)) return std::nullopt;
   auto text = read_file(file(rel));
   if (!text) throw Error(file(rel) + " cannot be read; re-export the bundle");
   return json::Value::parse(*text);

@@ -53,6 +53,7 @@ class Bundle {
 
   const GraphSpec& graph(const std::string& name) const;
   std::string file(const std::string& rel) const { return dir + "/" + rel; }
+  bool lists(const std::string& rel) const;  // whether the manifest lists this file (checked when it opened)
   // a JSON file the manifest lists (checked when the bundle opened), or nullopt where it lists none by that name
   // (as dspark/bundle.py's read_json: a profile or a calibration the bundle may not have)
   std::optional<json::Value> read_json(const std::string& rel) const;

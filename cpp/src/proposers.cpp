@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "sampling.hpp"
+#include "store.hpp"
 
 namespace dspark {
 namespace {
@@ -276,19 +277,23 @@ class BlockProposer : public Proposer {
 
 // Prompt lookup in front of another proposer (or none): a row whose last max_match .. min_match tokens (longest
 // first) occurred earlier in its own tokens drafts what followed their most recent occurrence; the other rows
-// get the wrapped proposer's drafts. A lookup draft's law is a point mass. Its confidence at draft position j is
-// the acceptance rate of recent lookup drafts at j given the positions before it were accepted: counts that start
-// at kPrior worth kPriorRounds drafts and fade by kFade per lookup draft, as the Python runtime's LookupProposer
-// (which also has a store of the target's answers; this host has none).
+// get the wrapped proposer's drafts, or, without one, what most often followed their last tokens in the bundle's
+// lookup store (store.hpp). A lookup draft's law is a point mass. Its confidence at draft position j is the
+// acceptance rate of recent drafts from the same source (own tokens or store) at j given the positions before it
+// were accepted: counts that start at kPrior worth kPriorRounds drafts and fade by kFade per draft of that source,
+// as the Python runtime's LookupProposer.
 class LookupProposer : public Proposer {
  public:
-  LookupProposer(std::unique_ptr<Proposer> inner, int num_draft_tokens, int min_match)
-      : inner_(std::move(inner)), min_(min_match), max_(std::max(min_match, 4)),
-        trials_(static_cast<size_t>(num_draft_tokens), 0.0), hits_(static_cast<size_t>(num_draft_tokens), 0.0) {
+  LookupProposer(const Bundle& bundle, std::unique_ptr<Proposer> inner, int num_draft_tokens, int min_match)
+      : inner_(std::move(inner)), min_(min_match), max_(std::max(min_match, 4)) {
     k = num_draft_tokens;
+    if (!inner_) store_ = TokenStore::open(bundle, min_, max_);  // the store does not stand in front of a draft
+    for (auto* counts : {&trials_, &hits_})
+      for (auto& per_position : *counts) per_position.assign(static_cast<size_t>(num_draft_tokens), 0.0);
   }
 
   static constexpr double kPrior = 0.85, kPriorRounds = 4.0, kFade = 0.97;
+  enum Source { kNone = -1, kOwn = 0, kStore = 1 };
 
   bool wants_features() const override { return inner_ && inner_->wants_features(); }
   // lookup rows carry a confidence wherever the other rows do (or there are no others)
@@ -319,24 +324,25 @@ class LookupProposer : public Proposer {
     size_t n = seqs.size();
     std::vector<std::vector<int64_t>> found(n);
     std::vector<int> rest(caps);
-    looked_.assign(n, false);
+    sources_.assign(n, kNone);
     for (size_t r = 0; r < n; ++r) {
-      if (caps[r]) found[r] = lookup(seqs[r]->tokens, caps[r]);
-      if (!found[r].empty()) {
-        looked_[r] = true;
-        rest[r] = 0;
-      }
+      if (!caps[r]) continue;
+      found[r] = lookup(seqs[r]->tokens, caps[r]);
+      if (!found[r].empty()) sources_[r] = kOwn;
+      else if (store_ && !(found[r] = store_->continuation(seqs[r]->tokens, caps[r])).empty()) sources_[r] = kStore;
+      if (sources_[r] != kNone) rest[r] = 0;
     }
     std::vector<Proposal> proposals = inner_ ? inner_->propose(seqs, rest) : std::vector<Proposal>(n);
     for (size_t r = 0; r < n; ++r) {
-      if (!looked_[r]) continue;
+      if (sources_[r] == kNone) continue;
       Proposal p;
       p.tokens = std::move(found[r]);  // no probs: a point-mass law (see accept)
       p.has_confidence = has_confidence();
       p.sts = false;
       if (p.has_confidence) {
+        const auto &hits = hits_[sources_[r]], &trials = trials_[sources_[r]];
         for (size_t j = 0; j < p.tokens.size(); ++j) {
-          double rate = (hits_[j] + kPrior * kPriorRounds) / (trials_[j] + kPriorRounds);
+          double rate = (hits[j] + kPrior * kPriorRounds) / (trials[j] + kPriorRounds);
           p.confidence.push_back(std::log(rate / (1 - rate)));
         }
       }
@@ -348,32 +354,36 @@ class LookupProposer : public Proposer {
   // count the looked-up rows' outcomes; the wrapped proposer drafted nothing on them this round: it is told so
   void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
               const std::vector<int>& verified, const std::vector<int>& accepted) override {
-    // the round's lookup drafts fade the counts together, so the rates do not depend on the order of the rows
-    double fade = std::pow(kFade, static_cast<double>(std::count(looked_.begin(), looked_.end(), true)));
-    if (fade < 1) {
-      for (size_t j = 0; j < trials_.size(); ++j) {
-        trials_[j] *= fade;
-        hits_[j] *= fade;
+    for (int source : {kOwn, kStore}) {
+      // a round's drafts of one source fade its counts together, so the rates do not depend on the order of rows
+      double fade = std::pow(kFade, static_cast<double>(std::count(sources_.begin(), sources_.end(), source)));
+      if (fade == 1) continue;
+      auto &trials = trials_[source], &hits = hits_[source];
+      for (size_t j = 0; j < trials.size(); ++j) {
+        trials[j] *= fade;
+        hits[j] *= fade;
       }
-    }
-    for (size_t r = 0; r < looked_.size(); ++r) {
-      if (!looked_[r]) continue;
-      // positions up to the first rejection (if verified), and the accepted ones
-      for (int j = 0; j < std::min(accepted[r] + 1, verified[r]); ++j) trials_[static_cast<size_t>(j)] += 1;
-      for (int j = 0; j < accepted[r]; ++j) hits_[static_cast<size_t>(j)] += 1;
+      for (size_t r = 0; r < sources_.size(); ++r) {
+        if (sources_[r] != source) continue;
+        // positions up to the first rejection (if verified), and the accepted ones
+        for (int j = 0; j < std::min(accepted[r] + 1, verified[r]); ++j) trials[static_cast<size_t>(j)] += 1;
+        for (int j = 0; j < accepted[r]; ++j) hits[static_cast<size_t>(j)] += 1;
+      }
     }
     if (!inner_) return;
     std::vector<int> inner(drafted);
     for (size_t r = 0; r < inner.size(); ++r)
-      if (looked_[r]) inner[r] = 0;
+      if (sources_[r] != kNone) inner[r] = 0;
     inner_->commit(target, anchors, inner, verified, accepted);
   }
 
  private:
   std::unique_ptr<Proposer> inner_;
+  std::unique_ptr<TokenStore> store_;  // only without a wrapped proposer
   int min_, max_;
-  std::vector<bool> looked_;  // per row: whether this round's draft came from lookup
-  std::vector<double> trials_, hits_;  // per draft position: faded counts of verified and of accepted lookup drafts
+  std::vector<int> sources_;  // per row: where this round's draft came from (a Source)
+  // per source and draft position: faded counts of verified and of accepted lookup drafts
+  std::vector<double> trials_[2], hits_[2];
 };
 
 }  // namespace
@@ -396,7 +406,7 @@ std::unique_ptr<Proposer> make_proposer(const Bundle& bundle, const Options& opt
   if (use_draft && bundle.draft_method == "draft-lm") inner = std::make_unique<DraftLMProposer>(bundle, options, k);
   else if (use_draft) inner = std::make_unique<BlockProposer>(bundle, options, k);
   if (!options.lookup) return inner;
-  return std::make_unique<LookupProposer>(std::move(inner), k, options.lookup);
+  return std::make_unique<LookupProposer>(bundle, std::move(inner), k, options.lookup);
 }
 
 }  // namespace dspark

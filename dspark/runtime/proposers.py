@@ -250,8 +250,9 @@ class LookupProposer:
     the draft's, and taking them where it matches cost more than the draft calls it saved. SmolLM2-135M fp32, 16
     held-out prompts x 64 greedy tokens, store of 1.44 M tokens: the 2-layer DSpark drafter with own-token lookup
     took 399 rounds, with the store in between 431 (τ 2.57 against 2.38), and timed in one bench run the C++
-    host's lookup, which has no store, ran 1.55x over plain against the Python runtime's 1.46x; a draft LM with the
-    store in between ran 1.54x / 1.72x (fixed / sps) against 1.88x / 1.86x alone (examples/smollm2-draft-lm).
+    host's lookup, which had no store then, ran 1.55x over plain against the Python runtime's 1.46x; a draft LM
+    with the store in between ran 1.54x / 1.72x (fixed / sps) against 1.88x / 1.86x alone
+    (examples/smollm2-draft-lm).
 
     A lookup draft is deterministic: its law is a point mass, so a sampled row accepts it with the target's
     probability of that token and otherwise samples the target's law without it (exact, as for any draft). Its
