@@ -328,13 +328,9 @@ def test_block_schedule_decides_as_python_on_the_same_rounds(host, spec):
         assert 0.5 < np.mean([c > 0 for c in caps[300:1500]]) < 1 and np.mean([c > 0 for c in caps[1800:]]) < 0.2
 
 
-@pytest.mark.parametrize("name,use_draft", [("qwen3_bundle", False), ("qwen3_bundle", True), ("dspark_bundle", True)])
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_prompt_lookup_equals_python(host, name, use_draft, temperature, request):
-    """dspark_options.lookup: rows whose last tokens occurred before draft what followed them, alone or in front
-    of the bundle's draft; the Python runtime's tokens and rounds (greedy and sampled, same seeds)."""
-    bundle = request.getfixturevalue(name)
-    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [3] * 40, [11, 12], list(range(1, 70)) + list(range(1, 20))]
+def lookup_equals_python(host, bundle: Path, prompts, use_draft: bool, temperature: float):
+    """Prompt lookup (2+ tokens) through the C API and the Python runtime: the same tokens and trace rows (lookup
+    drafts' confidences too: their measured acceptance rates); returns the Python generator and its sequences."""
     params = SamplingParams(temperature)
     engine = host.lib.dspark_open(str(bundle).encode(), ctypes.byref(COptions(int(use_draft), 0, 0, 0, 1, None, None, 2)))
     assert engine, host.error()
@@ -345,10 +341,20 @@ def test_prompt_lookup_equals_python(host, name, use_draft, temperature, request
     gen = Generator(bundle, use_draft=use_draft, lookup=2)
     want = gen.generate([Request(p, 30, params, 3 + i, ignore_eos=True) for i, p in enumerate(prompts)], trace=True)
     assert [g["tokens"] for g in got] == [w.generated for w in want]
-    for g, w in zip(got, want):  # lookup drafts' confidences too: their measured acceptance rates
+    for g, w in zip(got, want):
         assert len(g["trace"]) == len(w.trace)
         for a, b in zip(g["trace"], w.trace):
             same_trace_rows(a, b)
+    return gen, want
+
+
+@pytest.mark.parametrize("name,use_draft", [("qwen3_bundle", False), ("qwen3_bundle", True), ("dspark_bundle", True)])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_prompt_lookup_equals_python(host, name, use_draft, temperature, request):
+    """dspark_options.lookup: rows whose last tokens occurred before draft what followed them, alone or in front
+    of the bundle's draft; the Python runtime's tokens and rounds (greedy and sampled, same seeds)."""
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [3] * 40, [11, 12], list(range(1, 70)) + list(range(1, 20))]
+    gen, want = lookup_equals_python(host, request.getfixturevalue(name), prompts, use_draft, temperature)
     looked = [r for w in want for r in w.trace if r["draft_tokens"] and gen.proposer.lookup(
         (w.request.prompt_ids + w.generated)[: r["position"] + 1], gen.draft_length)]
     assert looked and any(r["accepted"] for r in looked)
@@ -368,20 +374,8 @@ def test_lookup_store_equals_python(host, qwen3_bundle, temperature, tmp_path):
     noise = np.random.default_rng(0).integers(0, VOCAB, 500)
     np.save(tmp_path / "store.npy", np.concatenate([s.request.prompt_ids + s.generated for s in earlier] + [noise]))
     add_store(bundle, tmp_path / "store.npy")
-    prompts, params = [[7, 8, 9], [20, 21, 22], [5, 6], [2, 4, 6, 8, 10]], SamplingParams(temperature)
-    engine = host.lib.dspark_open(str(bundle).encode(), ctypes.byref(COptions(0, 0, 0, 0, 1, None, None, 2)))
-    assert engine, host.error()
-    try:
-        got = c_generate(host, engine, prompts, [30] * len(prompts), params, seed=3)
-    finally:
-        host.lib.dspark_close(engine)
-    gen = Generator(bundle, use_draft=False, lookup=2)
-    want = gen.generate([Request(p, 30, params, 3 + i, ignore_eos=True) for i, p in enumerate(prompts)], trace=True)
-    assert [g["tokens"] for g in got] == [w.generated for w in want]
-    for g, w in zip(got, want):
-        assert len(g["trace"]) == len(w.trace)
-        for a, b in zip(g["trace"], w.trace):
-            same_trace_rows(a, b)
+    gen, want = lookup_equals_python(host, bundle, [[7, 8, 9], [20, 21, 22], [5, 6], [2, 4, 6, 8, 10]], False,
+                                     temperature)
     from_store = [r for w in want for r in w.trace if r["draft_tokens"] and not gen.proposer.lookup(
         (w.request.prompt_ids + w.generated)[: r["position"] + 1], gen.draft_length)]
     assert from_store and any(r["accepted"] for r in from_store)
