@@ -36,7 +36,9 @@ options:
   --no-draft               plain decoding with the target alone
   --lookup N               prompt lookup: a request whose last N or more tokens (longest match up to 4)
                            occurred earlier in its prompt or output drafts what followed them there; the
-                           other requests use the bundle's draft (none with --no-draft); 0: off (default 0)
+                           other requests use the bundle's draft, or with --no-draft what most often followed
+                           their last tokens in the bundle's lookup store (`dspark lookup-data`), if it has
+                           one; 0: off (default 0)
   --scheduler NAME         how many drafts to verify: fixed (all), threshold (up to the first whose confidence
                            is below --threshold), sps (the paper's Algorithm 1 over the table `dspark profile`
                            wrote for this machine), auto (sps where the bundle has that table and the draft
