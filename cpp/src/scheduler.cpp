@@ -150,9 +150,9 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
   return lengths;
 }
 
-BlockSchedule::BlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}
+TableBlockSchedule::TableBlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}
 
-int BlockSchedule::cap(int rows, int default_length) {
+int TableBlockSchedule::cap(int rows, int default_length) {
   auto above = table_.upper_bound(rows);  // the first listed size above rows; the one before it decides
   int length = above == table_.begin() ? table_.begin()->second : std::prev(above)->second;
   return std::min(default_length, length);
@@ -181,8 +181,10 @@ double AdaptiveBlockSchedule::rate_error(int bucket, bool drafted) const {
   if (seen.size() < 2) return std::numeric_limits<double>::infinity();
   double n = static_cast<double>(seen.size()), r = *rate(bucket, drafted);
   double spread = 0, seconds = 0;
-  for (const auto& [t, s] : seen) spread += (t - r * s) * (t - r * s);
-  for (const auto& [t, s] : seen) seconds += s;
+  for (const auto& [t, s] : seen) {
+    spread += (t - r * s) * (t - r * s);
+    seconds += s;
+  }
   return std::sqrt(spread / (n - 1) / n) / (seconds / n);
 }
 
@@ -247,7 +249,7 @@ std::unique_ptr<BlockSchedule> make_block_schedule(const std::string& spec) {
     table[rows] = length;
   }
   if (table.empty()) throw Error(usage);
-  return std::make_unique<BlockSchedule>(std::move(table));
+  return std::make_unique<TableBlockSchedule>(std::move(table));
 }
 
 }  // namespace dspark

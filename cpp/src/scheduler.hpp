@@ -50,15 +50,23 @@ class Scheduler {
   std::vector<double> temperatures_, biases_;  // the STS fit; empty: raw confidences
 };
 
-// Draft length by number of running rows, as dspark/runtime/schedulers.py's BlockSchedule: from a {rows: length}
-// table (0 = plain decoding there), the largest listed batch size at or below the rows deciding.
+// Draft length by number of running rows (dspark/runtime/schedulers.py's block schedules)
 class BlockSchedule {
  public:
-  explicit BlockSchedule(std::map<int, int> table = {});
   virtual ~BlockSchedule() = default;
-  virtual int cap(int rows, int default_length);
-  // a round's outcome: whether it drafted, the tokens it emitted, its seconds (a table learns nothing from it)
-  virtual void observe(int /*rows*/, bool /*drafted*/, int /*tokens*/, double /*seconds*/) {}
+  // the draft length a round over `rows` running rows may use (default_length: the proposer's)
+  virtual int cap(int rows, int default_length) = 0;
+  // a round's outcome: whether it drafted, the tokens it emitted, its seconds
+  virtual void observe(int rows, bool drafted, int tokens, double seconds) = 0;
+};
+
+// From a {rows: length} table (0 = plain decoding there), the largest listed batch size at or below the rows
+// deciding; it learns nothing from rounds
+class TableBlockSchedule : public BlockSchedule {
+ public:
+  explicit TableBlockSchedule(std::map<int, int> table);  // not empty
+  int cap(int rows, int default_length) override;
+  void observe(int, bool, int, double) override {}
 
  private:
   std::map<int, int> table_;
