@@ -308,6 +308,24 @@ def assert_speculative_equals_plain(spec, plain, prompts, max_new_tokens: int) -
     return outputs
 
 
+def made_up_profile(bundle: Path, steps_per_second, backend: str = "ort") -> None:
+    """Profile ``bundle`` for this machine with a made-up table, ``steps_per_second(rows, width)`` at 1, 2 and the
+    most rows: whether sps verifies must not hang on how busy the machine is while a test runs."""
+    from dspark.bundle import Bundle
+    from dspark.runtime.profile import profile_key
+
+    limits = Bundle.open(bundle).limits
+    rows, widths = [1, 2, limits.max_batch], list(range(1, limits.max_verify_tokens + 1))
+    table = {"rows": rows, "widths": widths, "steps_per_second": [[steps_per_second(r, w) for w in widths] for r in rows]}
+    Bundle.open(bundle).add_file(profile_key(backend), json.dumps(table))
+
+
+def steep_from_two_rows(bundle: Path) -> None:
+    """One request verifies drafts cheaply; two or more never gain by verifying any (a 2-token verify costs two
+    steps)."""
+    made_up_profile(bundle, lambda rows, width: 100 / (1 + 0.02 * (width - 1)) if rows == 1 else 100 / width)
+
+
 def assert_token_numbers_ignore_the_call(bundle_dir: Path) -> None:
     """A token's logits and K/V are the same bits whichever target call computes it: alone or first of a wider
     call, after a prompt fed in other chunks (one ending in a single token), beside another row in a batch.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm, save_hf
+from conftest import VOCAB, deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm, save_hf, steep_from_two_rows
 from dspark.cpp_host import COptions, CRequest, load_library
 from dspark.export.bundle import ExportOptions, export_bundle
 from dspark.runtime.calibration import calibrate_bundle
@@ -266,6 +266,29 @@ def test_schedulers_verify_what_the_python_runtime_verifies(host, name, lookup, 
     fixed, fixed_trace = cpp_run(host, bundle, tmp_path, "--scheduler", "fixed", "--lookup", lookup)
     assert [g["token_ids"] for g in fixed] == [w.generated for w in want]
     assert all(r["verify_length"] == len(r["draft_tokens"]) for r in fixed_trace)
+
+
+@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+def test_rounds_sps_would_verify_nothing_of_are_not_drafted(host, name, request, tmp_path):
+    """Where the bundle's table says no draft can pay (two requests or more), the host does not draft, as the
+    Python runtime does not: the same trace rows, drafting only once one request is left."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(request.getfixturevalue(name), bundle)
+    steep_from_two_rows(bundle)
+    engine = host.lib.dspark_open(str(bundle).encode(),
+                                  ctypes.byref(COptions(1, 0, 0, 0, 1, None, None, 0, b"sps", None, 0.5)))
+    assert engine, host.error()
+    try:
+        got = c_generate(host, engine, PROMPTS, LENGTHS)
+    finally:
+        host.lib.dspark_close(engine)
+    want = python_run(bundle, scheduler="sps")
+    for g, w in zip(got, want):
+        assert g["tokens"] == w.generated
+        assert len(g["trace"]) == len(w.trace)
+        for a, b in zip(g["trace"], w.trace):
+            same_trace_rows(a, b)
+    assert not any(want[0].drafted) and max(want[1].drafted) > 0  # the shortest prompt never ran alone
 
 
 @pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_speculative_equals_plain
+from conftest import assert_speculative_equals_plain, made_up_profile, steep_from_two_rows
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.calibration import GRID, calibrate_bundle, ece, fit_sts
@@ -17,8 +17,8 @@ from dspark.runtime.generate import Generator, Request, Sequence
 from dspark.runtime.kv import KVCache, fill_order
 from dspark.runtime.profile import profile_bundle, profile_key
 from dspark.runtime.sampling import SamplingParams, accept
-from dspark.runtime.schedulers import (CALIBRATION_FILE, StepsPerSecond, load_calibration, make_block_schedule,
-                                       sps_lengths)
+from dspark.runtime.schedulers import (CALIBRATION_FILE, SpsScheduler, StepsPerSecond, load_calibration,
+                                       make_block_schedule, sps_lengths)
 
 PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, [11, 12], list(range(1, 60)), [7, 7, 2], [9] * 13, [4, 8, 15, 16, 23, 42], [1]]
 
@@ -58,6 +58,32 @@ def test_sps_admits_by_survival_and_stops_at_first_drop():
     steep = StepsPerSecond(rows=[1, 2], widths=[1, 2, 3], steps_per_second=[[10, 5, 3], [10, 5, 3]])
     # any extra width halves throughput: nothing pays
     assert sps_lengths([np.array([0.9, 0.9]), np.array([0.9])], [2, 1], steep) == [0, 0]
+
+
+def test_sps_could_verify_only_where_a_sure_first_draft_pays():
+    table = StepsPerSecond(rows=[1, 2, 4], widths=[1, 2], steps_per_second=[[10.0, 9.0], [10.0, 6.0], [10.0, 8.5]])
+    sps = SpsScheduler(table)
+    assert [sps.could_verify(rows) for rows in (1, 2, 4)] == [True, False, True]
+    # where it says no, no confidences make sps verify anything: (2 + 1) x 6 does not beat 2 x 10
+    assert sps_lengths([np.ones(2) - 1e-12, np.ones(2) - 1e-12], [2, 2], table) == [0, 0]
+    assert sps_lengths([np.array([0.3])], [1], table) == [1]  # 1.3 x 9 > 10
+    assert SpsScheduler(None).could_verify(2) and SpsScheduler(table, early_stop=False).could_verify(2)
+
+
+def test_rounds_sps_would_verify_nothing_of_are_not_drafted(dspark_bundle, tmp_path):
+    """With two rows or more the table says no draft can pay, so those rounds do not call the drafter at all; once
+    one request is left they draft, and the tokens are plain decoding's."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(dspark_bundle, bundle)
+    steep_from_two_rows(bundle)
+    requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS[:3], (10, 14, 30))]
+    gen = Generator(bundle, scheduler="sps")
+    got = gen.generate(requests, trace=True)
+    plain = Generator(bundle, use_draft=False).generate(requests)
+    assert [s.generated for s in got] == [s.generated for s in plain]
+    assert not gen.scheduler.stats.fallbacks
+    assert all(d == 0 for s in got[:2] for d in s.drafted)  # they never ran alone
+    assert got[2].drafted[0] == 0 and max(got[2].drafted) > 0
 
 
 def test_block_schedule():
@@ -241,13 +267,8 @@ def test_calibrated_draft_lm_bundle_schedules_on_its_calibration(qwen3_bundle, t
     fitted = Bundle.open(bundle).read_json("calibration.json")
     temps, biases = np.asarray(fitted["sts_temperatures"]), np.asarray(fitted["sts_biases"])
     assert len(temps) == len(biases) == 6 and not (np.allclose(temps, 1.0) and np.allclose(biases, 0.0))
-    # a table in which each verified token adds 5% to a call, not a measured one: whether sps verifies anything
-    # must not hang on how busy the machine is (under load a measured table made every draft look too dear)
-    limits = Bundle.open(bundle).limits
-    rows, widths = [1, limits.max_batch], list(range(1, limits.max_verify_tokens + 1))
-    table = {"rows": rows, "widths": widths, "steps_per_second": [[100 / (1 + 0.05 * (w - 1)) for w in widths]
-                                                                   for _ in rows]}
-    Bundle.open(bundle).add_file(profile_key(backend), json.dumps(table))
+    # each verified token adds 5% to a call (under load a measured table made every draft look too dear)
+    made_up_profile(bundle, lambda rows, width: 100 / (1 + 0.05 * (width - 1)), backend)
     spec = Generator(bundle, scheduler="sps", backend=backend)
     assert np.array_equal(spec.calibration.temperatures, temps) and np.array_equal(spec.calibration.biases, biases)
     probe = Generator(bundle, backend=backend).proposer
@@ -288,7 +309,7 @@ def test_greedy_output_is_unchanged_by_scheduler(profiled, scheduler, backend):
         assert sum(verified) < sum(drafted)
 
 
-def test_lookup_confidence_is_its_measured_acceptance(profiled, backend):
+def test_lookup_confidence_is_its_measured_acceptance(profiled, backend, tmp_path):
     """Lookup drafts' confidences are their recent acceptance rates: a lookup that keeps failing at its first
     position stops being verified under sps, is tried again once those failures have faded, and the output is
     plain decoding's throughout."""
@@ -309,7 +330,10 @@ def test_lookup_confidence_is_its_measured_acceptance(profiled, backend):
     assert 10 < skipped < 200
 
     requests = [Request(p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS]
-    gen = Generator(profiled, use_draft=False, lookup=2, scheduler="sps", backend=backend)
+    cheap = tmp_path / "bundle"  # whether lookup drafts at 8 rows must not hang on this machine's load
+    shutil.copytree(profiled, cheap)
+    made_up_profile(cheap, lambda rows, width: 100 / (1 + 0.05 * (width - 1)), backend)
+    gen = Generator(cheap, use_draft=False, lookup=2, scheduler="sps", backend=backend)
     got = gen.generate(requests, trace=True)
     plain = Generator(profiled, use_draft=False, backend=backend).generate(requests)
     assert [s.generated for s in got] == [s.generated for s in plain]

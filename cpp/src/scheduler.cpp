@@ -150,6 +150,13 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
   return lengths;
 }
 
+bool Scheduler::could_verify(int rows) const {
+  // sps admits one candidate at a time and stops at the first that does not pay; the best first one has survival
+  // at most 1 (schedulers.py's could_verify)
+  if (kind_ != Kind::sps) return true;
+  return (rows + 1) * (*table_)(rows, 2) > rows * (*table_)(rows, 1);
+}
+
 TableBlockSchedule::TableBlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}
 
 int TableBlockSchedule::cap(int rows, int default_length) {

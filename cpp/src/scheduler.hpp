@@ -41,6 +41,9 @@ class Scheduler {
   Scheduler(const Bundle& bundle, const Options& options, bool drafts_with_confidence);
   // verify lengths for the round's proposals
   std::vector<int> choose(const std::vector<Proposal>& proposals) const;
+  // whether some confidences would have a draft verified in a round over `rows` rows: where none would, the round
+  // need not draft
+  bool could_verify(int rows) const;
 
  private:
   enum class Kind { fixed, threshold, sps };

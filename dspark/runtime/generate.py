@@ -284,6 +284,8 @@ class Generator:
         max_context = self.bundle.limits.max_context
         schedule = self.block_schedule
         draft_length = schedule.cap(len(seqs), self.draft_length) if schedule else self.draft_length
+        if draft_length and not self.scheduler.could_verify(len(seqs)) and self.proposer.has_confidence:
+            draft_length = 0  # the scheduler would verify none of it, whatever the drafts' confidences
         caps = []
         for s in seqs:
             room = min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens)) - 1
