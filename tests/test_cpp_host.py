@@ -353,14 +353,19 @@ def test_block_schedule_decides_as_python_on_the_same_rounds(host, spec):
 
 def lookup_equals_python(host, bundle: Path, prompts, use_draft: bool, temperature: float):
     """Prompt lookup (2+ tokens) through the C API and the Python runtime: the same tokens and trace rows (lookup
-    drafts' confidences too: their measured acceptance rates); returns the Python generator and its sequences."""
+    drafts' confidences too: their measured acceptance rates), from two engines open at once (which share a lookup
+    store's index); returns the Python generator and its sequences."""
     params = SamplingParams(temperature)
-    engine = host.lib.dspark_open(str(bundle).encode(), ctypes.byref(COptions(int(use_draft), 0, 0, 0, 1, None, None, 2)))
-    assert engine, host.error()
+    options = COptions(int(use_draft), 0, 0, 0, 1, None, None, 2)
+    engines = [host.lib.dspark_open(str(bundle).encode(), ctypes.byref(options)) for _ in range(2)]
     try:
-        got = c_generate(host, engine, prompts, [30] * len(prompts), params, seed=3)
+        assert all(engines), host.error()
+        got, again = (c_generate(host, engine, prompts, [30] * len(prompts), params, seed=3) for engine in engines)
     finally:
-        host.lib.dspark_close(engine)
+        for engine in engines:
+            if engine:
+                host.lib.dspark_close(engine)
+    assert [(g["tokens"], g["trace"]) for g in again] == [(g["tokens"], g["trace"]) for g in got]
     gen = Generator(bundle, use_draft=use_draft, lookup=2)
     want = gen.generate([Request(p, 30, params, 3 + i, ignore_eos=True) for i, p in enumerate(prompts)], trace=True)
     assert [g["tokens"] for g in got] == [w.generated for w in want]

@@ -379,7 +379,7 @@ class LookupProposer : public Proposer {
 
  private:
   std::unique_ptr<Proposer> inner_;
-  std::unique_ptr<TokenStore> store_;  // only without a wrapped proposer
+  std::shared_ptr<const TokenStore> store_;  // only without a wrapped proposer
   int min_, max_;
   std::vector<int> sources_;  // per row: where this round's draft came from (a Source)
   // per source and draft position: faded counts of verified and of accepted lookup drafts

@@ -1,6 +1,11 @@
 #include "store.hpp"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <tuple>
 
 #include "files.hpp"
 
@@ -66,10 +71,29 @@ TokenStore::TokenStore(std::vector<int64_t> tokens, int min_match, int max_match
   }
 }
 
-std::unique_ptr<TokenStore> TokenStore::open(const Bundle& bundle, int min_match, int max_match) {
+std::shared_ptr<const TokenStore> TokenStore::open(const Bundle& bundle, int min_match, int max_match) {
   const std::string rel = "lookup_store.npy";
   if (!bundle.lists(rel)) return nullptr;
-  return std::make_unique<TokenStore>(read_npy_ids(bundle.file(rel)), min_match, max_match);
+  std::string path = bundle.file(rel);
+  // one version of a file: its resolved path, modification time and size (bundle.py's file_identity)
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0)
+    throw Error(path + ": cannot be read; rewrite the store with 'dspark lookup-data'");
+  char* real = ::realpath(path.c_str(), nullptr);
+  std::string resolved = real ? real : path;
+  std::free(real);
+  using Key = std::tuple<std::string, int64_t, int64_t, int64_t, int, int>;
+  Key key{resolved, static_cast<int64_t>(st.st_mtim.tv_sec), static_cast<int64_t>(st.st_mtim.tv_nsec),
+          static_cast<int64_t>(st.st_size), min_match, max_match};
+  static std::mutex mutex;
+  static std::map<Key, std::weak_ptr<const TokenStore>> open_stores;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto held = open_stores[key].lock()) return held;
+  for (auto it = open_stores.begin(); it != open_stores.end();)  // forget stores no engine holds any more
+    it = it->second.expired() && it->first != key ? open_stores.erase(it) : std::next(it);
+  auto store = std::make_shared<const TokenStore>(read_npy_ids(path), min_match, max_match);
+  open_stores[key] = store;
+  return store;
 }
 
 std::vector<int64_t> TokenStore::continuation(const std::vector<int64_t>& history, int cap) const {
