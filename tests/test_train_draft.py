@@ -356,6 +356,35 @@ def test_feature_cache_of_grown_data_computes_new_documents_only(setup, tmp_path
     assert sorted(p.name for p in next(folder.glob("features-*")).iterdir()) == ["hidden.npy", "lse.npy", "source.json"]
 
 
+def test_draft_lm_reads_a_block_drafters_cache_of_the_same_data(setup, tmp_path, monkeypatch):
+    """A draft LM's cache (final hidden states and normalisers) is read from a finished block-drafter cache of the
+    same token data without running the target; for other token data it is computed."""
+    target_dir, data, target = setup
+    tokens = np.load(data / "train.npy")[: 4 * 64]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.save(folder / "train.npy", tokens)
+    np.save(folder / "train_docs.npy", np.arange(0, len(tokens), 64))
+    digest = target_digest(target_dir)
+    block = feature_cache(target, tuple(TAPS), tokens, folder, digest, progress=False, log=lambda _: None)
+
+    def no_target(*_):
+        raise AssertionError("the target ran")
+
+    with monkeypatch.context() as m:
+        m.setattr("dspark.train.features.target_pass", no_target)
+        logged = []
+        lm = feature_cache(target, (), tokens, folder, digest, progress=False, log=logged.append)
+    assert lm.features is None and "final hidden states of" in logged[0]
+    np.testing.assert_array_equal(lm.hidden, block.hidden)
+    np.testing.assert_array_equal(lm.lse, block.lse)
+    assert [p.name for p in folder.glob("features-*")] == [f"features-{digest[:16]}-{'_'.join(map(str, TAPS))}"]
+    other = tokens[::-1].copy()  # other token data: the block cache does not serve it
+    np.save(folder / "train.npy", other)
+    own = feature_cache(target, (), other, folder, digest, progress=False, log=lambda _: None)
+    assert len(list(folder.glob("features-*-final"))) == 1 and own.hidden.shape == block.hidden.shape
+
+
 def test_answer_masks_steer_anchors(setup, tmp_path):
     """With make-data's answer masks a block drafter trains on blocks that start in the answers and a draft LM's
     acceptance is estimated there; a mask that does not match its token array is refused."""

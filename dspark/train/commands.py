@@ -213,8 +213,9 @@ def _layer_list(_ctx, _param, value):
 @click.option("--feature-cache", is_flag=True,
               help="Compute the target's features of the training data once (float16 files under DATA/features-*/, "
                    "about 7 KB per token for a 576-wide target with 5 taps; a draft LM needs only the final hidden "
-                   "states, about 1.2 KB, and --draft-vocab) and read them every step instead of running the "
-                   "target: several times faster per step on a CPU; evaluation still runs the target.")
+                   "states, about 1.2 KB, and --draft-vocab, and reads them from a DSpark/DFlash drafter's "
+                   "finished cache of the same data when there is one) and read them every step instead of running "
+                   "the target: several times faster per step on a CPU; evaluation still runs the target.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Start from this drafter's weights, draft vocabulary and config (for example one trained on "
                    "less data) with a fresh optimizer and schedule; its config.json replaces the shape options "

@@ -13,7 +13,9 @@ hash of ``train.npy`` and the document starts: data regenerated since, even to t
 Building resumes where it stopped (``progress.json`` counts the batches written into the ``.partial`` arrays).
 Data that grew (``dspark make-data`` resumed) keeps the rows of documents the cache already holds: ``source.json``
 lists each span's digest, and a rebuild copies those spans' rows from the previous arrays (kept as
-``*.previous.npy`` until the new cache is complete) and runs the target on the new documents only.
+``*.previous.npy`` until the new cache is complete) and runs the target on the new documents only. A draft LM's
+cache (no taps) is a block drafter's without ``features.npy``, so a complete block-drafter cache of the same data
+serves it as it is: training both drafters on one data folder runs the target over it once.
 """
 
 from __future__ import annotations
@@ -91,6 +93,14 @@ def _copy_previous(arrays: dict[str, np.ndarray], spans: list[tuple[int, int]], 
     return missing
 
 
+def _complete(folder: Path, paths: dict[str, Path], source: dict) -> bool:
+    """Whether ``folder`` holds a finished cache of ``paths`` built from the token data ``source`` names."""
+    source_path = folder / "source.json"
+    if not (source_path.is_file() and all(p.is_file() for p in paths.values())):
+        return False
+    return json.loads(source_path.read_text()).get("tokens") == source["tokens"]
+
+
 def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, data: Path, digest: str,
                   progress: bool = True, log=print) -> FeatureCache:
     """The cache for ``target`` (``digest`` names its weights) and ``taps`` over ``data``'s train tokens, built
@@ -104,10 +114,15 @@ def feature_cache(target: DecoderLM, taps: tuple[int, ...], tokens: np.ndarray, 
     source = {"tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()
                                        + np.asarray(spans, dtype=np.int64).tobytes()).hexdigest()[:16]}
     source_path, previous_source = folder / "source.json", folder / "source.previous.json"
+    if _complete(folder, paths, source):
+        return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
+    if not taps:  # a block drafter's cache of the same data holds what a draft LM reads: no second target pass
+        for other in sorted(data.glob(f"features-{digest[:16]}-*")):
+            held = {name: other / f"{name}.npy" for name in paths}
+            if other != folder and _complete(other, held, source):
+                log(f"target features: the final hidden states of {other}")
+                return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in held.items()})
     if all(p.is_file() for p in paths.values()):
-        built = json.loads(source_path.read_text()) if source_path.is_file() else {}
-        if built.get("tokens") == source["tokens"]:
-            return FeatureCache(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
         log(f"{folder}: built for other token data; rebuilding (documents it holds are copied, not recomputed)")
         for name, p in paths.items():  # kept until the new cache is complete, so an interrupted rebuild still reuses
             p.replace(previous[name])
