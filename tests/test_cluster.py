@@ -188,12 +188,15 @@ def test_cli_replicas_drain_in_flight_streams_on_sigterm(qwen3_bundle):
         assert proc.wait(60) == 0
 
 
+QUEUED = 48
+
+
 def test_past_the_shutdown_timeout_every_replica_ends_its_responses(cluster, qwen3_bundle):
     """A second deployment (one replica, one row, so requests queue): the gateway's shutdown gives in-flight
-    requests 0.5 s, then every replica's engine cancels the rest, and each response still ends cleanly."""
+    requests 0.1 s, then every replica's engine cancels the rest, and each response still ends cleanly."""
     body = {"prompt": "w9 w10", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
-    with cluster_thread(qwen3_bundle, ClusterOptions(replicas=1), threads=1, max_batch=1, max_queue=16,
-                        shutdown_timeout=0.5, app_name="drain", log_level="warning") as (cs, url):
+    with cluster_thread(qwen3_bundle, ClusterOptions(replicas=1), threads=1, max_batch=1, max_queue=QUEUED,
+                        shutdown_timeout=0.1, app_name="drain", log_level="warning") as (cs, url):
         with httpx.Client(base_url=url, timeout=60) as c:
             def one(i):
                 if i % 2:
@@ -213,12 +216,13 @@ def test_past_the_shutdown_timeout_every_replica_ends_its_responses(cluster, qwe
                     return "cancelled"
                 return chunks[-1]["choices"][0]["finish_reason"]
 
-            # 16 queued requests of 240 tokens on one row outlast 0.5 s whether the replica drafts or not (with
-            # 8, a replica whose block schedule turned the tiny test draft off finished them all in time)
-            with ThreadPoolExecutor(16) as pool:
-                futures = [pool.submit(one, i) for i in range(16)]
+            # the replicas learn of the stop at their next metrics push (up to PUSH_INTERVAL_S after the grace), so
+            # the queue must outlast that too: 16 requests of 240 tokens on one row did not always (a quiet machine
+            # decoded all 3,840 tokens of the tiny test bundle in time)
+            with ThreadPoolExecutor(QUEUED) as pool:
+                futures = [pool.submit(one, i) for i in range(QUEUED)]
                 deadline = time.monotonic() + 30
-                while cs.gateway.active < 16:  # all in flight
+                while cs.gateway.active < QUEUED:  # all in flight
                     assert time.monotonic() < deadline
                     time.sleep(0.02)
                 cs.server.should_exit = True
