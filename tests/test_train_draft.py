@@ -318,15 +318,21 @@ def test_feature_cache_runs_each_document_from_its_start(setup, tmp_path):
     np.testing.assert_array_equal(cache.lse[:64], lse[-64:])
 
 
-def test_feature_cache_of_grown_data_computes_new_documents_only(setup, tmp_path, monkeypatch):
-    """Data that grew (make-data resumed: new answers between old ones) keeps the cached rows of the documents it
-    had and runs the target on the new ones alone, also when the rebuild was interrupted and resumed."""
-    target_dir, data, target = setup
-    tokens = np.load(data / "train.npy")[: 8 * 64]
+def documents_of_64(data, count: int, tmp_path):
+    """The first ``count`` x 64 training tokens of ``data`` as ``count`` documents of a new data folder."""
+    tokens = np.load(data / "train.npy")[: count * 64]
     folder = tmp_path / "data"
     folder.mkdir()
     np.save(folder / "train.npy", tokens)
     np.save(folder / "train_docs.npy", np.arange(0, len(tokens), 64))
+    return tokens, folder
+
+
+def test_feature_cache_of_grown_data_computes_new_documents_only(setup, tmp_path, monkeypatch):
+    """Data that grew (make-data resumed: new answers between old ones) keeps the cached rows of the documents it
+    had and runs the target on the new ones alone, also when the rebuild was interrupted and resumed."""
+    target_dir, data, target = setup
+    tokens, folder = documents_of_64(data, 8, tmp_path)
     digest = target_digest(target_dir)
     first = feature_cache(target, (), tokens, folder, digest, progress=False, log=lambda _: None)
     old_hidden = np.array(first.hidden)
@@ -360,11 +366,7 @@ def test_draft_lm_reads_a_block_drafters_cache_of_the_same_data(setup, tmp_path,
     """A draft LM's cache (final hidden states and normalisers) is read from a finished block-drafter cache of the
     same token data without running the target; for other token data it is computed."""
     target_dir, data, target = setup
-    tokens = np.load(data / "train.npy")[: 4 * 64]
-    folder = tmp_path / "data"
-    folder.mkdir()
-    np.save(folder / "train.npy", tokens)
-    np.save(folder / "train_docs.npy", np.arange(0, len(tokens), 64))
+    tokens, folder = documents_of_64(data, 4, tmp_path)
     digest = target_digest(target_dir)
     block = feature_cache(target, tuple(TAPS), tokens, folder, digest, progress=False, log=lambda _: None)
 
