@@ -198,24 +198,32 @@ def c_generate(host: Host, engine, prompts, lengths, params=SamplingParams(), se
         host.lib.dspark_results_free(results)
 
 
-# ------------------------------------------------------------------------------------------------- equivalence
-def test_greedy_tokens_and_traces_equal_python(host, bundle):
-    """A ragged batch through the C API: the Python runtime's tokens, text, stats and trace rows exactly."""
-    engine = host.lib.dspark_open(str(bundle).encode(), None)
+def c_api_equals_python(host: Host, bundle: Path, options: COptions | None, **python_options):
+    """PROMPTS x LENGTHS through the C API with ``options`` (None: its defaults) give the Python runtime's tokens
+    and trace rows with ``python_options``; returns both results."""
+    engine = host.lib.dspark_open(str(bundle).encode(), None if options is None else ctypes.byref(options))
     assert engine, host.error()
     try:
         got = c_generate(host, engine, PROMPTS, LENGTHS)
     finally:
         host.lib.dspark_close(engine)
-    want = python_run(bundle)
+    want = python_run(bundle, **python_options)
     for g, w in zip(got, want):
         assert g["tokens"] == w.generated
-        assert g["json"]["text"] == w.text and g["json"]["finish_reason"] == w.finish_reason
-        stats = {k: v for k, v in w.stats().items() if k not in TIMING}
-        assert {k: v for k, v in g["json"]["stats"].items() if k not in TIMING} == stats
         assert len(g["trace"]) == len(w.trace)
         for a, b in zip(g["trace"], w.trace):
             same_trace_rows(a, b)
+    return got, want
+
+
+# ------------------------------------------------------------------------------------------------- equivalence
+def test_greedy_tokens_and_traces_equal_python(host, bundle):
+    """A ragged batch through the C API: the Python runtime's tokens, text, stats and trace rows exactly."""
+    got, want = c_api_equals_python(host, bundle, None)
+    for g, w in zip(got, want):
+        assert g["json"]["text"] == w.text and g["json"]["finish_reason"] == w.finish_reason
+        stats = {k: v for k, v in w.stats().items() if k not in TIMING}
+        assert {k: v for k, v in g["json"]["stats"].items() if k not in TIMING} == stats
     # drafts were both accepted and rejected: the comparison covers rollback (the DFlash drafter is random)
     accepted = sum(sum(w.accepted) for w in want)
     assert accepted < sum(sum(w.verified) for w in want)
@@ -275,19 +283,8 @@ def test_rounds_sps_would_verify_nothing_of_are_not_drafted(host, name, request,
     bundle = tmp_path / "bundle"
     shutil.copytree(request.getfixturevalue(name), bundle)
     steep_from_two_rows(bundle)
-    engine = host.lib.dspark_open(str(bundle).encode(),
-                                  ctypes.byref(COptions(1, 0, 0, 0, 1, None, None, 0, b"sps", None, 0.5)))
-    assert engine, host.error()
-    try:
-        got = c_generate(host, engine, PROMPTS, LENGTHS)
-    finally:
-        host.lib.dspark_close(engine)
-    want = python_run(bundle, scheduler="sps")
-    for g, w in zip(got, want):
-        assert g["tokens"] == w.generated
-        assert len(g["trace"]) == len(w.trace)
-        for a, b in zip(g["trace"], w.trace):
-            same_trace_rows(a, b)
+    _, want = c_api_equals_python(host, bundle, COptions(1, 0, 0, 0, 1, None, None, 0, b"sps", None, 0.5),
+                                  scheduler="sps")
     assert not any(want[0].drafted) and max(want[1].drafted) > 0  # the shortest prompt never ran alone
 
 
@@ -295,20 +292,9 @@ def test_rounds_sps_would_verify_nothing_of_are_not_drafted(host, name, request,
 def test_block_schedule_caps_drafts_as_python(host, name, request):
     """A block schedule table caps a round's draft length by its running requests as the Python runtime's does
     (the three prompts run three, then two, then one at a time as they finish): the same trace rows."""
-    bundle = request.getfixturevalue(name)
-    engine = host.lib.dspark_open(str(bundle).encode(),
-                                  ctypes.byref(COptions(1, 0, 0, 0, 1, None, None, 0, None, b"1:2,2:0,3:3")))
-    assert engine, host.error()
-    try:
-        got = c_generate(host, engine, PROMPTS, LENGTHS)
-    finally:
-        host.lib.dspark_close(engine)
-    want = python_run(bundle, block_schedule={1: 2, 2: 0, 3: 3})
-    for g, w in zip(got, want):
-        assert g["tokens"] == w.generated
-        assert len(g["trace"]) == len(w.trace)
-        for a, b in zip(g["trace"], w.trace):
-            same_trace_rows(a, b)
+    _, want = c_api_equals_python(host, request.getfixturevalue(name),
+                                  COptions(1, 0, 0, 0, 1, None, None, 0, None, b"1:2,2:0,3:3"),
+                                  block_schedule={1: 2, 2: 0, 3: 3})
     drafted = {len(r["draft_tokens"]) for w in want for r in w.trace}
     assert 0 in drafted and max(drafted) == 3  # two rows decoded plainly, three drafted
 

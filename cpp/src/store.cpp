@@ -21,12 +21,14 @@ uint64_t hash_of(const int64_t* tokens, int n) {
   return h;
 }
 
+Error bad_store(const std::string& path, const std::string& why) {
+  return Error(path + ": " + why + "; rewrite the store with 'dspark lookup-data'");
+}
+
 // a 1-D array of unsigned 16- or 32-bit or signed 64-bit little-endian integers in NumPy's .npy format, which
 // `dspark lookup-data` writes
 std::vector<int64_t> read_npy_ids(const std::string& path) {
-  auto bad = [&path](const std::string& why) {
-    return Error(path + ": " + why + "; rewrite the store with 'dspark lookup-data'");
-  };
+  auto bad = [&path](const std::string& why) { return bad_store(path, why); };
   auto data = read_file(path);
   if (!data) throw bad("cannot be read");
   const std::string& s = *data;
@@ -77,8 +79,7 @@ std::shared_ptr<const TokenStore> TokenStore::open(const Bundle& bundle, int min
   std::string path = bundle.file(rel);
   // one version of a file: its resolved path, modification time and size (bundle.py's file_identity)
   struct stat st{};
-  if (::stat(path.c_str(), &st) != 0)
-    throw Error(path + ": cannot be read; rewrite the store with 'dspark lookup-data'");
+  if (::stat(path.c_str(), &st) != 0) throw bad_store(path, "cannot be read");
   char* real = ::realpath(path.c_str(), nullptr);
   std::string resolved = real ? real : path;
   std::free(real);
