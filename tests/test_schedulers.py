@@ -58,13 +58,29 @@ def test_sps_admits_by_survival_and_stops_at_first_drop():
     steep = StepsPerSecond(rows=[1, 2], widths=[1, 2, 3], steps_per_second=[[10, 5, 3], [10, 5, 3]])
     # any extra width halves throughput: nothing pays
     assert sps_lengths([np.array([0.9, 0.9]), np.array([0.9])], [2, 1], steep) == [0, 0]
+    # width 3 would pay (4.83 x 4.4 = 21.2 against 3.8 x 5.5 = 20.9) but width 2 does not (4.34 x 4.5 = 19.5): the
+    # search stops there, and goes on to width 3 only without the early stop (which reads c_3, set by draft 2)
+    dip = StepsPerSecond(rows=[2], widths=[1, 2, 3, 4], steps_per_second=[[10.0, 5.5, 4.5, 4.4]])
+    drafts = [np.array([0.9, 0.6, 0.9]), np.array([0.9, 0.0, 0.0])]
+    assert sps_lengths(drafts, [3, 3], dip) == [1, 1] and sps_lengths(drafts, [3, 3], dip, early_stop=False) == [3, 3]
+
+
+def test_sps_admits_a_width_for_every_row_at_once():
+    """A padded verify costs its width whatever each row verifies within it: one row's sure draft does not pay for
+    a 2-token call over 4 rows (5 x 8 < 4 x 10.5), but every row's 0.7 does (6.8 x 8 > 42), and so do the rows'
+    second positions (8.13 x 7 > 54.4); a row with a weak draft is verified as far as the others, for nothing."""
+    table = StepsPerSecond(rows=[4], widths=[1, 2, 3, 4], steps_per_second=[[10.5, 8.0, 7.0, 4.0]])
+    drafts = [np.array([0.7, 0.6, 0.9])] * 3 + [np.array([0.7, 0.1, 0.9])]
+    assert sps_lengths(drafts, [3, 3, 3, 3], table) == [2, 2, 2, 2]
+    assert sps_lengths([np.ones(3), np.zeros(3), np.zeros(3), np.zeros(3)], [3, 3, 3, 3], table) == [0, 0, 0, 0]
+    assert sps_lengths(drafts[:1] + [np.zeros(0)] * 3, [3, 0, 0, 0], table) == [0, 0, 0, 0]
 
 
 def test_sps_could_verify_only_where_a_sure_first_draft_pays():
-    table = StepsPerSecond(rows=[1, 2, 4], widths=[1, 2], steps_per_second=[[10.0, 9.0], [10.0, 6.0], [10.0, 8.5]])
+    table = StepsPerSecond(rows=[1, 2, 4], widths=[1, 2], steps_per_second=[[10.0, 9.0], [10.0, 5.0], [10.0, 5.5]])
     sps = SpsScheduler(table)
     assert [sps.could_verify(rows) for rows in (1, 2, 4)] == [True, False, True]
-    # where it says no, no confidences make sps verify anything: (2 + 1) x 6 does not beat 2 x 10
+    # where it says no, no confidences make sps verify anything: every row's sure draft, 2 x 2 x 5, does not beat 2 x 10
     assert sps_lengths([np.ones(2) - 1e-12, np.ones(2) - 1e-12], [2, 2], table) == [0, 0]
     assert sps_lengths([np.array([0.3])], [1], table) == [1]  # 1.3 x 9 > 10
     assert SpsScheduler(None).could_verify(2) and SpsScheduler(table, early_stop=False).could_verify(2)

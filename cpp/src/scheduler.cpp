@@ -7,7 +7,6 @@
 #include <limits>
 #include <sstream>
 #include <thread>
-#include <tuple>
 
 #include "sampling.hpp"
 
@@ -47,30 +46,31 @@ double StepsPerSecond::operator()(double r, double w) const {
 
 std::vector<int> sps_lengths(const std::vector<std::vector<double>>& confidences, const std::vector<int>& proposed,
                              const StepsPerSecond& table) {
+  // widths are admitted in turn, each adding every row's next position: the verify call pads rows to the longest
+  // (schedulers.py's sps_lengths)
   size_t rows = proposed.size();
-  std::vector<std::tuple<double, size_t, int>> candidates;  // (-survival, row, length): the order Python sorts in
+  int longest = proposed.empty() ? 0 : *std::max_element(proposed.begin(), proposed.end());
+  std::vector<double> gains(static_cast<size_t>(longest), 0.0);  // by width: every row's position survival, summed
   for (size_t r = 0; r < rows; ++r) {
     double survival = 1.0;
     for (int j = 1; j <= proposed[r]; ++j) {
       survival *= confidences[r][static_cast<size_t>(j - 1)];
-      if (survival > 0) candidates.emplace_back(-survival, r, j);
+      gains[static_cast<size_t>(j - 1)] += survival;
     }
   }
-  std::sort(candidates.begin(), candidates.end());
-  std::vector<int> lengths(rows, 0), chosen(rows, 0);
   double tau = static_cast<double>(rows);
   double best = tau * table(static_cast<double>(rows), 1);
-  int widest = 0;
-  for (const auto& [neg_a, r, j] : candidates) {
-    lengths[r] = j;
-    widest = std::max(widest, j);
-    tau -= neg_a;
-    double throughput = tau * table(static_cast<double>(rows), 1.0 + widest);
-    if (!(throughput > best)) break;  // early stop at the first non-improvement
+  int width = 0;
+  for (int j = 1; j <= longest; ++j) {
+    tau += gains[static_cast<size_t>(j - 1)];
+    double throughput = tau * table(static_cast<double>(rows), 1.0 + j);
+    if (!(throughput > best)) break;  // early stop at the first width that does not pay
     best = throughput;
-    chosen = lengths;
+    width = j;
   }
-  return chosen;
+  std::vector<int> lengths(rows);
+  for (size_t r = 0; r < rows; ++r) lengths[r] = std::min(proposed[r], width);
+  return lengths;
 }
 
 std::string cpu_device_name() {
@@ -151,10 +151,9 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
 }
 
 bool Scheduler::could_verify(int rows) const {
-  // sps admits one candidate at a time and stops at the first that does not pay; the best first one has survival
-  // at most 1 (schedulers.py's could_verify)
+  // the first width must pay with every row's survival at most 1 (schedulers.py's could_verify)
   if (kind_ != Kind::sps) return true;
-  return (rows + 1) * (*table_)(rows, 2) > rows * (*table_)(rows, 1);
+  return 2 * (*table_)(rows, 2) > (*table_)(rows, 1);
 }
 
 TableBlockSchedule::TableBlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}

@@ -28,7 +28,7 @@ struct StepsPerSecond {
   double operator()(double r, double w) const;
 };
 
-// Algorithm 1 over per-row confidences of drafts 1..n (proposed[r] of them)
+// Algorithm 1 over per-row confidences of drafts 1..n (proposed[r] of them), admitting whole widths
 std::vector<int> sps_lengths(const std::vector<std::vector<double>>& confidences, const std::vector<int>& proposed,
                              const StepsPerSecond& table);
 

@@ -7,10 +7,10 @@ before k only (spec §6.2), never on the token at k itself, so the output law st
 - ``fixed``: verify everything proposed.
 - ``threshold``: stop at the first position whose calibrated per-step confidence is below a value.
 - ``sps``: paper Algorithm 1 over the whole batch. Prefix survival a_{r,j} = prod_{i<=j} c_{r,i}; candidates
-  are admitted in descending a, each time re-evaluating expected throughput tau * SPS(cost), and the search
-  stops at the first admission that does not improve it (the early stop is what keeps it lossless; Appendix A).
-  Our verify call pads ragged rows to the longest one, so its cost is looked up by (rows, 1 + longest length),
-  not by the sum of lengths the paper's packed batches use.
+  are admitted in turn, each time re-evaluating expected throughput tau * SPS(cost), and the search stops at the
+  first admission that does not improve it (the early stop is what keeps it lossless; Appendix A). Our verify
+  call pads ragged rows to the longest one, so its cost is looked up by (rows, 1 + longest length), not by the
+  sum of lengths the paper's packed batches use, and a candidate is a width: every row's next position at once.
 
 A batch-size -> block-length schedule caps the proposal length by the number of active rows (0 = plain
 decoding); ``auto`` learns it while running, from measured tokens per second of drafting and of plain rounds. Without confidences (no confidence head) or, for ``sps``, without a profiled table, a scheduler
@@ -185,38 +185,36 @@ class SpsScheduler(Scheduler):
         return sps_lengths(confidences, proposed, self.table, self.early_stop)
 
     def could_verify(self, rows: int) -> bool:
-        # the search admits one candidate at a time and stops at the first that does not pay; the best first one
-        # has survival at most 1, so if even that one does not pay, every round over this many rows verifies
-        # nothing. SmolLM2 fp32 on this project's 2-core CPU: from 8 rows on, a 2-token verify costs 1.2-1.3x a
-        # step, and at 16 rows drafting that sps then threw away cost 4% of each round (dspark bench).
+        # the first width must pay with every row's survival at most 1, or the early stop ends the search there
         if self.table is None or not self.early_stop:
             return True
-        return (rows + 1) * self.table(rows, 2) > rows * self.table(rows, 1)
+        return 2 * self.table(rows, 2) > self.table(rows, 1)
 
 
 def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = True) -> list[int]:
-    """Algorithm 1: greedy admission by prefix survival, stopping at the first non-improvement."""
+    """Algorithm 1 over a padded verify call: widths are admitted in turn, each adding every row's next position
+    (its prefix survival counts toward tau), and the search stops at the first width that does not raise tau x SPS.
+
+    Whether position j of a row is verified then depends on survivals up to j (of every row) only, never on c_{j+1},
+    which reads draft token j: the early stop keeps it lossless as in the paper. Admitting candidates one by one
+    across rows, as the paper's packed batches price them, is myopic here: the first row's next position pays for
+    the wider call alone and is refused, although every row's would pay for it together (SmolLM2 fp32 at 4 rows: a
+    2-token verify costs 1.19-1.26 steps, so one row's sure draft never paid, and the draft LM never drafted)."""
     rows = len(proposed)
-    candidates = []
-    for r, (conf, n) in enumerate(zip(confidences, proposed)):
-        if not n:
-            continue
-        survival = np.cumprod(np.asarray(conf[:n], dtype=np.float64))
-        candidates += [(-a, r, j) for j, a in enumerate(survival, start=1) if a > 0]
-    candidates.sort()  # descending survival; within a row positions stay in order (a is non-increasing)
-    lengths = [0] * rows
+    gains = np.zeros(max(proposed, default=0))  # by width j: the summed survival of every row's position j
+    for conf, n in zip(confidences, proposed):
+        if n:
+            gains[:n] += np.cumprod(np.asarray(conf[:n], dtype=np.float64))
     tau = float(rows)
-    best = tau * sps(rows, 1)
-    chosen = list(lengths)
-    for neg_a, r, j in candidates:
-        lengths[r] = j
-        tau -= neg_a
-        throughput = tau * sps(rows, 1 + max(lengths))
+    best, width = tau * sps(rows, 1), 0
+    for j, gain in enumerate(gains, start=1):
+        tau += gain
+        throughput = tau * sps(rows, 1 + j)
         if throughput > best:
-            best, chosen = throughput, list(lengths)
+            best, width = throughput, j
         elif early_stop:
             break
-    return chosen
+    return [min(n, width) for n in proposed]
 
 
 class BlockSchedule:
