@@ -69,6 +69,7 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.prompts import Prompt
 from dspark.runtime.generate import RoundClock
+from dspark.runtime.profile import cost_probe
 from dspark.runtime.schedulers import make_block_schedule
 
 REPORT_FIELDS = ("method", "scheduler", "concurrency", "tokens_per_second", "ttft_ms", "itl_p50_ms", "itl_p99_ms",
@@ -230,52 +231,6 @@ def summarize(config: Configuration) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ call costs
-def cost_probe(gen, rows: int, text: list[int]):
-    """The calls a round of ``gen`` is made of, each a closure over ``rows`` rows with a cache filled to ``len(text)``:
-    ``t1_ms`` (a target call of 1 token a row) and, with a proposer, ``t_verify_ms`` (draft_length + 1 tokens a
-    row) and ``t_draft_ms`` (one draft round; a lookup draft runs no graph, so a round costs what the draft it
-    wraps costs on rows without a match, and it drafts after ``text``: a draft LM that stops early where it is
-    unsure drafts what it would on real text); returned with the context used (at most the bundle's limit allows) and
-    the clean-up that drops the rows it set up. None for the device step, whose round is one captured call that
-    cannot be timed apart."""
-    from dspark.runtime.decoder import decoder_cache, run_decoder
-    from dspark.runtime.generate import Request
-
-    if gen.device_step is not None:
-        return None
-    bundle, draft_length = gen.bundle, gen.draft_length
-    text = text[: bundle.limits.max_context - draft_length - 2] or [1]
-    context = len(text)
-    cache = decoder_cache(bundle.target.config, rows, bundle, device=gen.target.cache_device)
-    cache.reserve(context + draft_length + 1)
-    cache.lens[:] = context
-    calls = {"t1_ms": lambda: run_decoder(gen.target, cache, [[1]] * rows)}
-    proposer = getattr(gen.proposer, "inner", gen.proposer)
-    if not gen.proposer:
-        return context, calls, lambda: None
-    calls["t_verify_ms"] = lambda: run_decoder(gen.target, cache, [[1] * (draft_length + 1)] * rows)
-    if proposer is None:
-        return context, calls, lambda: None
-    # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
-    gen.max_batch = rows
-    seqs = [gen.submit(Request(list(text), max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
-    gen.admit()
-    anchors = [len(s.tokens) - 1 for s in seqs]
-    proposer.propose(seqs, [draft_length] * rows)  # a draft LM reads the context here, once
-
-    def draft_round():
-        proposer.rewind(anchors)
-        proposer.propose(seqs, [draft_length] * rows)
-
-    def clean_up():
-        for s in seqs:
-            gen.cancel(s)
-        gen.step()  # drops the cancelled rows from the target and draft caches
-
-    calls["t_draft_ms"] = draft_round
-    return context, calls, clean_up
-
-
 def call_costs(generators: dict, rows: int, text: list[int], repeats: int) -> dict:
     """Median ms of each generator's round calls (``cost_probe``) at ``rows`` rows, keyed as ``generators``.
 
@@ -315,7 +270,7 @@ def machine_info(threads: int) -> dict:
     import onnxruntime
 
     import dspark
-    from dspark.runtime.profile import device_name
+    from dspark.runtime.schedulers import device_name
 
     info = {"device": device_name(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": threads, "platform": platform.platform(), "python": platform.python_version(),

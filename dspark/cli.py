@@ -235,12 +235,13 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--context", default=256, show_default=True, help="Cache entries per row while timing (a typical context length).")
-@click.option("--repeats", default=20, show_default=True, help="Timed calls per (rows, width) pair; the median is kept.")
-@click.option("--warmup", default=3, show_default=True, help="Untimed calls per pair first.")
+@click.option("--repeats", default=20, show_default=True, help="Timed calls per (rows, width) pair, and draft rounds per row count; the median is kept.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed calls per pair (and draft rounds per row count) first.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @backend_options
 def profile(bundle_dir, threads, context, repeats, warmup, no_progress, backend, device):
-    """Measure target verify steps/s by rows and new tokens on this machine; store the table in BUNDLE_DIR."""
+    """Measure target verify steps/s by rows and new tokens on this machine, and a draft round of the bundle's
+    drafter by rows; store the table in BUNDLE_DIR (the sps scheduler reads it)."""
     from dspark.runtime.profile import profile_bundle
 
     table = profile_bundle(bundle_dir, backend, threads=threads, context=context, repeats=repeats, warmup=warmup,
@@ -249,6 +250,9 @@ def profile(bundle_dir, threads, context, repeats, warmup, no_progress, backend,
     click.echo("rows " + "".join(f"{w:>9d}" for w in table["widths"]))
     for r, row in zip(table["rows"], table["steps_per_second"]):
         click.echo(f"{r:4d} " + "".join(f"{v:9.1f}" for v in row))
+    if "draft_seconds" in table:
+        click.echo(f"draft round of {table['draft_length']} tokens, ms by rows: "
+                   + ", ".join(f"{r}: {1000 * s:.2f}" for r, s in zip(table["rows"], table["draft_seconds"])))
 
 
 @main.command("lookup-data")

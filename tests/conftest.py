@@ -308,22 +308,36 @@ def assert_speculative_equals_plain(spec, plain, prompts, max_new_tokens: int) -
     return outputs
 
 
-def made_up_profile(bundle: Path, steps_per_second, backend: str = "ort") -> None:
+def made_up_profile(bundle: Path, steps_per_second, backend: str = "ort", draft_seconds=None) -> None:
     """Profile ``bundle`` for this machine with a made-up table, ``steps_per_second(rows, width)`` at 1, 2 and the
-    most rows: whether sps verifies must not hang on how busy the machine is while a test runs."""
+    most rows, and ``draft_seconds(rows)`` where given: whether sps verifies, and whether a round drafts, must not
+    hang on how busy the machine is while a test runs."""
     from dspark.bundle import Bundle
-    from dspark.runtime.profile import profile_key
+    from dspark.runtime.schedulers import profile_key
 
     limits = Bundle.open(bundle).limits
     rows, widths = [1, 2, limits.max_batch], list(range(1, limits.max_verify_tokens + 1))
     table = {"rows": rows, "widths": widths, "steps_per_second": [[steps_per_second(r, w) for w in widths] for r in rows]}
+    if draft_seconds:
+        table["draft_seconds"] = [draft_seconds(r) for r in rows]
     Bundle.open(bundle).add_file(profile_key(backend), json.dumps(table))
+
+
+def cheap_verify(rows: int, width: int) -> float:
+    """Steps/s of a made-up machine whose verify calls cost 2% more a token."""
+    return 100 / (1 + 0.02 * (width - 1))
 
 
 def steep_from_two_rows(bundle: Path) -> None:
     """One request verifies drafts cheaply; two or more never gain by verifying any (a 2-token verify costs two
     steps)."""
-    made_up_profile(bundle, lambda rows, width: 100 / (1 + 0.02 * (width - 1)) if rows == 1 else 100 / width)
+    made_up_profile(bundle, lambda rows, width: cheap_verify(rows, width) if rows == 1 else 100 / width)
+
+
+def dear_drafts_from_two_rows(bundle: Path) -> None:
+    """Verify calls are cheap at any number of rows, but a draft round over two rows or more costs 10 s: once sps
+    has seen what drafts are worth, it drafts for one request only."""
+    made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: 1e-6 if rows == 1 else 10.0)
 
 
 def assert_token_numbers_ignore_the_call(bundle_dir: Path) -> None:

@@ -9,16 +9,16 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_speculative_equals_plain, made_up_profile, steep_from_two_rows
+from conftest import assert_speculative_equals_plain, dear_drafts_from_two_rows, made_up_profile, steep_from_two_rows
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.calibration import GRID, calibrate_bundle, ece, fit_sts
 from dspark.runtime.generate import Generator, Request, Sequence
 from dspark.runtime.kv import KVCache, fill_order
-from dspark.runtime.profile import profile_bundle, profile_key
+from dspark.runtime.profile import profile_bundle
 from dspark.runtime.sampling import SamplingParams, accept
 from dspark.runtime.schedulers import (CALIBRATION_FILE, SpsScheduler, StepsPerSecond, load_calibration,
-                                       make_block_schedule, sps_lengths)
+                                       make_block_schedule, profile_key, sps_lengths)
 
 PROMPTS = [[5, 6, 7, 8, 9], [3] * 40, [11, 12], list(range(1, 60)), [7, 7, 2], [9] * 13, [4, 8, 15, 16, 23, 42], [1]]
 
@@ -76,30 +76,53 @@ def test_sps_admits_a_width_for_every_row_at_once():
     assert sps_lengths(drafts[:1] + [np.zeros(0)] * 3, [3, 0, 0, 0], table) == [0, 0, 0, 0]
 
 
-def test_sps_could_verify_only_where_a_sure_first_draft_pays():
+def test_sps_drafts_only_where_every_rows_sure_first_draft_pays():
     table = StepsPerSecond(rows=[1, 2, 4], widths=[1, 2], steps_per_second=[[10.0, 9.0], [10.0, 5.0], [10.0, 5.5]])
     sps = SpsScheduler(table)
-    assert [sps.could_verify(rows) for rows in (1, 2, 4)] == [True, False, True]
+    assert [sps.should_draft(rows) for rows in (1, 2, 4)] == [True, False, True]
     # where it says no, no confidences make sps verify anything: every row's sure draft, 2 x 2 x 5, does not beat 2 x 10
     assert sps_lengths([np.ones(2) - 1e-12, np.ones(2) - 1e-12], [2, 2], table) == [0, 0]
     assert sps_lengths([np.array([0.3])], [1], table) == [1]  # 1.3 x 9 > 10
-    assert SpsScheduler(None).could_verify(2) and SpsScheduler(table, early_stop=False).could_verify(2)
+    assert SpsScheduler(None).should_draft(2) and SpsScheduler(table, early_stop=False).should_draft(2)
 
 
-def test_rounds_sps_would_verify_nothing_of_are_not_drafted(dspark_bundle, tmp_path):
-    """With two rows or more the table says no draft can pay, so those rounds do not call the drafter at all; once
-    one request is left they draft, and the tokens are plain decoding's."""
+def test_sps_drafts_only_where_the_expected_width_pays_for_the_draft_call():
+    """With the drafter's cost profiled, a round drafts where the width sps would choose for rows of the mean
+    survival seen so far gains more than the draft round and the wider call cost together."""
+    table = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3], steps_per_second=[[100.0, 95.0, 90.0], [50.0, 42.0, 36.0]],
+                           draft_seconds=[0.001, 0.012])
+    assert table.draft_cost(1) == 0.001 and table.draft_cost(8) == 0.024  # beyond the table: in proportion
+    assert abs(table.draft_cost(2) - (0.001 + 0.011 / 3)) < 1e-15
+    sps = SpsScheduler(table)
+    assert sps.should_draft(4)  # nothing seen yet
+    sps.choose([np.array([0.6, 0.5])] * 4, [2] * 4)  # mean survival 0.6, 0.3: width 2 (7.6 x 36 > 6.4 x 42 > 4 x 50)
+    # 4 rows: 7.6 tokens in 12 ms + 1/36 s = 191 tokens/s against 200 plain; 1 row: 1.9 in 1 + 11.1 ms = 157 against 100
+    assert not sps.should_draft(4) and sps.should_draft(1)
+    unpriced = SpsScheduler(StepsPerSecond(table.rows, table.widths, table.steps_per_second))
+    unpriced.choose([np.array([0.6, 0.5])] * 4, [2] * 4)
+    assert unpriced.should_draft(4)  # a profile without the drafter's cost: verify calls alone decide
+    never = SpsScheduler(table)
+    never.choose([np.array([0.01, 0.01])] * 4, [2] * 4)  # drafts that are never worth a wider call
+    assert not never.should_draft(1)
+
+
+@pytest.mark.parametrize("profile", [steep_from_two_rows, dear_drafts_from_two_rows])
+def test_rounds_sps_expects_nothing_of_are_not_drafted(dspark_bundle, tmp_path, profile):
+    """With two rows or more the table says no draft can pay (steep: not even a sure one; dear drafts: none like the
+    drafts seen, once the first round has drafted), so those rounds do not call the drafter; once one request is left
+    they draft, and the tokens are plain decoding's."""
     bundle = tmp_path / "bundle"
     shutil.copytree(dspark_bundle, bundle)
-    steep_from_two_rows(bundle)
+    profile(bundle)
     requests = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS[:3], (10, 14, 30))]
     gen = Generator(bundle, scheduler="sps")
     got = gen.generate(requests, trace=True)
     plain = Generator(bundle, use_draft=False).generate(requests)
     assert [s.generated for s in got] == [s.generated for s in plain]
     assert not gen.scheduler.stats.fallbacks
-    assert all(d == 0 for s in got[:2] for d in s.drafted)  # they never ran alone
-    assert got[2].drafted[0] == 0 and max(got[2].drafted) > 0
+    first = profile is dear_drafts_from_two_rows  # the first round drafts: no draft has been seen yet
+    assert [[d > 0 for d in s.drafted] for s in got[:2]] == [[first] + [False] * (len(s.drafted) - 1) for s in got[:2]]
+    assert max(got[2].drafted[1:]) > 0
 
 
 def test_block_schedule():
@@ -304,6 +327,9 @@ def profiled(dspark_bundle, tmp_path_factory, backend):
     shutil.copytree(dspark_bundle, copy)
     table = profile_bundle(copy, backend, repeats=3, warmup=1, context=32, progress=False)
     assert table["rows"] == [1, 2, 4, 8] and table["widths"] == [1, 2, 3, 4, 5, 6]
+    # the drafter's round, timed at every row count: a round over more rows costs more
+    assert table["draft_length"] == Generator(copy, backend=backend).draft_length
+    assert len(table["draft_seconds"]) == 4 and 0 < table["draft_seconds"][0] < table["draft_seconds"][-1]
     assert Bundle.open(copy).read_json(profile_key(backend)) == table  # recorded in the manifest, hash verified
     return copy
 

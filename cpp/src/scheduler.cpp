@@ -44,6 +44,16 @@ double StepsPerSecond::operator()(double r, double w) const {
   return (top * (1 - fr) + bottom * fr) / scale;
 }
 
+double StepsPerSecond::draft_cost(int r) const {
+  // schedulers.py's StepsPerSecond.draft_cost
+  double x = static_cast<double>(r);
+  if (x >= rows.back()) return draft_seconds.back() * x / rows.back();
+  size_t i = static_cast<size_t>(std::upper_bound(rows.begin(), rows.end(), x) - rows.begin());
+  i = i == 0 ? 0 : i - 1;
+  if (x <= rows[i]) return draft_seconds[i];
+  return draft_seconds[i] + (x - rows[i]) * (draft_seconds[i + 1] - draft_seconds[i]) / (rows[i + 1] - rows[i]);
+}
+
 std::vector<int> sps_lengths(const std::vector<std::vector<double>>& confidences, const std::vector<int>& proposed,
                              const StepsPerSecond& table) {
   // widths are admitted in turn, each adding every row's next position: the verify call pads rows to the longest
@@ -107,9 +117,10 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
   }
   if ((asked == "auto" || asked == "sps") && options.backend == "ort" && options.provider == "cpu") {
     if (auto table = bundle.read_json("profiles/ort-" + cpu_device_name() + ".json")) {
-      StepsPerSecond t{numbers(table->at("rows"), "rows"), numbers(table->at("widths"), "widths"), {}};
+      StepsPerSecond t{numbers(table->at("rows"), "rows"), numbers(table->at("widths"), "widths"), {}, {}};
       for (const auto& row : table->at("steps_per_second").items("steps_per_second"))
         t.steps_per_second.push_back(numbers(row, "steps_per_second"));
+      if (table->has("draft_seconds")) t.draft_seconds = numbers(table->at("draft_seconds"), "draft_seconds");
       table_ = std::move(t);
     }
   }
@@ -128,7 +139,7 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
   }
 }
 
-std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const {
+std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
   std::vector<int> proposed;
   for (const auto& p : proposals) proposed.push_back(static_cast<int>(p.tokens.size()));
   if (kind_ == Kind::fixed) return proposed;
@@ -143,17 +154,44 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) const
       confidences[r].push_back(sigmoid(z));
     }
   }
-  if (kind_ == Kind::sps) return sps_lengths(confidences, proposed, *table_);
+  if (kind_ == Kind::sps) {
+    for (size_t r = 0; r < proposed.size(); ++r) {
+      if (!proposed[r]) continue;
+      size_t n = static_cast<size_t>(proposed[r]);
+      if (n > survival_.size()) survival_.resize(n, 0.0);
+      double survival = 1.0;
+      for (size_t k = 0; k < n; ++k) survival_[k] += survival *= confidences[r][k];
+      ++drafting_rows_;
+    }
+    return sps_lengths(confidences, proposed, *table_);
+  }
   std::vector<int> lengths(proposed.size());  // threshold: up to the first draft below it
   for (size_t r = 0; r < proposed.size(); ++r)
     while (lengths[r] < proposed[r] && confidences[r][static_cast<size_t>(lengths[r])] >= threshold_) ++lengths[r];
   return lengths;
 }
 
-bool Scheduler::could_verify(int rows) const {
-  // the first width must pay with every row's survival at most 1 (schedulers.py's could_verify)
+bool Scheduler::should_draft(int rows) const {
+  // schedulers.py's SpsScheduler.should_draft: not where every row's sure first draft would not pay for the wider
+  // call; where the drafter was profiled, only if the width sps would choose for rows of the mean survival so far,
+  // with the draft call priced in, beats plain decoding by its DRAFT_MARGIN
+  constexpr double kDraftMargin = 1.1;
   if (kind_ != Kind::sps) return true;
-  return 2 * (*table_)(rows, 2) > (*table_)(rows, 1);
+  const StepsPerSecond& table = *table_;
+  if (!(2 * table(rows, 2) > table(rows, 1))) return false;
+  if (table.draft_seconds.empty() || drafting_rows_ == 0) return true;
+  double tau = static_cast<double>(rows);
+  double plain = tau * table(rows, 1), best = plain, expected = tau;
+  int width = 0;
+  for (size_t k = 0; k < survival_.size(); ++k) {
+    tau += rows * (survival_[k] / static_cast<double>(drafting_rows_));
+    double throughput = tau * table(rows, 2.0 + static_cast<double>(k));
+    if (!(throughput > best)) break;
+    best = throughput;
+    width = static_cast<int>(k) + 1;
+    expected = tau;
+  }
+  return width > 0 && expected / (table.draft_cost(rows) + 1 / table(rows, 1.0 + width)) > kDraftMargin * plain;
 }
 
 TableBlockSchedule::TableBlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}

@@ -25,7 +25,10 @@ namespace dspark {
 struct StepsPerSecond {
   std::vector<double> rows, widths;
   std::vector<std::vector<double>> steps_per_second;  // [rows][widths]
+  std::vector<double> draft_seconds;  // [rows]: one draft round of the bundle's drafter; empty where not profiled
   double operator()(double r, double w) const;
+  // seconds of a draft round over `rows` rows: linear between profiled counts, in proportion beyond the last
+  double draft_cost(int rows) const;
 };
 
 // Algorithm 1 over per-row confidences of drafts 1..n (proposed[r] of them), admitting whole widths
@@ -33,17 +36,17 @@ std::vector<int> sps_lengths(const std::vector<std::vector<double>>& confidences
                              const StepsPerSecond& table);
 
 // the name `dspark profile` gives this machine's CPU: cpu-<model name, lowercased, runs of other characters as
-// '-'>-<cores>c (dspark/runtime/profile.py's device_name)
+// '-'>-<cores>c (dspark/runtime/schedulers.py's device_name)
 std::string cpu_device_name();
 
 class Scheduler {
  public:
   Scheduler(const Bundle& bundle, const Options& options, bool drafts_with_confidence);
-  // verify lengths for the round's proposals
-  std::vector<int> choose(const std::vector<Proposal>& proposals) const;
-  // whether some confidences would have a draft verified in a round over `rows` rows: where none would, the round
-  // need not draft
-  bool could_verify(int rows) const;
+  // verify lengths for the round's proposals (sps also remembers what the drafts were worth)
+  std::vector<int> choose(const std::vector<Proposal>& proposals);
+  // whether a round over `rows` rows should draft at all, from the row count and past rounds only
+  // (schedulers.py's should_draft)
+  bool should_draft(int rows) const;
 
  private:
   enum class Kind { fixed, threshold, sps };
@@ -51,6 +54,8 @@ class Scheduler {
   double threshold_ = 0.5;
   std::optional<StepsPerSecond> table_;  // sps's
   std::vector<double> temperatures_, biases_;  // the STS fit; empty: raw confidences
+  std::vector<double> survival_;  // sps: prefix survival by position, summed over every row that drafted
+  long drafting_rows_ = 0;
 };
 
 // Draft length by number of running rows (dspark/runtime/schedulers.py's block schedules)

@@ -30,11 +30,11 @@ from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.decoder import commit, decoder_cache, feed, run_decoder
 from dspark.runtime.kv import fill_order
-from dspark.runtime.profile import load_table
 from dspark.runtime.proposers import Proposal, make_proposer
 from dspark.runtime.backends import check_backend, make_runner
 from dspark.runtime.sampling import SamplingParams, accept, probabilities, sample, sigmoid
-from dspark.runtime.schedulers import BlockSchedule, load_calibration, make_block_schedule, make_scheduler
+from dspark.runtime.schedulers import (BlockSchedule, load_calibration, load_table, make_block_schedule,
+                                       make_scheduler)
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
 
 W8A8_NOT_EXACT = ("this bundle's target is w8a8, which quantizes each call's activations with one scale for all "
@@ -284,8 +284,8 @@ class Generator:
         max_context = self.bundle.limits.max_context
         schedule = self.block_schedule
         draft_length = schedule.cap(len(seqs), self.draft_length) if schedule else self.draft_length
-        if draft_length and not self.scheduler.could_verify(len(seqs)) and self.proposer.has_confidence:
-            draft_length = 0  # the scheduler would verify none of it, whatever the drafts' confidences
+        if draft_length and not self.scheduler.should_draft(len(seqs)) and self.proposer.has_confidence:
+            draft_length = 0  # the scheduler expects a draft not to pay here
         caps = []
         for s in seqs:
             room = min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens)) - 1

@@ -1,16 +1,16 @@
-"""``dspark profile``: how many target verify steps per second this machine runs, by rows and new tokens.
+"""``dspark profile``: how many target verify steps per second this machine runs, by rows and new tokens, and what
+a draft round of the bundle's drafter costs by rows.
 
 The table feeds the ``sps`` scheduler. Method: for every (rows, width) pair on the bundle's ladder, warm up,
 then time repeated verify calls on a cache filled to ``context`` entries, round-robin over all pairs so drift
-hits every pair alike, and keep the median. Stored in the bundle as ``profiles/<backend>-<device>.json``.
+hits every pair alike, and keep the median. Then, with a drafter, the median of repeated draft rounds at every
+row count on the ladder (rows anchored after ``context`` tokens of the built-in code prompts). Stored in the bundle
+as ``profiles/<backend>-<device>.json``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import re
 import statistics
 import time
 
@@ -19,33 +19,10 @@ from tqdm import tqdm
 
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
+from dspark.prompts import builtin_prompts
 from dspark.runtime.decoder import decoder_cache, run_decoder
 from dspark.runtime.backends import make_runner
-
-
-def device_name(device: str = "cpu") -> str:
-    """A file-name-safe name of the machine a backend runs on: the CPU model and core count, or the GPU model."""
-    if device.startswith("cuda"):
-        import torch
-
-        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(torch.device(device)).lower()).strip("-")
-    model = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"model name\s*:\s*(.+)", f.read())
-            model = found.group(1) if found else model
-    except OSError:
-        pass
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-    return f"cpu-{slug}-{os.cpu_count()}c"
-
-
-def profile_key(backend: str, device: str = "cpu") -> str:
-    return f"profiles/{backend}-{device_name(device)}.json"
-
-
-def load_table(bundle: Bundle, backend: str, device: str = "cpu") -> dict | None:
-    return bundle.read_json(profile_key(backend, device))
+from dspark.runtime.schedulers import device_name, profile_key
 
 
 def ladder(limit: int) -> list[int]:
@@ -99,5 +76,92 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
         "steps_per_second": [[1 / statistics.median(times[(r, w)]) for w in widths] for r in rows],
         "measured_unix": int(time.time()),
     }
+    drafts = draft_seconds(bundle, backend, threads, device, rows, context, repeats, warmup, progress)
+    if drafts:
+        table["draft_length"], table["draft_seconds"] = drafts
     bundle.add_file(profile_key(backend, device), json.dumps(table, indent=2) + "\n")
     return table
+
+
+def draft_seconds(bundle: Bundle, backend: str, threads: int, device: str, rows: list[int], context: int, repeats: int,
+                  warmup: int, progress: bool) -> tuple[int, list[float]] | None:
+    """The bundle's draft length and the median seconds of one draft round at each of ``rows`` (None without a
+    drafter the host loop calls): what a round pays before its verify call, which ``sps`` weighs against what the
+    drafts are expected to gain before it lets a round draft. The rows are timed one count after another (each
+    count's rows are set up apart), not round-robin as the verify table is."""
+    from dspark.runtime.generate import Generator
+    from dspark.runtime.proposers import DraftLMProposer
+
+    if bundle.draft is None:
+        return None
+    gen = Generator(bundle, backend=backend, threads=threads, device=device, scheduler="fixed")
+    if gen.device_step is not None or gen.proposer is None:
+        return None
+    # a draft LM stops drafting rows it is unsure of, and on the built-in prompts it would stop early: time the
+    # whole draft length, what a round costs where the drafts are worth most (SmolLM2's draft LM at 16 rows: 10.9
+    # ms; 1.2 ms with the stop; 5.6-7.0 ms measured in a run)
+    if isinstance(gen.proposer, DraftLMProposer):
+        gen.proposer.STOP_SURVIVAL = 0.0
+    tokens = [t for p in builtin_prompts("code") for t in gen.tokenizer.encode(p.text)]
+    text = (tokens * (context // len(tokens) + 1))[: max(context, 1)]
+    seconds = []
+    for r in tqdm(rows, desc="profile drafts", disable=not progress, unit="rows"):
+        _, calls, clean_up = cost_probe(gen, r, text)
+        try:
+            for _ in range(warmup):
+                calls["t_draft_ms"]()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                calls["t_draft_ms"]()
+                times.append(time.perf_counter() - start)
+        finally:
+            clean_up()
+        seconds.append(statistics.median(times))
+    return gen.draft_length, seconds
+
+
+def cost_probe(gen, rows: int, text: list[int]):
+    """The calls a round of ``gen`` is made of, each a closure over ``rows`` rows with a cache filled to ``len(text)``:
+    ``t1_ms`` (a target call of 1 token a row) and, with a proposer, ``t_verify_ms`` (draft_length + 1 tokens a
+    row) and ``t_draft_ms`` (one draft round; a lookup draft runs no graph, so a round costs what the draft it
+    wraps costs on rows without a match, and it drafts after ``text``: a draft LM that stops early where it is
+    unsure drafts what it would on real text); returned with the context used (at most the bundle's limit allows) and
+    the clean-up that drops the rows it set up. None for the device step, whose round is one captured call that
+    cannot be timed apart."""
+    from dspark.runtime.decoder import decoder_cache, run_decoder
+    from dspark.runtime.generate import Request
+
+    if gen.device_step is not None:
+        return None
+    bundle, draft_length = gen.bundle, gen.draft_length
+    text = text[: bundle.limits.max_context - draft_length - 2] or [1]
+    context = len(text)
+    cache = decoder_cache(bundle.target.config, rows, bundle, device=gen.target.cache_device)
+    cache.reserve(context + draft_length + 1)
+    cache.lens[:] = context
+    calls = {"t1_ms": lambda: run_decoder(gen.target, cache, [[1]] * rows)}
+    proposer = getattr(gen.proposer, "inner", gen.proposer)
+    if not gen.proposer:
+        return context, calls, lambda: None
+    calls["t_verify_ms"] = lambda: run_decoder(gen.target, cache, [[1] * (draft_length + 1)] * rows)
+    if proposer is None:
+        return context, calls, lambda: None
+    # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
+    gen.max_batch = rows
+    seqs = [gen.submit(Request(list(text), max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
+    gen.admit()
+    anchors = [len(s.tokens) - 1 for s in seqs]
+    proposer.propose(seqs, [draft_length] * rows)  # a draft LM reads the context here, once
+
+    def draft_round():
+        proposer.rewind(anchors)
+        proposer.propose(seqs, [draft_length] * rows)
+
+    def clean_up():
+        for s in seqs:
+            gen.cancel(s)
+        gen.step()  # drops the cancelled rows from the target and draft caches
+
+    calls["t_draft_ms"] = draft_round
+    return context, calls, clean_up
