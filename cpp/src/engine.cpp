@@ -208,16 +208,25 @@ struct Engine::Impl {
   }
 
   void retire() {
+    size_t alive = 0;
+    for (Sequence* s : running)
+      if (s->done()) s->result.elapsed_s = std::chrono::duration<double>(Clock::now() - s->submitted).count();
+      else ++alive;
+    if (alive == running.size()) return;
+    // Python's fill_order: rows within the new count keep their slots and the survivors past it fill the finished
+    // ones' slots, so a finished request moves at most one row of the caches
     std::vector<int> keep;
     std::vector<Sequence*> still;
-    for (size_t r = 0; r < running.size(); ++r)
-      if (!running[r]->done()) {
-        keep.push_back(static_cast<int>(r));
-        still.push_back(running[r]);
+    size_t mover = alive;
+    for (size_t r = 0; r < alive; ++r) {
+      if (running[r]->done()) {
+        while (running[mover]->done()) ++mover;
+        keep.push_back(static_cast<int>(mover++));
       } else {
-        running[r]->result.elapsed_s = std::chrono::duration<double>(Clock::now() - running[r]->submitted).count();
+        keep.push_back(static_cast<int>(r));
       }
-    if (still.size() == running.size()) return;
+      still.push_back(running[static_cast<size_t>(keep.back())]);
+    }
     running = still;
     cache.keep_rows(keep);
     if (proposer) proposer->keep(keep);
