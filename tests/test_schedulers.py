@@ -106,6 +106,21 @@ def test_sps_drafts_only_where_the_expected_width_pays_for_the_draft_call():
     assert not never.should_draft(1)
 
 
+def test_a_profile_without_the_drafters_cost_asks_to_profile_again(dspark_bundle, tmp_path, caplog):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(dspark_bundle, bundle)
+    steep_from_two_rows(bundle)  # verify calls only, as 'dspark profile' wrote them before it timed drafters
+    with caplog.at_level("WARNING", logger="dspark"):
+        Generator(bundle, scheduler="sps")
+        Generator(bundle, scheduler="sps", use_draft=False)  # nothing to price without a drafter
+    assert [r.getMessage().endswith(f"run 'dspark profile {bundle}' again") for r in caplog.records] == [True]
+    dear_drafts_from_two_rows(bundle)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dspark"):
+        Generator(bundle, scheduler="sps")
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("profile", [steep_from_two_rows, dear_drafts_from_two_rows])
 def test_rounds_sps_expects_nothing_of_are_not_drafted(dspark_bundle, tmp_path, profile):
     """With two rows or more the table says no draft can pay (steep: not even a sure one; dear drafts: none like the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import threading
 import time
 import warnings
@@ -36,6 +37,8 @@ from dspark.runtime.sampling import SamplingParams, accept, probabilities, sampl
 from dspark.runtime.schedulers import (BlockSchedule, load_calibration, load_table, make_block_schedule,
                                        make_scheduler)
 from dspark.runtime.tokenizer import TextStream, Tokenizer, check_prompt
+
+log = logging.getLogger("dspark")
 
 W8A8_NOT_EXACT = ("this bundle's target is w8a8, which quantizes each call's activations with one scale for all "
                   "the call's tokens: speculative output can differ from plain decoding where two tokens nearly tie "
@@ -174,8 +177,13 @@ class Generator:
         if self.draft_length and self.bundle.quantize == "w8a8":
             warnings.warn(W8A8_NOT_EXACT, stacklevel=2)
         # auto: fixed where nothing is proposed (plain decoding, or the device step's whole blocks)
-        self.scheduler = make_scheduler(scheduler, threshold, load_table(self.bundle, backend, device),
+        table = load_table(self.bundle, backend, device)
+        self.scheduler = make_scheduler(scheduler, threshold, table,
                                         has_confidence=bool(self.proposer and self.proposer.has_confidence))
+        if self.scheduler.name == "sps" and table and "draft_seconds" not in table and self.draft_length and use_draft:
+            log.warning("this bundle's profile did not time its drafter, so sps cannot weigh a draft round's cost "
+                        "before drafting and may draft where it does not pay (many requests at once); run 'dspark "
+                        "profile %s' again", self.bundle.path)
         self.calibration = load_calibration(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
         self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle,
