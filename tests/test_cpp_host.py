@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (VOCAB, dear_drafts_from_two_rows, deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm, save_hf,
-                      steep_from_two_rows)
+from conftest import (VOCAB, dear_drafts_from_two_rows, deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm,
+                      save_hf, steep_from_two_rows)
 from dspark.bundle import Bundle
 from dspark.cpp_host import COptions, CRequest, load_library
 from dspark.export.bundle import ExportOptions, export_bundle

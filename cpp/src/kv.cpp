@@ -140,7 +140,8 @@ void KVCache::append(const TensorView& new_k, const TensorView& new_v, const std
         if (!counts[r]) continue;
         for (int h = 0; h < heads_; ++h) {
           const unsigned char* s = src + (((static_cast<size_t>(l) * rows_ + r) * heads_ + h) * width) * line;
-          unsigned char* d = dst + ((((static_cast<size_t>(l) * slots_ + r) * heads_ + h) * capacity_) + lens[r]) * line;
+          size_t at = ((static_cast<size_t>(l) * slots_ + r) * heads_ + h) * capacity_ + static_cast<size_t>(lens[r]);
+          unsigned char* d = dst + at * line;
           std::memcpy(d, s, counts[r] * line);
         }
       }

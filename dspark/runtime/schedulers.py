@@ -265,7 +265,8 @@ class SpsScheduler(Scheduler):
             if not throughput > best:
                 break
             best, width, expected = throughput, j, tau
-        return width > 0 and expected / (table.draft_cost(rows) + 1 / table(rows, 1 + width)) > self.DRAFT_MARGIN * plain
+        drafting = expected / (table.draft_cost(rows) + 1 / table(rows, 1 + width)) if width else 0.0
+        return drafting > self.DRAFT_MARGIN * plain
 
 
 def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = True) -> list[int]:
