@@ -54,32 +54,46 @@ double StepsPerSecond::draft_cost(int r) const {
   return draft_seconds[i] + (x - rows[i]) * (draft_seconds[i + 1] - draft_seconds[i]) / (rows[i + 1] - rows[i]);
 }
 
-std::vector<int> sps_lengths(const std::vector<std::vector<double>>& confidences, const std::vector<int>& proposed,
-                             const StepsPerSecond& table) {
-  // widths are admitted in turn, each adding every row's next position: the verify call pads rows to the longest
-  // (schedulers.py's sps_lengths)
-  size_t rows = proposed.size();
+namespace {
+
+// by draft position: every row's prefix survival there, summed (schedulers.py's summed_survival)
+std::vector<double> summed_survival(const std::vector<std::vector<double>>& confidences,
+                                    const std::vector<int>& proposed) {
   int longest = proposed.empty() ? 0 : *std::max_element(proposed.begin(), proposed.end());
-  std::vector<double> gains(static_cast<size_t>(longest), 0.0);  // by width: every row's position survival, summed
-  for (size_t r = 0; r < rows; ++r) {
+  std::vector<double> gains(static_cast<size_t>(longest), 0.0);
+  for (size_t r = 0; r < proposed.size(); ++r) {
     double survival = 1.0;
     for (int j = 1; j <= proposed[r]; ++j) {
       survival *= confidences[r][static_cast<size_t>(j - 1)];
       gains[static_cast<size_t>(j - 1)] += survival;
     }
   }
-  double tau = static_cast<double>(rows);
-  double best = tau * table(static_cast<double>(rows), 1);
+  return gains;
+}
+
+// the width sps admits and the expected tokens there, with early stop (schedulers.py's best_width)
+std::pair<int, double> best_width(int rows, const std::vector<double>& gains, const StepsPerSecond& table) {
+  double tau = static_cast<double>(rows), expected = tau;
+  double best = tau * table(rows, 1);
   int width = 0;
-  for (int j = 1; j <= longest; ++j) {
-    tau += gains[static_cast<size_t>(j - 1)];
-    double throughput = tau * table(static_cast<double>(rows), 1.0 + j);
+  for (size_t k = 0; k < gains.size(); ++k) {
+    tau += gains[k];
+    double throughput = tau * table(rows, 2.0 + static_cast<double>(k));
     if (!(throughput > best)) break;  // early stop at the first width that does not pay
     best = throughput;
-    width = j;
+    width = static_cast<int>(k) + 1;
+    expected = tau;
   }
-  std::vector<int> lengths(rows);
-  for (size_t r = 0; r < rows; ++r) lengths[r] = std::min(proposed[r], width);
+  return {width, expected};
+}
+
+}  // namespace
+
+std::vector<int> sps_lengths(const std::vector<std::vector<double>>& confidences, const std::vector<int>& proposed,
+                             const StepsPerSecond& table) {
+  int width = best_width(static_cast<int>(proposed.size()), summed_survival(confidences, proposed), table).first;
+  std::vector<int> lengths(proposed.size());
+  for (size_t r = 0; r < proposed.size(); ++r) lengths[r] = std::min(proposed[r], width);
   return lengths;
 }
 
@@ -155,15 +169,14 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
     }
   }
   if (kind_ == Kind::sps) {
-    for (size_t r = 0; r < proposed.size(); ++r) {
-      if (!proposed[r]) continue;
-      size_t n = static_cast<size_t>(proposed[r]);
-      if (n > survival_.size()) survival_.resize(n, 0.0);
-      double survival = 1.0;
-      for (size_t k = 0; k < n; ++k) survival_[k] += survival *= confidences[r][k];
-      ++drafting_rows_;
-    }
-    return sps_lengths(confidences, proposed, *table_);
+    std::vector<double> gains = summed_survival(confidences, proposed);
+    if (gains.size() > survival_.size()) survival_.resize(gains.size(), 0.0);
+    for (size_t k = 0; k < gains.size(); ++k) survival_[k] += gains[k];
+    drafting_rows_ += std::count_if(proposed.begin(), proposed.end(), [](int n) { return n > 0; });
+    int width = best_width(static_cast<int>(proposed.size()), gains, *table_).first;
+    std::vector<int> lengths(proposed.size());
+    for (size_t r = 0; r < proposed.size(); ++r) lengths[r] = std::min(proposed[r], width);
+    return lengths;
   }
   std::vector<int> lengths(proposed.size());  // threshold: up to the first draft below it
   for (size_t r = 0; r < proposed.size(); ++r)
@@ -180,17 +193,10 @@ bool Scheduler::should_draft(int rows) const {
   const StepsPerSecond& table = *table_;
   if (!(2 * table(rows, 2) > table(rows, 1))) return false;
   if (table.draft_seconds.empty() || drafting_rows_ == 0) return true;
-  double tau = static_cast<double>(rows);
-  double plain = tau * table(rows, 1), best = plain, expected = tau;
-  int width = 0;
-  for (size_t k = 0; k < survival_.size(); ++k) {
-    tau += rows * (survival_[k] / static_cast<double>(drafting_rows_));
-    double throughput = tau * table(rows, 2.0 + static_cast<double>(k));
-    if (!(throughput > best)) break;
-    best = throughput;
-    width = static_cast<int>(k) + 1;
-    expected = tau;
-  }
+  std::vector<double> gains(survival_.size());  // what rows of the mean survival so far add by width
+  for (size_t k = 0; k < gains.size(); ++k) gains[k] = rows * (survival_[k] / static_cast<double>(drafting_rows_));
+  auto [width, expected] = best_width(rows, gains, table);
+  double plain = rows * table(rows, 1);
   return width > 0 && expected / (table.draft_cost(rows) + 1 / table(rows, 1.0 + width)) > kDraftMargin * plain;
 }
 

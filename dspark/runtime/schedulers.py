@@ -228,13 +228,13 @@ class SpsScheduler(Scheduler):
             return list(proposed)
         if not self._needs_confidence(confidences, proposed):
             return list(proposed)
-        for conf, n in zip(confidences, proposed):
-            if n:
-                if n > len(self.survival):
-                    self.survival = np.concatenate([self.survival, np.zeros(n - len(self.survival))])
-                self.survival[:n] += np.cumprod(np.asarray(conf[:n], dtype=np.float64))
-                self.drafting_rows += 1
-        return sps_lengths(confidences, proposed, self.table, self.early_stop)
+        gains = summed_survival(confidences, proposed)
+        if len(gains) > len(self.survival):
+            self.survival = np.concatenate([self.survival, np.zeros(len(gains) - len(self.survival))])
+        self.survival[: len(gains)] += gains
+        self.drafting_rows += sum(1 for n in proposed if n)
+        width, _ = best_width(len(proposed), gains, self.table, self.early_stop)
+        return [min(n, width) for n in proposed]
 
     # how much faster than plain decoding a drafting round must be expected to run: the profile times each call
     # alone at one context, and in a run the calls cost more (SmolLM2 fp32, 16 requests: the DSpark drafter's round
@@ -256,17 +256,9 @@ class SpsScheduler(Scheduler):
             return False
         if table.draft_seconds is None or not self.drafting_rows:
             return True
-        tau = float(rows)
-        plain = tau * table(rows, 1)
-        best, width, expected = plain, 0, tau
-        for j, gain in enumerate(self.survival / self.drafting_rows, start=1):
-            tau += rows * gain
-            throughput = tau * table(rows, 1 + j)
-            if not throughput > best:
-                break
-            best, width, expected = throughput, j, tau
+        width, expected = best_width(rows, rows * (self.survival / self.drafting_rows), table)
         drafting = expected / (table.draft_cost(rows) + 1 / table(rows, 1 + width)) if width else 0.0
-        return drafting > self.DRAFT_MARGIN * plain
+        return drafting > self.DRAFT_MARGIN * (rows * table(rows, 1))
 
 
 def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = True) -> list[int]:
@@ -278,21 +270,32 @@ def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = T
     across rows, as the paper's packed batches price them, is myopic here: the first row's next position pays for
     the wider call alone and is refused, although every row's would pay for it together (SmolLM2 fp32 at 4 rows: a
     2-token verify costs 1.19-1.26 steps, so one row's sure draft never paid, and the draft LM never drafted)."""
-    rows = len(proposed)
-    gains = np.zeros(max(proposed, default=0))  # by width j: the summed survival of every row's position j
+    width, _ = best_width(len(proposed), summed_survival(confidences, proposed), sps, early_stop)
+    return [min(n, width) for n in proposed]
+
+
+def summed_survival(confidences, proposed) -> np.ndarray:
+    """By draft position j: the prefix survival of every row's position j, summed (rows that drafted fewer add 0)."""
+    gains = np.zeros(max(proposed, default=0))
     for conf, n in zip(confidences, proposed):
         if n:
             gains[:n] += np.cumprod(np.asarray(conf[:n], dtype=np.float64))
+    return gains
+
+
+def best_width(rows: int, gains, sps: StepsPerSecond, early_stop: bool = True) -> tuple[int, float]:
+    """The verify width sps admits for ``rows`` rows whose position j adds ``gains[j - 1]`` expected tokens, and the
+    expected tokens (tau) at that width; the search stops at the first width that does not raise tau x SPS."""
     tau = float(rows)
-    best, width = tau * sps(rows, 1), 0
+    best, width, expected = tau * sps(rows, 1), 0, tau
     for j, gain in enumerate(gains, start=1):
         tau += gain
         throughput = tau * sps(rows, 1 + j)
         if throughput > best:
-            best, width = throughput, j
+            best, width, expected = throughput, j, tau
         elif early_stop:
             break
-    return [min(n, width) for n in proposed]
+    return width, expected
 
 
 class BlockSchedule:
