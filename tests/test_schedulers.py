@@ -15,7 +15,7 @@ from dspark.errors import DsparkError
 from dspark.runtime.calibration import GRID, calibrate_bundle, ece, fit_sts
 from dspark.runtime.generate import Generator, Request, Sequence
 from dspark.runtime.kv import KVCache, fill_order
-from dspark.runtime.profile import profile_bundle
+from dspark.runtime.profile import cost_probe, profile_bundle
 from dspark.runtime.sampling import SamplingParams, accept
 from dspark.runtime.schedulers import (CALIBRATION_FILE, SpsScheduler, StepsPerSecond, load_calibration,
                                        make_block_schedule, profile_key, sps_lengths)
@@ -334,6 +334,34 @@ def test_calibrated_draft_lm_bundle_schedules_on_its_calibration(qwen3_bundle, t
     assert n and np.allclose(spec._confidence(proposal), 1 / (1 + np.exp(-(z / temps[:n] + biases[:n]))))
     assert_speculative_equals_plain(spec, Generator(bundle, use_draft=False, backend=backend), PROMPTS, 30)
     assert spec.scheduler.stats.fallbacks == {}
+
+
+def test_a_timed_block_draft_round_reads_context_features_as_a_round_in_a_run_does(dspark_bundle):
+    """A block drafter's round in a run first turns the accepted tokens' features into context (draft_context),
+    then drafts (draft_propose); the round that profile and bench time makes both calls, every time, and leaves
+    the context cache as it found it."""
+    gen = Generator(dspark_bundle)
+    proposer = gen.proposer
+    calls = {"draft_context": 0, "draft_propose": 0}
+
+    def counted(name, runner):
+        run = runner.run
+
+        def counting(*args, **kwargs):
+            calls[name] += 1
+            return run(*args, **kwargs)
+        runner.run = counting
+
+    counted("draft_context", proposer.context)
+    counted("draft_propose", proposer.drafter)
+    _, probe, clean_up = cost_probe(gen, 2, list(range(3, 40)))
+    lens = proposer.cache.lens.copy()
+    calls.update(draft_context=0, draft_propose=0)
+    for _ in range(3):
+        probe["t_draft_ms"]()
+        assert np.array_equal(proposer.cache.lens, lens)
+    assert calls == {"draft_context": 3, "draft_propose": 3}
+    clean_up()
 
 
 @pytest.fixture(scope="module")

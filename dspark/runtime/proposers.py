@@ -170,6 +170,7 @@ class BlockProposer:
         self.draft_length = draft_length
         self.cache = decoder_cache(self.draft.config, 0, bundle)
         self.pending: list[list[np.ndarray]] = []  # per row: target feature rows not yet in the context cache
+        self.feature_width = self.draft.config.hidden_size * len(self.draft.target_layer_ids)
         # the graph's law is over the drafter's vocabulary: the target's (bundles before 0.4.3 scattered a reduced
         # one into it in the graph) or its reduced subset, placed in the target's only for sampled rows
         width = next(s.shape[-1] for s in bundle.graph("draft_propose").outputs if s.name == "draft_probs")
@@ -186,8 +187,7 @@ class BlockProposer:
     def _flush_context(self) -> None:
         """Turn pending feature rows into context K/V at each row's next positions."""
         rows = [np.concatenate(p) if p else None for p in self.pending]
-        chunk = self.bundle.graph("draft_context").dims["context"][1]
-        width = self.draft.config.hidden_size * len(self.draft.target_layer_ids)
+        chunk, width = self.bundle.graph("draft_context").dims["context"][1], self.feature_width
         offset = 0
         while any(r is not None and len(r) > offset for r in rows):
             parts = [r[offset : offset + chunk] if r is not None else r for r in rows]
@@ -232,7 +232,11 @@ class BlockProposer:
         return proposals
 
     def rewind(self, anchors: list[int]) -> None:
-        """Nothing to forget: a proposal reads the context cache without writing it."""
+        """Forget the context at and past each row's anchor, and features not yet read. A proposal reads the context
+        cache without writing it, so a round repeats as it was unless the context is cut back and its features
+        committed again (which is how a timed round includes reading them)."""
+        self.cache.lens[:] = np.minimum(self.cache.lens, anchors)
+        self.pending = [[] for _ in self.pending]
 
     def commit(self, anchors: list[int], _drafted, _verified, accepted: list[int], out) -> None:
         """Features of the anchor and the accepted drafts become the next round's context."""
