@@ -308,10 +308,11 @@ def assert_speculative_equals_plain(spec, plain, prompts, max_new_tokens: int) -
     return outputs
 
 
-def made_up_profile(bundle: Path, steps_per_second, backend: str = "ort", draft_seconds=None) -> None:
+def made_up_profile(bundle: Path, steps_per_second, backend: str = "ort", draft_seconds=None, **fields) -> None:
     """Profile ``bundle`` for this machine with a made-up table, ``steps_per_second(rows, width)`` at 1, 2 and the
-    most rows, and ``draft_seconds(rows)`` where given: whether sps verifies, and whether a round drafts, must not
-    hang on how busy the machine is while a test runs."""
+    most rows, and ``draft_seconds(rows)`` where given (``fields``: more of the profile's, such as
+    ``draft_cost_per_position``): whether sps verifies, and whether a round drafts, must not hang on how busy the
+    machine is while a test runs."""
     from dspark.bundle import Bundle
     from dspark.runtime.schedulers import profile_key
 
@@ -320,7 +321,7 @@ def made_up_profile(bundle: Path, steps_per_second, backend: str = "ort", draft_
     table = {"rows": rows, "widths": widths, "steps_per_second": [[steps_per_second(r, w) for w in widths] for r in rows]}
     if draft_seconds:
         table["draft_seconds"] = [draft_seconds(r) for r in rows]
-    Bundle.open(bundle).add_file(profile_key(backend), json.dumps(table))
+    Bundle.open(bundle).add_file(profile_key(backend), json.dumps(table | fields))
 
 
 def cheap_verify(rows: int, width: int) -> float:

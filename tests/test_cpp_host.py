@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (VOCAB, dear_drafts_from_two_rows, deepspec_drafter, hf_model, noisy_copy, reduced_draft_lm,
-                      save_hf, steep_from_two_rows)
+from conftest import (VOCAB, cheap_verify, dear_drafts_from_two_rows, deepspec_drafter, hf_model, made_up_profile,
+                      noisy_copy, reduced_draft_lm, save_hf, steep_from_two_rows)
 from dspark.bundle import Bundle
 from dspark.cpp_host import COptions, CRequest, load_library
 from dspark.export.bundle import ExportOptions, export_bundle
@@ -32,7 +32,7 @@ from dspark.runtime.calibration import calibrate_bundle
 from dspark.runtime.generate import Generator, Request
 from dspark.runtime.profile import profile_bundle
 from dspark.runtime.sampling import SamplingParams
-from dspark.runtime.schedulers import profile_key
+from dspark.runtime.schedulers import SpsScheduler, profile_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SANITIZE = os.environ.get("DSPARK_CPP_SANITIZE") == "1"
@@ -297,6 +297,23 @@ def test_rounds_sps_expects_nothing_of_are_not_drafted(host, name, profile, requ
     first = profile is dear_drafts_from_two_rows
     assert [d > 0 for d in want[0].drafted] == [first] + [False] * (len(want[0].drafted) - 1)  # never ran alone
     assert max(want[1].drafted[1:]) > 0
+
+
+@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+def test_priced_out_drafts_are_probed_now_and_then_as_python(host, name, request, tmp_path):
+    """Draft rounds priced out at every row count: after the first round, one round in PROBE_EVERY + 1 drafts anyway
+    (sps's memory learns only from rounds that draft), the host's rounds the Python runtime's, trace row for trace
+    row; the draft LM's round priced by the positions it drafts (the profile's draft_length and
+    draft_cost_per_position read alike)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(request.getfixturevalue(name), bundle)
+    made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: 10.0, draft_length=Bundle.open(bundle).draft.draft_length,
+                    draft_cost_per_position=name == "qwen3_bundle")
+    _, want = c_api_equals_python(host, bundle, COptions(1, 0, 0, 0, 1, None, None, 0, b"sps", None, 0.5),
+                                  scheduler="sps")
+    longest = max(want, key=lambda w: len(w.drafted))
+    assert len(longest.drafted) > SpsScheduler.PROBE_EVERY + 1
+    assert [i for i, d in enumerate(longest.drafted) if d] == [0, SpsScheduler.PROBE_EVERY + 1]
 
 
 @pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])

@@ -106,6 +106,36 @@ def test_sps_drafts_only_where_the_expected_width_pays_for_the_draft_call():
     assert not never.should_draft(1)
 
 
+def test_sps_probes_a_priced_out_draft_now_and_then_and_remembers_recent_rounds_most():
+    table = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3], steps_per_second=[[100.0, 95.0, 90.0], [50.0, 42.0, 36.0]],
+                           draft_seconds=[0.001, 0.012])
+    sps = SpsScheduler(table)
+    sps.choose([np.array([0.6, 0.5])] * 4, [2] * 4)  # priced out at 4 rows (see above)
+    decisions = [sps.should_draft(4) for _ in range(2 * SpsScheduler.PROBE_EVERY + 2)]
+    probes = [i for i, d in enumerate(decisions) if d]
+    assert probes == [SpsScheduler.PROBE_EVERY, 2 * SpsScheduler.PROBE_EVERY + 1]  # one round in PROBE_EVERY + 1
+    # the memory fades: sure drafts seen since outweigh the weak ones before, and 4 rows draft again
+    for _ in range(30):
+        sps.choose([np.array([0.99, 0.99])] * 4, [2] * 4)
+    assert sps.should_draft(4) and sps.refused == 0
+    assert sps.survival[0] / sps.drafting_rows > 0.95
+
+
+def test_sps_prices_a_draft_lm_round_by_the_positions_it_drafts():
+    """A draft LM stops drafting where it is unsure: its round costs a share of the profiled whole-length round."""
+    rates = [[100.0, 95.0, 90.0, 85.0, 80.0], [50.0, 42.0, 36.0, 30.0, 26.0]]
+    whole = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3, 4, 5], steps_per_second=rates, draft_seconds=[0.001, 0.024],
+                           draft_length=4, draft_cost_per_position=False)
+    shared = StepsPerSecond(whole.rows, whole.widths, rates, whole.draft_seconds, 4, draft_cost_per_position=True)
+    drafts = [np.array([0.9, 0.8])] * 4  # rounds that drafted 2 of 4 positions
+    schedulers = [SpsScheduler(whole), SpsScheduler(shared)]
+    for sps in schedulers:
+        sps.choose(drafts, [2] * 4)
+    assert schedulers[0].draft_cost(4) == 0.024 and schedulers[1].draft_cost(4) == pytest.approx(0.012)
+    # 4 rows, width 2: 4 + 3.6 + 2.88 = 10.48 tokens in 24 + 27.8 ms (202/s) or 12 + 27.8 ms (263/s), against 1.1 x 200
+    assert [sps.should_draft(4) for sps in schedulers] == [False, True]
+
+
 def test_a_profile_without_the_drafters_cost_asks_to_profile_again(dspark_bundle, tmp_path, caplog):
     bundle = tmp_path / "bundle"
     shutil.copytree(dspark_bundle, bundle)
@@ -373,6 +403,7 @@ def profiled(dspark_bundle, tmp_path_factory, backend):
     # the drafter's round, timed at every row count: a round over more rows costs more
     assert table["draft_length"] == Generator(copy, backend=backend).draft_length
     assert len(table["draft_seconds"]) == 4 and 0 < table["draft_seconds"][0] < table["draft_seconds"][-1]
+    assert table["draft_cost_per_position"] is False  # one call drafts the block, whatever the rows keep of it
     assert Bundle.open(copy).read_json(profile_key(backend)) == table  # recorded in the manifest, hash verified
     return copy
 

@@ -98,7 +98,7 @@ struct Engine::Impl {
     size_t n = seqs.size();
     int rows = static_cast<int>(n);
     int draft_length = block_schedule ? block_schedule->cap(rows, k()) : k();
-    if (!scheduler->should_draft(rows)) draft_length = 0;  // the scheduler expects a draft not to pay here
+    if (draft_length && !scheduler->should_draft(rows)) draft_length = 0;  // the scheduler expects no pay here
     std::vector<int64_t> anchors(n);
     std::vector<int> caps(n);
     for (size_t r = 0; r < n; ++r) {

@@ -14,6 +14,11 @@ namespace dspark {
 
 namespace {
 
+// SpsScheduler's DRAFT_MARGIN, FADE and PROBE_EVERY (schedulers.py says why)
+constexpr double kDraftMargin = 1.1;
+constexpr double kFade = 0.95;
+constexpr int kProbeEvery = 16;
+
 // a fractional index of x on a sorted axis, clamped to its ends
 double axis_index(const std::vector<double>& axis, double x) {
   if (axis.size() < 2) return 0.0;
@@ -135,6 +140,9 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
       for (const auto& row : table->at("steps_per_second").items("steps_per_second"))
         t.steps_per_second.push_back(numbers(row, "steps_per_second"));
       if (table->has("draft_seconds")) t.draft_seconds = numbers(table->at("draft_seconds"), "draft_seconds");
+      if (table->has("draft_length")) t.draft_length = static_cast<int>(table->at("draft_length").integer());
+      if (table->has("draft_cost_per_position"))
+        t.draft_cost_per_position = table->at("draft_cost_per_position").boolean("draft_cost_per_position");
       table_ = std::move(t);
     }
   }
@@ -170,9 +178,15 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
   }
   if (kind_ == Kind::sps) {
     std::vector<double> gains = summed_survival(confidences, proposed);
-    if (gains.size() > survival_.size()) survival_.resize(gains.size(), 0.0);
-    for (size_t k = 0; k < gains.size(); ++k) survival_[k] += gains[k];
-    drafting_rows_ += std::count_if(proposed.begin(), proposed.end(), [](int n) { return n > 0; });
+    if (!gains.empty()) {
+      if (gains.size() > survival_.size()) survival_.resize(gains.size(), 0.0);
+      for (double& s : survival_) s *= kFade;
+      for (size_t k = 0; k < gains.size(); ++k) survival_[k] += gains[k];
+      drafting_rows_ = kFade * drafting_rows_ +
+                       static_cast<double>(std::count_if(proposed.begin(), proposed.end(), [](int n) { return n > 0; }));
+      drafted_positions_ = kFade * drafted_positions_ + static_cast<double>(gains.size());
+      drafting_rounds_ = kFade * drafting_rounds_ + 1;
+    }
     int width = best_width(static_cast<int>(proposed.size()), gains, *table_).first;
     std::vector<int> lengths(proposed.size());
     for (size_t r = 0; r < proposed.size(); ++r) lengths[r] = std::min(proposed[r], width);
@@ -184,20 +198,34 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
   return lengths;
 }
 
-bool Scheduler::should_draft(int rows) const {
+bool Scheduler::should_draft(int rows) {
   // schedulers.py's SpsScheduler.should_draft: not where every row's sure first draft would not pay for the wider
   // call; where the drafter was profiled, only if the width sps would choose for rows of the mean survival so far,
-  // with the draft call priced in, beats plain decoding by its DRAFT_MARGIN
-  constexpr double kDraftMargin = 1.1;
+  // with the draft call priced in, beats plain decoding by its DRAFT_MARGIN; every kProbeEvery rounds priced out,
+  // one drafts to refresh the memory
   if (kind_ != Kind::sps) return true;
   const StepsPerSecond& table = *table_;
   if (!(2 * table(rows, 2) > table(rows, 1))) return false;
   if (table.draft_seconds.empty() || drafting_rows_ == 0) return true;
   std::vector<double> gains(survival_.size());  // what rows of the mean survival so far add by width
-  for (size_t k = 0; k < gains.size(); ++k) gains[k] = rows * (survival_[k] / static_cast<double>(drafting_rows_));
+  for (size_t k = 0; k < gains.size(); ++k) gains[k] = rows * (survival_[k] / drafting_rows_);
   auto [width, expected] = best_width(rows, gains, table);
   double plain = rows * table(rows, 1);
-  return width > 0 && expected / (table.draft_cost(rows) + 1 / table(rows, 1.0 + width)) > kDraftMargin * plain;
+  double drafting = width > 0 ? expected / (draft_cost(rows) + 1 / table(rows, 1.0 + width)) : 0.0;
+  if (drafting > kDraftMargin * plain || refused_ >= kProbeEvery) {
+    refused_ = 0;
+    return true;
+  }
+  ++refused_;
+  return false;
+}
+
+double Scheduler::draft_cost(int rows) const {
+  // schedulers.py's SpsScheduler.draft_cost: a draft LM's round by the positions rounds drafted so far
+  const StepsPerSecond& table = *table_;
+  double seconds = table.draft_cost(rows);
+  if (!table.draft_cost_per_position || table.draft_length == 0) return seconds;
+  return seconds * std::min(1.0, drafted_positions_ / drafting_rounds_ / table.draft_length);
 }
 
 TableBlockSchedule::TableBlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}

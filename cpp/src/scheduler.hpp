@@ -26,6 +26,10 @@ struct StepsPerSecond {
   std::vector<double> rows, widths;
   std::vector<std::vector<double>> steps_per_second;  // [rows][widths]
   std::vector<double> draft_seconds;  // [rows]: one draft round of the bundle's drafter; empty where not profiled
+  // a draft LM's round is one call per drafted position: draft_seconds times draft_length of them, and a round that
+  // drafts fewer costs that share (schedulers.py's StepsPerSecond)
+  int draft_length = 0;
+  bool draft_cost_per_position = false;
   double operator()(double r, double w) const;
   // seconds of a draft round over `rows` rows: linear between profiled counts, in proportion beyond the last
   double draft_cost(int rows) const;
@@ -45,8 +49,8 @@ class Scheduler {
   // verify lengths for the round's proposals (sps also remembers what the drafts were worth)
   std::vector<int> choose(const std::vector<Proposal>& proposals);
   // whether a round over `rows` rows should draft at all, from the row count and past rounds only
-  // (schedulers.py's should_draft)
-  bool should_draft(int rows) const;
+  // (schedulers.py's should_draft); called once for each round that may draft
+  bool should_draft(int rows);
 
  private:
   enum class Kind { fixed, threshold, sps };
@@ -54,8 +58,12 @@ class Scheduler {
   double threshold_ = 0.5;
   std::optional<StepsPerSecond> table_;  // sps's
   std::vector<double> temperatures_, biases_;  // the STS fit; empty: raw confidences
-  std::vector<double> survival_;  // sps: prefix survival by position, summed over every row that drafted
-  long drafting_rows_ = 0;
+  // sps's memory of what drafts were worth, faded by kFade each drafting round (schedulers.py's SpsScheduler):
+  // prefix survival by position summed over drafting rows, those rows, the positions rounds drafted, the rounds
+  std::vector<double> survival_;
+  double drafting_rows_ = 0, drafted_positions_ = 0, drafting_rounds_ = 0;
+  int refused_ = 0;  // rounds in a row should_draft priced out
+  double draft_cost(int rows) const;
 };
 
 // Draft length by number of running rows (dspark/runtime/schedulers.py's block schedules)

@@ -92,6 +92,8 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
     drafts = draft_seconds(bundle, backend, threads, device, rows, context, repeats, warmup, progress)
     if drafts:
         table["draft_length"], table["draft_seconds"] = drafts
+        # a draft LM's round is a call per position, and in a run it stops early (StepsPerSecond's field)
+        table["draft_cost_per_position"] = bundle.draft.method == "draft-lm"
     bundle.add_file(profile_key(backend, device), json.dumps(table, indent=2) + "\n")
     return table
 

@@ -101,10 +101,15 @@ class StepsPerSecond:
     widths: list[int]
     steps_per_second: list[list[float]]  # [len(rows)][len(widths)]
     draft_seconds: list[float] | None = None  # [len(rows)]
+    # a draft LM's round is one call per drafted position and stops early: draft_seconds times all draft_length of
+    # them, and a round that drafts fewer costs that share (a block drafter's one call costs the same whatever)
+    draft_length: int | None = None
+    draft_cost_per_position: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepsPerSecond":
-        return cls(d["rows"], d["widths"], d["steps_per_second"], d.get("draft_seconds"))
+        return cls(d["rows"], d["widths"], d["steps_per_second"], d.get("draft_seconds"), d.get("draft_length"),
+                   bool(d.get("draft_cost_per_position", False)))
 
     def draft_cost(self, rows: int) -> float:
         """Seconds of a draft round over ``rows`` rows: linear between profiled counts, and beyond the last in
@@ -217,10 +222,15 @@ class SpsScheduler(Scheduler):
         self.table = table
         # early_stop=False is the retrospective global search of Appendix A; it exists to test that it is biased
         self.early_stop = early_stop
-        # what drafts have been worth: prefix survival by position summed over every row that drafted, and how many
-        # did (a row that drafted fewer positions adds nothing past them)
+        # what drafts have been worth: prefix survival by position summed over the rows that drafted, and how many
+        # did (a row that drafted fewer positions adds nothing past them); and the positions a round drafted (its
+        # longest row's), summed over drafting rounds. Each drafting round fades what came before by FADE, so the
+        # memory follows the text (the last 20 rounds or so weigh most)
         self.survival = np.zeros(0)
-        self.drafting_rows = 0
+        self.drafting_rows = 0.0
+        self.drafted_positions = 0.0
+        self.drafting_rounds = 0.0
+        self.refused = 0  # rounds in a row should_draft priced out
 
     def _choose(self, confidences, proposed):
         if self.table is None:
@@ -229,10 +239,14 @@ class SpsScheduler(Scheduler):
         if not self._needs_confidence(confidences, proposed):
             return list(proposed)
         gains = summed_survival(confidences, proposed)
-        if len(gains) > len(self.survival):
-            self.survival = np.concatenate([self.survival, np.zeros(len(gains) - len(self.survival))])
-        self.survival[: len(gains)] += gains
-        self.drafting_rows += sum(1 for n in proposed if n)
+        if len(gains):
+            if len(gains) > len(self.survival):
+                self.survival = np.concatenate([self.survival, np.zeros(len(gains) - len(self.survival))])
+            self.survival *= self.FADE
+            self.survival[: len(gains)] += gains
+            self.drafting_rows = self.FADE * self.drafting_rows + sum(1 for n in proposed if n)
+            self.drafted_positions = self.FADE * self.drafted_positions + len(gains)
+            self.drafting_rounds = self.FADE * self.drafting_rounds + 1
         width, _ = best_width(len(proposed), gains, self.table, self.early_stop)
         return [min(n, width) for n in proposed]
 
@@ -241,14 +255,21 @@ class SpsScheduler(Scheduler):
     # 12 ms against 9.7 profiled, a 2-token verify 1.43 steps against 1.31), and rows whose drafts are accepted
     # more finish first, leaving the last rounds of a batch fewer rows to share a step
     DRAFT_MARGIN = 1.1
+    # the weight a drafting round leaves on the memory before it
+    FADE = 0.95
+    # after this many rounds priced out in a row, one drafts anyway: the memory only learns from rounds that draft,
+    # and without it one bad stretch turned drafting off for good (SmolLM2 int4's draft LM: off after 9 rounds of
+    # the first prompt, 1.0x where drafting ran 1.28x)
+    PROBE_EVERY = 16
 
     def should_draft(self, rows: int) -> bool:
         """No round drafts where not even every row's sure first draft would pay for the wider verify call (the
         early stop would end the search there). Where the profile timed the drafter, a round drafts only if the
-        width sps would choose for rows of the mean survival seen so far, with the draft call priced in, beats plain
-        decoding by ``DRAFT_MARGIN``: sps weighs verify calls alone once the drafts exist, and at 16 requests on
-        SmolLM2 fp32 drafting rounds of the DSpark drafter (12 ms a round beside a 28 ms step) then emitted 12% fewer
-        tokens per second than plain rounds."""
+        width sps would choose for rows of the mean survival seen so far, with the draft call priced in (a draft
+        LM's by the positions its rounds drafted), beats plain decoding by ``DRAFT_MARGIN``: sps weighs verify calls
+        alone once the drafts exist, and at 16 requests on SmolLM2 fp32 drafting rounds of the DSpark drafter (12 ms
+        a round beside a 28 ms step) then emitted 12% fewer tokens per second than plain rounds. Every
+        ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory."""
         table = self.table
         if table is None or not self.early_stop:
             return True
@@ -257,8 +278,20 @@ class SpsScheduler(Scheduler):
         if table.draft_seconds is None or not self.drafting_rows:
             return True
         width, expected = best_width(rows, rows * (self.survival / self.drafting_rows), table)
-        drafting = expected / (table.draft_cost(rows) + 1 / table(rows, 1 + width)) if width else 0.0
-        return drafting > self.DRAFT_MARGIN * (rows * table(rows, 1))
+        drafting = expected / (self.draft_cost(rows) + 1 / table(rows, 1 + width)) if width else 0.0
+        if drafting > self.DRAFT_MARGIN * (rows * table(rows, 1)) or self.refused >= self.PROBE_EVERY:
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
+
+    def draft_cost(self, rows: int) -> float:
+        """Seconds a draft round over ``rows`` rows is expected to cost: the profiled round, or for a drafter that
+        pays by the position its share for the positions rounds drafted so far."""
+        table, seconds = self.table, self.table.draft_cost(rows)
+        if not table.draft_cost_per_position or not table.draft_length:
+            return seconds
+        return seconds * min(1.0, self.drafted_positions / self.drafting_rounds / table.draft_length)
 
 
 def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = True) -> list[int]:
