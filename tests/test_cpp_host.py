@@ -316,6 +316,20 @@ def test_priced_out_drafts_are_probed_now_and_then_as_python(host, name, request
     assert [i for i, d in enumerate(longest.drafted) if d] == [0, SpsScheduler.PROBE_EVERY + 1]
 
 
+@pytest.mark.parametrize("name, seconds", [("qwen3_bundle", 0.011), ("dspark_bundle", 0.005)])
+def test_drafts_priced_near_plain_are_decided_as_python(host, name, seconds, request, tmp_path):
+    """A draft round priced near what drafting gains on these drafters: rounds draft, stop, are probed and draft
+    again as the remembered rounds say, the host's decisions the Python runtime's trace row for trace row."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(request.getfixturevalue(name), bundle)
+    made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: seconds,
+                    draft_length=Bundle.open(bundle).draft.draft_length, draft_cost_per_position=name == "qwen3_bundle")
+    _, want = c_api_equals_python(host, bundle, COptions(1, 0, 0, 0, 1, None, None, 0, b"sps", None, 0.5),
+                                  scheduler="sps")
+    decisions = "".join("d" if d else "." for w in want for d in w.drafted)
+    assert "d." in decisions and ".dd" in decisions  # drafting stopped, and a probe drafted on after it
+
+
 @pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
 def test_block_schedule_caps_drafts_as_python(host, name, request):
     """A block schedule table caps a round's draft length by its running requests as the Python runtime's does

@@ -114,11 +114,29 @@ def test_sps_probes_a_priced_out_draft_now_and_then_and_remembers_recent_rounds_
     decisions = [sps.should_draft(4) for _ in range(2 * SpsScheduler.PROBE_EVERY + 2)]
     probes = [i for i, d in enumerate(decisions) if d]
     assert probes == [SpsScheduler.PROBE_EVERY, 2 * SpsScheduler.PROBE_EVERY + 1]  # one round in PROBE_EVERY + 1
-    # the memory fades: sure drafts seen since outweigh the weak ones before, and 4 rows draft again
-    for _ in range(30):
+    # the memory holds the last MEMORY drafting rounds: once sure drafts filled it, 4 rows draft again
+    for _ in range(SpsScheduler.MEMORY):
         sps.choose([np.array([0.99, 0.99])] * 4, [2] * 4)
+    assert len(sps.recent) == SpsScheduler.MEMORY and all(s[0] == 0.99 for s, _ in sps.recent)
     assert sps.should_draft(4) and sps.refused == 0
-    assert sps.survival[0] / sps.drafting_rows > 0.95
+
+
+def test_sps_replays_remembered_rounds_rather_than_their_mean_survival():
+    """sps verifies each round as far as its own drafts are sure: half the rounds sure of two drafts and half unsure
+    of any pay (each at its own width) where rows of their mean survival would not."""
+    table = StepsPerSecond(rows=[1], widths=[1, 2, 3], steps_per_second=[[100.0, 80.0, 70.0]], draft_seconds=[0.002])
+    sps = SpsScheduler(table)
+    for _ in range(4):
+        sps.choose([np.array([0.95, 0.95])], [2])
+        sps.choose([np.array([0.05, 0.05])], [2])
+    # replayed: width 2 for the sure (2.85 tokens in 2 + 14.3 ms), none for the unsure (1 token in 2 + 10 ms):
+    # 3.85 / 28.3 ms = 136/s > 110; their mean survival (0.5, 0.4525) verifies width 2 too: 1.95 / 16.3 ms = 120/s
+    mean = SpsScheduler(table)
+    mean.choose([np.array([0.5, 0.905])], [2])
+    assert sps.should_draft(1) and mean.should_draft(1)
+    dearer = StepsPerSecond(table.rows, table.widths, table.steps_per_second, draft_seconds=[0.0037])
+    sps.table = mean.table = dearer  # 3.85 / 31.7 ms = 122/s > 110, but 1.95 / 18.0 ms = 108.5/s < 110
+    assert sps.should_draft(1) and not mean.should_draft(1)
 
 
 def test_sps_prices_a_draft_lm_round_by_the_positions_it_drafts():
@@ -131,7 +149,7 @@ def test_sps_prices_a_draft_lm_round_by_the_positions_it_drafts():
     schedulers = [SpsScheduler(whole), SpsScheduler(shared)]
     for sps in schedulers:
         sps.choose(drafts, [2] * 4)
-    assert schedulers[0].draft_cost(4) == 0.024 and schedulers[1].draft_cost(4) == pytest.approx(0.012)
+    assert schedulers[0].draft_cost(4, 2) == 0.024 and schedulers[1].draft_cost(4, 2) == pytest.approx(0.012)
     # 4 rows, width 2: 4 + 3.6 + 2.88 = 10.48 tokens in 24 + 27.8 ms (202/s) or 12 + 27.8 ms (263/s), against 1.1 x 200
     assert [sps.should_draft(4) for sps in schedulers] == [False, True]
 

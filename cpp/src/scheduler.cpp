@@ -14,9 +14,9 @@ namespace dspark {
 
 namespace {
 
-// SpsScheduler's DRAFT_MARGIN, FADE and PROBE_EVERY (schedulers.py says why)
+// SpsScheduler's DRAFT_MARGIN, MEMORY and PROBE_EVERY (schedulers.py says why)
 constexpr double kDraftMargin = 1.1;
-constexpr double kFade = 0.95;
+constexpr size_t kMemory = 24;
 constexpr int kProbeEvery = 16;
 
 // a fractional index of x on a sorted axis, clamped to its ends
@@ -76,20 +76,26 @@ std::vector<double> summed_survival(const std::vector<std::vector<double>>& conf
   return gains;
 }
 
-// the width sps admits and the expected tokens there, with early stop (schedulers.py's best_width)
-std::pair<int, double> best_width(int rows, const std::vector<double>& gains, const StepsPerSecond& table) {
+// the width sps admits and the expected tokens there, with early stop (schedulers.py's best_width); rate(w): the
+// steps/s of a call w tokens wide over `rows` rows
+template <class Rate>
+std::pair<int, double> best_width(int rows, const std::vector<double>& gains, Rate rate) {
   double tau = static_cast<double>(rows), expected = tau;
-  double best = tau * table(rows, 1);
+  double best = tau * rate(1);
   int width = 0;
   for (size_t k = 0; k < gains.size(); ++k) {
     tau += gains[k];
-    double throughput = tau * table(rows, 2.0 + static_cast<double>(k));
+    double throughput = tau * rate(2 + k);
     if (!(throughput > best)) break;  // early stop at the first width that does not pay
     best = throughput;
     width = static_cast<int>(k) + 1;
     expected = tau;
   }
   return {width, expected};
+}
+
+std::pair<int, double> best_width(int rows, const std::vector<double>& gains, const StepsPerSecond& table) {
+  return best_width(rows, gains, [&](size_t w) { return table(rows, static_cast<double>(w)); });
 }
 
 }  // namespace
@@ -179,13 +185,11 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
   if (kind_ == Kind::sps) {
     std::vector<double> gains = summed_survival(confidences, proposed);
     if (!gains.empty()) {
-      if (gains.size() > survival_.size()) survival_.resize(gains.size(), 0.0);
-      for (double& s : survival_) s *= kFade;
-      for (size_t k = 0; k < gains.size(); ++k) survival_[k] += gains[k];
-      drafting_rows_ = kFade * drafting_rows_ +
-                       static_cast<double>(std::count_if(proposed.begin(), proposed.end(), [](int n) { return n > 0; }));
-      drafted_positions_ = kFade * drafted_positions_ + static_cast<double>(gains.size());
-      drafting_rounds_ = kFade * drafting_rounds_ + 1;
+      auto drafting = static_cast<double>(std::count_if(proposed.begin(), proposed.end(), [](int n) { return n > 0; }));
+      std::vector<double> survival(gains.size());
+      for (size_t k = 0; k < gains.size(); ++k) survival[k] = gains[k] / drafting;
+      if (recent_.size() == kMemory) recent_.pop_front();
+      recent_.emplace_back(std::move(survival), static_cast<int>(gains.size()));
     }
     int width = best_width(static_cast<int>(proposed.size()), gains, *table_).first;
     std::vector<int> lengths(proposed.size());
@@ -200,19 +204,27 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
 
 bool Scheduler::should_draft(int rows) {
   // schedulers.py's SpsScheduler.should_draft: not where every row's sure first draft would not pay for the wider
-  // call; where the drafter was profiled, only if the width sps would choose for rows of the mean survival so far,
-  // with the draft call priced in, beats plain decoding by its DRAFT_MARGIN; every kProbeEvery rounds priced out,
-  // one drafts to refresh the memory
+  // call; where the drafter was profiled, only if the remembered rounds replayed at `rows` rows (each at the width
+  // sps chooses for rows of its survival, its draft call priced in) beat plain decoding by its DRAFT_MARGIN; every
+  // kProbeEvery rounds priced out, one drafts to refresh the memory
   if (kind_ != Kind::sps) return true;
   const StepsPerSecond& table = *table_;
   if (!(2 * table(rows, 2) > table(rows, 1))) return false;
-  if (table.draft_seconds.empty() || drafting_rows_ == 0) return true;
-  std::vector<double> gains(survival_.size());  // what rows of the mean survival so far add by width
-  for (size_t k = 0; k < gains.size(); ++k) gains[k] = rows * (survival_[k] / drafting_rows_);
-  auto [width, expected] = best_width(rows, gains, table);
-  double plain = rows * table(rows, 1);
-  double drafting = width > 0 ? expected / (draft_cost(rows) + 1 / table(rows, 1.0 + width)) : 0.0;
-  if (drafting > kDraftMargin * plain || refused_ >= kProbeEvery) {
+  if (table.draft_seconds.empty() || recent_.empty()) return true;
+  int longest = 0;
+  for (const auto& round : recent_) longest = std::max(longest, round.second);
+  std::vector<double> rates;  // steps/s of a call 1 + j tokens wide over these rows
+  for (int j = 0; j <= longest; ++j) rates.push_back(table(rows, 1.0 + j));
+  auto rate = [&](size_t w) { return rates[w - 1]; };
+  double tokens = 0, seconds = 0;
+  for (const auto& [survival, positions] : recent_) {
+    std::vector<double> gains(survival.size());
+    for (size_t k = 0; k < gains.size(); ++k) gains[k] = rows * survival[k];
+    auto [width, expected] = best_width(rows, gains, rate);
+    tokens += expected;
+    seconds += draft_cost(rows, positions) + 1 / rates[static_cast<size_t>(width)];
+  }
+  if (tokens / seconds > kDraftMargin * (rows * rates[0]) || refused_ >= kProbeEvery) {
     refused_ = 0;
     return true;
   }
@@ -220,12 +232,12 @@ bool Scheduler::should_draft(int rows) {
   return false;
 }
 
-double Scheduler::draft_cost(int rows) const {
-  // schedulers.py's SpsScheduler.draft_cost: a draft LM's round by the positions rounds drafted so far
+double Scheduler::draft_cost(int rows, int positions) const {
+  // schedulers.py's SpsScheduler.draft_cost: a draft LM's round by the positions it drafted
   const StepsPerSecond& table = *table_;
   double seconds = table.draft_cost(rows);
   if (!table.draft_cost_per_position || table.draft_length == 0) return seconds;
-  return seconds * std::min(1.0, drafted_positions_ / drafting_rounds_ / table.draft_length);
+  return seconds * std::min(1.0, static_cast<double>(positions) / table.draft_length);
 }
 
 TableBlockSchedule::TableBlockSchedule(std::map<int, int> table) : table_(std::move(table)) {}

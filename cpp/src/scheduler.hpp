@@ -58,12 +58,11 @@ class Scheduler {
   double threshold_ = 0.5;
   std::optional<StepsPerSecond> table_;  // sps's
   std::vector<double> temperatures_, biases_;  // the STS fit; empty: raw confidences
-  // sps's memory of what drafts were worth, faded by kFade each drafting round (schedulers.py's SpsScheduler):
-  // prefix survival by position summed over drafting rows, those rows, the positions rounds drafted, the rounds
-  std::vector<double> survival_;
-  double drafting_rows_ = 0, drafted_positions_ = 0, drafting_rounds_ = 0;
+  // sps's memory of the last kMemory drafting rounds (schedulers.py's SpsScheduler.recent): each one's prefix
+  // survival by position averaged over its drafting rows, and the positions it drafted
+  std::deque<std::pair<std::vector<double>, int>> recent_;
   int refused_ = 0;  // rounds in a row should_draft priced out
-  double draft_cost(int rows) const;
+  double draft_cost(int rows, int positions) const;
 };
 
 // Draft length by number of running rows (dspark/runtime/schedulers.py's block schedules)

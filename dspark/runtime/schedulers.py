@@ -222,14 +222,10 @@ class SpsScheduler(Scheduler):
         self.table = table
         # early_stop=False is the retrospective global search of Appendix A; it exists to test that it is biased
         self.early_stop = early_stop
-        # what drafts have been worth: prefix survival by position summed over the rows that drafted, and how many
-        # did (a row that drafted fewer positions adds nothing past them); and the positions a round drafted (its
-        # longest row's), summed over drafting rounds. Each drafting round fades what came before by FADE, so the
-        # memory follows the text (the last 20 rounds or so weigh most)
-        self.survival = np.zeros(0)
-        self.drafting_rows = 0.0
-        self.drafted_positions = 0.0
-        self.drafting_rounds = 0.0
+        # what the last MEMORY drafting rounds' drafts were worth: each round's prefix survival by position averaged
+        # over its drafting rows (a row that drafted fewer positions adds 0 past them), and the positions the round
+        # drafted (its longest row's)
+        self.recent: collections.deque[tuple[np.ndarray, int]] = collections.deque(maxlen=self.MEMORY)
         self.refused = 0  # rounds in a row should_draft priced out
 
     def _choose(self, confidences, proposed):
@@ -240,13 +236,7 @@ class SpsScheduler(Scheduler):
             return list(proposed)
         gains = summed_survival(confidences, proposed)
         if len(gains):
-            if len(gains) > len(self.survival):
-                self.survival = np.concatenate([self.survival, np.zeros(len(gains) - len(self.survival))])
-            self.survival *= self.FADE
-            self.survival[: len(gains)] += gains
-            self.drafting_rows = self.FADE * self.drafting_rows + sum(1 for n in proposed if n)
-            self.drafted_positions = self.FADE * self.drafted_positions + len(gains)
-            self.drafting_rounds = self.FADE * self.drafting_rounds + 1
+            self.recent.append((gains / sum(1 for n in proposed if n), len(gains)))
         width, _ = best_width(len(proposed), gains, self.table, self.early_stop)
         return [min(n, width) for n in proposed]
 
@@ -255,8 +245,8 @@ class SpsScheduler(Scheduler):
     # 12 ms against 9.7 profiled, a 2-token verify 1.43 steps against 1.31), and rows whose drafts are accepted
     # more finish first, leaving the last rounds of a batch fewer rows to share a step
     DRAFT_MARGIN = 1.1
-    # the weight a drafting round leaves on the memory before it
-    FADE = 0.95
+    # drafting rounds remembered: enough to average over, few enough to follow the text
+    MEMORY = 24
     # after this many rounds priced out in a row, one drafts anyway: the memory only learns from rounds that draft,
     # and without it one bad stretch turned drafting off for good (SmolLM2 int4's draft LM: off after 9 rounds of
     # the first prompt, 1.0x where drafting ran 1.28x)
@@ -265,33 +255,40 @@ class SpsScheduler(Scheduler):
     def should_draft(self, rows: int) -> bool:
         """No round drafts where not even every row's sure first draft would pay for the wider verify call (the
         early stop would end the search there). Where the profile timed the drafter, a round drafts only if the
-        width sps would choose for rows of the mean survival seen so far, with the draft call priced in (a draft
-        LM's by the positions its rounds drafted), beats plain decoding by ``DRAFT_MARGIN``: sps weighs verify calls
-        alone once the drafts exist, and at 16 requests on SmolLM2 fp32 drafting rounds of the DSpark drafter (12 ms
-        a round beside a 28 ms step) then emitted 12% fewer tokens per second than plain rounds. Every
-        ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory."""
+        remembered rounds, replayed at ``rows`` rows (each at the width sps chooses for rows of its survival, with
+        its draft call priced in: a draft LM's by the positions it drafted), emit more tokens per second than plain
+        decoding by ``DRAFT_MARGIN``: sps weighs verify calls alone once the drafts exist, and at 16 requests on
+        SmolLM2 fp32 drafting rounds of the DSpark drafter (12 ms a round beside a 28 ms step) then emitted 12% fewer
+        tokens per second than plain rounds. Rounds are replayed one by one, not their mean survival, because sps
+        verifies each round as far as its own drafts are sure: the mean priced SmolLM2 int4's draft LM at 1.07x
+        plain where it ran 1.28x. Every ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory."""
         table = self.table
         if table is None or not self.early_stop:
             return True
         if not 2 * table(rows, 2) > table(rows, 1):
             return False
-        if table.draft_seconds is None or not self.drafting_rows:
+        if table.draft_seconds is None or not self.recent:
             return True
-        width, expected = best_width(rows, rows * (self.survival / self.drafting_rows), table)
-        drafting = expected / (self.draft_cost(rows) + 1 / table(rows, 1 + width)) if width else 0.0
-        if drafting > self.DRAFT_MARGIN * (rows * table(rows, 1)) or self.refused >= self.PROBE_EVERY:
+        longest = max(positions for _, positions in self.recent)
+        rates = [table(rows, 1 + j) for j in range(longest + 1)]
+        tokens = seconds = 0.0
+        for survival, positions in self.recent:
+            width, expected = best_width(rows, rows * survival, lambda _, w: rates[w - 1])
+            tokens += expected
+            seconds += self.draft_cost(rows, positions) + 1 / rates[width]
+        if tokens / seconds > self.DRAFT_MARGIN * (rows * rates[0]) or self.refused >= self.PROBE_EVERY:
             self.refused = 0
             return True
         self.refused += 1
         return False
 
-    def draft_cost(self, rows: int) -> float:
-        """Seconds a draft round over ``rows`` rows is expected to cost: the profiled round, or for a drafter that
-        pays by the position its share for the positions rounds drafted so far."""
+    def draft_cost(self, rows: int, positions: int) -> float:
+        """Seconds of a draft round over ``rows`` rows that drafted ``positions`` positions: the profiled round, or
+        for a drafter that pays by the position (a draft LM) its share."""
         table, seconds = self.table, self.table.draft_cost(rows)
         if not table.draft_cost_per_position or not table.draft_length:
             return seconds
-        return seconds * min(1.0, self.drafted_positions / self.drafting_rounds / table.draft_length)
+        return seconds * min(1.0, positions / table.draft_length)
 
 
 def sps_lengths(confidences, proposed, sps: StepsPerSecond, early_stop: bool = True) -> list[int]:
