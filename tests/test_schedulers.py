@@ -130,27 +130,27 @@ def test_sps_replays_remembered_rounds_rather_than_their_mean_survival():
         sps.choose([np.array([0.95, 0.95])], [2])
         sps.choose([np.array([0.05, 0.05])], [2])
     # replayed: width 2 for the sure (2.85 tokens in 2 + 14.3 ms), none for the unsure (1 token in 2 + 10 ms):
-    # 3.85 / 28.3 ms = 136/s > 110; their mean survival (0.5, 0.4525) verifies width 2 too: 1.95 / 16.3 ms = 120/s
+    # 3.85 / 28.3 ms = 136/s > 100; their mean survival (0.5, 0.4525) verifies width 2 too: 1.95 / 16.3 ms = 120/s
     mean = SpsScheduler(table)
     mean.choose([np.array([0.5, 0.905])], [2])
     assert sps.should_draft(1) and mean.should_draft(1)
-    dearer = StepsPerSecond(table.rows, table.widths, table.steps_per_second, draft_seconds=[0.0037])
-    sps.table = mean.table = dearer  # 3.85 / 31.7 ms = 122/s > 110, but 1.95 / 18.0 ms = 108.5/s < 110
+    dearer = StepsPerSecond(table.rows, table.widths, table.steps_per_second, draft_seconds=[0.006])
+    sps.table = mean.table = dearer  # 3.85 / 36.3 ms = 106/s > 100, but 1.95 / 20.3 ms = 96/s < 100
     assert sps.should_draft(1) and not mean.should_draft(1)
 
 
 def test_sps_prices_a_draft_lm_round_by_the_positions_it_drafts():
     """A draft LM stops drafting where it is unsure: its round costs a share of the profiled whole-length round."""
     rates = [[100.0, 95.0, 90.0, 85.0, 80.0], [50.0, 42.0, 36.0, 30.0, 26.0]]
-    whole = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3, 4, 5], steps_per_second=rates, draft_seconds=[0.001, 0.024],
+    whole = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3, 4, 5], steps_per_second=rates, draft_seconds=[0.001, 0.032],
                            draft_length=4, draft_cost_per_position=False)
     shared = StepsPerSecond(whole.rows, whole.widths, rates, whole.draft_seconds, 4, draft_cost_per_position=True)
     drafts = [np.array([0.9, 0.8])] * 4  # rounds that drafted 2 of 4 positions
     schedulers = [SpsScheduler(whole), SpsScheduler(shared)]
     for sps in schedulers:
         sps.choose(drafts, [2] * 4)
-    assert schedulers[0].draft_cost(4, 2) == 0.024 and schedulers[1].draft_cost(4, 2) == pytest.approx(0.012)
-    # 4 rows, width 2: 4 + 3.6 + 2.88 = 10.48 tokens in 24 + 27.8 ms (202/s) or 12 + 27.8 ms (263/s), against 1.1 x 200
+    assert schedulers[0].draft_cost(4, 2) == 0.032 and schedulers[1].draft_cost(4, 2) == pytest.approx(0.016)
+    # 4 rows, width 2: 4 + 3.6 + 2.88 = 10.48 tokens in 32 + 27.8 ms (175/s) or 16 + 27.8 ms (239/s), against 200
     assert [sps.should_draft(4) for sps in schedulers] == [False, True]
 
 

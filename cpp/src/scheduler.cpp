@@ -14,8 +14,7 @@ namespace dspark {
 
 namespace {
 
-// SpsScheduler's DRAFT_MARGIN, MEMORY and PROBE_EVERY (schedulers.py says why)
-constexpr double kDraftMargin = 1.1;
+// SpsScheduler's MEMORY and PROBE_EVERY (schedulers.py says why)
 constexpr size_t kMemory = 24;
 constexpr int kProbeEvery = 16;
 
@@ -205,7 +204,7 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
 bool Scheduler::should_draft(int rows) {
   // schedulers.py's SpsScheduler.should_draft: not where every row's sure first draft would not pay for the wider
   // call; where the drafter was profiled, only if the remembered rounds replayed at `rows` rows (each at the width
-  // sps chooses for rows of its survival, its draft call priced in) beat plain decoding by its DRAFT_MARGIN; every
+  // sps chooses for rows of its survival, its draft call priced in) beat plain decoding; every
   // kProbeEvery rounds priced out, one drafts to refresh the memory
   if (kind_ != Kind::sps) return true;
   const StepsPerSecond& table = *table_;
@@ -224,7 +223,7 @@ bool Scheduler::should_draft(int rows) {
     tokens += expected;
     seconds += draft_cost(rows, positions) + 1 / rates[static_cast<size_t>(width)];
   }
-  if (tokens / seconds > kDraftMargin * (rows * rates[0]) || refused_ >= kProbeEvery) {
+  if (tokens / seconds > rows * rates[0] || refused_ >= kProbeEvery) {
     refused_ = 0;
     return true;
   }

@@ -240,11 +240,6 @@ class SpsScheduler(Scheduler):
         width, _ = best_width(len(proposed), gains, self.table, self.early_stop)
         return [min(n, width) for n in proposed]
 
-    # how much faster than plain decoding a drafting round must be expected to run: the profile times each call
-    # alone at one context, and in a run the calls cost more (SmolLM2 fp32, 16 requests: the DSpark drafter's round
-    # 12 ms against 9.7 profiled, a 2-token verify 1.43 steps against 1.31), and rows whose drafts are accepted
-    # more finish first, leaving the last rounds of a batch fewer rows to share a step
-    DRAFT_MARGIN = 1.1
     # drafting rounds remembered: enough to average over, few enough to follow the text
     MEMORY = 24
     # after this many rounds priced out in a row, one drafts anyway: the memory only learns from rounds that draft,
@@ -257,9 +252,11 @@ class SpsScheduler(Scheduler):
         early stop would end the search there). Where the profile timed the drafter, a round drafts only if the
         remembered rounds, replayed at ``rows`` rows (each at the width sps chooses for rows of its survival, with
         its draft call priced in: a draft LM's by the positions it drafted), emit more tokens per second than plain
-        decoding by ``DRAFT_MARGIN``: sps weighs verify calls alone once the drafts exist, and at 16 requests on
-        SmolLM2 fp32 drafting rounds of the DSpark drafter (12 ms a round beside a 28 ms step) then emitted 12% fewer
-        tokens per second than plain rounds. Rounds are replayed one by one, not their mean survival, because sps
+        decoding: sps weighs verify calls alone once the drafts exist, and at 16 requests on SmolLM2 fp32 drafting
+        rounds of the DSpark drafter (10 ms a round beside a 29 ms step) emitted 5% fewer tokens per second than
+        plain rounds. No margin on top: with draft rounds and widths timed as a run calls them (profile.py), a 10%
+        margin turned off SmolLM2 int4's draft LM at one request (1.02x against 1.09x drafting every round) and
+        changed nothing at 16 requests. Rounds are replayed one by one, not their mean survival, because sps
         verifies each round as far as its own drafts are sure: the mean priced SmolLM2 int4's draft LM at 1.07x
         plain where it ran 1.28x. Every ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory."""
         table = self.table
@@ -276,7 +273,7 @@ class SpsScheduler(Scheduler):
             width, expected = best_width(rows, rows * survival, lambda _, w: rates[w - 1])
             tokens += expected
             seconds += self.draft_cost(rows, positions) + 1 / rates[width]
-        if tokens / seconds > self.DRAFT_MARGIN * (rows * rates[0]) or self.refused >= self.PROBE_EVERY:
+        if tokens / seconds > rows * rates[0] or self.refused >= self.PROBE_EVERY:
             self.refused = 0
             return True
         self.refused += 1
