@@ -418,9 +418,10 @@ def profiled(dspark_bundle, tmp_path_factory, backend):
     shutil.copytree(dspark_bundle, copy)
     table = profile_bundle(copy, backend, repeats=3, warmup=1, context=32, progress=False)
     assert table["rows"] == [1, 2, 4, 8] and table["widths"] == [1, 2, 3, 4, 5, 6]
-    # the drafter's round, timed at every row count: a round over more rows costs more
+    # the drafter's round, timed at every row count (which costs more is the machine's to say: under a loaded CI
+    # machine a 1-row round once timed 4.8 ms against 0.8 ms for 8 rows)
     assert table["draft_length"] == Generator(copy, backend=backend).draft_length
-    assert len(table["draft_seconds"]) == 4 and 0 < table["draft_seconds"][0] < table["draft_seconds"][-1]
+    assert len(table["draft_seconds"]) == 4 and all(seconds > 0 for seconds in table["draft_seconds"])
     assert table["draft_cost_per_position"] is False  # one call drafts the block, whatever the rows keep of it
     assert Bundle.open(copy).read_json(profile_key(backend)) == table  # recorded in the manifest, hash verified
     return copy
