@@ -157,9 +157,9 @@ def bundle(request) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def python_run(bundle: Path, params=SamplingParams(), seed=0, **options):
+def python_run(bundle: Path, params=SamplingParams(), seed=0, lengths=LENGTHS, **options):
     gen = Generator(bundle, **options)
-    reqs = [Request(p, n, params, seed + i, ignore_eos=True) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
+    reqs = [Request(p, n, params, seed + i, ignore_eos=True) for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
     return gen.generate(reqs, trace=True)
 
 
@@ -201,16 +201,16 @@ def c_generate(host: Host, engine, prompts, lengths, params=SamplingParams(), se
         host.lib.dspark_results_free(results)
 
 
-def c_api_equals_python(host: Host, bundle: Path, options: COptions | None, **python_options):
-    """PROMPTS x LENGTHS through the C API with ``options`` (None: its defaults) give the Python runtime's tokens
+def c_api_equals_python(host: Host, bundle: Path, options: COptions | None, lengths=LENGTHS, **python_options):
+    """PROMPTS x ``lengths`` through the C API with ``options`` (None: its defaults) give the Python runtime's tokens
     and trace rows with ``python_options``; returns both results."""
     engine = host.lib.dspark_open(str(bundle).encode(), None if options is None else ctypes.byref(options))
     assert engine, host.error()
     try:
-        got = c_generate(host, engine, PROMPTS, LENGTHS)
+        got = c_generate(host, engine, PROMPTS, lengths)
     finally:
         host.lib.dspark_close(engine)
-    want = python_run(bundle, **python_options)
+    want = python_run(bundle, lengths=lengths, **python_options)
     for g, w in zip(got, want):
         assert g["tokens"] == w.generated
         assert len(g["trace"]) == len(w.trace)
@@ -301,19 +301,25 @@ def test_rounds_sps_expects_nothing_of_are_not_drafted(host, name, profile, requ
 
 @pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
 def test_priced_out_drafts_are_probed_now_and_then_as_python(host, name, request, tmp_path):
-    """Draft rounds priced out at every row count: after the first round, one round in PROBE_EVERY + 1 drafts anyway
-    (sps's memory learns only from rounds that draft), the host's rounds the Python runtime's, trace row for trace
-    row; the draft LM's round priced by the positions it drafts (the profile's draft_length and
-    draft_cost_per_position read alike)."""
+    """Draft rounds priced out at every row count: after the first round, probes draft anyway now and then (sps's
+    memory learns only from rounds that draft), the more seldom the more a round is priced to lose (a round of 20 ms
+    beside a 10 ms step: more than PROBE_EVERY refused rounds between probes; of 10 s: none), the host's rounds the
+    Python runtime's, trace row for trace row; the draft LM's round priced by the positions it drafts (the profile's
+    draft_length and draft_cost_per_position read alike)."""
     bundle = tmp_path / "bundle"
     shutil.copytree(request.getfixturevalue(name), bundle)
-    made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: 10.0, draft_length=Bundle.open(bundle).draft.draft_length,
-                    draft_cost_per_position=name == "qwen3_bundle")
-    _, want = c_api_equals_python(host, bundle, COptions(1, 0, 0, 0, 1, None, None, 0, b"sps", None, 0.5),
-                                  scheduler="sps")
-    longest = max(want, key=lambda w: len(w.drafted))
-    assert len(longest.drafted) > SpsScheduler.PROBE_EVERY + 1
-    assert [i for i, d in enumerate(longest.drafted) if d] == [0, SpsScheduler.PROBE_EVERY + 1]
+    drafted = {}
+    for seconds in (0.02, 10.0):
+        made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: seconds,
+                        draft_length=Bundle.open(bundle).draft.draft_length,
+                        draft_cost_per_position=name == "qwen3_bundle")
+        _, want = c_api_equals_python(host, bundle, COptions(1, 0, 0, 0, 1, None, None, 0, b"sps", None, 0.5),
+                                      lengths=[9, 31, 80], scheduler="sps")
+        longest = max(want, key=lambda w: len(w.drafted))
+        drafted[seconds] = [i for i, d in enumerate(longest.drafted) if d]
+    probes = drafted[0.02]
+    assert len(probes) >= 2 and probes[0] == 0 and min(np.diff(probes)) > SpsScheduler.PROBE_EVERY + 1
+    assert drafted[10.0] == [0]
 
 
 @pytest.mark.parametrize("name, seconds", [("qwen3_bundle", 0.011), ("dspark_bundle", 0.005)])

@@ -111,14 +111,30 @@ def test_sps_probes_a_priced_out_draft_now_and_then_and_remembers_recent_rounds_
                            draft_seconds=[0.001, 0.012])
     sps = SpsScheduler(table)
     sps.choose([np.array([0.6, 0.5])] * 4, [2] * 4)  # priced out at 4 rows (see above)
-    decisions = [sps.should_draft(4) for _ in range(2 * SpsScheduler.PROBE_EVERY + 2)]
+    every = SpsScheduler.PROBE_EVERY
+    decisions = [sps.should_draft(4) for _ in range(2 * every + 2)]
     probes = [i for i, d in enumerate(decisions) if d]
-    assert probes == [SpsScheduler.PROBE_EVERY, 2 * SpsScheduler.PROBE_EVERY + 1]  # one round in PROBE_EVERY + 1
+    assert probes == [every, 2 * every + 1]  # one round in PROBE_EVERY + 1
     # the memory holds the last MEMORY drafting rounds: once sure drafts filled it, 4 rows draft again
     for _ in range(SpsScheduler.MEMORY):
         sps.choose([np.array([0.99, 0.99])] * 4, [2] * 4)
     assert len(sps.recent) == SpsScheduler.MEMORY and all(s[0] == 0.99 for s, _ in sps.recent)
     assert sps.should_draft(4) and sps.refused == 0
+
+
+def test_sps_probes_a_dear_draft_as_seldom_as_its_share_of_the_time_allows():
+    """A probe costs what a replayed round loses against plain decoding: where that is more than PROBE_SHARE of the
+    plain steps refused between probes, probes wait longer."""
+    table = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3], steps_per_second=[[100.0, 95.0, 90.0], [50.0, 42.0, 36.0]],
+                           draft_seconds=[0.001, 0.1])
+    sps = SpsScheduler(table)
+    sps.choose([np.array([0.6, 0.5])] * 4, [2] * 4)
+    # 4 rows: 7.6 tokens in 100 + 27.8 ms, where plain decoding takes 7.6 / 200 s = 38 ms: 89.8 ms lost, 4.49 steps
+    # of 20 ms, which PROBE_SHARE 0.02 spreads over 224.5 refused rounds
+    decisions = [sps.should_draft(4) for _ in range(2 * 226)]
+    assert [i for i, d in enumerate(decisions) if d] == [225, 451]
+    # 1 row drafts (1.9 tokens in 1 + 11.1 ms beat 100 tokens/s) without waiting
+    assert sps.should_draft(1)
 
 
 def test_sps_replays_remembered_rounds_rather_than_their_mean_survival():

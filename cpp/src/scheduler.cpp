@@ -14,9 +14,10 @@ namespace dspark {
 
 namespace {
 
-// SpsScheduler's MEMORY and PROBE_EVERY (schedulers.py says why)
+// SpsScheduler's MEMORY, PROBE_EVERY and PROBE_SHARE (schedulers.py says why)
 constexpr size_t kMemory = 24;
 constexpr int kProbeEvery = 16;
+constexpr double kProbeShare = 0.02;
 
 // a fractional index of x on a sorted axis, clamped to its ends
 double axis_index(const std::vector<double>& axis, double x) {
@@ -204,8 +205,9 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
 bool Scheduler::should_draft(int rows) {
   // schedulers.py's SpsScheduler.should_draft: not where every row's sure first draft would not pay for the wider
   // call; where the drafter was profiled, only if the remembered rounds replayed at `rows` rows (each at the width
-  // sps chooses for rows of its survival, its draft call priced in) beat plain decoding; every
-  // kProbeEvery rounds priced out, one drafts to refresh the memory
+  // sps chooses for rows of its survival, its draft call priced in) beat plain decoding; after kProbeEvery rounds
+  // priced out, one drafts to refresh the memory, or after more where one costs more than kProbeShare of the plain
+  // steps between probes
   if (kind_ != Kind::sps) return true;
   const StepsPerSecond& table = *table_;
   if (!(2 * table(rows, 2) > table(rows, 1))) return false;
@@ -223,7 +225,9 @@ bool Scheduler::should_draft(int rows) {
     tokens += expected;
     seconds += draft_cost(rows, positions) + 1 / rates[static_cast<size_t>(width)];
   }
-  if (tokens / seconds > rows * rates[0] || refused_ >= kProbeEvery) {
+  double plain = rows * rates[0];  // tokens/s
+  double loss = (seconds - tokens / plain) / static_cast<double>(recent_.size()) * rates[0];  // extra plain steps
+  if (loss < 0 || refused_ >= std::max(static_cast<double>(kProbeEvery), loss / kProbeShare)) {
     refused_ = 0;
     return true;
   }

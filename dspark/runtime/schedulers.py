@@ -244,8 +244,13 @@ class SpsScheduler(Scheduler):
     MEMORY = 24
     # after this many rounds priced out in a row, one drafts anyway: the memory only learns from rounds that draft,
     # and without it one bad stretch turned drafting off for good (SmolLM2 int4's draft LM: off after 9 rounds of
-    # the first prompt, 1.0x where drafting ran 1.28x)
+    # the first prompt, 1.0x where drafting ran 1.28x). Where a drafting round is priced far below plain decoding,
+    # the wait grows so that probes cost at most PROBE_SHARE of the time, as the replayed rounds price them: at 16
+    # rows of SmolLM2 int4 a probe every 17 rounds ran 0.95x plain (the DSpark drafter's probe about 33 ms beside a
+    # 34 ms step); doubling the wait after each probe instead cut that, but kept SmolLM2 fp32's DSpark drafter off
+    # at one request, where its drafts are priced near plain (tau 1.72 against 2.19, 1.30x against 1.46x)
     PROBE_EVERY = 16
+    PROBE_SHARE = 0.02
 
     def should_draft(self, rows: int) -> bool:
         """No round drafts where not even every row's sure first draft would pay for the wider verify call (the
@@ -258,7 +263,8 @@ class SpsScheduler(Scheduler):
         margin turned off SmolLM2 int4's draft LM at one request (1.02x against 1.09x drafting every round) and
         changed nothing at 16 requests. Rounds are replayed one by one, not their mean survival, because sps
         verifies each round as far as its own drafts are sure: the mean priced SmolLM2 int4's draft LM at 1.07x
-        plain where it ran 1.28x. Every ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory."""
+        plain where it ran 1.28x. After ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory (a probe),
+        or after more where one costs more than ``PROBE_SHARE`` of the plain steps between probes."""
         table = self.table
         if table is None or not self.early_stop:
             return True
@@ -273,7 +279,9 @@ class SpsScheduler(Scheduler):
             width, expected = best_width(rows, rows * survival, lambda _, w: rates[w - 1])
             tokens += expected
             seconds += self.draft_cost(rows, positions) + 1 / rates[width]
-        if tokens / seconds > rows * rates[0] or self.refused >= self.PROBE_EVERY:
+        plain = rows * rates[0]  # tokens/s
+        loss = (seconds - tokens / plain) / len(self.recent) * rates[0]  # plain steps a replayed round costs extra
+        if loss < 0 or self.refused >= max(self.PROBE_EVERY, loss / self.PROBE_SHARE):
             self.refused = 0
             return True
         self.refused += 1
