@@ -140,18 +140,21 @@ def test_sps_probes_a_dear_draft_as_seldom_as_its_share_of_the_time_allows():
 def test_sps_replays_remembered_rounds_rather_than_their_mean_survival():
     """sps verifies each round as far as its own drafts are sure: half the rounds sure of two drafts and half unsure
     of any pay (each at its own width) where rows of their mean survival would not."""
+    def schedulers(table):
+        replayed, mean = SpsScheduler(table), SpsScheduler(table)
+        for _ in range(4):
+            replayed.choose([np.array([0.95, 0.95])], [2])
+            replayed.choose([np.array([0.05, 0.05])], [2])
+        mean.choose([np.array([0.5, 0.905])], [2])
+        return replayed, mean
+
     table = StepsPerSecond(rows=[1], widths=[1, 2, 3], steps_per_second=[[100.0, 80.0, 70.0]], draft_seconds=[0.002])
-    sps = SpsScheduler(table)
-    for _ in range(4):
-        sps.choose([np.array([0.95, 0.95])], [2])
-        sps.choose([np.array([0.05, 0.05])], [2])
     # replayed: width 2 for the sure (2.85 tokens in 2 + 14.3 ms), none for the unsure (1 token in 2 + 10 ms):
     # 3.85 / 28.3 ms = 136/s > 100; their mean survival (0.5, 0.4525) verifies width 2 too: 1.95 / 16.3 ms = 120/s
-    mean = SpsScheduler(table)
-    mean.choose([np.array([0.5, 0.905])], [2])
+    sps, mean = schedulers(table)
     assert sps.should_draft(1) and mean.should_draft(1)
     dearer = StepsPerSecond(table.rows, table.widths, table.steps_per_second, draft_seconds=[0.006])
-    sps.table = mean.table = dearer  # 3.85 / 36.3 ms = 106/s > 100, but 1.95 / 20.3 ms = 96/s < 100
+    sps, mean = schedulers(dearer)  # 3.85 / 36.3 ms = 106/s > 100, but 1.95 / 20.3 ms = 96/s < 100
     assert sps.should_draft(1) and not mean.should_draft(1)
 
 

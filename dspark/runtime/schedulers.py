@@ -226,6 +226,10 @@ class SpsScheduler(Scheduler):
         # over its drafting rows (a row that drafted fewer positions adds 0 past them), and the positions the round
         # drafted (its longest row's)
         self.recent: collections.deque[tuple[np.ndarray, int]] = collections.deque(maxlen=self.MEMORY)
+        # by row count: what a replayed round of the memory loses against plain decoding (replay_loss) under this
+        # scheduler's table, until the memory changes; rounds priced out change nothing, and replaying them anew
+        # cost 0.1 ms a round in Python (10 us with this)
+        self.replayed: dict[int, float] = {}
         self.refused = 0  # rounds in a row should_draft priced out
 
     def _choose(self, confidences, proposed):
@@ -237,6 +241,7 @@ class SpsScheduler(Scheduler):
         gains = summed_survival(confidences, proposed)
         if len(gains):
             self.recent.append((gains / sum(1 for n in proposed if n), len(gains)))
+            self.replayed.clear()
         width, _ = best_width(len(proposed), gains, self.table, self.early_stop)
         return [min(n, width) for n in proposed]
 
@@ -272,6 +277,20 @@ class SpsScheduler(Scheduler):
             return False
         if table.draft_seconds is None or not self.recent:
             return True
+        loss = self.replayed.get(rows)
+        if loss is None:
+            loss = self.replayed[rows] = self.replay_loss(rows)
+        if loss < 0 or self.refused >= max(self.PROBE_EVERY, loss / self.PROBE_SHARE):
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
+
+    def replay_loss(self, rows: int) -> float:
+        """Plain steps that a remembered round, replayed at ``rows`` rows (at the width sps chooses for rows of its
+        survival, its draft call priced in), costs beyond plain decoding of the tokens it is expected to emit; below
+        0 where the remembered rounds pay."""
+        table = self.table
         longest = max(positions for _, positions in self.recent)
         rates = [table(rows, 1 + j) for j in range(longest + 1)]
         tokens = seconds = 0.0
@@ -280,12 +299,7 @@ class SpsScheduler(Scheduler):
             tokens += expected
             seconds += self.draft_cost(rows, positions) + 1 / rates[width]
         plain = rows * rates[0]  # tokens/s
-        loss = (seconds - tokens / plain) / len(self.recent) * rates[0]  # plain steps a replayed round costs extra
-        if loss < 0 or self.refused >= max(self.PROBE_EVERY, loss / self.PROBE_SHARE):
-            self.refused = 0
-            return True
-        self.refused += 1
-        return False
+        return (seconds - tokens / plain) / len(self.recent) * rates[0]
 
     def draft_cost(self, rows: int, positions: int) -> float:
         """Seconds of a draft round over ``rows`` rows that drafted ``positions`` positions: the profiled round, or
