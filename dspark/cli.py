@@ -241,7 +241,7 @@ def generate(bundle_dir, prompt, prompts_file, max_new_tokens, temperature, top_
 @backend_options
 def profile(bundle_dir, threads, context, repeats, warmup, no_progress, backend, device):
     """Measure target verify steps/s by rows and new tokens on this machine, and a draft round of the bundle's
-    drafter by rows; store the table in BUNDLE_DIR (the sps scheduler reads it)."""
+    drafter (and what a backlog it reads first adds to it) by rows; store the table in BUNDLE_DIR (the sps scheduler reads it)."""
     from dspark.runtime.profile import profile_bundle
 
     table = profile_bundle(bundle_dir, backend, threads=threads, context=context, repeats=repeats, warmup=warmup,
@@ -253,6 +253,8 @@ def profile(bundle_dir, threads, context, repeats, warmup, no_progress, backend,
     if "draft_seconds" in table:
         click.echo(f"draft round of {table['draft_length']} tokens, ms by rows: "
                    + ", ".join(f"{r}: {1000 * s:.2f}" for r, s in zip(table["rows"], table["draft_seconds"])))
+        click.echo("each token it reads first beyond a round's own (a backlog), us by rows: "
+                   + ", ".join(f"{r}: {1e6 * s:.1f}" for r, s in zip(table["rows"], table["draft_read_seconds"])))
 
 
 @main.command("lookup-data")

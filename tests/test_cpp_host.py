@@ -322,6 +322,27 @@ def test_priced_out_drafts_are_probed_now_and_then_as_python(host, name, request
     assert drafted[10.0] == [0]
 
 
+@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+def test_a_drafters_backlog_is_repaid_or_not_drafted_as_python(host, name, request, tmp_path):
+    """Requests one at a time: each new one's prompt is a backlog its drafter reads before its first draft. Read for
+    free, every request drafts from its first round (the first one's rounds paid); at 10 s a token no later request
+    repays it in the rounds it has left, nor does a probe come due (its share of the time would be the backlog's
+    cost), so they decode plainly: the host's rounds the Python runtime's, trace row for trace row."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(request.getfixturevalue(name), bundle)
+    first_rounds = {}
+    for read in (0.0, 10.0):
+        made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: 1e-4, draft_read_seconds=[read] * 3,
+                        draft_length=Bundle.open(bundle).draft.draft_length,
+                        draft_cost_per_position=name == "qwen3_bundle")
+        _, want = c_api_equals_python(host, bundle, COptions(1, 0, 1, 0, 1, None, None, 0, b"sps", None, 0.5),
+                                      scheduler="sps", max_batch=1)
+        first_rounds[read] = [w.drafted[0] > 0 for w in want]
+        if read:
+            assert not any(any(w.drafted) for w in want[1:])
+    assert first_rounds == {0.0: [True] * 3, 10.0: [True, False, False]}
+
+
 @pytest.mark.parametrize("name, seconds", [("qwen3_bundle", 0.011), ("dspark_bundle", 0.005)])
 def test_drafts_priced_near_plain_are_decided_as_python(host, name, seconds, request, tmp_path):
     """A draft round priced near what drafting gains on these drafters: rounds draft, stop, are probed and draft

@@ -137,6 +137,27 @@ def test_sps_probes_a_dear_draft_as_seldom_as_its_share_of_the_time_allows():
     assert sps.should_draft(1)
 
 
+def test_sps_drafts_where_the_rounds_left_repay_the_drafters_backlog():
+    """A drafter that has not read every committed token (a new row's prompt, rounds it sat out) reads them first:
+    a round drafts where the remembered rounds' gain over the rounds left repays that, and a probe that would pay
+    it waits the longer."""
+    table = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3], steps_per_second=[[100.0, 95.0, 90.0], [50.0, 42.0, 36.0]],
+                           draft_seconds=[0.001, 0.012], draft_read_seconds=[0.0005, 0.002])
+    assert table.read_cost(1, 100) == 0.05 and table.read_cost(2, 10) == pytest.approx(0.01)
+    sps = SpsScheduler(table)
+    sps.choose([np.array([0.6, 0.5])], [2])
+    # 1 row, width 2: 1.9 tokens in 1 + 11.1 ms, which plain decoding takes 19 ms for: 0.689 steps gained a round.
+    # 100 tokens to read cost 50 ms, 5 steps: repaid over 7.26 rounds of 1.9 tokens, 13.8 tokens left
+    assert sps.should_draft(1) and sps.should_draft(1, 0, 1)
+    assert not sps.should_draft(1, 100, 13) and sps.should_draft(1, 100, 14)
+    # a probe costs the backlog and the round: (5 - 0.689) / PROBE_SHARE = 215.6 refused rounds
+    decisions = [sps.should_draft(1, 100, 10) for _ in range(2 * 217)]
+    assert [i for i, d in enumerate(decisions) if d] == [216, 433]
+    unpriced = SpsScheduler(StepsPerSecond(table.rows, table.widths, table.steps_per_second, table.draft_seconds))
+    unpriced.choose([np.array([0.6, 0.5])], [2])
+    assert unpriced.should_draft(1, 100, 1)  # a profile that did not time reading: the backlog costs nothing
+
+
 def test_sps_replays_remembered_rounds_rather_than_their_mean_survival():
     """sps verifies each round as far as its own drafts are sure: half the rounds sure of two drafts and half unsure
     of any pay (each at its own width) where rows of their mean survival would not."""
@@ -431,6 +452,42 @@ def test_a_timed_block_draft_round_reads_context_features_as_a_round_in_a_run_do
     clean_up()
 
 
+@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
+def test_a_drafters_backlog_is_what_its_next_round_reads_beyond_a_rounds_own(name, request):
+    """New rows' prompts, then a token a round for each round the drafter sits out, on the widest row; the round
+    that profile times with a backlog reads that many tokens (features) a row more than its plain timed round."""
+    gen = Generator(request.getfixturevalue(name), block_schedule="1:0")  # never drafts
+    proposer = gen.proposer
+    for p in PROMPTS[:2]:
+        gen.submit(Request(p, max_new_tokens=8, ignore_eos=True))
+    gen.admit()
+    # a draft LM has read nothing yet (prompt and first token); a block drafter holds the prompt's features
+    unread = max(len(p) for p in PROMPTS[:2]) + (1 if name == "qwen3_bundle" else 0)
+    assert proposer.backlog(gen.running) == unread - proposer.ROUND_READS
+    for n in range(1, 4):
+        gen.step()
+        assert proposer.backlog(gen.running) == unread + n - proposer.ROUND_READS
+
+    timed = Generator(request.getfixturevalue(name), scheduler="fixed")
+    proposer = timed.proposer
+    runner = proposer.context if proposer.reads_features else proposer.runner
+    widths, run = [], runner.run
+
+    def recording(feeds, *args, **kwargs):
+        widths.append(feeds["features" if proposer.reads_features else "input_ids"].shape[1])
+        return run(feeds, *args, **kwargs)
+
+    runner.run = recording
+    _, probe, clean_up = cost_probe(timed, 2, list(range(3, 40)), backlog=5)
+    first_reads = []
+    for call in ("t_draft_ms", "t_draft_backlog_ms"):
+        widths.clear()
+        probe[call]()
+        first_reads.append(widths[0])
+    clean_up()
+    assert first_reads == [proposer.ROUND_READS, proposer.ROUND_READS + 5]
+
+
 @pytest.fixture(scope="module")
 def profiled(dspark_bundle, tmp_path_factory, backend):
     copy = tmp_path_factory.mktemp("profiled") / "bundle"
@@ -441,6 +498,7 @@ def profiled(dspark_bundle, tmp_path_factory, backend):
     # machine a 1-row round once timed 4.8 ms against 0.8 ms for 8 rows)
     assert table["draft_length"] == Generator(copy, backend=backend).draft_length
     assert len(table["draft_seconds"]) == 4 and all(seconds > 0 for seconds in table["draft_seconds"])
+    assert len(table["draft_read_seconds"]) == 4 and all(seconds >= 0 for seconds in table["draft_read_seconds"])
     assert table["draft_cost_per_position"] is False  # one call drafts the block, whatever the rows keep of it
     assert Bundle.open(copy).read_json(profile_key(backend)) == table  # recorded in the manifest, hash verified
     return copy

@@ -98,16 +98,22 @@ struct Engine::Impl {
     size_t n = seqs.size();
     int rows = static_cast<int>(n);
     int draft_length = block_schedule ? block_schedule->cap(rows, k()) : k();
-    if (draft_length && !scheduler->should_draft(rows)) draft_length = 0;  // the scheduler expects no pay here
-    std::vector<int64_t> anchors(n);
-    std::vector<int> caps(n);
+    std::vector<int64_t> anchors(n), left(n);  // left: tokens a row may still generate
+    int64_t total_left = 0;
     for (size_t r = 0; r < n; ++r) {
       Sequence& s = *seqs[r];
       anchors[r] = static_cast<int64_t>(s.tokens.size()) - 1;
-      int64_t room = std::min<int64_t>(s.request.max_new_tokens - static_cast<int64_t>(s.result.generated.size()),
-                                       bundle.max_context - static_cast<int64_t>(s.tokens.size())) - 1;
-      caps[r] = s.done() ? 0 : static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(draft_length, room)));
+      left[r] = s.done() ? 0
+                         : std::min<int64_t>(s.request.max_new_tokens - static_cast<int64_t>(s.result.generated.size()),
+                                             bundle.max_context - static_cast<int64_t>(s.tokens.size()));
+      total_left += left[r];
     }
+    double mean_left = static_cast<double>(total_left) / static_cast<double>(n);
+    if (draft_length && !scheduler->should_draft(rows, proposer->backlog(seqs), mean_left))
+      draft_length = 0;  // the scheduler expects no pay here
+    std::vector<int> caps(n);
+    for (size_t r = 0; r < n; ++r)
+      caps[r] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(draft_length, left[r] - 1)));
     auto drafting = Clock::now();
     std::vector<Proposal> proposals = proposer ? proposer->propose(seqs, caps) : std::vector<Proposal>(n);
     if (proposer) clock.draft_s += since(drafting);

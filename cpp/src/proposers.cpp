@@ -56,6 +56,13 @@ class DraftLMProposer : public Proposer {
   void keep(const std::vector<int>& rows) override { cache_.keep_rows(rows); }
   void add(int count, std::vector<std::vector<float>>*) override { cache_.add_rows(cache_.empty_like(count)); }
 
+  int backlog(const std::vector<Sequence*>& seqs) const override {
+    int64_t unread = 0;
+    for (size_t r = 0; r < seqs.size(); ++r)
+      unread = std::max(unread, static_cast<int64_t>(seqs[r]->tokens.size()) - cache_.lens[r]);
+    return static_cast<int>(std::max<int64_t>(0, unread - kRoundReads));
+  }
+
   std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& row_caps) override {
     std::vector<Proposal> proposals(seqs.size());
     for (auto& p : proposals) p.has_confidence = true;
@@ -134,6 +141,7 @@ class DraftLMProposer : public Proposer {
   }
 
   static constexpr double kStopSurvival = 0.1;  // DraftLMProposer.STOP_SURVIVAL
+  static constexpr int kRoundReads = 1;  // DraftLMProposer.ROUND_READS: the anchor
 
   const Bundle& bundle_;
   std::unique_ptr<Decoder> decoder_;
@@ -175,6 +183,12 @@ class BlockProposer : public Proposer {
   void add(int count, std::vector<std::vector<float>>* features) override {
     cache_.add_rows(cache_.empty_like(count));
     for (int i = 0; i < count; ++i) pending_.push_back(std::move((*features)[i]));
+  }
+
+  int backlog(const std::vector<Sequence*>&) const override {
+    size_t unread = 0;
+    for (const auto& p : pending_) unread = std::max(unread, p.size() / static_cast<size_t>(width_));
+    return std::max(0, static_cast<int>(unread) - kRoundReads);
   }
 
   std::vector<Proposal> propose(std::vector<Sequence*>& seqs, const std::vector<int>& caps) override {
@@ -269,6 +283,7 @@ class BlockProposer : public Proposer {
   KVCache cache_;
   int width_ = 0, chunk_ = 0;
   std::vector<std::vector<float>> pending_;  // per row: target feature rows not yet in the context cache
+  static constexpr int kRoundReads = 2;  // BlockProposer.ROUND_READS: the anchor's feature and one accepted draft's
   std::vector<float> feats_, t32_, n32_, probs_scratch_, conf_scratch_;
   int law_width_ = 0;  // entries of a drafted token's law: the target's vocabulary or the drafter's subset
   std::vector<uint16_t> feats16_, t16_, n16_;
@@ -304,6 +319,7 @@ class LookupProposer : public Proposer {
   void add(int count, std::vector<std::vector<float>>* features) override {
     if (inner_) inner_->add(count, features);
   }
+  int backlog(const std::vector<Sequence*>& seqs) const override { return inner_ ? inner_->backlog(seqs) : 0; }
 
   // the continuation of the most recent, longest earlier occurrence of the last tokens (at most cap tokens)
   std::vector<int64_t> lookup(const std::vector<int64_t>& tokens, int cap) const {

@@ -24,6 +24,9 @@ class Proposer {
   // accepted count
   virtual void commit(const Decoder& target, const std::vector<int64_t>& anchors, const std::vector<int>& drafted,
                       const std::vector<int>& verified, const std::vector<int>& accepted) = 0;
+  // what the next round reads first beyond a round's own, on the widest row (proposers.py's backlog): a new row's
+  // prompt, and one token (or target feature) for each round the row sat out
+  virtual int backlog(const std::vector<Sequence*>& seqs) const = 0;
   virtual bool wants_features() const { return false; }
   // whether its drafts carry confidence logits (what the sps scheduler reads)
   virtual bool has_confidence() const { return true; }

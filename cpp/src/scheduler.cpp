@@ -49,14 +49,20 @@ double StepsPerSecond::operator()(double r, double w) const {
   return (top * (1 - fr) + bottom * fr) / scale;
 }
 
-double StepsPerSecond::draft_cost(int r) const {
-  // schedulers.py's StepsPerSecond.draft_cost
+double StepsPerSecond::by_rows(const std::vector<double>& values, int r) const {
+  // schedulers.py's StepsPerSecond._by_rows
   double x = static_cast<double>(r);
-  if (x >= rows.back()) return draft_seconds.back() * x / rows.back();
+  if (x >= rows.back()) return values.back() * x / rows.back();
   size_t i = static_cast<size_t>(std::upper_bound(rows.begin(), rows.end(), x) - rows.begin());
   i = i == 0 ? 0 : i - 1;
-  if (x <= rows[i]) return draft_seconds[i];
-  return draft_seconds[i] + (x - rows[i]) * (draft_seconds[i + 1] - draft_seconds[i]) / (rows[i + 1] - rows[i]);
+  if (x <= rows[i]) return values[i];
+  return values[i] + (x - rows[i]) * (values[i + 1] - values[i]) / (rows[i + 1] - rows[i]);
+}
+
+double StepsPerSecond::draft_cost(int r) const { return by_rows(draft_seconds, r); }
+
+double StepsPerSecond::read_cost(int r, int backlog) const {
+  return backlog && !draft_read_seconds.empty() ? backlog * by_rows(draft_read_seconds, r) : 0.0;
 }
 
 namespace {
@@ -142,13 +148,17 @@ Scheduler::Scheduler(const Bundle& bundle, const Options& options, bool drafts_w
   }
   if ((asked == "auto" || asked == "sps") && options.backend == "ort" && options.provider == "cpu") {
     if (auto table = bundle.read_json("profiles/ort-" + cpu_device_name() + ".json")) {
-      StepsPerSecond t{numbers(table->at("rows"), "rows"), numbers(table->at("widths"), "widths"), {}, {}};
+      StepsPerSecond t;
+      t.rows = numbers(table->at("rows"), "rows");
+      t.widths = numbers(table->at("widths"), "widths");
       for (const auto& row : table->at("steps_per_second").items("steps_per_second"))
         t.steps_per_second.push_back(numbers(row, "steps_per_second"));
       if (table->has("draft_seconds")) t.draft_seconds = numbers(table->at("draft_seconds"), "draft_seconds");
       if (table->has("draft_length")) t.draft_length = static_cast<int>(table->at("draft_length").integer());
       if (table->has("draft_cost_per_position"))
         t.draft_cost_per_position = table->at("draft_cost_per_position").boolean("draft_cost_per_position");
+      if (table->has("draft_read_seconds"))
+        t.draft_read_seconds = numbers(table->at("draft_read_seconds"), "draft_read_seconds");
       table_ = std::move(t);
     }
   }
@@ -202,12 +212,13 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
   return lengths;
 }
 
-bool Scheduler::should_draft(int rows) {
+bool Scheduler::should_draft(int rows, int backlog, double tokens_left) {
   // schedulers.py's SpsScheduler.should_draft: not where every row's sure first draft would not pay for the wider
   // call; where the drafter was profiled, only if the remembered rounds replayed at `rows` rows (each at the width
-  // sps chooses for rows of its survival, its draft call priced in) beat plain decoding; after kProbeEvery rounds
-  // priced out, one drafts to refresh the memory, or after more where one costs more than kProbeShare of the plain
-  // steps between probes
+  // sps chooses for rows of its survival, its draft call priced in) beat plain decoding by enough, over the rounds
+  // left, to repay reading the drafter's backlog; after kProbeEvery rounds priced out, one drafts to refresh the
+  // memory, or after more where one (a round's loss and the backlog) costs more than kProbeShare of the plain steps
+  // between probes
   if (kind_ != Kind::sps) return true;
   const StepsPerSecond& table = *table_;
   if (!(2 * table(rows, 2) > table(rows, 1))) return false;
@@ -226,8 +237,12 @@ bool Scheduler::should_draft(int rows) {
     seconds += draft_cost(rows, positions) + 1 / rates[static_cast<size_t>(width)];
   }
   double plain = rows * rates[0];  // tokens/s
-  double loss = (seconds - tokens / plain) / static_cast<double>(recent_.size()) * rates[0];  // extra plain steps
-  if (loss < 0 || refused_ >= std::max(static_cast<double>(kProbeEvery), loss / kProbeShare)) {
+  double remembered = static_cast<double>(recent_.size());
+  double loss = (seconds - tokens / plain) / remembered * rates[0];  // extra plain steps a round
+  double tokens_a_round = tokens / remembered / rows;  // a row's
+  double debt = table.read_cost(rows, backlog) * table(rows, 1);  // in plain steps
+  bool pays = loss < 0 && (debt == 0 || -loss * tokens_left / tokens_a_round > debt);
+  if (pays || refused_ >= std::max(static_cast<double>(kProbeEvery), (loss + debt) / kProbeShare)) {
     refused_ = 0;
     return true;
   }

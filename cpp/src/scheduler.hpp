@@ -30,9 +30,16 @@ struct StepsPerSecond {
   // drafts fewer costs that share (schedulers.py's StepsPerSecond)
   int draft_length = 0;
   bool draft_cost_per_position = false;
+  // [rows]: seconds each token a round's drafter reads first beyond a round's own adds to it; empty: not profiled
+  std::vector<double> draft_read_seconds;
   double operator()(double r, double w) const;
   // seconds of a draft round over `rows` rows: linear between profiled counts, in proportion beyond the last
   double draft_cost(int rows) const;
+  // seconds a backlog of `backlog` tokens (on the widest row) adds to the next draft round; 0 where not profiled
+  double read_cost(int rows, int backlog) const;
+
+ private:
+  double by_rows(const std::vector<double>& values, int rows) const;  // linear between counts, in proportion beyond
 };
 
 // Algorithm 1 over per-row confidences of drafts 1..n (proposed[r] of them), admitting whole widths
@@ -48,9 +55,10 @@ class Scheduler {
   Scheduler(const Bundle& bundle, const Options& options, bool drafts_with_confidence);
   // verify lengths for the round's proposals (sps also remembers what the drafts were worth)
   std::vector<int> choose(const std::vector<Proposal>& proposals);
-  // whether a round over `rows` rows should draft at all, from the row count and past rounds only
-  // (schedulers.py's should_draft); called once for each round that may draft
-  bool should_draft(int rows);
+  // whether a round over `rows` rows should draft at all, its drafter first reading `backlog` tokens beyond a
+  // round's own, with `tokens_left` tokens a row still to generate, from these and past rounds only (schedulers.py's
+  // should_draft); called once for each round that may draft
+  bool should_draft(int rows, int backlog, double tokens_left);
 
  private:
   enum class Kind { fixed, threshold, sps };

@@ -292,12 +292,13 @@ class Generator:
         max_context = self.bundle.limits.max_context
         schedule = self.block_schedule
         draft_length = schedule.cap(len(seqs), self.draft_length) if schedule else self.draft_length
-        if draft_length and not self.scheduler.should_draft(len(seqs)) and self.proposer.has_confidence:
+        left = [0 if s.done else min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens))
+                for s in seqs]
+        proposer = self.proposer  # None on the device step, which verifies whole blocks (the fixed scheduler)
+        if draft_length and proposer and proposer.has_confidence and not self.scheduler.should_draft(
+                len(seqs), proposer.backlog(seqs), sum(left) / len(seqs)):
             draft_length = 0  # the scheduler expects a draft not to pay here
-        caps = []
-        for s in seqs:
-            room = min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens)) - 1
-            caps.append(0 if s.done else max(0, min(draft_length, room)))
+        caps = [max(0, min(draft_length, n - 1)) for n in left]
         start = time.perf_counter()
         emitted = self._device_round(seqs, caps) if self.device_step else self._host_round(seqs, caps)
         seconds = time.perf_counter() - start

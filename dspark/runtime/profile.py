@@ -3,9 +3,10 @@ a draft round of the bundle's drafter costs by rows.
 
 The table feeds the ``sps`` scheduler. Method: for each row count on the bundle's ladder in turn, warm up every
 width, then time repeated verify calls on a cache filled to ``context`` entries, round-robin over the widths so
-drift hits every width alike (sps weighs widths against each other at one row count), and keep the median. Then, with a drafter, the median of repeated draft rounds at every
-row count on the ladder (rows anchored after ``context`` tokens of the built-in code prompts). Stored in the bundle
-as ``profiles/<backend>-<device>.json``.
+drift hits every width alike (sps weighs widths against each other at one row count), and keep the median. Then,
+with a drafter, the median of repeated draft rounds at every row count on the ladder (rows anchored after
+``context`` tokens of the built-in code prompts), and what each token of a backlog the drafter reads first adds to
+a round there. Stored in the bundle as ``profiles/<backend>-<device>.json``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from dspark.runtime.backends import make_runner
 from dspark.runtime.schedulers import device_name, profile_key
 
 
-# target features a block drafter reads at the start of a timed round: the anchor's and one accepted draft's (the
-# SmolLM2 drafters accept 1.2-2 drafts a round)
-FED_FEATURES = 2
+# tokens a row's drafter reads first in the rounds that time reading (its cost per token: the timed round with them
+# less the round without, over them)
+BACKLOG = 32
 
 
 def ladder(limit: int) -> list[int]:
@@ -91,7 +92,7 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
     }
     drafts = draft_seconds(bundle, backend, threads, device, rows, context, repeats, warmup, progress)
     if drafts:
-        table["draft_length"], table["draft_seconds"] = drafts
+        table["draft_length"], table["draft_seconds"], table["draft_read_seconds"] = drafts
         # a draft LM's round is a call per position, and in a run it stops early (StepsPerSecond's field)
         table["draft_cost_per_position"] = bundle.draft.method == "draft-lm"
     bundle.add_file(profile_key(backend, device), json.dumps(table, indent=2) + "\n")
@@ -99,13 +100,14 @@ def profile_bundle(bundle_dir, backend: str = "ort", threads: int = 0, context: 
 
 
 def draft_seconds(bundle: Bundle, backend: str, threads: int, device: str, rows: list[int], context: int, repeats: int,
-                  warmup: int, progress: bool) -> tuple[int, list[float]] | None:
-    """The bundle's draft length and the median seconds of one draft round at each of ``rows`` (None without a
-    drafter the host loop calls): what a round pays before its verify call, which ``sps`` weighs against what the
-    drafts are expected to gain before it lets a round draft. The rows are timed one count after another (each
-    count's rows are set up apart), not round-robin as the verify table is, and every timed round follows a target
-    verify call, as in a run: the target's weights pass through the caches between two draft rounds (SmolLM2's int4
-    DSpark drafter, one row: 1.4 ms a round back to back, 1.9 ms after a verify call, 1.55 ms measured in a run)."""
+                  warmup: int, progress: bool) -> tuple[int, list[float], list[float]] | None:
+    """The bundle's draft length, the median seconds of one draft round at each of ``rows``, and the seconds each
+    token of a backlog adds to it there (None without a drafter the host loop calls): what a round pays before its
+    verify call, which ``sps`` weighs against what the drafts are expected to gain before it lets a round draft. The
+    rows are timed one count after another (each count's rows are set up apart), not round-robin as the verify table
+    is, and every timed round follows a target verify call, as in a run: the target's weights pass through the
+    caches between two draft rounds (SmolLM2's int4 DSpark drafter, one row: 1.4 ms a round back to back, 1.9 ms
+    after a verify call, 1.55 ms measured in a run). Rounds with a ``BACKLOG`` to read alternate with plain ones."""
     from dspark.runtime.generate import Generator
     from dspark.runtime.proposers import DraftLMProposer
 
@@ -120,33 +122,37 @@ def draft_seconds(bundle: Bundle, backend: str, threads: int, device: str, rows:
     if isinstance(gen.proposer, DraftLMProposer):
         gen.proposer.STOP_SURVIVAL = 0.0
     tokens = [t for p in builtin_prompts("code") for t in gen.tokenizer.encode(p.text)]
-    text = (tokens * (context // len(tokens) + 1))[: max(context, 1)]
-    seconds = []
+    text = (tokens * (context // len(tokens) + 1))[: max(context, BACKLOG + 2)]
+    seconds, reads = [], []
     for r in tqdm(rows, desc="profile drafts", disable=not progress, unit="rows"):
-        _, calls, clean_up = cost_probe(gen, r, text)
+        _, calls, clean_up = cost_probe(gen, r, text, BACKLOG)
         try:
             for _ in range(warmup):
                 calls["t_draft_ms"]()
-            times = []
+                calls["t_draft_backlog_ms"]()
+            times = {"t_draft_ms": [], "t_draft_backlog_ms": []}
             for _ in range(repeats):
-                calls["t_verify_ms"]()
-                start = time.perf_counter()
-                calls["t_draft_ms"]()
-                times.append(time.perf_counter() - start)
+                for name, timed in times.items():
+                    calls["t_verify_ms"]()
+                    start = time.perf_counter()
+                    calls[name]()
+                    timed.append(time.perf_counter() - start)
         finally:
             clean_up()
-        seconds.append(statistics.median(times))
-    return gen.draft_length, seconds
+        seconds.append(statistics.median(times["t_draft_ms"]))
+        reads.append(max(0.0, statistics.median(times["t_draft_backlog_ms"]) - seconds[-1]) / BACKLOG)
+    return gen.draft_length, seconds, reads
 
 
-def cost_probe(gen, rows: int, text: list[int]):
+def cost_probe(gen, rows: int, text: list[int], backlog: int = 0):
     """The calls a round of ``gen`` is made of, each a closure over ``rows`` rows with a cache filled to ``len(text)``:
     ``t1_ms`` (a target call of 1 token a row) and, with a proposer, ``t_verify_ms`` (draft_length + 1 tokens a
-    row) and ``t_draft_ms`` (one draft round; a lookup draft runs no graph, so a round costs what the draft it
-    wraps costs on rows without a match, and it drafts after ``text``: a draft LM that stops early where it is
-    unsure drafts what it would on real text); returned with the context used (at most the bundle's limit allows) and
-    the clean-up that drops the rows it set up. None for the device step, whose round is one captured call that
-    cannot be timed apart."""
+    row) and ``t_draft_ms`` (one draft round, reading the proposer's ``ROUND_READS`` first; a lookup draft runs no
+    graph, so a round costs what the draft it wraps costs on rows without a match, and it drafts after ``text``: a
+    draft LM that stops early where it is unsure drafts what it would on real text), and with ``backlog``
+    ``t_draft_backlog_ms`` (the round reading that many tokens a row more first); returned with the context used (at
+    most the bundle's limit allows) and the clean-up that drops the rows it set up. None for the device step, whose
+    round is one captured call that cannot be timed apart."""
     from dspark.runtime.decoder import decoder_cache, run_decoder
     from dspark.runtime.generate import Request
 
@@ -165,34 +171,40 @@ def cost_probe(gen, rows: int, text: list[int]):
     calls["t_verify_ms"] = lambda: run_decoder(gen.target, cache, [[1] * (draft_length + 1)] * rows)
     if proposer is None:
         return context, calls, lambda: None
-    # one draft round for ``rows`` rows anchored at ``context``; a draft LM is rewound to re-read the anchor
+    # one draft round for ``rows`` rows anchored at ``context``, the proposer cut back to read again what it reads
     gen.max_batch = rows
     seqs = [gen.submit(Request(list(text), max_new_tokens=draft_length + 2, ignore_eos=True)) for _ in range(rows)]
     gen.admit()
     anchors = [len(s.tokens) - 1 for s in seqs]
     proposer.propose(seqs, [draft_length] * rows)  # a draft LM reads the context here, once
 
-    if getattr(proposer, "reads_features", False):
-        # a block drafter's round first turns the target features of what the last round accepted into context (its
-        # draft_context call), then drafts: each timed round reads FED_FEATURES of them again (SmolLM2's int4 DSpark
-        # drafter, one row: 0.95 ms a round without that call, 1.55 ms measured in a run)
-        n = min(FED_FEATURES, *anchors)
-        starts = [a - n for a in anchors]
-        fed = {"hidden": np.zeros((rows, n, proposer.feature_width), dtype=proposer.cache.k.dtype)}
+    def draft_round(reads: int):
+        reads = min(reads, *anchors)
+        if getattr(proposer, "reads_features", False):
+            # a block drafter's round first turns the target features of what the last round accepted into context
+            # (its draft_context call), then drafts (SmolLM2's int4 DSpark drafter, one row: 0.95 ms a round without
+            # that call, 1.55 ms measured in a run)
+            starts = [a - reads for a in anchors]
+            fed = {"hidden": np.zeros((rows, reads, proposer.feature_width), dtype=proposer.cache.k.dtype)}
 
-        def draft_round():
-            proposer.rewind(starts)
-            proposer.commit(starts, None, None, [n - 1] * rows, fed)
-            proposer.propose(seqs, [draft_length] * rows)
-    else:
-        def draft_round():
-            proposer.rewind(anchors)
-            proposer.propose(seqs, [draft_length] * rows)
+            def run():
+                proposer.rewind(starts)
+                proposer.commit(starts, None, None, [reads - 1] * rows, fed)
+                proposer.propose(seqs, [draft_length] * rows)
+        else:
+            starts = [a + 1 - reads for a in anchors]  # a draft LM reads from its cache's end to the anchor
+
+            def run():
+                proposer.rewind(starts)
+                proposer.propose(seqs, [draft_length] * rows)
+        return run
 
     def clean_up():
         for s in seqs:
             gen.cancel(s)
         gen.step()  # drops the cancelled rows from the target and draft caches
 
-    calls["t_draft_ms"] = draft_round
+    calls["t_draft_ms"] = draft_round(proposer.ROUND_READS)
+    if backlog:
+        calls["t_draft_backlog_ms"] = draft_round(proposer.ROUND_READS + backlog)
     return context, calls, clean_up

@@ -1,7 +1,8 @@
 """Drafts: what proposes tokens for the target to verify.
 
 Two proposers share one interface (``keep``/``add`` rows as sequences leave and join, ``propose`` up to a cap
-per row, ``commit`` what the target accepted, ``rewind`` to repeat a round when timing it):
+per row, ``commit`` what the target accepted, ``rewind`` to repeat a round when timing it, ``backlog``: what the
+next round reads first beyond a round's own ``ROUND_READS``):
 
 - ``DraftLMProposer``: a small LM with the target's tokenizer, one sequential single-token step per draft token. Its cache may
   lag the committed tokens; each round it first catches up on what it has not read (the anchor, and the last
@@ -85,6 +86,7 @@ class DraftLMProposer:
     has_confidence = True  # whether proposals carry confidence logits
     # a draft whose chance of being reached and accepted is under this rarely pays for its draft step and verify slot
     STOP_SURVIVAL = 0.1
+    ROUND_READS = 1  # tokens a round reads before drafting, each row: the anchor (and a round that drafted is timed so)
 
     def __init__(self, bundle: Bundle, runner, draft_length: int):
         self.bundle = bundle
@@ -100,6 +102,12 @@ class DraftLMProposer:
 
     def add(self, count: int, features=None) -> None:
         self.cache.add_rows(self.cache.empty_like(count))
+
+    def backlog(self, seqs) -> int:
+        """Committed tokens the next round reads first beyond ``ROUND_READS``, on the widest row (one call pads the
+        others to it): a new row's prompt, and one token for each round the row sat out."""
+        unread = max((len(s.tokens) - n for s, n in zip(seqs, self.cache.lens)), default=0)
+        return max(0, unread - self.ROUND_READS)
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
         cache, chunk = self.cache, self.bundle.limits.prefill_chunk
@@ -160,6 +168,9 @@ class DraftLMProposer:
 
 class BlockProposer:
     reads_features = True
+    # target features a round reads into context before drafting, each row: the anchor's and one accepted draft's
+    # (the SmolLM2 drafters accept 1.2-2 drafts a round), as profile.py times a round
+    ROUND_READS = 2
 
     def __init__(self, bundle: Bundle, runner, draft_length: int):
         self.bundle = bundle
@@ -183,6 +194,12 @@ class BlockProposer:
     def add(self, count: int, features: list[list[np.ndarray]]) -> None:
         self.cache.add_rows(self.cache.empty_like(count))
         self.pending += features
+
+    def backlog(self, seqs) -> int:
+        """Target features the next round reads first beyond ``ROUND_READS``, on the widest row (one context call
+        pads the others to it): a new row's prompt, and one feature for each round the row sat out."""
+        unread = max((sum(len(f) for f in p) for p in self.pending), default=0)
+        return max(0, unread - self.ROUND_READS)
 
     def _flush_context(self) -> None:
         """Turn pending feature rows into context K/V at each row's next positions."""
@@ -325,6 +342,9 @@ class LookupProposer:
     def rewind(self, anchors: list[int]) -> None:
         if self.inner:
             self.inner.rewind(anchors)
+
+    def backlog(self, seqs) -> int:
+        return self.inner.backlog(seqs) if self.inner else 0
 
     def propose(self, seqs, caps: list[int]) -> list[Proposal]:
         drafts = [self.draft(s.tokens, c) for s, c in zip(seqs, caps)]

@@ -105,22 +105,34 @@ class StepsPerSecond:
     # them, and a round that drafts fewer costs that share (a block drafter's one call costs the same whatever)
     draft_length: int | None = None
     draft_cost_per_position: bool = False
+    # [len(rows)]: seconds that each further token a round's drafter reads first (beyond what a profiled round reads:
+    # a drafter that sat out rounds, or a new row's prompt) adds to its round; None where not profiled
+    draft_read_seconds: list[float] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepsPerSecond":
         return cls(d["rows"], d["widths"], d["steps_per_second"], d.get("draft_seconds"), d.get("draft_length"),
-                   bool(d.get("draft_cost_per_position", False)))
+                   bool(d.get("draft_cost_per_position", False)), d.get("draft_read_seconds"))
 
     def draft_cost(self, rows: int) -> float:
-        """Seconds of a draft round over ``rows`` rows: linear between profiled counts, and beyond the last in
+        """Seconds of a draft round over ``rows`` rows."""
+        return self._by_rows(self.draft_seconds, rows)
+
+    def read_cost(self, rows: int, backlog: int) -> float:
+        """Seconds that a drafter's backlog (``backlog`` tokens beyond a round's own, on its widest row: a call pads
+        every row to it) adds to its next round over ``rows`` rows; 0 where the profile did not time reading."""
+        return backlog * self._by_rows(self.draft_read_seconds, rows) if backlog and self.draft_read_seconds else 0.0
+
+    def _by_rows(self, values: list[float], rows: int) -> float:
+        """A per-row-count profile value at ``rows``: linear between profiled counts, and beyond the last in
         proportion to the rows (as verify calls beyond the table)."""
-        axis, seconds = self.rows, self.draft_seconds
+        axis = self.rows
         if rows >= axis[-1]:
-            return seconds[-1] * rows / axis[-1]
+            return values[-1] * rows / axis[-1]
         i = max(bisect.bisect_right(axis, rows) - 1, 0)
         if rows <= axis[i]:
-            return seconds[i]
-        return seconds[i] + (rows - axis[i]) * (seconds[i + 1] - seconds[i]) / (axis[i + 1] - axis[i])
+            return values[i]
+        return values[i] + (rows - axis[i]) * (values[i + 1] - values[i]) / (axis[i + 1] - axis[i])
 
     def __call__(self, rows: int, width: int) -> float:
         r = self._interp_index(self.rows, rows)
@@ -178,9 +190,10 @@ class Scheduler:
     def _choose(self, confidences, proposed):
         return list(proposed)
 
-    def should_draft(self, rows: int) -> bool:
-        """Whether a round over ``rows`` rows should draft at all (False: it decodes plainly). It reads the row count
-        and past rounds only, never this round's drafts, so output stays exact."""
+    def should_draft(self, rows: int, backlog: int = 0, tokens_left: float = math.inf) -> bool:
+        """Whether a round over ``rows`` rows should draft at all (False: it decodes plainly), its drafter first
+        reading ``backlog`` tokens beyond a round's own, with ``tokens_left`` tokens a row still to generate. It reads
+        these and past rounds only, never this round's drafts, so output stays exact."""
         return True
 
     def _fallback(self, reason: str) -> None:
@@ -226,10 +239,10 @@ class SpsScheduler(Scheduler):
         # over its drafting rows (a row that drafted fewer positions adds 0 past them), and the positions the round
         # drafted (its longest row's)
         self.recent: collections.deque[tuple[np.ndarray, int]] = collections.deque(maxlen=self.MEMORY)
-        # by row count: what a replayed round of the memory loses against plain decoding (replay_loss) under this
-        # scheduler's table, until the memory changes; rounds priced out change nothing, and replaying them anew
+        # by row count: what a replayed round of the memory loses against plain decoding and emits (replay) under
+        # this scheduler's table, until the memory changes; rounds priced out change nothing, and replaying them anew
         # cost 0.1 ms a round in Python (10 us with this)
-        self.replayed: dict[int, float] = {}
+        self.replayed: dict[int, tuple[float, float]] = {}
         self.refused = 0  # rounds in a row should_draft priced out
 
     def _choose(self, confidences, proposed):
@@ -257,7 +270,7 @@ class SpsScheduler(Scheduler):
     PROBE_EVERY = 16
     PROBE_SHARE = 0.02
 
-    def should_draft(self, rows: int) -> bool:
+    def should_draft(self, rows: int, backlog: int = 0, tokens_left: float = math.inf) -> bool:
         """No round drafts where not even every row's sure first draft would pay for the wider verify call (the
         early stop would end the search there). Where the profile timed the drafter, a round drafts only if the
         remembered rounds, replayed at ``rows`` rows (each at the width sps chooses for rows of its survival, with
@@ -268,8 +281,17 @@ class SpsScheduler(Scheduler):
         margin turned off SmolLM2 int4's draft LM at one request (1.02x against 1.09x drafting every round) and
         changed nothing at 16 requests. Rounds are replayed one by one, not their mean survival, because sps
         verifies each round as far as its own drafts are sure: the mean priced SmolLM2 int4's draft LM at 1.07x
-        plain where it ran 1.28x. After ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory (a probe),
-        or after more where one costs more than ``PROBE_SHARE`` of the plain steps between probes."""
+        plain where it ran 1.28x.
+
+        A drafter that has not read every committed token (``backlog``: tokens beyond a round's own on its widest
+        row, a new row's prompt or the rounds it sat out) reads them first, once: drafting starts only where what
+        the replayed rounds gain over the rounds left (``tokens_left``, a row's mean tokens still to generate, at
+        the replayed tokens a round) repays it. Unpriced, SmolLM2 fp32's draft LM at 16 requests spent 137 ms on its
+        first round (16 prompts read) and 38 ms on each probe (16 rounds sat out) beside 47 ms steps: 0.94x plain.
+
+        After ``PROBE_EVERY`` rounds priced out, one drafts to refresh the memory (a probe), or after more where a
+        probe (a replayed round's loss and the backlog) costs more than ``PROBE_SHARE`` of the plain steps between
+        probes."""
         table = self.table
         if table is None or not self.early_stop:
             return True
@@ -277,19 +299,22 @@ class SpsScheduler(Scheduler):
             return False
         if table.draft_seconds is None or not self.recent:
             return True
-        loss = self.replayed.get(rows)
-        if loss is None:
-            loss = self.replayed[rows] = self.replay_loss(rows)
-        if loss < 0 or self.refused >= max(self.PROBE_EVERY, loss / self.PROBE_SHARE):
+        replayed = self.replayed.get(rows)
+        if replayed is None:
+            replayed = self.replayed[rows] = self.replay(rows)
+        loss, tokens_a_round = replayed
+        debt = table.read_cost(rows, backlog) * table(rows, 1)  # in plain steps
+        pays = loss < 0 and (not debt or -loss * tokens_left / tokens_a_round > debt)
+        if pays or self.refused >= max(self.PROBE_EVERY, (loss + debt) / self.PROBE_SHARE):
             self.refused = 0
             return True
         self.refused += 1
         return False
 
-    def replay_loss(self, rows: int) -> float:
-        """Plain steps that a remembered round, replayed at ``rows`` rows (at the width sps chooses for rows of its
-        survival, its draft call priced in), costs beyond plain decoding of the tokens it is expected to emit; below
-        0 where the remembered rounds pay."""
+    def replay(self, rows: int) -> tuple[float, float]:
+        """The remembered rounds replayed at ``rows`` rows (each at the width sps chooses for rows of its survival,
+        its draft call priced in): the plain steps a round costs beyond plain decoding of the tokens it is expected
+        to emit (below 0 where they pay), and the tokens a row is expected to emit a round."""
         table = self.table
         longest = max(positions for _, positions in self.recent)
         rates = [table(rows, 1 + j) for j in range(longest + 1)]
@@ -299,7 +324,8 @@ class SpsScheduler(Scheduler):
             tokens += expected
             seconds += self.draft_cost(rows, positions) + 1 / rates[width]
         plain = rows * rates[0]  # tokens/s
-        return (seconds - tokens / plain) / len(self.recent) * rates[0]
+        rounds = len(self.recent)
+        return (seconds - tokens / plain) / rounds * rates[0], tokens / rounds / rows
 
     def draft_cost(self, rows: int, positions: int) -> float:
         """Seconds of a draft round over ``rows`` rows that drafted ``positions`` positions: the profiled round, or
