@@ -338,7 +338,8 @@ def steep_from_two_rows(bundle: Path) -> None:
 def dear_drafts_from_two_rows(bundle: Path) -> None:
     """Verify calls are cheap at any number of rows, but a draft round over two rows or more costs 10 s: once sps
     has seen what drafts are worth, it drafts for one request only."""
-    made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: 1e-6 if rows == 1 else 10.0)
+    made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: 1e-6 if rows == 1 else 10.0,
+                    draft_read_seconds=[0.0] * 3)
 
 
 def assert_token_numbers_ignore_the_call(bundle_dir: Path) -> None:

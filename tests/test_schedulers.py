@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_speculative_equals_plain, dear_drafts_from_two_rows, made_up_profile, steep_from_two_rows
+from conftest import (assert_speculative_equals_plain, cheap_verify, dear_drafts_from_two_rows, made_up_profile,
+                      steep_from_two_rows)
 from dspark.bundle import Bundle
 from dspark.errors import DsparkError
 from dspark.runtime.calibration import GRID, calibrate_bundle, ece, fit_sts
@@ -202,6 +203,11 @@ def test_a_profile_without_the_drafters_cost_asks_to_profile_again(dspark_bundle
         Generator(bundle, scheduler="sps")
         Generator(bundle, scheduler="sps", use_draft=False)  # nothing to price without a drafter
     assert [r.getMessage().endswith(f"run 'dspark profile {bundle}' again") for r in caplog.records] == [True]
+    made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: 0.01)  # a round, but not reading a backlog
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dspark"):
+        Generator(bundle, scheduler="sps")
+    assert len(caplog.records) == 1
     dear_drafts_from_two_rows(bundle)
     caplog.clear()
     with caplog.at_level("WARNING", logger="dspark"):

@@ -180,10 +180,11 @@ class Generator:
         table = load_table(self.bundle, backend, device)
         self.scheduler = make_scheduler(scheduler, threshold, table,
                                         has_confidence=bool(self.proposer and self.proposer.has_confidence))
-        if self.scheduler.name == "sps" and table and "draft_seconds" not in table and self.draft_length and use_draft:
-            log.warning("this bundle's profile did not time its drafter, so sps cannot weigh a draft round's cost "
-                        "before drafting and may draft where it does not pay (many requests at once); run 'dspark "
-                        "profile %s' again", self.bundle.path)
+        timed = {"draft_seconds", "draft_read_seconds"}  # a draft round, and what a backlog adds to it
+        if self.scheduler.name == "sps" and table and not timed <= table.keys() and self.draft_length and use_draft:
+            log.warning("this bundle's profile did not time its drafter (a round, and reading what it has not read), "
+                        "so sps cannot weigh a draft round's cost before drafting and may draft where it does not pay "
+                        "(many requests at once); run 'dspark profile %s' again", self.bundle.path)
         self.calibration = load_calibration(self.bundle)
         self.block_schedule = make_block_schedule(block_schedule)
         self.cache = decoder_cache(self.bundle.target.config, 0, self.bundle,
