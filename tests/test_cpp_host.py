@@ -299,17 +299,18 @@ def test_rounds_sps_expects_nothing_of_are_not_drafted(host, name, profile, requ
     assert max(want[1].drafted[1:]) > 0
 
 
-@pytest.mark.parametrize("name", ["qwen3_bundle", "dspark_bundle"])
-def test_priced_out_drafts_are_probed_now_and_then_as_python(host, name, request, tmp_path):
+@pytest.mark.parametrize("name, dear", [("qwen3_bundle", 0.025), ("dspark_bundle", 0.02)])
+def test_priced_out_drafts_are_probed_now_and_then_as_python(host, name, dear, request, tmp_path):
     """Draft rounds priced out at every row count: after the first round, probes draft anyway now and then (sps's
     memory learns only from rounds that draft), the more seldom the more a round is priced to lose (a round of 20 ms
-    beside a 10 ms step: more than PROBE_EVERY refused rounds between probes; of 10 s: none), the host's rounds the
-    Python runtime's, trace row for trace row; the draft LM's round priced by the positions it drafts (the profile's
-    draft_length and draft_cost_per_position read alike)."""
+    beside a 10 ms step, a draft LM's whole round of 25 ms, of which its probes draft a share: more than PROBE_EVERY
+    refused rounds between probes; of 10 s: none), the host's rounds the Python runtime's, trace row for trace row;
+    the draft LM's round priced by the positions it drafts (the profile's draft_length and draft_cost_per_position
+    read alike)."""
     bundle = tmp_path / "bundle"
     shutil.copytree(request.getfixturevalue(name), bundle)
     drafted = {}
-    for seconds in (0.02, 10.0):
+    for seconds in (dear, 10.0):
         made_up_profile(bundle, cheap_verify, draft_seconds=lambda rows: seconds,
                         draft_length=Bundle.open(bundle).draft.draft_length,
                         draft_cost_per_position=name == "qwen3_bundle")
@@ -317,7 +318,7 @@ def test_priced_out_drafts_are_probed_now_and_then_as_python(host, name, request
                                       lengths=[9, 31, 80], scheduler="sps")
         longest = max(want, key=lambda w: len(w.drafted))
         drafted[seconds] = [i for i, d in enumerate(longest.drafted) if d]
-    probes = drafted[0.02]
+    probes = drafted[dear]
     assert len(probes) >= 2 and probes[0] == 0 and min(np.diff(probes)) > SpsScheduler.PROBE_EVERY + 1
     assert drafted[10.0] == [0]
 

@@ -159,6 +159,24 @@ def test_sps_drafts_where_the_rounds_left_repay_the_drafters_backlog():
     assert unpriced.should_draft(1, 100, 1)  # a profile that did not time reading: the backlog costs nothing
 
 
+def test_a_draft_lm_drafts_one_past_the_widest_verify_its_remembered_rounds_get():
+    """Positions past the verify are drafted for nothing: a drafter that pays by the position drafts one past the
+    widest width the remembered rounds get replayed at the current rows; a block drafter, whose one call drafts the
+    block whatever it keeps, drafts it whole."""
+    rates = [[100.0, 95.0, 90.0, 85.0, 80.0], [50.0, 42.0, 36.0, 30.0, 26.0]]
+    per_position = StepsPerSecond(rows=[1, 4], widths=[1, 2, 3, 4, 5], steps_per_second=rates,
+                                  draft_seconds=[0.001, 0.004], draft_length=4, draft_cost_per_position=True)
+    sps = SpsScheduler(per_position)
+    assert sps.draft_positions(4, 4) == 4  # nothing remembered yet
+    sps.choose([np.array([0.9, 0.8, 0.5, 0.5])] * 4, [4] * 4)
+    # 4 rows: width 2 (4 + 3.6 + 2.88 = 10.48 tokens x 36 > 7.6 x 42; the third position's 1.44 more x 30 is less);
+    # 1 row: every position pays (1 + 0.9 + 0.72 + 0.36 + 0.18, each x the next rate, rises to width 4)
+    assert sps.draft_positions(4, 4) == 3 and sps.draft_positions(1, 4) == 4
+    whole = SpsScheduler(StepsPerSecond(per_position.rows, per_position.widths, rates, per_position.draft_seconds, 4))
+    whole.choose([np.array([0.9, 0.8, 0.5, 0.5])] * 4, [4] * 4)
+    assert whole.draft_positions(4, 4) == 4
+
+
 def test_sps_replays_remembered_rounds_rather_than_their_mean_survival():
     """sps verifies each round as far as its own drafts are sure: half the rounds sure of two drafts and half unsure
     of any pay (each at its own width) where rows of their mean survival would not."""

@@ -109,8 +109,10 @@ struct Engine::Impl {
       total_left += left[r];
     }
     double mean_left = static_cast<double>(total_left) / static_cast<double>(n);
-    if (draft_length && !scheduler->should_draft(rows, proposer->backlog(seqs), mean_left))
-      draft_length = 0;  // the scheduler expects no pay here
+    if (draft_length)
+      draft_length = scheduler->should_draft(rows, proposer->backlog(seqs), mean_left)
+                         ? scheduler->draft_positions(rows, draft_length)
+                         : 0;  // the scheduler expects no pay here
     std::vector<int> caps(n);
     for (size_t r = 0; r < n; ++r)
       caps[r] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(draft_length, left[r] - 1)));

@@ -223,31 +223,47 @@ bool Scheduler::should_draft(int rows, int backlog, double tokens_left) {
   const StepsPerSecond& table = *table_;
   if (!(2 * table(rows, 2) > table(rows, 1))) return false;
   if (table.draft_seconds.empty() || recent_.empty()) return true;
+  Replay r = replay(rows);
+  double debt = table.read_cost(rows, backlog) * table(rows, 1);  // in plain steps
+  bool pays = r.loss < 0 && (debt == 0 || -r.loss * tokens_left / r.tokens_a_round > debt);
+  if (pays || refused_ >= std::max(static_cast<double>(kProbeEvery), (r.loss + debt) / kProbeShare)) {
+    refused_ = 0;
+    return true;
+  }
+  ++refused_;
+  return false;
+}
+
+int Scheduler::draft_positions(int rows, int length) const {
+  // schedulers.py's SpsScheduler.draft_positions: a drafter that pays by the position drafts one past the widest
+  // verify a remembered round gets replayed at these rows
+  if (kind_ != Kind::sps || recent_.empty()) return length;
+  const StepsPerSecond& table = *table_;
+  if (table.draft_seconds.empty() || !table.draft_cost_per_position) return length;
+  return std::min(length, replay(rows).widest + 1);
+}
+
+Scheduler::Replay Scheduler::replay(int rows) const {
+  // schedulers.py's SpsScheduler.replay
+  const StepsPerSecond& table = *table_;
   int longest = 0;
   for (const auto& round : recent_) longest = std::max(longest, round.second);
   std::vector<double> rates;  // steps/s of a call 1 + j tokens wide over these rows
   for (int j = 0; j <= longest; ++j) rates.push_back(table(rows, 1.0 + j));
   auto rate = [&](size_t w) { return rates[w - 1]; };
   double tokens = 0, seconds = 0;
+  int widest = 0;
   for (const auto& [survival, positions] : recent_) {
     std::vector<double> gains(survival.size());
     for (size_t k = 0; k < gains.size(); ++k) gains[k] = rows * survival[k];
     auto [width, expected] = best_width(rows, gains, rate);
     tokens += expected;
     seconds += draft_cost(rows, positions) + 1 / rates[static_cast<size_t>(width)];
+    widest = std::max(widest, width);
   }
   double plain = rows * rates[0];  // tokens/s
   double remembered = static_cast<double>(recent_.size());
-  double loss = (seconds - tokens / plain) / remembered * rates[0];  // extra plain steps a round
-  double tokens_a_round = tokens / remembered / rows;  // a row's
-  double debt = table.read_cost(rows, backlog) * table(rows, 1);  // in plain steps
-  bool pays = loss < 0 && (debt == 0 || -loss * tokens_left / tokens_a_round > debt);
-  if (pays || refused_ >= std::max(static_cast<double>(kProbeEvery), (loss + debt) / kProbeShare)) {
-    refused_ = 0;
-    return true;
-  }
-  ++refused_;
-  return false;
+  return {(seconds - tokens / plain) / remembered * rates[0], tokens / remembered / rows, widest};
 }
 
 double Scheduler::draft_cost(int rows, int positions) const {

@@ -59,6 +59,9 @@ class Scheduler {
   // round's own, with `tokens_left` tokens a row still to generate, from these and past rounds only (schedulers.py's
   // should_draft); called once for each round that may draft
   bool should_draft(int rows, int backlog, double tokens_left);
+  // how many of `length` positions a round over `rows` rows that drafts should draft (schedulers.py's
+  // draft_positions): a draft LM one past the widest verify its remembered rounds get at these rows
+  int draft_positions(int rows, int length) const;
 
  private:
   enum class Kind { fixed, threshold, sps };
@@ -71,6 +74,13 @@ class Scheduler {
   std::deque<std::pair<std::vector<double>, int>> recent_;
   int refused_ = 0;  // rounds in a row should_draft priced out
   double draft_cost(int rows, int positions) const;
+  // the remembered rounds replayed at `rows` rows: plain steps a round loses (below 0: gains), tokens a row emits
+  // a round, and the widest verify (schedulers.py's SpsScheduler.replay)
+  struct Replay {
+    double loss, tokens_a_round;
+    int widest;
+  };
+  Replay replay(int rows) const;
 };
 
 // Draft length by number of running rows (dspark/runtime/schedulers.py's block schedules)

@@ -296,9 +296,11 @@ class Generator:
         left = [0 if s.done else min(s.request.max_new_tokens - len(s.generated), max_context - len(s.tokens))
                 for s in seqs]
         proposer = self.proposer  # None on the device step, which verifies whole blocks (the fixed scheduler)
-        if draft_length and proposer and proposer.has_confidence and not self.scheduler.should_draft(
-                len(seqs), proposer.backlog(seqs), sum(left) / len(seqs)):
-            draft_length = 0  # the scheduler expects a draft not to pay here
+        if draft_length and proposer and proposer.has_confidence:
+            if self.scheduler.should_draft(len(seqs), proposer.backlog(seqs), sum(left) / len(seqs)):
+                draft_length = self.scheduler.draft_positions(len(seqs), draft_length)
+            else:
+                draft_length = 0  # the scheduler expects a draft not to pay here
         caps = [max(0, min(draft_length, n - 1)) for n in left]
         start = time.perf_counter()
         emitted = self._device_round(seqs, caps) if self.device_step else self._host_round(seqs, caps)
