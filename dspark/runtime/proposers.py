@@ -86,7 +86,7 @@ class DraftLMProposer:
     has_confidence = True  # whether proposals carry confidence logits
     # a draft whose chance of being reached and accepted is under this rarely pays for its draft step and verify slot
     STOP_SURVIVAL = 0.1
-    ROUND_READS = 1  # tokens a round reads before drafting, each row: the anchor (and a round that drafted is timed so)
+    ROUND_READS = 1  # tokens a round reads before drafting, each row: the anchor (as profile.py times a round)
 
     def __init__(self, bundle: Bundle, runner, draft_length: int):
         self.bundle = bundle
