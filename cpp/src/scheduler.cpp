@@ -200,6 +200,7 @@ std::vector<int> Scheduler::choose(const std::vector<Proposal>& proposals) {
       for (size_t k = 0; k < gains.size(); ++k) survival[k] = gains[k] / drafting;
       if (recent_.size() == kMemory) recent_.pop_front();
       recent_.emplace_back(std::move(survival), static_cast<int>(gains.size()));
+      replayed_.clear();
     }
     int width = best_width(static_cast<int>(proposed.size()), gains, *table_).first;
     std::vector<int> lengths(proposed.size());
@@ -223,7 +224,7 @@ bool Scheduler::should_draft(int rows, int backlog, double tokens_left) {
   const StepsPerSecond& table = *table_;
   if (!(2 * table(rows, 2) > table(rows, 1))) return false;
   if (table.draft_seconds.empty() || recent_.empty()) return true;
-  Replay r = replay(rows);
+  const Replay& r = replayed(rows);
   double debt = table.read_cost(rows, backlog) * table(rows, 1);  // in plain steps
   bool pays = r.loss < 0 && (debt == 0 || -r.loss * tokens_left / r.tokens_a_round > debt);
   if (pays || refused_ >= std::max(static_cast<double>(kProbeEvery), (r.loss + debt) / kProbeShare)) {
@@ -234,13 +235,19 @@ bool Scheduler::should_draft(int rows, int backlog, double tokens_left) {
   return false;
 }
 
-int Scheduler::draft_positions(int rows, int length) const {
+int Scheduler::draft_positions(int rows, int length) {
   // schedulers.py's SpsScheduler.draft_positions: a drafter that pays by the position drafts one past the widest
   // verify a remembered round gets replayed at these rows
   if (kind_ != Kind::sps || recent_.empty()) return length;
   const StepsPerSecond& table = *table_;
   if (table.draft_seconds.empty() || !table.draft_cost_per_position) return length;
-  return std::min(length, replay(rows).widest + 1);
+  return std::min(length, replayed(rows).widest + 1);
+}
+
+const Scheduler::Replay& Scheduler::replayed(int rows) {
+  auto found = replayed_.find(rows);
+  if (found == replayed_.end()) found = replayed_.emplace(rows, replay(rows)).first;
+  return found->second;
 }
 
 Scheduler::Replay Scheduler::replay(int rows) const {

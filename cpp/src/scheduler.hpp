@@ -61,7 +61,7 @@ class Scheduler {
   bool should_draft(int rows, int backlog, double tokens_left);
   // how many of `length` positions a round over `rows` rows that drafts should draft (schedulers.py's
   // draft_positions): a draft LM one past the widest verify its remembered rounds get at these rows
-  int draft_positions(int rows, int length) const;
+  int draft_positions(int rows, int length);
 
  private:
   enum class Kind { fixed, threshold, sps };
@@ -81,6 +81,10 @@ class Scheduler {
     int widest;
   };
   Replay replay(int rows) const;
+  // replay(rows) by row count until the memory changes (schedulers.py's SpsScheduler.replayed): a round that drafts
+  // asks for it twice, once whether and once how far to draft
+  std::map<int, Replay> replayed_;
+  const Replay& replayed(int rows);
 };
 
 // Draft length by number of running rows (dspark/runtime/schedulers.py's block schedules)
