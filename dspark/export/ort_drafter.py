@@ -181,27 +181,30 @@ class _DrafterLowering(_Blocks):
         """``graphs.drafter.sample_rows``: tokens and q = softmax(logits / T) over the last axis; temperature and
         noise are broadcast to logits' shape but for that axis (of size 1). When no row samples, an ``If`` skips
         the inverse-CDF draw (cumulative sums over the vocabulary, a quarter of a greedy round's kernel time)."""
+        return tuple(self.branch(self.any_hot, lambda: self.draw(logits, temperature, noise),
+                                 lambda: self.pick(logits), [TensorProto.INT64, TensorProto.FLOAT]))
+
+    def pick(self, logits: str) -> tuple[str, str]:
+        """Greedy rows: the argmax over the last axis (dropped) and q = softmax(logits)."""
         g = self.g
+        return g.op1("ArgMax", [logits], axis=-1, keepdims=0), g.op1("Softmax", [logits], axis=-1)
 
-        def greedy():
-            return g.op1("ArgMax", [logits], axis=-1, keepdims=0), g.op1("Softmax", [logits], axis=-1)
-
-        def sampled():
-            hot = g.op1("Greater", [temperature, g.const("zero_f", np.array(0, np.float32))])
-            divisor = g.op1("Where", [hot, temperature, g.const("one_f", np.array(1, np.float32))])
-            probs = g.op1("Softmax", [g.op1("Div", [logits, divisor])], axis=-1)
-            cdf = g.op1("CumSum", [probs, g.const("cumsum_axis", np.array(-1, np.int64))])
-            total = g.op1("Slice", [cdf, self.const_i64("last_from", [-1]),
-                                    self.const_i64("last_to", [np.iinfo(np.int64).max]), self.const_i64("last_axis", [-1])])
-            below = g.op1("Less", [cdf, g.op1("Mul", [noise, total])])
-            drawn = g.op1("ReduceSum", [g.op1("Cast", [below], to=TensorProto.INT64), self.const_i64("last_axis", [-1])],
-                          keepdims=0)
-            drawn = g.op1("Min", [drawn, self.const_i64("top_index", self.c.head_size - 1)])
-            index = g.op1("Where", [g.op1("Squeeze", [hot, self.const_i64("last_axis", [-1])]), drawn,
-                                    g.op1("ArgMax", [logits], axis=-1, keepdims=0)])
-            return index, probs
-
-        return tuple(self.branch(self.any_hot, sampled, greedy, [TensorProto.INT64, TensorProto.FLOAT]))
+    def draw(self, logits: str, temperature: str, noise: str) -> tuple[str, str]:
+        """Rows with a temperature draw by inverse CDF at ``noise``; rows at temperature 0 take the argmax."""
+        g = self.g
+        hot = g.op1("Greater", [temperature, g.const("zero_f", np.array(0, np.float32))])
+        divisor = g.op1("Where", [hot, temperature, g.const("one_f", np.array(1, np.float32))])
+        probs = g.op1("Softmax", [g.op1("Div", [logits, divisor])], axis=-1)
+        cdf = g.op1("CumSum", [probs, g.const("cumsum_axis", np.array(-1, np.int64))])
+        total = g.op1("Slice", [cdf, self.const_i64("last_from", [-1]),
+                                self.const_i64("last_to", [np.iinfo(np.int64).max]), self.const_i64("last_axis", [-1])])
+        below = g.op1("Less", [cdf, g.op1("Mul", [noise, total])])
+        drawn = g.op1("ReduceSum", [g.op1("Cast", [below], to=TensorProto.INT64), self.const_i64("last_axis", [-1])],
+                      keepdims=0)
+        drawn = g.op1("Min", [drawn, self.const_i64("top_index", self.c.head_size - 1)])
+        index = g.op1("Where", [g.op1("Squeeze", [hot, self.const_i64("last_axis", [-1])]), drawn,
+                                g.op1("ArgMax", [logits], axis=-1, keepdims=0)])
+        return index, probs
 
     def branch(self, condition: str, then, otherwise, types: list[int]) -> list[str]:
         """An ``If`` node whose branches are what ``then()`` and ``otherwise()`` build (both return names of
@@ -216,31 +219,60 @@ class _DrafterLowering(_Blocks):
         return g.op("If", [condition], len(types), then_branch=bodies[0], else_branch=bodies[1])
 
     def markov(self, normed: str, base: str, temperature: str, batch: str) -> tuple[str, str, str]:
-        """The sequential stage: each drafted token's W1 row biases the next position's logits."""
+        """The sequential stage: each drafted token's W1 row biases the next position's logits. The unrolled
+        steps keep a position axis of size 1 ([B, 1, .]) so they need no reshapes, the whole loop sits in one
+        ``If`` (greedy or sampled) instead of one per position, and the confidence head runs once over the block
+        after it: the SmolLM2 drafter runs 121 nodes a greedy call instead of 176, 3-4% faster (fp32 3.20 -> 3.11 ms,
+        int8 1.90 -> 1.83 ms; ``bench/draft_graphs_ab.py``)."""
         g, c, d = self.g, self.c, self.d
-        head = d.markov_head
-        w1 = g.weight("markov_head.markov_w1.weight", head.markov_w1.weight)
+        n, w1 = c.block_size, g.weight("markov_head.markov_w1.weight", d.markov_head.markov_w1.weight)
         second = self.const_i64("second_axis", [1])
-        prev = "anchor"
+        anchor = g.op1("Unsqueeze", ["anchor", second])  # [B, 1]
         if c.draft_vocab_size:
-            prev = g.op1("Gather", [self.const_i64("vocab_index", d.vocab_index.numpy()), prev], axis=0)
-        state = None
+            anchor = g.op1("Gather", [self.const_i64("vocab_index", d.vocab_index.numpy()), anchor], axis=0)
+        bases = g.op("Split", [base], n, axis=1, num_outputs=n)  # n x [B, 1, N]
+        features = g.op("Split", [normed], n, axis=1, num_outputs=n) if d.markov_head.kind != "vanilla" else None
+
+        def greedy():
+            return self.markov_steps(anchor, bases, features, batch, lambda logits, k: self.pick(logits))
+
+        def sampled():
+            temperatures = g.op1("Unsqueeze", [temperature, self.const_i64("last_axis", [-1])])  # [B, 1, 1]
+            noises = g.op("Split", [g.op1("Unsqueeze", ["noise", self.const_i64("last_axis", [-1])])], n, axis=1,
+                          num_outputs=n)
+            return self.markov_steps(anchor, bases, features, batch,
+                                     lambda logits, k: self.draw(logits, temperatures, noises[k]))
+
+        index, probs = self.branch(self.any_hot, sampled, greedy, [TensorProto.INT64, TensorProto.FLOAT])
+        if not c.enable_confidence_head:
+            return index, probs, self.zeros(batch, n)
+        # the W1 row each position's bias read: the anchor's, then each drafted index's but the last
+        drafted = g.op1("Slice", [index, self.const_i64("first", [0]), self.const_i64("all_but_last", [n - 1]), second])
+        features = normed
+        if c.confidence_uses_markov:
+            rows = g.op1("Gather", [w1, g.op1("Concat", [anchor, drafted], axis=1)], axis=0)  # [B, n, r]
+            features = g.op1("Concat", [normed, rows], axis=-1)
+        return index, probs, g.op1("Squeeze", [self.to_float(self.confidence(features)), self.const_i64("last_axis", [-1])])
+
+    def markov_steps(self, anchor: str, bases: list[str], features: list[str] | None, batch: str, choose):
+        """The unrolled Markov head: ``choose(logits [B, 1, N], k)`` -> (index [B, 1], q [B, 1, N]) at each
+        position. Returns the drafted indices [B, n] and their laws [B, n, N]."""
+        g, c, head = self.g, self.c, self.d.markov_head
+        w1 = "markov_head.markov_w1.weight"
+        prev, state, tokens, probs = anchor, None, [], []
         if head.kind == "rnn":
-            state = g.op1("Expand", [g.weight("rnn_state0", torch.zeros(1, c.markov_rank)),
-                                     g.op1("Concat", [batch, self.const_i64("rank", [c.markov_rank])], axis=0)])
-        tokens, probs, confs = [], [], []
-        for k in range(c.block_size):
-            step = self.const_i64(f"position_{k}", k)
-            e = g.op1("Gather", [w1, prev], axis=0)  # [B, r]
-            hk = g.op1("Gather", [normed, step], axis=1)  # [B, d]
+            state = g.op1("Expand", [g.weight("rnn_state0", torch.zeros(1, 1, c.markov_rank)),
+                                     g.op1("Concat", [batch, self.const_i64("one_rank", [1, c.markov_rank])], axis=0)])
+        for k, base in enumerate(bases):
+            e = g.op1("Gather", [w1, prev], axis=0)  # [B, 1, r]
             if head.kind == "vanilla":
                 bias_in = e
             elif head.kind == "gated":
-                gate = g.op1("Sigmoid", [self.linear(g.op1("Concat", [hk, e], axis=-1), head.gate_proj.weight,
+                gate = g.op1("Sigmoid", [self.linear(g.op1("Concat", [features[k], e], axis=-1), head.gate_proj.weight,
                                                      head.gate_proj.bias, "markov_head.gate_proj")])
                 bias_in = g.op1("Mul", [gate, e])
             else:
-                joint = self.linear(g.op1("Concat", [state, e, hk], axis=-1), head.joint_proj.weight,
+                joint = self.linear(g.op1("Concat", [state, e, features[k]], axis=-1), head.joint_proj.weight,
                                     head.joint_proj.bias, "markov_head.joint_proj")
                 gamma, cand, out = g.op("Split", [joint], 3, axis=-1, num_outputs=3)
                 keep = g.op1("Sigmoid", [gamma])
@@ -249,17 +281,10 @@ class _DrafterLowering(_Blocks):
                                                           g.op1("Sub", [g.op1("Tanh", [cand]), state])])])
                 bias_in = g.op1("Tanh", [out])
             bias = self.to_float(self.linear(bias_in, head.markov_w2.weight, None, "markov_head.markov_w2"))
-            logits = g.op1("Add", [g.op1("Gather", [base, step], axis=1), bias])
-            noise = g.op1("Unsqueeze", [g.op1("Gather", ["noise", step], axis=1), second])
-            index, q = self.sample(logits, temperature, noise)
-            if c.enable_confidence_head:
-                feats = g.op1("Concat", [hk, e], axis=-1) if c.confidence_uses_markov else hk
-                confs.append(self.to_float(self.confidence(feats)))  # [B, 1]
-            tokens.append(g.op1("Unsqueeze", [index, second]))
-            probs.append(g.op1("Unsqueeze", [q, second]))
-            prev = index  # a drafted index is its own W1 row
-        conf = g.op1("Concat", confs, axis=1) if confs else self.zeros(batch, c.block_size)
-        return g.op1("Concat", tokens, axis=1), g.op1("Concat", probs, axis=1), conf
+            prev, q = choose(g.op1("Add", [base, bias]), k)  # a drafted index is its own W1 row
+            tokens.append(prev)
+            probs.append(q)
+        return g.op1("Concat", tokens, axis=1), g.op1("Concat", probs, axis=1)
 
     def model(self, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
         graph = helper.make_graph(self.g.nodes, name, inputs, outputs, self.g.initializers)
