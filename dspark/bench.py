@@ -154,10 +154,24 @@ class Configuration:
         return f"{self.method}{sched}@c{self.concurrency}"
 
 
+def settle(step_s: float = 0.005, quiet_s: float = 0.001, limit_s: float = 0.5) -> None:
+    """Wait until this process's threads are idle. ONNX Runtime's idle pool threads spin for about 50 ms after a
+    call returns (onnxruntime 1.32, 2 cores: a whole core), so the engine timed next would share the cores with the
+    one timed before: a SmolLM2 prefill after another engine's run took 15-37 ms longer, depending on the order."""
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        busy = time.process_time()
+        time.sleep(step_s)
+        if time.process_time() - busy < quiet_s:
+            return
+
+
 def run_closed_loop(gen, requests: list, concurrency: int) -> Run:
-    """Keep ``concurrency`` requests in flight until all are done; time every emitted token."""
+    """Keep ``concurrency`` requests in flight until all are done; time every emitted token. The process settles
+    first, so what ran before does not share the cores."""
     if gen.has_work():
         raise DsparkError("the engine still has work from a previous run")
+    settle()
     gen.max_batch = concurrency
     gen.clock = RoundClock()  # counts afresh
     pending = collections.deque(requests)
@@ -250,6 +264,7 @@ def call_costs(generators: dict, rows: int, text: list[int], repeats: int) -> di
                 fn()
         for _ in range(repeats):
             for key, (_, calls, _) in live.items():
+                settle()  # each generator's calls as in its own loop: the last one's pool is not spinning beside them
                 for name, fn in calls.items():
                     start = time.perf_counter()
                     fn()
