@@ -231,34 +231,38 @@ class _DrafterLowering(_Blocks):
         if c.draft_vocab_size:
             anchor = g.op1("Gather", [self.const_i64("vocab_index", d.vocab_index.numpy()), anchor], axis=0)
         bases = g.op("Split", [base], n, axis=1, num_outputs=n)  # n x [B, 1, N]
-        features = g.op("Split", [normed], n, axis=1, num_outputs=n) if d.markov_head.kind != "vanilla" else None
+        # a gated or rnn head also reads each position's hidden state
+        hidden = g.op("Split", [normed], n, axis=1, num_outputs=n) if d.markov_head.kind != "vanilla" else None
+
+        def steps(choose):
+            return self.markov_steps(w1, anchor, bases, hidden, batch, choose)
 
         def greedy():
-            return self.markov_steps(anchor, bases, features, batch, lambda logits, k: self.pick(logits))
+            return steps(lambda logits, k: self.pick(logits))
 
         def sampled():
             temperatures = g.op1("Unsqueeze", [temperature, self.const_i64("last_axis", [-1])])  # [B, 1, 1]
             noises = g.op("Split", [g.op1("Unsqueeze", ["noise", self.const_i64("last_axis", [-1])])], n, axis=1,
                           num_outputs=n)
-            return self.markov_steps(anchor, bases, features, batch,
-                                     lambda logits, k: self.draw(logits, temperatures, noises[k]))
+            return steps(lambda logits, k: self.draw(logits, temperatures, noises[k]))
 
         index, probs = self.branch(self.any_hot, sampled, greedy, [TensorProto.INT64, TensorProto.FLOAT])
         if not c.enable_confidence_head:
             return index, probs, self.zeros(batch, n)
         # the W1 row each position's bias read: the anchor's, then each drafted index's but the last
         drafted = g.op1("Slice", [index, self.const_i64("first", [0]), self.const_i64("all_but_last", [n - 1]), second])
-        features = normed
+        confidence_in = normed
         if c.confidence_uses_markov:
             rows = g.op1("Gather", [w1, g.op1("Concat", [anchor, drafted], axis=1)], axis=0)  # [B, n, r]
-            features = g.op1("Concat", [normed, rows], axis=-1)
-        return index, probs, g.op1("Squeeze", [self.to_float(self.confidence(features)), self.const_i64("last_axis", [-1])])
+            confidence_in = g.op1("Concat", [normed, rows], axis=-1)
+        return index, probs, g.op1("Squeeze", [self.to_float(self.confidence(confidence_in)),
+                                               self.const_i64("last_axis", [-1])])
 
-    def markov_steps(self, anchor: str, bases: list[str], features: list[str] | None, batch: str, choose):
-        """The unrolled Markov head: ``choose(logits [B, 1, N], k)`` -> (index [B, 1], q [B, 1, N]) at each
-        position. Returns the drafted indices [B, n] and their laws [B, n, N]."""
+    def markov_steps(self, w1: str, anchor: str, bases: list[str], hidden: list[str] | None, batch: str, choose):
+        """The unrolled Markov head over W1 ``w1``: ``choose(logits [B, 1, N], k)`` -> (index [B, 1], q [B, 1, N])
+        at each position (``hidden``: each position's [B, 1, d] state, for a gated or rnn head). Returns the drafted
+        indices [B, n] and their laws [B, n, N]."""
         g, c, head = self.g, self.c, self.d.markov_head
-        w1 = "markov_head.markov_w1.weight"
         prev, state, tokens, probs = anchor, None, [], []
         if head.kind == "rnn":
             state = g.op1("Expand", [g.weight("rnn_state0", torch.zeros(1, 1, c.markov_rank)),
@@ -268,11 +272,11 @@ class _DrafterLowering(_Blocks):
             if head.kind == "vanilla":
                 bias_in = e
             elif head.kind == "gated":
-                gate = g.op1("Sigmoid", [self.linear(g.op1("Concat", [features[k], e], axis=-1), head.gate_proj.weight,
+                gate = g.op1("Sigmoid", [self.linear(g.op1("Concat", [hidden[k], e], axis=-1), head.gate_proj.weight,
                                                      head.gate_proj.bias, "markov_head.gate_proj")])
                 bias_in = g.op1("Mul", [gate, e])
             else:
-                joint = self.linear(g.op1("Concat", [state, e, features[k]], axis=-1), head.joint_proj.weight,
+                joint = self.linear(g.op1("Concat", [state, e, hidden[k]], axis=-1), head.joint_proj.weight,
                                     head.joint_proj.bias, "markov_head.joint_proj")
                 gamma, cand, out = g.op("Split", [joint], 3, axis=-1, num_outputs=3)
                 keep = g.op1("Sigmoid", [gamma])
