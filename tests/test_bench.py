@@ -17,6 +17,8 @@ from dspark.bench import check_finite, mismatches, settle
 from dspark.prompts import builtin_prompts, load_prompts
 from dspark.cli import main
 
+from conftest import VOCAB
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -195,6 +197,32 @@ def test_bench_peers_onnxruntime_genai(qwen3_pair, qwen3_bundle, tmp_path):
     assert theirs["plain_tokens_per_second"] > 0 and theirs["requests"] == 2
     assert theirs["matches_dspark_plain"] is True  # their fp32 graph of the same weights: the same greedy tokens
     assert "onnxruntime-genai" in (out / "report.md").read_text()
+
+
+def test_transformers_assists_with_a_draft_lm_over_a_reduced_vocabulary(reduced_lm_bundle):
+    """The draft LM speaks ids of its own; wrapped, transformers' assisted generation drafts with it over the
+    target's ids (its logits at the target ids of its vocabulary, -inf elsewhere) and writes plain's tokens."""
+    import torch
+    import transformers
+
+    from dspark.bench import peer_module
+    from dspark.bundle import Bundle
+
+    hf = peer_module("hf_assisted")
+    draft = Bundle.open(reduced_lm_bundle, verify=False).draft
+    model = transformers.AutoModelForCausalLM.from_pretrained(draft.source).eval()
+    ids = torch.tensor([[5, 17, 3, 40]])
+    own = model(input_ids=torch.tensor([[draft.draft_vocab.index(i) if i in draft.draft_vocab else len(draft.draft_vocab)
+                                         for i in ids[0].tolist()]])).logits
+    wrapped = hf.TargetIdsDraft.wrap(model, draft.draft_vocab, VOCAB)(input_ids=ids).logits
+    assert wrapped.shape == (1, 4, VOCAB) and model.config.vocab_size == VOCAB
+    assert torch.equal(wrapped[..., list(draft.draft_vocab)], own[..., :len(draft.draft_vocab)])
+    outside = sorted(set(range(VOCAB)) - set(draft.draft_vocab))
+    assert torch.isneginf(wrapped[..., outside]).all()
+
+    report = hf.run_peer(reduced_lm_bundle, [[5, 17, 3], [40, 2]], 8, repeats=1, warmup=0, log=lambda *_: None)
+    assert report["status"] == "ok" and report["speculative"] == "assisted generation", report
+    assert report["speculative_matches_plain"] is True and report["speculative_tokens_per_second"] > 0
 
 
 def test_bench_peer_options_need_peers(qwen3_bundle, tmp_path):

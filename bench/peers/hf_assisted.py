@@ -9,10 +9,13 @@ with transformers and times, one request at a time (assisted generation takes ba
 
 Every request generates exactly N tokens (the stop id is one the model never produces), as ``dspark bench``
 does with end-of-sequence ignored. Reported: tokens/s = all new tokens / total generate time, median over repeats after one warm-up pass.
-Optional: skipped with a message when transformers is not installed or the checkpoint folders are not on this
-machine; assisted generation is left out (and says why) when the draft is not a draft LM (DSpark and DFlash
-drafters read the target's hidden features; ``assistant_model`` has no interface for them) or is one over a reduced
-draft vocabulary (its ids are not the target's: transformers refuses it as a model with another tokenizer).
+A draft LM over a reduced vocabulary (ids of its own, ``draft_vocab`` in the manifest) runs as the assistant
+through ``TargetIdsDraft``: the target ids it reads are mapped to its own, and its logits are placed at the target
+ids of its vocabulary (everywhere else -inf, its "any other token" class dropped), so it drafts exactly the tokens
+dspark's runtime drafts with it. Optional: skipped with a message when transformers is not installed or the
+checkpoint folders are not on this machine; assisted generation is left out (and says why) when the draft is not
+a draft LM (DSpark and DFlash drafters read the target's hidden features; ``assistant_model`` has no interface for
+them).
 
     python bench/peers/hf_assisted.py BUNDLE [--max-new-tokens 64] [--prompts code|prose|all|FILE] [--repeats 3]
 
@@ -21,6 +24,7 @@ draft vocabulary (its ids are not the target's: transformers refuses it as a mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -31,14 +35,38 @@ def skipped(reason: str) -> dict:
     return {"status": "skipped", "reason": reason}
 
 
+class TargetIdsDraft:
+    """Makes a draft LM over a reduced vocabulary speak the target's ids, for ``assistant_model``."""
+
+    @staticmethod
+    def wrap(model, draft_vocab, target_vocab_size: int):
+        import torch
+
+        subset = torch.tensor(draft_vocab, dtype=torch.long)
+        # target id -> draft id; every target id outside the subset is the draft's "any other token" id N
+        to_draft = torch.full((target_vocab_size,), len(draft_vocab), dtype=torch.long)
+        to_draft[subset] = torch.arange(len(draft_vocab))
+        base = type(model)
+
+        def forward(self, input_ids=None, **kwargs):
+            out = base.forward(self, input_ids=to_draft[input_ids], **kwargs)
+            logits = out.logits.new_full((*out.logits.shape[:-1], target_vocab_size), float("-inf"))
+            logits[..., subset] = out.logits[..., :len(draft_vocab)]  # id N is never drafted, as in dspark
+            out.logits = logits
+            return out
+
+        model.__class__ = type(f"TargetIds{base.__name__}", (base,), {"forward": forward})
+        model.config.vocab_size = target_vocab_size  # transformers pairs assistants by vocabulary size
+        return model
+
+
 def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_assistant_tokens: int | None = None,
              threads: int = 0, repeats: int = 3, warmup: int = 1, log=print) -> dict:
     from dspark.bundle import Bundle
 
     bundle = Bundle.open(bundle_dir, verify=False)
     draft = bundle.draft
-    # a draft LM over a reduced vocabulary reads and writes ids of its own, which assistant_model cannot map
-    assisted_too = draft is not None and draft.method == "draft-lm" and not draft.draft_vocab
+    assisted_too = draft is not None and draft.method == "draft-lm"
     try:
         import torch
         import transformers
@@ -54,13 +82,27 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
         torch.set_num_threads(threads)
     dtype = torch.float16 if bundle.dtype == "fp16" else torch.float32
 
+    @contextlib.contextmanager
+    def quiet():
+        # loading a reduced draft LM reports its draft_vocab tensor as unexpected; assisted generation warns about
+        # its own internal arguments
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+
     def load(src: str):
         source = Path(src)  # a GGUF file is read (and dequantized) by transformers' GGUF loader
         where, gguf = (source.parent, {"gguf_file": source.name}) if source.suffix == ".gguf" else (source, {})
-        return transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **gguf).eval()
+        with quiet():
+            return transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **gguf).eval()
 
     target = load(sources["target"])
     assistant = load(sources["draft"]) if assisted_too else None
+    if assistant is not None and draft.draft_vocab:
+        assistant = TargetIdsDraft.wrap(assistant, draft.draft_vocab, target.config.vocab_size)
     draft_length = (num_assistant_tokens or draft.draft_length) if assisted_too else None
     never = target.config.vocab_size
     pad = bundle.tokenizer.pad_token_id
@@ -85,9 +127,7 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
     modes = ("plain", "assisted") if assisted_too else ("plain",)
     rates = {mode: [] for mode in modes}
     outputs = {}
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # assisted generation warns about its own internal arguments
-    try:
+    with quiet():
         for p in range(warmup + repeats):
             for mode in modes:  # interleaved, as dspark bench does
                 tokens = seconds = 0
@@ -99,8 +139,6 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
                 outputs[mode] = outs
                 if p >= warmup:
                     rates[mode].append(tokens / seconds)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     report = {
         "status": "ok",
         "engine": "transformers",
@@ -116,9 +154,7 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
         "generated_token_ids": outputs["plain"],
     }
     if not assisted_too:
-        what = ("a draft LM over a reduced vocabulary (ids of its own)" if draft and draft.method == "draft-lm"
-                else f"{draft.method if draft else 'missing'}, not a draft LM")
-        report["speculative"] = f"no assisted generation: the bundle's draft is {what}"
+        report["speculative"] = f"no assisted generation: the bundle's draft is {draft.method if draft else 'missing'}, not a draft LM"
         return report
     assisted = statistics.median(rates["assisted"])
     return {**report, "speculative": "assisted generation", "draft_source": sources["draft"],
