@@ -15,9 +15,11 @@ a local Ray instance per count, the gateway in this process), and every level ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import statistics
+import sys
 import threading
 import time
 
@@ -114,6 +116,28 @@ def levels(url: str, headers: dict, args, settle_s: float = 0.0) -> list[dict]:
     return rows
 
 
+def measure(args, headers) -> tuple[list[dict], str]:
+    """Every level against the server the arguments name: Ray Serve replicas, an in-process server, or a URL."""
+    rows, url = [], args.url
+    if args.replicas:
+        from dspark.serve.cluster import PUSH_INTERVAL_S, ClusterOptions, cluster_thread
+
+        for n in (int(x) for x in args.replicas.split(",")):
+            with cluster_thread(args.bundle, ClusterOptions(replicas=n), threads=args.threads, max_batch=args.max_batch,
+                                max_queue=1024, log_level="warning") as (_, url):
+                rows += [dict(row, replicas=n) for row in levels(url, headers, args, settle_s=2 * PUSH_INTERVAL_S)]
+    elif args.bundle:
+        server, thread, url = start_server(args.bundle, args.threads, args.max_batch, max_queue=1024)
+        try:
+            rows = levels(url, headers, args)
+        finally:
+            server.should_exit = True
+            thread.join(30)
+    else:
+        rows = levels(url, headers, args)
+    return rows, url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", nargs="?", help="Bundle to serve in this process (or give --url).")
@@ -134,23 +158,10 @@ def main() -> None:
     if args.replicas and not args.bundle:
         parser.error("--replicas serves a BUNDLE")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    rows, url = [], args.url
-    if args.replicas:
-        from dspark.serve.cluster import PUSH_INTERVAL_S, ClusterOptions, cluster_thread
-
-        for n in (int(x) for x in args.replicas.split(",")):
-            with cluster_thread(args.bundle, ClusterOptions(replicas=n), threads=args.threads, max_batch=args.max_batch,
-                                max_queue=1024, log_level="warning") as (_, url):
-                rows += [dict(row, replicas=n) for row in levels(url, headers, args, settle_s=2 * PUSH_INTERVAL_S)]
-    elif args.bundle:
-        server, thread, url = start_server(args.bundle, args.threads, args.max_batch, max_queue=1024)
-        try:
-            rows = levels(url, headers, args)
-        finally:
-            server.should_exit = True
-            thread.join(30)
-    else:
-        rows = levels(url, headers, args)
+    # --json keeps stdout for the report: Ray's log monitor prints its processes' lines (a raylet's warning while a
+    # deployment shuts down) to the driver's stdout
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        rows, url = measure(args, headers)
     report = {"machine": machine_info(args.threads), "url": url, "bundle": args.bundle, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "levels": rows}
     if args.json:
