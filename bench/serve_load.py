@@ -15,8 +15,8 @@ a local Ray instance per count, the gateway in this process), and every level ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import json
 import statistics
 import sys

@@ -214,7 +214,7 @@ def test_transformers_assists_with_a_draft_lm_over_a_reduced_vocabulary(reduced_
     ids = torch.tensor([[5, 17, 3, 40]])
     own = model(input_ids=torch.tensor([[draft.draft_vocab.index(i) if i in draft.draft_vocab else len(draft.draft_vocab)
                                          for i in ids[0].tolist()]])).logits
-    wrapped = hf.TargetIdsDraft.wrap(model, draft.draft_vocab, VOCAB)(input_ids=ids).logits
+    wrapped = hf.target_ids_draft(model, draft.draft_vocab, VOCAB)(input_ids=ids).logits
     assert wrapped.shape == (1, 4, VOCAB) and model.config.vocab_size == VOCAB
     assert torch.equal(wrapped[..., list(draft.draft_vocab)], own[..., :len(draft.draft_vocab)])
     outside = sorted(set(range(VOCAB)) - set(draft.draft_vocab))

@@ -10,9 +10,8 @@ with transformers and times, one request at a time (assisted generation takes ba
 Every request generates exactly N tokens (the stop id is one the model never produces), as ``dspark bench``
 does with end-of-sequence ignored. Reported: tokens/s = all new tokens / total generate time, median over repeats after one warm-up pass.
 A draft LM over a reduced vocabulary (ids of its own, ``draft_vocab`` in the manifest) runs as the assistant
-through ``TargetIdsDraft``: the target ids it reads are mapped to its own, and its logits are placed at the target
-ids of its vocabulary (everywhere else -inf, its "any other token" class dropped), so it drafts exactly the tokens
-dspark's runtime drafts with it. Optional: skipped with a message when transformers is not installed or the
+through ``target_ids_draft`` (its ids mapped to the target's both ways), so it drafts what dspark's runtime drafts
+with it. Optional: skipped with a message when transformers is not installed or the
 checkpoint folders are not on this machine; assisted generation is left out (and says why) when the draft is not
 a draft LM (DSpark and DFlash drafters read the target's hidden features; ``assistant_model`` has no interface for
 them).
@@ -35,29 +34,28 @@ def skipped(reason: str) -> dict:
     return {"status": "skipped", "reason": reason}
 
 
-class TargetIdsDraft:
-    """Makes a draft LM over a reduced vocabulary speak the target's ids, for ``assistant_model``."""
+def target_ids_draft(model, draft_vocab, target_vocab_size: int):
+    """Makes a transformers draft LM over a reduced vocabulary read and score the target's ids, for
+    ``assistant_model``: the ids it reads are mapped to its own (``draft_index``), and its logits are placed at the
+    target ids of its vocabulary, -inf elsewhere (its id N for every other token is dropped: dspark never drafts it)."""
+    import torch
 
-    @staticmethod
-    def wrap(model, draft_vocab, target_vocab_size: int):
-        import torch
+    from dspark.runtime.proposers import draft_index
 
-        subset = torch.tensor(draft_vocab, dtype=torch.long)
-        # target id -> draft id; every target id outside the subset is the draft's "any other token" id N
-        to_draft = torch.full((target_vocab_size,), len(draft_vocab), dtype=torch.long)
-        to_draft[subset] = torch.arange(len(draft_vocab))
-        base = type(model)
+    subset = torch.tensor(draft_vocab, dtype=torch.long)
+    to_draft = torch.from_numpy(draft_index(draft_vocab, target_vocab_size))
+    base = type(model)
 
-        def forward(self, input_ids=None, **kwargs):
-            out = base.forward(self, input_ids=to_draft[input_ids], **kwargs)
-            logits = out.logits.new_full((*out.logits.shape[:-1], target_vocab_size), float("-inf"))
-            logits[..., subset] = out.logits[..., :len(draft_vocab)]  # id N is never drafted, as in dspark
-            out.logits = logits
-            return out
+    def forward(self, input_ids=None, **kwargs):
+        out = base.forward(self, input_ids=to_draft[input_ids], **kwargs)
+        logits = out.logits.new_full((*out.logits.shape[:-1], target_vocab_size), float("-inf"))
+        logits[..., subset] = out.logits[..., :len(draft_vocab)]
+        out.logits = logits
+        return out
 
-        model.__class__ = type(f"TargetIds{base.__name__}", (base,), {"forward": forward})
-        model.config.vocab_size = target_vocab_size  # transformers pairs assistants by vocabulary size
-        return model
+    model.__class__ = type(f"TargetIds{base.__name__}", (base,), {"forward": forward})
+    model.config.vocab_size = target_vocab_size  # transformers pairs assistants by vocabulary size
+    return model
 
 
 def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_assistant_tokens: int | None = None,
@@ -102,7 +100,7 @@ def run_peer(bundle_dir, prompt_ids: list[list[int]], max_new_tokens: int, num_a
     target = load(sources["target"])
     assistant = load(sources["draft"]) if assisted_too else None
     if assistant is not None and draft.draft_vocab:
-        assistant = TargetIdsDraft.wrap(assistant, draft.draft_vocab, target.config.vocab_size)
+        assistant = target_ids_draft(assistant, draft.draft_vocab, target.config.vocab_size)
     draft_length = (num_assistant_tokens or draft.draft_length) if assisted_too else None
     never = target.config.vocab_size
     pad = bundle.tokenizer.pad_token_id
